@@ -1,0 +1,66 @@
+"""Backends by name, and the `auto` choice."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping
+
+from distbatch.backends.base import Backend
+from distbatch.backends.horovod import launched_by_horovod_or_mpi
+from distbatch.backends.strategy import slurm_task_count
+from distbatch.errors import UsageError
+
+BACKENDS = ("auto", "single", "mirrored", "multiworker", "horovod")
+
+
+def choose_backend(env: Mapping[str, str], num_gpus: int, cpu_replicas: int | None = None
+                   ) -> tuple[str, str]:
+    """The `auto` rule, as a pure function: returns (backend name, reason)."""
+    if launched_by_horovod_or_mpi(env):
+        return "horovod", "launched by horovodrun/mpirun"
+    raw = env.get("TF_CONFIG")
+    if raw:
+        try:
+            cluster = json.loads(raw).get("cluster", {})
+            n = len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+        except (ValueError, AttributeError):
+            n = 2  # let the multiworker backend report the malformed TF_CONFIG
+        if n > 1:
+            return "multiworker", f"TF_CONFIG names {n} workers"
+    if slurm_task_count(env) > 1:
+        return "multiworker", f"Slurm job with {slurm_task_count(env)} tasks"
+    if cpu_replicas:
+        return "mirrored", f"--cpu-replicas {cpu_replicas}"
+    if num_gpus > 1:
+        return "mirrored", f"{num_gpus} local GPUs"
+    return "single", f"{num_gpus} GPU(s), no launcher"
+
+
+def create_backend(name: str = "auto", *, cpu_replicas: int | None = None,
+                   env: Mapping[str, str] | None = None) -> tuple[Backend, str]:
+    """Create the backend; returns (backend, reason for the choice)."""
+    env = os.environ if env is None else env
+    if name not in BACKENDS:
+        raise UsageError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    reason = "requested"
+    if name == "auto":
+        import tensorflow as tf
+        name, reason = choose_backend(env, len(tf.config.list_physical_devices("GPU")),
+                                      cpu_replicas)
+    if cpu_replicas is not None and name != "mirrored":
+        raise UsageError(f"--cpu-replicas {cpu_replicas} only applies to --backend mirrored, "
+                         f"not {name}")
+    if name == "single":
+        from distbatch.backends.single import SingleBackend
+        return SingleBackend(), reason
+    if name == "mirrored":
+        from distbatch.backends.strategy import MirroredBackend
+        return MirroredBackend(cpu_replicas=cpu_replicas), reason
+    if name == "multiworker":
+        from distbatch.backends.strategy import MultiWorkerBackend
+        return MultiWorkerBackend(env), reason
+    from distbatch.backends.horovod import HorovodBackend
+    return HorovodBackend(env), reason
+
+
+__all__ = ["Backend", "BACKENDS", "choose_backend", "create_backend"]

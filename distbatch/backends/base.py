@@ -1,0 +1,73 @@
+"""The backend interface: what the shared train step needs from a runtime.
+
+One training step (distbatch.step) runs unchanged on every backend. A backend
+only says how many replicas there are, how a per-worker dataset is fed to
+them, how a function runs on each replica, and how tensors are summed across
+replicas. Implementations stay small: single.py, strategy.py (mirrored and
+multiworker), horovod.py.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+from typing import Any, Callable, Sequence
+
+
+class Backend(abc.ABC):
+    """A data-parallel runtime. Subclasses set name, num_replicas, num_workers, worker_index."""
+
+    name: str = "?"
+    num_replicas: int = 1
+    num_workers: int = 1
+    worker_index: int = 0
+
+    @property
+    def local_replicas(self) -> int:
+        """Replicas driven by this process (GPUs of this worker, or 1 per Horovod rank)."""
+        return self.num_replicas // self.num_workers
+
+    @property
+    def is_chief(self) -> bool:
+        """Only the chief prints, writes files, TensorBoard and checkpoints."""
+        return self.worker_index == 0
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        """Context in which model and optimizer variables are created."""
+        return contextlib.nullcontext()
+
+    @abc.abstractmethod
+    def distribute(self, make_dataset: Callable[[int, int], Any]) -> Any:
+        """Feed a per-worker dataset to the local replicas.
+
+        make_dataset(worker_index, local_replicas) returns a tf.data.Dataset whose
+        consecutive elements go to local replicas 0..L-1, step after step.
+        """
+
+    @abc.abstractmethod
+    def run(self, fn: Callable, args: Sequence = ()) -> Any:
+        """Run fn on every local replica (replica context)."""
+
+    @abc.abstractmethod
+    def all_reduce_sum(self, values: list) -> list:
+        """Sum tensors across ALL replicas (called in replica context)."""
+
+    def local_value(self, value: Any) -> Any:
+        """One replica's copy of a value that all_reduce_sum made identical everywhere."""
+        return value
+
+    def prepare(self, model, optimizer) -> None:
+        """Make initial weights and optimizer slots identical on every replica.
+
+        Called once after the model and optimizer are built inside scope().
+        """
+
+    def sync_flag(self, flag: bool) -> bool:
+        """True if flag is true on ANY worker (for early stop / divergence decisions)."""
+        return flag
+
+    def describe(self) -> str:
+        return (f"{self.name}: {self.num_replicas} replica(s) on {self.num_workers} worker(s), "
+                f"this is worker {self.worker_index}")
+
+    def shutdown(self) -> None:
+        """Release runtime resources at the end of a run."""

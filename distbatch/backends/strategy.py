@@ -1,0 +1,174 @@
+"""tf.distribute backends: MirroredStrategy (one node) and MultiWorkerMirroredStrategy.
+
+Both feed data with distribute_datasets_from_function: distbatch shards the
+data itself (by worker, then by local replica), so tf.distribute's auto-shard
+policy does not apply and every replica sees exactly the slice of the global
+batch that the single-device run would give it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping
+
+from distbatch.backends.base import Backend
+from distbatch.errors import UsageError
+
+
+def disable_keras_gradient_reduction(optimizer) -> None:
+    """Stop a Keras 3 optimizer from all-reducing gradients itself.
+
+    Under a tf.distribute strategy, Keras 3's TF optimizer SUMs gradients
+    across replicas inside apply_gradients. distbatch reduces them itself, once,
+    in the shared step (so the same code serves Horovod, and the gradient noise
+    scale can see both the per-replica and the reduced gradient); a second sum
+    would multiply the gradient by the replica count. Equivalence tests against
+    a single-device run catch any change of this Keras internal.
+    """
+    for opt in (optimizer, getattr(optimizer, "inner_optimizer", None)):
+        if opt is None:
+            continue
+        if not hasattr(opt, "_all_reduce_sum_gradients"):
+            raise RuntimeError(
+                f"{type(opt).__name__} has no _all_reduce_sum_gradients: this Keras version "
+                "changed how it reduces gradients; distbatch needs an update")
+        opt._all_reduce_sum_gradients = lambda grads_and_vars: list(grads_and_vars)
+
+
+class StrategyBackend(Backend):
+    """Shared code of the tf.distribute strategies."""
+
+    def __init__(self, strategy, *, num_workers: int = 1, worker_index: int = 0) -> None:
+        self.strategy = strategy
+        self.num_replicas = strategy.num_replicas_in_sync
+        self.num_workers = num_workers
+        self.worker_index = worker_index
+
+    def scope(self):
+        return self.strategy.scope()
+
+    def distribute(self, make_dataset):
+        import tensorflow as tf
+
+        def dataset_fn(ctx: tf.distribute.InputContext):
+            return make_dataset(ctx.input_pipeline_id, self.local_replicas)
+
+        return self.strategy.distribute_datasets_from_function(dataset_fn)
+
+    def run(self, fn, args=()):
+        return self.strategy.run(fn, args=tuple(args))
+
+    def all_reduce_sum(self, values):
+        import tensorflow as tf
+        ctx = tf.distribute.get_replica_context()
+        return ctx.all_reduce(tf.distribute.ReduceOp.SUM, list(values))
+
+    def local_value(self, value):
+        return self.strategy.experimental_local_results(value)[0]
+
+    def prepare(self, model, optimizer) -> None:
+        disable_keras_gradient_reduction(optimizer)
+
+
+def logical_cpu_devices(n: int) -> list[str]:
+    """Split the CPU into n logical devices (testing and demos only: no speed-up)."""
+    import tensorflow as tf
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
+    except RuntimeError:
+        pass  # already initialised (e.g. a second run in the same process); use what exists
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    if len(devices) < n:
+        raise UsageError(f"--cpu-replicas {n}: only {len(devices)} logical CPU devices could be made "
+                         "(TensorFlow was initialised before the backend was created)")
+    return devices[:n]
+
+
+class MirroredBackend(StrategyBackend):
+    name = "mirrored"
+
+    def __init__(self, *, cpu_replicas: int | None = None) -> None:
+        import tensorflow as tf
+        if cpu_replicas is not None:
+            if cpu_replicas < 1:
+                raise UsageError(f"--cpu-replicas must be >= 1, got {cpu_replicas}")
+            devices = logical_cpu_devices(cpu_replicas)
+            strategy = tf.distribute.MirroredStrategy(
+                devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
+        else:
+            gpus = tf.config.list_physical_devices("GPU")
+            for g in gpus:
+                tf.config.experimental.set_memory_growth(g, True)
+            # NCCL all-reduce is MirroredStrategy's default on GPUs.
+            strategy = tf.distribute.MirroredStrategy()
+        super().__init__(strategy)
+
+
+def parse_tf_config(raw: str | None) -> dict:
+    """Validate TF_CONFIG; return {"workers": [...], "index": i}. UsageError on anything wrong."""
+    if not raw:
+        raise UsageError("--backend multiworker needs TF_CONFIG (or a Slurm job with several tasks); "
+                         "TF_CONFIG is not set")
+    try:
+        cfg = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"TF_CONFIG is not valid JSON ({e.msg} at char {e.pos}): {raw[:80]!r}")
+    if not isinstance(cfg, dict):
+        raise UsageError(f"TF_CONFIG must be a JSON object, got {raw[:80]!r}")
+    cluster = cfg.get("cluster")
+    task = cfg.get("task")
+    if not isinstance(cluster, dict) or not isinstance(task, dict):
+        raise UsageError(f"TF_CONFIG needs 'cluster' and 'task' objects, got keys {sorted(cfg)}")
+    workers = list(cluster.get("chief", [])) + list(cluster.get("worker", []))
+    if not workers:
+        raise UsageError(f"TF_CONFIG cluster has no 'worker' list: {json.dumps(cluster)[:80]}")
+    ttype, index = task.get("type"), task.get("index")
+    if ttype not in ("worker", "chief"):
+        raise UsageError(f"TF_CONFIG task type must be 'worker' or 'chief', got {ttype!r}")
+    names = cluster.get(ttype, [])
+    if not isinstance(index, int) or not 0 <= index < len(names):
+        raise UsageError(f"TF_CONFIG task index {index!r} is out of range for the {len(names)} "
+                         f"'{ttype}' address(es) in the cluster")
+    global_index = index + (len(cluster.get("chief", [])) if ttype == "worker" else 0)
+    return {"workers": workers, "index": global_index}
+
+
+def slurm_task_count(env: Mapping[str, str]) -> int:
+    try:
+        return int(env.get("SLURM_NTASKS", "0") or 0)
+    except ValueError:
+        return 0
+
+
+class MultiWorkerBackend(StrategyBackend):
+    name = "multiworker"
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        import tensorflow as tf
+        env = os.environ if env is None else env
+        if "TF_CONFIG" not in env and slurm_task_count(env) > 1:
+            resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
+            workers = resolver.cluster_spec().as_dict().get("worker", [])
+            index = resolver.task_id
+            num_workers = len(workers)
+        else:
+            info = parse_tf_config(env.get("TF_CONFIG"))
+            resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+            num_workers, index = len(info["workers"]), info["index"]
+        gpus = tf.config.list_physical_devices("GPU")
+        for g in gpus:
+            tf.config.experimental.set_memory_growth(g, True)
+        options = tf.distribute.experimental.CommunicationOptions(
+            implementation=tf.distribute.experimental.CommunicationImplementation.AUTO)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(
+            cluster_resolver=resolver, communication_options=options)
+        super().__init__(strategy, num_workers=num_workers, worker_index=index)
+
+    def sync_flag(self, flag: bool) -> bool:
+        import tensorflow as tf
+        value = self.strategy.reduce(
+            tf.distribute.ReduceOp.SUM,
+            self.strategy.run(lambda: tf.constant(1.0 if flag else 0.0)), axis=None)
+        return bool(value.numpy() > 0)

@@ -1,0 +1,102 @@
+"""The `distbatch` command. Each subcommand lives in its own module; this file
+only wires them and turns user errors into one line and exit status 2."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from distbatch import __version__
+from distbatch.errors import UsageError
+
+QUIET_ENV = {
+    "TF_CPP_MIN_LOG_LEVEL": "3",        # C++ INFO/WARNING (oneDNN notices, CUDA probing)
+    "GRPC_VERBOSITY": "ERROR",
+    "ABSL_MIN_LOG_LEVEL": "3",
+}
+
+
+def quiet_tensorflow(import_now: bool = True) -> None:
+    """Silence TensorFlow's start-up noise unless the user asked for --verbose.
+
+    TF 2.21 prints some notices (oneDNN, absl pre-init) before it reads
+    TF_CPP_MIN_LOG_LEVEL, so the import itself runs with file descriptor 2
+    pointed at /dev/null; real errors after start-up still reach stderr.
+    """
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    if import_now and "tensorflow" not in sys.modules:
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
+    import logging
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    import warnings
+    warnings.filterwarnings("ignore", module="keras")
+    warnings.filterwarnings("ignore", module="tensorflow")
+
+
+def _train(args) -> int:
+    from distbatch.run import train
+    return train(args)[1]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distbatch",
+        description="Data-parallel TensorFlow training and batch-size measurement.")
+    parser.add_argument("--version", action="version", version=f"distbatch {__version__}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's own start-up and log messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    from distbatch.run import add_train_args
+    p = sub.add_parser("train", help="train one model at one global batch size")
+    add_train_args(p)
+    p.set_defaults(func=_train)
+
+    for module, fn in (("distbatch.sweep", "add_sweep_parser"),
+                       ("distbatch.bench", "add_bench_parser"),
+                       ("distbatch.report", "add_report_parser"),
+                       ("distbatch.recommend", "add_recommend_parser"),
+                       ("distbatch.probe", "add_probe_parser"),
+                       ("distbatch.launch_cli", "add_launch_parser")):
+        try:
+            mod = __import__(module, fromlist=[fn])
+        except ImportError as e:
+            if e.name != module:
+                raise
+            continue
+        getattr(mod, fn)(sub)
+    return parser
+
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--verbose" not in argv:
+        # `launch` and `report` never need TensorFlow in the launcher process.
+        quiet_tensorflow(import_now=not set(argv[:2]) & {"launch", "report"})
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except UsageError as e:
+        print(f"distbatch: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distbatch: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

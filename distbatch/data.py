@@ -1,0 +1,489 @@
+"""Datasets as in-memory NumPy arrays, by name or by path.
+
+Every source ends as an :class:`ArrayDataset` (float32 inputs, int32 labels in
+``[0, num_classes)``); the training pipeline (tf.data: per-epoch shuffle,
+shard, batch, prefetch) starts from those arrays, so every source behaves the
+same under every backend. Sources:
+
+========================  ====================================================
+``"mnist1d"`` (default)   MNIST-1D (Greydanus 2020, arXiv:2011.14439), made
+                          procedurally by ``mnist1d.data.make_dataset`` (never
+                          its downloader). Inputs ``(40,)`` float32, one
+                          channel-less sequence per example (a Dense/MLP model
+                          takes it as is; a Conv1D model adds a ``(40, 1)``
+                          reshape), standardized with the TRAIN mean and std.
+                          Default 20000 train / 4000 val. Cached as .npz.
+``"digits"``              scikit-learn's bundled 8x8 digits (1797 images),
+                          inputs ``(8, 8, 1)`` in [0, 1], split by seed
+                          (default 20% validation).
+``"synthetic"``           uniform random images for throughput benchmarks;
+``"synthetic:32x32x3"``   shape from the suffix or ``shape=``; options
+                          ``num_classes`` (10). Default 2048 train / 256 val.
+``"mnist"``,              keras.datasets loaders (download once, then read
+``"fashion_mnist"``,      ``~/.keras/datasets``); uint8 scaled to [0, 1],
+``"cifar10"``,            grayscale gets a channel axis: (28, 28, 1) or
+``"cifar100"``            (32, 32, 3). The test split is the validation set.
+``path/to/file.npz``      arrays ``x_train, y_train, x_test, y_test`` (or
+                          ``x_val, y_val``); uint8 inputs are divided by 255.
+``path/to/dir/``          image directory, one sub-folder per class
+                          (keras.utils.image_dataset_from_directory); options
+                          ``image_size`` (32, 32), ``color_mode`` ("rgb"),
+                          ``val_fraction`` (0.2, split by seed).
+``*.tfrecord[s]`` / glob  TFRecord files of tf.train.Example, see below.
+========================  ====================================================
+
+TFRecord feature spec (one ``tf.train.Example`` per example)::
+
+    "x":     float_list, the input flattened in C order       (required)
+    "y":     int64_list of length 1, the class label          (required)
+    "shape": int64_list, the input shape, e.g. [28, 28, 1]    (optional)
+
+The input shape comes from the ``shape=`` option, else the ``"shape"`` feature,
+else it is the flat ``(len(x),)``. Validation records come from
+``val_path=`` (a file or glob), else ``val_fraction`` (0.2) of the records,
+split by seed. ``x_key`` / ``y_key`` rename the features.
+
+``train_size`` / ``val_size`` take a seeded random subset of that many examples
+(or, for the generated sets, generate that many). ``num_classes=`` overrides the
+class count inferred as ``max(label) + 1``. Every bad input raises
+:class:`~distbatch.errors.UsageError` with one line naming the value.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from distbatch.errors import UsageError
+
+KERAS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
+BUILTIN_NAMES = ("mnist1d", "digits", "synthetic") + KERAS_DATASETS
+TFRECORD_SUFFIXES = (".tfrecord", ".tfrecords")
+MNIST1D_DEFAULT_SIZES = (20000, 4000)
+SYNTHETIC_DEFAULT_SIZES = (2048, 256)
+_MNIST1D_FORMAT = 1  # bump when the generated arrays change, to miss old caches
+
+
+@dataclass(frozen=True, eq=False)
+class ArrayDataset:
+    """A classification dataset held in memory.
+
+    ``x_*`` are float32 with shape ``(n, *input_shape)``; ``y_*`` are int32 of
+    shape ``(n,)`` with values in ``[0, num_classes)``.
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example, without the batch axis."""
+        return tuple(int(d) for d in self.x_train.shape[1:])
+
+    @property
+    def train_size(self) -> int:
+        return int(self.x_train.shape[0])
+
+    @property
+    def val_size(self) -> int:
+        return int(self.x_val.shape[0])
+
+
+def cache_dir() -> Path:
+    """Where generated datasets are cached: $DISTBATCH_CACHE_DIR or ~/.cache/distbatch/datasets."""
+    env = os.environ.get("DISTBATCH_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "distbatch" / "datasets"
+
+
+def load_dataset(
+    name_or_path: str,
+    *,
+    seed: int = 0,
+    train_size: int | None = None,
+    val_size: int | None = None,
+    **options: Any,
+) -> ArrayDataset:
+    """Load a dataset by name or path (see the module docstring) into memory.
+
+    The same ``(name_or_path, seed, sizes, options)`` always gives identical
+    arrays. Unknown options are an error so that typos do not pass silently.
+    """
+    for label, size in (("train_size", train_size), ("val_size", val_size)):
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise UsageError(f"{label} must be a positive integer, got {size!r}")
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
+        raise UsageError(f"dataset must be a name or a path, got {name_or_path!r}")
+    spec = str(name_or_path).strip()
+    loader = _resolve(spec)
+    allowed = _OPTIONS[loader.__name__] | {"num_classes"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:  # checked before loading: generating or reading data first would waste minutes
+        raise UsageError(f"unknown option(s) {', '.join(unknown)} for dataset {spec!r}; "
+                         f"expected some of {', '.join(sorted(allowed))}")
+    rng = np.random.default_rng(seed)
+    x_tr, y_tr, x_va, y_va, inferred = loader(spec, seed=seed, train_size=train_size,
+                                              val_size=val_size, options=options)
+    num_classes = options.pop("num_classes", inferred)
+    x_tr, y_tr = _subset(x_tr, y_tr, train_size, rng, "train_size", spec)
+    x_va, y_va = _subset(x_va, y_va, val_size, rng, "val_size", spec)
+    return _validated(spec, x_tr, y_tr, x_va, y_va, num_classes)
+
+
+# --------------------------------------------------------------------- routing
+
+_OPTIONS = {
+    "_load_mnist1d": {"cache"},
+    "_load_digits": {"val_fraction"},
+    "_load_synthetic": {"shape"},
+    "_load_keras": {"label_mode"},
+    "_load_npz": set(),
+    "_load_image_dir": {"image_size", "color_mode", "val_fraction"},
+    "_load_tfrecord": {"shape", "x_key", "y_key", "val_path", "val_fraction"},
+}
+
+
+def _resolve(spec: str) -> Callable:
+    if spec.split(":", 1)[0] == "synthetic":
+        return _load_synthetic
+    if spec in ("mnist1d", "digits"):
+        return {"mnist1d": _load_mnist1d, "digits": _load_digits}[spec]
+    if spec in KERAS_DATASETS:
+        return _load_keras
+    if any(ch in spec for ch in "*?[") or spec.endswith(TFRECORD_SUFFIXES):
+        return _load_tfrecord
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _load_image_dir
+    if path.is_file():
+        if path.suffix == ".npz":
+            return _load_npz
+        raise UsageError(f"dataset file {spec!r} is not .npz, .tfrecord or .tfrecords")
+    if os.sep in spec or "." in spec or (os.altsep and os.altsep in spec):
+        raise UsageError(f"dataset path not found: {spec!r}")
+    raise UsageError(f"unknown dataset {spec!r}; expected one of {', '.join(BUILTIN_NAMES)}, "
+                     f"or a path to a .npz file, an image directory or TFRecord files")
+
+
+# --------------------------------------------------------------- generated sets
+
+def _load_mnist1d(spec, *, seed, train_size, val_size, options):
+    """MNIST-1D made by its own generator; cached so a second load is instant."""
+    n_train = train_size or MNIST1D_DEFAULT_SIZES[0]
+    n_val = val_size or MNIST1D_DEFAULT_SIZES[1]
+    use_cache = options.pop("cache", True)
+    key = json.dumps({"format": _MNIST1D_FORMAT, "seed": seed, "train": n_train, "val": n_val},
+                     sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = cache_dir() / f"mnist1d-s{seed}-{n_train}-{n_val}-{digest}.npz"
+    if use_cache and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return f["x_train"], f["y_train"], f["x_val"], f["y_val"], 10
+        except Exception:  # a damaged cache is regenerated, never trusted
+            pass
+    x_tr, y_tr, x_va, y_va = _generate_mnist1d(seed, n_train, n_val)
+    if use_cache:
+        _atomic_savez(path, x_train=x_tr, y_train=y_tr, x_val=x_va, y_val=y_va)
+    return x_tr, y_tr, x_va, y_va, 10
+
+
+def _generate_mnist1d(seed: int, n_train: int, n_val: int):
+    # make_dataset seeds and draws from the GLOBAL numpy/random state; keep the
+    # caller's state intact so loading data never changes anyone else's RNG.
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    total = n_train + n_val
+    args.num_samples = -(-total // 10) * 10  # make_dataset makes num_samples//10 per class
+    args.train_split = 1.0  # split below, by count
+    args.seed = int(seed)
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        data = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    x, y = np.asarray(data["x"], np.float64), np.asarray(data["y"])  # already shuffled by seed
+    x_tr, x_va = x[:n_train], x[n_train:total]
+    mean, std = x_tr.mean(), x_tr.std()
+    standardize = lambda a: ((a - mean) / std).astype(np.float32)  # noqa: E731
+    return standardize(x_tr), y[:n_train].astype(np.int32), standardize(x_va), y[n_train:total].astype(np.int32)
+
+
+def _load_digits(spec, *, seed, train_size, val_size, options):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.images.astype(np.float32) / 16.0)[..., None]
+    y = digits.target.astype(np.int32)
+    frac = _fraction(options.pop("val_fraction", 0.2), "val_fraction")
+    x_tr, y_tr, x_va, y_va = _split(x, y, frac, seed)
+    return x_tr, y_tr, x_va, y_va, 10
+
+
+def _load_synthetic(spec, *, seed, train_size, val_size, options):
+    shape = options.pop("shape", None)
+    suffix = spec.split(":", 1)[1] if ":" in spec else None
+    if shape is None:
+        shape = suffix or (32, 32, 3)
+    shape = _parse_shape(shape, spec)
+    classes = options.pop("num_classes", 10)
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
+        raise UsageError(f"synthetic num_classes must be an integer >= 2, got {classes!r}")
+    n_train = train_size or SYNTHETIC_DEFAULT_SIZES[0]
+    n_val = val_size or SYNTHETIC_DEFAULT_SIZES[1]
+    rng = np.random.default_rng([seed, 0x5EED])
+    make = lambda n: (rng.random((n, *shape), dtype=np.float32),  # noqa: E731
+                      rng.integers(0, classes, n, dtype=np.int32))
+    (x_tr, y_tr), (x_va, y_va) = make(n_train), make(n_val)
+    return x_tr, y_tr, x_va, y_va, classes
+
+
+# ------------------------------------------------------------------ file formats
+
+def _load_keras(spec, *, seed, train_size, val_size, options):
+    import keras
+
+    kwargs = {}
+    if spec == "cifar100":
+        kwargs["label_mode"] = options.pop("label_mode", "fine")
+    try:
+        (x_tr, y_tr), (x_va, y_va) = getattr(keras.datasets, spec).load_data(**kwargs)
+    except Exception as exc:  # URLError, OSError, bad hash, truncated archive ...
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        raise UsageError(
+            f"could not load keras dataset {spec!r} ({reason}); without internet, run the same "
+            f"command once on a connected machine and copy its ~/.keras/datasets/ (or "
+            f"$KERAS_HOME/datasets/) here, or pass a .npz with x_train, y_train, x_test, y_test"
+        ) from None
+    classes = {"fine": 100, "coarse": 20}.get(kwargs.get("label_mode"), 10)
+    return _as_images(x_tr), y_tr, _as_images(x_va), y_va, classes
+
+
+def _as_images(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32) / 255.0
+    return x[..., None] if x.ndim == 3 else x
+
+
+def _load_npz(spec, *, seed, train_size, val_size, options):
+    try:
+        with np.load(Path(spec).expanduser(), allow_pickle=False) as f:
+            keys = set(f.files)
+            val_keys = ("x_test", "y_test") if {"x_test", "y_test"} <= keys else ("x_val", "y_val")
+            wanted = ("x_train", "y_train") + val_keys
+            missing = [k for k in wanted if k not in keys]
+            if missing:
+                raise UsageError(f"{spec!r} lacks array(s) {', '.join(missing)}; expected x_train, "
+                                 f"y_train, x_test, y_test, found {', '.join(sorted(keys)) or 'none'}")
+            arrays = [f[k] for k in wanted]
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"cannot read {spec!r} as .npz ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:120]})") from None
+    x_tr, y_tr, x_va, y_va = arrays
+    if x_tr.dtype == np.uint8:
+        x_tr, x_va = x_tr.astype(np.float32) / 255.0, x_va.astype(np.float32) / 255.0
+    return x_tr, y_tr, x_va, y_va, None
+
+
+def _load_image_dir(spec, *, seed, train_size, val_size, options):
+    import keras
+
+    size = options.pop("image_size", (32, 32))
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if len(size) != 2 or any(not isinstance(s, int) or s < 1 for s in size):
+        raise UsageError(f"image_size must be (height, width) positive integers, got {size!r}")
+    frac = _fraction(options.pop("val_fraction", 0.2), "val_fraction")
+    color_mode = options.pop("color_mode", "rgb")
+    try:
+        train, val = keras.utils.image_dataset_from_directory(
+            spec, labels="inferred", label_mode="int", color_mode=color_mode, batch_size=None,
+            image_size=size, shuffle=True, seed=seed, validation_split=frac, subset="both",
+            verbose=False)
+    except Exception as exc:
+        raise UsageError(f"cannot read image directory {spec!r} ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:160]})") from None
+
+    def to_arrays(ds):
+        pairs = list(ds.as_numpy_iterator())
+        if not pairs:
+            return np.zeros((0, *size, 1 if color_mode == "grayscale" else 3), np.float32), \
+                np.zeros((0,), np.int32)
+        return (np.stack([p[0] for p in pairs]).astype(np.float32) / 255.0,
+                np.asarray([p[1] for p in pairs], np.int32))
+
+    x_tr, y_tr = to_arrays(train)
+    x_va, y_va = to_arrays(val)
+    return x_tr, y_tr, x_va, y_va, len(train.class_names)
+
+
+def _load_tfrecord(spec, *, seed, train_size, val_size, options):
+    shape = options.pop("shape", None)
+    x_key, y_key = options.pop("x_key", "x"), options.pop("y_key", "y")
+    val_path = options.pop("val_path", None)
+    frac = _fraction(options.pop("val_fraction", 0.2), "val_fraction")
+    x, y = _read_tfrecords(_expand(spec), shape, x_key, y_key, spec)
+    if val_path is None:
+        x_tr, y_tr, x_va, y_va = _split(x, y, frac, seed)
+    else:
+        x_tr, y_tr = x, y
+        x_va, y_va = _read_tfrecords(_expand(str(val_path)), shape, x_key, y_key, str(val_path))
+    return x_tr, y_tr, x_va, y_va, None
+
+
+def _expand(pattern: str) -> list[str]:
+    files = sorted(glob.glob(os.path.expanduser(pattern)))
+    if not files:
+        raise UsageError(f"dataset path not found: no TFRecord file matches {pattern!r}")
+    return files
+
+
+def _read_tfrecords(files, shape, x_key, y_key, spec):
+    import tensorflow as tf
+
+    features = {x_key: tf.io.VarLenFeature(tf.float32), y_key: tf.io.VarLenFeature(tf.int64),
+                "shape": tf.io.VarLenFeature(tf.int64)}
+    xs, ys, shapes = [], [], set()
+    try:
+        for batch in tf.data.TFRecordDataset(files).batch(4096):
+            parsed = tf.io.parse_example(batch, features)
+            n = int(batch.shape[0])
+            for key, sp in ((x_key, parsed[x_key]), (y_key, parsed[y_key])):
+                lengths = np.bincount(sp.indices[:, 0].numpy(), minlength=n)
+                if lengths.min() != lengths.max() or lengths.min() == 0 or (key == y_key and lengths.max() != 1):
+                    raise UsageError(f"TFRecords {spec!r}: feature {key!r} has per-record lengths "
+                                     f"{sorted(set(lengths.tolist()))[:5]}; expected one fixed length"
+                                     f"{' of 1' if key == y_key else ' > 0'} in every record")
+            xs.append(tf.sparse.to_dense(parsed[x_key]).numpy())
+            ys.append(tf.sparse.to_dense(parsed[y_key]).numpy()[:, 0])
+            shape_sp = parsed["shape"]
+            if shape_sp.values.shape[0]:
+                shapes.add(tuple(tf.sparse.to_dense(shape_sp).numpy()[0].tolist()))
+    except UsageError:
+        raise
+    except Exception as exc:  # DataLossError (corrupt), InvalidArgumentError (wrong types)
+        raise UsageError(f"cannot read TFRecords {spec!r} ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:160]})") from None
+    if not xs:
+        raise UsageError(f"TFRecords {spec!r} contain no records")
+    x, y = np.concatenate(xs).astype(np.float32), np.concatenate(ys)
+    if shape is None and len(shapes) > 1:
+        raise UsageError(f"TFRecords {spec!r}: records disagree on 'shape': {sorted(shapes)[:3]}")
+    target = _parse_shape(shape, spec) if shape is not None else (shapes.pop() if shapes else (x.shape[1],))
+    if int(np.prod(target)) != x.shape[1]:
+        raise UsageError(f"TFRecords {spec!r}: shape {tuple(target)} needs {int(np.prod(target))} "
+                         f"values per record, got {x.shape[1]}")
+    return x.reshape((-1, *target)), y
+
+
+# ------------------------------------------------------------------- helpers
+
+def _parse_shape(shape, spec: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in shape.lower().split("x")) if isinstance(shape, str) \
+            else tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        dims = ()
+    if not dims or any(d < 1 for d in dims):
+        raise UsageError(f"shape for {spec!r} must be positive integers like 32x32x3, got {shape!r}")
+    return dims
+
+
+def _fraction(value, label: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise UsageError(f"{label} must be a number in (0, 1), got {value!r}")
+    return float(value)
+
+
+def _split(x, y, val_fraction: float, seed: int):
+    """Seeded shuffle, then the last ``round(n * val_fraction)`` examples are validation."""
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_val = int(round(len(order) * val_fraction))
+    tr, va = order[: len(order) - n_val], order[len(order) - n_val:]
+    return x[tr], y[tr], x[va], y[va]
+
+
+def _subset(x, y, size, rng, label, display):
+    if size is None or size == len(x):
+        return x, y
+    if size > len(x):
+        raise UsageError(f"{label}={size} exceeds the {len(x)} examples of dataset {display!r}")
+    if len(x) != len(y):
+        return x, y  # _validated reports the mismatch with both lengths
+    idx = np.sort(rng.choice(len(x), size, replace=False))
+    return x[idx], y[idx]
+
+
+def _validated(name, x_tr, y_tr, x_va, y_va, num_classes) -> ArrayDataset:
+    """Check shapes, labels and values; return float32 x and int32 y."""
+    arrays = {}
+    for split, x, y in (("train", x_tr, y_tr), ("val", x_va, y_va)):
+        x, y = np.asarray(x), np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if x.ndim < 2:
+            raise UsageError(f"{name}: x_{split} must have shape (n, ...), got {x.shape}")
+        if y.ndim != 1:
+            raise UsageError(f"{name}: y_{split} must be class indices of shape (n,), got {y.shape}")
+        if len(x) != len(y):
+            raise UsageError(f"{name}: x_{split} has {len(x)} examples but y_{split} has {len(y)}")
+        if len(x) == 0:
+            raise UsageError(f"{name}: the {split} set is empty")
+        if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+            raise UsageError(f"{name}: x_{split} must be numeric, got dtype {x.dtype}")
+        x = x.astype(np.float32, copy=False)
+        if not np.isfinite(x).all():
+            bad = int(np.size(x) - np.isfinite(x).sum())
+            raise UsageError(f"{name}: x_{split} has {bad} NaN/inf value(s)")
+        if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+            y = y.astype(np.int64)
+        if not np.issubdtype(y.dtype, np.integer):
+            raise UsageError(f"{name}: y_{split} must hold integer class labels, got dtype {y.dtype}")
+        arrays[split] = (x, y)
+    (x_tr, y_tr), (x_va, y_va) = arrays["train"], arrays["val"]
+    if x_tr.shape[1:] != x_va.shape[1:]:
+        raise UsageError(f"{name}: train inputs have shape {x_tr.shape[1:]} but val inputs {x_va.shape[1:]}")
+    if num_classes is None:
+        num_classes = int(max(y_tr.max(), y_va.max())) + 1
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+        raise UsageError(f"{name}: num_classes must be an integer >= 2, got {num_classes!r}")
+    for split, y in (("train", y_tr), ("val", y_va)):
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= num_classes:
+            raise UsageError(f"{name}: y_{split} labels span [{low}, {high}], "
+                             f"expected values in [0, {int(num_classes)})")
+    return ArrayDataset(name, x_tr, y_tr.astype(np.int32), x_va, y_va.astype(np.int32), int(num_classes))
+
+
+def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
+    """Write an .npz so that a reader sees the old file or the whole new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache should be readable like any file
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+

@@ -1,0 +1,204 @@
+"""``distbatch launch {horovod,mpirun,multiworker,slurm} [options] -- COMMAND...``
+
+Thin front door: parse flags, call a pure builder in :mod:`distbatch.launcher`,
+then either print the result (``--dry-run``, multi-host commands, sbatch
+scripts) or run it under :mod:`distbatch.supervisor`. Handlers return an int
+exit code and raise :class:`~distbatch.errors.UsageError` for bad input.
+
+Everything after ``--`` is the worker command, passed through untouched.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from distbatch import launcher, supervisor
+from distbatch.errors import UsageError
+
+
+def _print(*lines: str) -> None:
+    for line in lines:
+        print(line, flush=True)
+
+
+def _env_lines(env: Mapping[str, str]) -> list[str]:
+    """Comment lines with the inherited variables that matter to the ranks."""
+    names = launcher.mpi_export_names(env)
+    return ["# environment: inherited from this shell; relevant variables:"] + [
+        f"#   {n}={env[n]}" for n in names]
+
+
+def _run_or_show(argv: list[str], args: argparse.Namespace) -> int:
+    if args.dry_run:
+        _print(shlex.join(argv), *_env_lines(os.environ))
+        return 0
+    return supervisor.run_single(argv, grace_seconds=args.grace_seconds)
+
+
+def _horovod(args: argparse.Namespace) -> int:
+    argv = launcher.horovod_command(
+        np=args.np, command=args.command, hosts=args.hosts, hostfile=args.hostfile,
+        gloo=args.gloo, mpi=args.mpi, network_interface=args.network_interface,
+        fusion_threshold_mb=args.fusion_threshold_mb, cycle_time_ms=args.cycle_time_ms,
+        timeline_filename=args.timeline_filename, autotune=args.autotune,
+        start_timeout=args.start_timeout, output_filename=args.output_filename,
+        executable="horovodrun")
+    # Resolved after validation so a bad flag is reported before a missing tool.
+    argv[0] = args.horovodrun or launcher.resolve_executable("horovodrun", required=not args.dry_run)
+    return _run_or_show(argv, args)
+
+
+def _mpirun(args: argparse.Namespace) -> int:
+    argv = launcher.mpirun_command(
+        np=args.np, command=args.command, hosts=args.hosts, hostfile=args.hostfile,
+        is_root=os.geteuid() == 0, local_cores=os.cpu_count(), env=os.environ,
+        export=args.export or (), bind_to_none=not args.keep_binding)
+    argv[0] = args.mpirun or launcher.resolve_executable("mpirun", required=not args.dry_run)
+    return _run_or_show(argv, args)
+
+
+def _multiworker(args: argparse.Namespace) -> int:
+    if args.hosts:
+        addresses = launcher.host_worker_addresses(args.hosts, args.port or 12345, args.workers)
+    else:
+        if args.workers is None:
+            raise UsageError("multiworker needs --workers N (local run) or --hosts h1,h2 (multi-host), got neither")
+        launcher.check_np(args.workers, "--workers")
+        if args.port is not None:
+            addresses = launcher.local_worker_addresses(args.workers, args.port)
+        else:
+            addresses = [f"localhost:{p}" for p in launcher.find_free_ports(args.workers)]
+    specs = launcher.multiworker_specs(addresses, args.command)
+    if args.task_index is not None and not 0 <= args.task_index < len(specs):
+        raise UsageError(f"--task-index must be in 0..{len(specs) - 1}, got {args.task_index}")
+
+    if args.write_scripts:
+        out = Path(args.write_scripts)
+        out.mkdir(parents=True, exist_ok=True)
+        for i, ((env, argv), addr) in enumerate(zip(specs, addresses)):
+            path = out / f"worker{i}.sh"
+            path.write_text(launcher.host_script(env, argv, host=addr.rpartition(":")[0], index=i))
+            path.chmod(0o755)
+            _print(f"wrote {path}  (run on {addr.rpartition(':')[0]})")
+        return 0
+    if args.dry_run or (args.hosts and args.task_index is None):
+        for i, ((env, argv), addr) in enumerate(zip(specs, addresses)):
+            if args.task_index is None or args.task_index == i:
+                _print(f"# worker {i} on {addr.rpartition(':')[0]}", launcher.env_command_line(env, argv))
+        return 0
+    worker_specs = supervisor.rank_specs(specs)
+    if args.task_index is not None:
+        worker_specs = [worker_specs[args.task_index]]
+    return supervisor.run_workers(worker_specs, grace_seconds=args.grace_seconds)
+
+
+def _slurm(args: argparse.Namespace) -> int:
+    text = launcher.slurm_script(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, command=args.command,
+        backend=args.backend, tasks_per_node=args.tasks_per_node, time=args.time,
+        partition=args.partition, job_name=args.job_name, log=args.log,
+        cpus_per_task=args.cpus_per_task, srun_mpi=args.srun_mpi)
+    if args.dry_run:
+        sys.stdout.write(text)
+        return 0
+    path = Path(args.output or f"{args.job_name}.sbatch")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+    _print(f"wrote {path}", f"submit with: sbatch {shlex.quote(str(path))}")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, *, local: bool = True) -> None:
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the exact command(s) and environment; run nothing")
+    if local:
+        p.add_argument("--grace-seconds", type=float, default=5.0,
+                       help="after a failure or Ctrl-C: seconds between SIGTERM and SIGKILL (default 5)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND... (the worker command)")
+
+
+def _hosts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-np", "--num-proc", dest="np", type=int, required=True, help="number of processes")
+    p.add_argument("-H", "--hosts", dest="hosts", help="host:slots[,host:slots...] (default localhost:NP)")
+    p.add_argument("--hostfile", help="file with one 'host slots=N' per line")
+
+
+def add_launch_parser(subparsers) -> None:
+    """Add ``launch`` with sub-commands horovod, mpirun, multiworker, slurm to ``subparsers``."""
+    launch = subparsers.add_parser("launch", help="start a distributed job (horovodrun, mpirun, TF_CONFIG, Slurm)",
+                                   description=__doc__.split("\n\n")[0])
+    which = launch.add_subparsers(dest="launcher", metavar="{horovod,mpirun,multiworker,slurm}")
+    which.required = True
+
+    h = which.add_parser("horovod", help="run horovodrun")
+    _hosts(h)
+    ctl = h.add_mutually_exclusive_group()
+    ctl.add_argument("--gloo", action="store_true", help="Horovod's Gloo controller (no MPI needed)")
+    ctl.add_argument("--mpi", action="store_true", help="the MPI controller")
+    h.add_argument("--network-interface", help="NIC(s) for traffic, e.g. eth0 or eth0,eth1")
+    h.add_argument("--fusion-threshold-mb", type=int, help="tensor fusion buffer, MB (0 disables fusion)")
+    h.add_argument("--cycle-time-ms", type=float, help="background cycle time, ms")
+    h.add_argument("--timeline-filename", help="write a Horovod timeline (Chrome trace) here")
+    h.add_argument("--autotune", action="store_true", help="tune fusion threshold and cycle time")
+    h.add_argument("--start-timeout", type=int, help="seconds to wait for all ranks to start")
+    h.add_argument("--output-filename", help="folder for per-rank logs")
+    h.add_argument("--horovodrun", help=argparse.SUPPRESS)  # path override, for tests
+    _common(h)
+    h.set_defaults(func=_horovod)
+
+    m = which.add_parser("mpirun", help="run Open MPI's mpirun")
+    _hosts(m)
+    m.add_argument("-x", "--export", action="append", metavar="NAME",
+                   help="also forward this environment variable (repeatable)")
+    m.add_argument("--keep-binding", action="store_true",
+                   help="keep Open MPI's core binding (default: --bind-to none --map-by slot)")
+    m.add_argument("--mpirun", help=argparse.SUPPRESS)
+    _common(m)
+    m.set_defaults(func=_mpirun)
+
+    w = which.add_parser("multiworker", help="MultiWorkerMirroredStrategy workers with TF_CONFIG")
+    w.add_argument("--workers", type=int, help="number of workers (local run)")
+    w.add_argument("--hosts", help="h1,h2[,...] one worker per host (multi-host; prints per-host commands)")
+    w.add_argument("--port", type=int, help="local: first port (default: free ports); hosts: port (default 12345)")
+    w.add_argument("--task-index", type=int, help="with --hosts: run only this worker here, supervised")
+    w.add_argument("--write-scripts", metavar="DIR", help="write one worker<i>.sh per host into DIR")
+    _common(w)
+    w.set_defaults(func=_multiworker)
+
+    s = which.add_parser("slurm", help="write an sbatch script")
+    s.add_argument("--nodes", type=int, required=True)
+    s.add_argument("--gpus-per-node", type=int, required=True, help="0 for CPU-only nodes")
+    s.add_argument("--backend", choices=("horovod", "multiworker"), default="horovod")
+    s.add_argument("--tasks-per-node", type=int,
+                   help="default: gpus-per-node for horovod (min 1), 1 for multiworker")
+    s.add_argument("--time", help="e.g. 02:00:00")
+    s.add_argument("--partition")
+    s.add_argument("--job-name", default="distbatch")
+    s.add_argument("--cpus-per-task", type=int)
+    s.add_argument("--srun-mpi", help="srun --mpi=VALUE for horovod, e.g. pmix or pmi2 (site specific)")
+    s.add_argument("--log", default="%x-%j.out", help="#SBATCH --output pattern (default %%x-%%j.out)")
+    s.add_argument("--output", help="where to write the script (default JOB_NAME.sbatch)")
+    _common(s, local=False)
+    s.set_defaults(func=_slurm)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry: ``python -m distbatch.launch_cli launch horovod ...`` (same as ``distbatch launch``)."""
+    parser = argparse.ArgumentParser(prog="distbatch")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    add_launch_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"distbatch: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

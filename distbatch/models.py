@@ -1,0 +1,91 @@
+"""Named models for the CLI. Any Keras 3 model works through the Python API.
+
+Every model ends in float32 logits (also under a mixed-precision policy), so
+the loss is computed in float32.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from distbatch.errors import UsageError
+
+APPLICATIONS = ("ResNet50", "ResNet101", "MobileNetV2", "EfficientNetB0", "VGG16", "DenseNet121")
+MODELS = ("mlp", "convnet", "resnet") + APPLICATIONS
+
+
+def _logits(keras, x, num_classes):
+    x = keras.layers.Dense(num_classes, name="logits")(x)
+    return keras.layers.Activation("linear", dtype="float32", name="logits_f32")(x)
+
+
+def mlp(keras, input_shape, num_classes, width: int = 256, depth: int = 2):
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Flatten()(inputs) if len(input_shape) > 1 else inputs
+    for i in range(depth):
+        x = keras.layers.Dense(width, activation="relu", name=f"dense_{i}")(x)
+    return keras.Model(inputs, _logits(keras, x, num_classes), name="mlp")
+
+
+def convnet(keras, input_shape, num_classes):
+    """A small conv net: Conv1D for sequences like MNIST-1D, Conv2D for images."""
+    inputs = keras.Input(input_shape)
+    if len(input_shape) == 1:
+        x = keras.layers.Reshape((input_shape[0], 1))(inputs)
+        conv, pool = keras.layers.Conv1D, keras.layers.GlobalAveragePooling1D
+    elif len(input_shape) == 2:
+        x, conv, pool = inputs, keras.layers.Conv1D, keras.layers.GlobalAveragePooling1D
+    else:
+        x, conv, pool = inputs, keras.layers.Conv2D, keras.layers.GlobalAveragePooling2D
+    for i, filters in enumerate((32, 64, 64)):
+        x = conv(filters, 3, padding="same", activation="relu", name=f"conv_{i}")(x)
+        if i < 2 and x.shape[1] >= 4:
+            x = (keras.layers.MaxPooling1D(2) if conv is keras.layers.Conv1D
+                 else keras.layers.MaxPooling2D(2))(x)
+    x = pool()(x)
+    x = keras.layers.Dense(128, activation="relu", name="dense_0")(x)
+    return keras.Model(inputs, _logits(keras, x, num_classes), name="convnet")
+
+
+def resnet(keras, input_shape, num_classes, blocks_per_stage: int = 3):
+    """CIFAR-style ResNet (He et al. 2016, sec. 4.2): 6n+2 layers, n=3 gives ResNet-20.
+
+    The last BatchNorm gamma of each residual branch starts at zero (Goyal et
+    al. 2017, sec. 5.1), so each block starts as the identity.
+    """
+    if len(input_shape) != 3:
+        raise UsageError(f"--model resnet needs image inputs (H, W, C), got input shape {tuple(input_shape)}")
+    L = keras.layers
+    inputs = keras.Input(input_shape)
+    x = L.Conv2D(16, 3, padding="same", use_bias=False)(inputs)
+    x = L.ReLU()(L.BatchNormalization()(x))
+    for stage, filters in enumerate((16, 32, 64)):
+        for block in range(blocks_per_stage):
+            strides = 2 if stage > 0 and block == 0 else 1
+            y = L.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False)(x)
+            y = L.ReLU()(L.BatchNormalization()(y))
+            y = L.Conv2D(filters, 3, padding="same", use_bias=False)(y)
+            y = L.BatchNormalization(gamma_initializer="zeros")(y)
+            if strides != 1 or x.shape[-1] != filters:
+                x = L.BatchNormalization()(L.Conv2D(filters, 1, strides=strides, use_bias=False)(x))
+            x = L.ReLU()(L.Add()([x, y]))
+    x = L.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, _logits(keras, x, num_classes), name="resnet")
+
+
+def build_model(name: str, input_shape: Sequence[int], num_classes: int):
+    """Build a named model with float32 logits. Unknown name -> UsageError."""
+    import keras
+    input_shape = tuple(int(d) for d in input_shape)
+    if name == "mlp":
+        return mlp(keras, input_shape, num_classes)
+    if name == "convnet":
+        return convnet(keras, input_shape, num_classes)
+    if name == "resnet":
+        return resnet(keras, input_shape, num_classes)
+    if name in APPLICATIONS:
+        if len(input_shape) != 3:
+            raise UsageError(f"--model {name} needs image inputs (H, W, C), got {input_shape}")
+        app = getattr(keras.applications, name)
+        base = app(weights=None, include_top=False, input_shape=input_shape, pooling="avg")
+        return keras.Model(base.input, _logits(keras, base.output, num_classes), name=name)
+    raise UsageError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")

@@ -1,0 +1,249 @@
+"""Sweep result rows: one per finished (global batch, seed) point.
+
+A sweep directory holds ``results.jsonl`` (the source of truth, read by
+``--resume`` and by the report) and ``results.csv`` (the same rows for
+spreadsheets). Rows are appended as points finish and must survive a kill at
+any instant, so a later ``--resume`` neither loses nor duplicates a point.
+
+Why rewrite-and-rename rather than ``O_APPEND``: each append writes the WHOLE
+new file to a temp file in the same directory, fsyncs it, and ``os.replace``-s
+it over the old one (then fsyncs the directory). ``rename(2)`` is atomic, so a
+reader or a crash sees either the old file or the new one, never a half line,
+even on power loss (a single ``write`` on an O_APPEND fd survives SIGKILL but
+not a crash mid-write, and cannot update the CSV header rule atomically). The
+cost, O(rows) per append, is nothing next to training one point.
+
+The two files cannot be renamed together, so jsonl is written first and the
+CSV is regenerated from the jsonl rows: a kill between the two renames leaves
+the CSV one row short, never ahead and never torn; :func:`sync_csv` (called on
+every append, and meant for the start and end of ``sweep --resume``) repairs it.
+One writer per directory (the chief) is assumed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from distbatch.errors import UsageError
+
+JSONL_NAME = "results.jsonl"
+CSV_NAME = "results.csv"
+STATUSES = ("ok", "diverged", "oom")
+
+ROW_FIELDS: tuple[str, ...] = (
+    "point_id",
+    "status",
+    "global_batch_size",
+    "per_replica_batch_size",
+    "replicas",
+    "backend",
+    "seed",
+    "peak_lr",
+    "warmup_steps",
+    "epochs",
+    "steps",
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "generalization_gap",  # train_accuracy - val_accuracy
+    "samples_per_sec",
+    "wall_time_s",
+    "steps_to_target",  # None if the target was never reached
+    "time_to_target_s",  # None if the target was never reached
+    "diverged",  # True when the loss went NaN/inf; that point stopped, the sweep went on
+    "b_simple",  # gradient noise scale tr(Sigma)/|G|^2 (McCandlish et al. 2018), or None
+)
+_INT_FIELDS = ("global_batch_size", "per_replica_batch_size", "replicas", "seed")
+
+
+def make_point_id(global_batch_size: int, seed: int) -> str:
+    """The stable key of a sweep point, e.g. ``"bs=256/seed=0"``, used by ``--resume``."""
+    return f"bs={int(global_batch_size)}/seed={int(seed)}"
+
+
+def validate_row(row: dict) -> dict:
+    """Return a JSON-ready copy of ``row`` or raise UsageError naming what is wrong.
+
+    Every name in :data:`ROW_FIELDS` must be present (None allowed where a value
+    is unknown); extra keys (e.g. ``history``, ``optimizer``) are kept. NumPy
+    scalars become Python numbers and non-finite floats become None: a diverged
+    point's NaN loss is recorded by ``status``/``diverged``, and strict JSON has
+    no NaN.
+    """
+    if not isinstance(row, dict):
+        raise UsageError(f"a result row must be a dict, got {type(row).__name__}")
+    missing = [f for f in ROW_FIELDS if f not in row]
+    if missing:
+        raise UsageError(f"result row {row.get('point_id')!r} lacks field(s): {', '.join(missing)}")
+    clean = {k: _plain(v) for k, v in row.items()}
+    if not isinstance(clean["point_id"], str) or not clean["point_id"]:
+        raise UsageError(f"point_id must be a non-empty string, got {clean['point_id']!r}")
+    if clean["status"] not in STATUSES:
+        raise UsageError(f"status must be one of {', '.join(STATUSES)}, got {clean['status']!r}")
+    if not isinstance(clean["diverged"], bool):
+        raise UsageError(f"diverged must be true or false, got {clean['diverged']!r}")
+    for name in _INT_FIELDS:
+        value = clean[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
+            raise UsageError(f"{name} must be a {'non-negative' if name == 'seed' else 'positive'} "
+                             f"integer, got {value!r}")
+    return clean
+
+
+def append_row(out_dir: str | os.PathLike, row: dict) -> None:
+    """Append one finished point to results.jsonl and results.csv, atomically.
+
+    Raises UsageError if the row is malformed or its point_id is already
+    recorded (a resumed sweep must skip done points, not repeat them).
+    """
+    out = Path(out_dir)
+    clean = validate_row(row)
+    rows = read_rows(out)
+    if any(r.get("point_id") == clean["point_id"] for r in rows):
+        raise UsageError(f"point {clean['point_id']!r} is already in {out / JSONL_NAME}")
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out)
+    rows.append(clean)
+    _atomic_write(out / JSONL_NAME, "".join(_json_line(r) for r in rows))
+    _atomic_write(out / CSV_NAME, _csv_text(rows))
+
+
+def read_rows(out_dir: str | os.PathLike) -> list[dict]:
+    """Rows of results.jsonl in order ([] if there is no file).
+
+    A final line without its newline that does not parse is dropped (it can only
+    come from a foreign writer; ours never leaves one); a bad line elsewhere is
+    an error naming the line number.
+    """
+    path = Path(out_dir) / JSONL_NAME
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            if number == len(lines):  # trailing partial line, no newline after it
+                break
+            raise UsageError(f"{path}:{number} is not a JSON object row: {line[:80]!r}") from None
+        rows.append(row)
+    return rows
+
+
+def done_point_ids(out_dir: str | os.PathLike) -> set[str]:
+    """point_ids already recorded, which ``sweep --resume`` skips."""
+    return {r["point_id"] for r in read_rows(out_dir) if isinstance(r.get("point_id"), str)}
+
+
+def sync_csv(out_dir: str | os.PathLike) -> None:
+    """Rewrite results.csv from results.jsonl if they differ (after a kill between the two renames)."""
+    out = Path(out_dir)
+    rows = read_rows(out)
+    if not rows:
+        return
+    text = _csv_text(rows)
+    csv_path = out / CSV_NAME
+    if not csv_path.is_file() or csv_path.read_text(encoding="utf-8") != text:
+        _atomic_write(csv_path, text)
+
+
+def csv_columns(rows: Iterable[dict]) -> list[str]:
+    """ROW_FIELDS, then extra scalar keys in first-seen order (lists/dicts such as history stay in jsonl)."""
+    columns = list(ROW_FIELDS)
+    for row in rows:
+        for key, value in row.items():
+            if key not in columns and not isinstance(value, (list, dict)):
+                columns.append(key)
+    return columns
+
+
+# ------------------------------------------------------------------ internals
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        value = value.item()  # numpy / tf scalars
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def _json_line(row: dict) -> str:
+    return json.dumps(row, allow_nan=False, separators=(",", ":")) + "\n"
+
+
+def _csv_text(rows: list[dict]) -> str:
+    columns = csv_columns(rows)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_csv_cell(row.get(c)) for c in columns])
+    return buf.getvalue()
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are ordinary readable files
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not possible on some platforms; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temps(out: Path) -> None:
+    # A SIGKILL between mkstemp and os.replace leaves a dot-file; one writer per
+    # directory means any such file is dead.
+    for name in (JSONL_NAME, CSV_NAME):
+        for stale in out.glob(f".{name}.*.tmp"):
+            try:
+                stale.unlink()
+            except FileNotFoundError:
+                pass

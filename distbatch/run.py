@@ -1,0 +1,254 @@
+"""`distbatch train`: flags -> backend, data, batch plan, recipe, model -> Trainer -> files.
+
+Order matters: everything a user can get wrong is checked before TensorFlow
+does real work and before anything is written, so a bad flag costs seconds
+and leaves no half-written output directory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+
+from distbatch import __version__
+from distbatch.backends import BACKENDS
+from distbatch.errors import UsageError, require
+from distbatch.models import MODELS
+
+RUN_FILES = ("summary.json", "config.json", "model.keras")
+EXIT_DIVERGED = 3
+
+
+def add_train_args(parser: argparse.ArgumentParser, *, sweep: bool = False) -> None:
+    """Flags shared by `train` and `sweep` (the sweep sets the batch size per point)."""
+    from distbatch.recipe_args import add_recipe_args
+    g = parser.add_argument_group("run")
+    g.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="auto (default): horovod under horovodrun/mpirun, multiworker with "
+                        "TF_CONFIG or Slurm, mirrored with several GPUs, else single")
+    g.add_argument("--cpu-replicas", type=int, default=None, metavar="N",
+                   help="mirrored on a machine without GPUs: split the CPU into N logical devices "
+                        "(for testing and demos; no speed-up)")
+    g.add_argument("--dataset", default="mnist1d",
+                   help="mnist1d (default, generated offline), digits, synthetic[:HxWxC], mnist, "
+                        "fashion_mnist, cifar10, cifar100, or a path (.npz, image dir, .tfrecord)")
+    g.add_argument("--train-size", type=int, default=None, help="use this many training examples")
+    g.add_argument("--val-size", type=int, default=None, help="use this many validation examples")
+    g.add_argument("--model", default="mlp", choices=MODELS, help="named model (default: mlp)")
+    if not sweep:
+        g.add_argument("--global-batch-size", type=int, required=True,
+                       help="examples per optimizer step, summed over all replicas")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, default=None, help="training length in epochs")
+    length.add_argument("--steps", type=int, default=None, help="training length in steps")
+    g.add_argument("--seed", type=int, default=0, help="seed for init and data order (default 0)")
+    g.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the dataset generation/split (default 0)")
+    g.add_argument("--accumulation-steps", type=int, default=1,
+                   help="gradient accumulation: global = per_replica x replicas x K")
+    g.add_argument("--mixed-precision", choices=("off", "float16", "bfloat16"), default="off",
+                   help="keras.mixed_precision policy; float16 uses dynamic loss scaling")
+    g.add_argument("--noise-scale", action="store_true",
+                   help="estimate the gradient noise scale B_simple (McCandlish et al. 2018)")
+    g.add_argument("--target-accuracy", type=float, default=None,
+                   help="record steps/time until validation accuracy first reaches this")
+    g.add_argument("--evals-per-epoch", type=int, default=1,
+                   help="validation passes per epoch (finer steps-to-target; default 1)")
+    g.add_argument("--early-stopping-metric", choices=("val_loss", "val_accuracy"), default=None)
+    g.add_argument("--early-stopping-patience", type=int, default=5,
+                   help="evaluations without improvement before stopping (default 5)")
+    g.add_argument("--min-delta", type=float, default=0.0, help="minimum improvement (default 0)")
+    g.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                   help="checkpoint every N steps (default 0: at every evaluation)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint (or finished points) in --out")
+    g.add_argument("--overwrite", action="store_true", help="replace another run's results in --out")
+    g.add_argument("--out", required=not sweep, default=None if not sweep else "runs/sweep",
+                   help="output directory")
+    add_recipe_args(parser)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Cheap checks, before TensorFlow starts."""
+    if getattr(args, "global_batch_size", None) is not None:
+        require(args.global_batch_size >= 1,
+                f"--global-batch-size must be a positive integer, got {args.global_batch_size}")
+    if args.epochs is None and args.steps is None:
+        args.epochs = 10.0
+    require(args.epochs is None or args.epochs > 0, f"--epochs must be > 0, got {args.epochs}")
+    require(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
+    require(args.accumulation_steps >= 1,
+            f"--accumulation-steps must be >= 1, got {args.accumulation_steps}")
+    require(args.base_lr > 0, f"--base-lr must be > 0, got {args.base_lr}")
+    require(args.base_batch_size >= 1, f"--base-batch-size must be >= 1, got {args.base_batch_size}")
+    require(args.evals_per_epoch >= 1, f"--evals-per-epoch must be >= 1, got {args.evals_per_epoch}")
+    require(args.early_stopping_patience >= 1,
+            f"--early-stopping-patience must be >= 1, got {args.early_stopping_patience}")
+    require(args.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    require(args.target_accuracy is None or 0 < args.target_accuracy <= 1,
+            f"--target-accuracy must be in (0, 1], got {args.target_accuracy}")
+    require(args.cpu_replicas is None or args.cpu_replicas >= 1,
+            f"--cpu-replicas must be >= 1, got {args.cpu_replicas}")
+    require(not (args.resume and args.overwrite), "--resume and --overwrite exclude each other")
+
+
+def check_out_dir(out: str, *, resume: bool, overwrite: bool, markers=RUN_FILES) -> None:
+    """Refuse an output directory that holds another run, unless --resume/--overwrite."""
+    if not os.path.exists(out):
+        return
+    require(os.path.isdir(out), f"--out {out!r} exists and is not a directory")
+    found = [m for m in markers if os.path.exists(os.path.join(out, m))]
+    if found and not (resume or overwrite):
+        raise UsageError(f"--out {out!r} already holds a run ({', '.join(found)}); "
+                         "pass --resume to continue it or --overwrite to replace it")
+
+
+def atomic_write_json(path: str, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, default=_json_default)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    try:
+        return o.item()  # numpy scalars
+    except AttributeError:
+        return str(o)
+
+
+def machine_info(backend) -> dict:
+    import tensorflow as tf
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "gpus": len(tf.config.list_physical_devices("GPU")),
+            "tensorflow": tf.__version__, "distbatch": __version__,
+            "backend": backend.describe()}
+
+
+def set_precision(policy: str) -> None:
+    import keras
+    keras.mixed_precision.set_dtype_policy(
+        {"off": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}[policy])
+
+
+def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, int]:
+    """Run one training job from parsed flags; returns (summary, exit code).
+
+    `backend` and `data` may be passed in (a sweep reuses them across points).
+    """
+    validate_args(args)
+    check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite)
+    import keras
+
+    from distbatch.backends import create_backend
+    from distbatch.data import load_dataset
+    from distbatch.models import build_model
+    from distbatch.plan import BatchPlan
+    from distbatch.recipe_args import build_recipe
+    from distbatch.trainer import LoopOptions, Trainer
+
+    reason = "given"
+    if backend is None:
+        backend, reason = create_backend(args.backend, cpu_replicas=args.cpu_replicas)
+    if data is None:
+        data = load_dataset(args.dataset, seed=args.data_seed, train_size=args.train_size,
+                            val_size=args.val_size)
+    plan = BatchPlan.derive(global_batch_size=args.global_batch_size, replicas=backend.num_replicas,
+                            accumulation_steps=args.accumulation_steps,
+                            num_train_examples=len(data.x_train))
+    total_steps = plan.total_steps(epochs=args.epochs, steps=args.steps)
+    chief = backend.is_chief
+
+    keras.utils.set_random_seed(args.seed)
+    set_precision(args.mixed_precision)
+    with backend.scope():
+        model = build_model(args.model, data.input_shape, data.num_classes)
+        optimizer, schedule, recipe = build_recipe(
+            args, global_batch_size=plan.global_batch_size,
+            steps_per_epoch=plan.steps_per_epoch, total_steps=total_steps)
+        if args.mixed_precision == "float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        # Slots must exist before the first distributed step (Keras 3 + MirroredStrategy).
+        optimizer.build(model.trainable_variables)
+    backend.prepare(model, optimizer)
+
+    if args.overwrite and chief:
+        for name in RUN_FILES + ("tensorboard", "checkpoints"):
+            path = os.path.join(args.out, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else (
+                os.path.exists(path) and os.remove(path))
+    if chief:
+        os.makedirs(args.out, exist_ok=True)
+    config = {k: v for k, v in sorted(vars(args).items()) if k != "func"}
+    config.update(backend=backend.name, backend_reason=reason, replicas=backend.num_replicas,
+                  plan=plan.as_dict(), total_steps=total_steps, recipe=recipe)
+    if chief:
+        atomic_write_json(os.path.join(args.out, "config.json"), config)
+        print(f"distbatch: {backend.describe()} ({reason}); global batch {plan.global_batch_size} = "
+              f"{plan.per_replica_batch_size} per replica x {plan.replicas} replicas x "
+              f"{plan.accumulation_steps} accumulation; {plan.steps_per_epoch} steps/epoch, "
+              f"{total_steps} steps; peak lr {recipe['peak_lr']:.4g}, warmup {recipe['warmup_steps']} "
+              f"steps", file=sys.stderr, flush=True)
+
+    options = LoopOptions(
+        total_steps=total_steps, seed=args.seed, evals_per_epoch=args.evals_per_epoch,
+        noise_scale=args.noise_scale, target_accuracy=args.target_accuracy,
+        early_stopping_metric=args.early_stopping_metric,
+        early_stopping_patience=args.early_stopping_patience, min_delta=args.min_delta,
+        checkpoint_dir=os.path.join(args.out, "checkpoints"), checkpoint_every=args.checkpoint_every,
+        resume=args.resume, tensorboard_dir=os.path.join(args.out, "tensorboard"),
+        verbose=getattr(args, "progress", True))
+    started = time.time()
+    result = Trainer(backend, model, optimizer, plan, data, options,
+                     learning_rate_fn=lambda s: float(schedule(s))).run()
+
+    summary = {
+        "backend": backend.name, "replicas": plan.replicas, "workers": backend.num_workers,
+        "global_batch_size": plan.global_batch_size,
+        "per_replica_batch_size": plan.per_replica_batch_size,
+        "accumulation_steps": plan.accumulation_steps, "steps_per_epoch": plan.steps_per_epoch,
+        "total_steps": total_steps, "seed": args.seed, "dataset": args.dataset, "model": args.model,
+        "mixed_precision": args.mixed_precision,
+        "distbatch_version": __version__, "tensorflow_version": _tf_version(),
+        **recipe, **result.metrics,
+        "generalization_gap": _gap(result.metrics),
+        "history": result.history, "started": started, "machine": machine_info(backend),
+    }
+    _save_model(model, args.out, backend)
+    if chief:
+        atomic_write_json(os.path.join(args.out, "summary.json"), summary)
+    if summary["diverged"]:
+        if chief:
+            print(f"distbatch: training diverged (loss not finite) at step {summary['diverged_step']}; "
+                  f"lower --base-lr or add warmup. Summary in {args.out}/summary.json", file=sys.stderr)
+        return summary, EXIT_DIVERGED
+    return summary, 0
+
+
+def _gap(m: dict):
+    if m.get("train_accuracy") is None or m.get("val_accuracy") is None:
+        return None
+    return m["train_accuracy"] - m["val_accuracy"]
+
+
+def _tf_version() -> str:
+    import tensorflow as tf
+    return tf.__version__
+
+
+def _save_model(model, out: str, backend) -> None:
+    """Chief writes out/model.keras; other multiworker workers save to a temp dir (TF needs all)."""
+    if backend.is_chief:
+        tmp = os.path.join(out, ".model.keras.tmp.keras")
+        model.save(tmp)
+        os.replace(tmp, os.path.join(out, "model.keras"))
+    elif backend.name == "multiworker":
+        d = tempfile.mkdtemp(prefix=f"distbatch-w{backend.worker_index}-")
+        model.save(os.path.join(d, "model.keras"))
+        shutil.rmtree(d, ignore_errors=True)

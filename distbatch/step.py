@@ -1,0 +1,136 @@
+"""The one distributed train step, shared by every backend.
+
+Per replica, for each of its K micro-batches (gradient accumulation):
+
+    loss_k = sum(per_example_loss) / global_batch        (tf.nn.compute_average_loss)
+    g     += d loss_k / d w
+
+then ONE all-reduce SUM across replicas (backend.all_reduce_sum: a
+tf.distribute replica-context all_reduce, or hvd.grouped_allreduce) gives
+d(mean loss over the global batch)/dw, and the optimizer applies it. Dividing by
+the GLOBAL batch before summing (not by the per-replica batch) is what makes R
+replicas equal one device at the same global batch (Goyal et al. 2017, sec. 3:
+"normalize the per-worker loss by the total minibatch size").
+
+The same all-reduce carries the metric sums (loss, correct predictions) and,
+with the gradient noise scale on, the per-micro-batch squared gradient norms
+(McCandlish et al. 2018, appendix A.1): B_small = per-micro-batch size,
+B_big = global batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distbatch.backends.base import Backend
+from distbatch.plan import BatchPlan
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    noise_scale: bool = False
+    # Micro-batches per replica used for the noise scale's small batch when the
+    # plan itself has only one (1 replica, no accumulation).
+    noise_splits: int = 1
+
+
+def _sq_norm(tf, tensors):
+    return tf.add_n([tf.reduce_sum(tf.square(tf.cast(t, tf.float32))) for t in tensors])
+
+
+def sparse_ce(tf, keras):
+    """Per-example sparse categorical cross-entropy on float32 logits."""
+    def loss_fn(y, logits):
+        return keras.losses.sparse_categorical_crossentropy(y, tf.cast(logits, tf.float32),
+                                                            from_logits=True)
+    return loss_fn
+
+
+def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn=None,
+                    options: StepOptions = StepOptions()):
+    """Return a tf.function step(iterator) -> dict of global sums (identical on every rank)."""
+    import keras
+    import tensorflow as tf
+
+    loss_fn = loss_fn or sparse_ce(tf, keras)
+    variables = model.trainable_variables
+    gb = plan.global_batch_size
+    micro = plan.accumulation_steps * max(1, options.noise_splits)
+    units = plan.replicas * micro  # micro-batches in one global batch
+    b_small = gb // units
+    scale_loss = getattr(optimizer, "scale_loss", None) if hasattr(optimizer, "inner_optimizer") else None
+
+    def grads_of(x, y):
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            per_example = loss_fn(y, logits)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=gb)
+            if model.losses:  # regularizers: counted once per global batch
+                loss += tf.add_n(model.losses) / units
+            target = scale_loss(loss) if scale_loss else loss
+        grads = tape.gradient(target, variables)
+        grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
+                 for g, v in zip(grads, variables)]
+        if scale_loss:  # keep the accumulators and norms in true units
+            inv = 1.0 / tf.cast(optimizer.scale, tf.float32)
+            grads = [g * tf.cast(inv, g.dtype) for g in grads]
+        correct = tf.reduce_sum(tf.cast(tf.equal(
+            tf.argmax(logits, axis=-1, output_type=tf.int32), tf.cast(y, tf.int32)), tf.float32))
+        return grads, tf.reduce_sum(per_example), correct
+
+    def replica_step(x, y):
+        if micro == 1:
+            grads, loss_sum, correct = grads_of(x, y)
+            small_sq = _sq_norm(tf, grads) if options.noise_scale else tf.constant(0.0)
+        else:
+            xs = tf.reshape(x, tf.concat([[micro, -1], tf.shape(x)[1:]], 0))
+            ys = tf.reshape(y, [micro, -1])
+            grads = [tf.zeros_like(v, dtype=v.dtype) for v in variables]
+            loss_sum = correct = small_sq = tf.constant(0.0)
+            for k in tf.range(micro):  # a tf.while_loop: one micro-batch in memory at a time
+                g, l, c = grads_of(xs[k], ys[k])
+                grads = [a + b for a, b in zip(grads, g)]
+                loss_sum, correct = loss_sum + l, correct + c
+                if options.noise_scale:
+                    small_sq += _sq_norm(tf, g)
+        if options.noise_scale:
+            # g above is d(sum loss)/dw / global_batch; the micro-batch MEAN gradient is units x it.
+            small_sq = small_sq * float(units) ** 2
+        reduced = backend.all_reduce_sum(list(grads) + [loss_sum, correct, small_sq])
+        grads, (loss_sum, correct, small_sq) = reduced[:-3], reduced[-3:]
+        optimizer.apply_gradients(zip(grads, variables))
+        big_sq = _sq_norm(tf, grads) if options.noise_scale else tf.constant(0.0)
+        return {"loss_sum": loss_sum, "correct": correct,
+                "small_sq": small_sq / units, "big_sq": big_sq}
+
+    @tf.function
+    def step(iterator):
+        x, y = next(iterator)
+        out = backend.run(replica_step, (x, y))
+        return {k: backend.local_value(v) for k, v in out.items()}
+
+    step.b_small = b_small
+    return step
+
+
+def make_eval_step(backend: Backend, model, loss_fn=None):
+    """Return a tf.function eval_step(iterator) -> dict of global masked sums."""
+    import keras
+    import tensorflow as tf
+    loss_fn = loss_fn or sparse_ce(tf, keras)
+
+    def replica_eval(x, y, mask):
+        logits = model(x, training=False)
+        per_example = loss_fn(y, logits)
+        correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32),
+                                   tf.cast(y, tf.int32)), tf.float32)
+        sums = [tf.reduce_sum(per_example * mask), tf.reduce_sum(correct * mask), tf.reduce_sum(mask)]
+        loss_sum, correct_sum, count = backend.all_reduce_sum(sums)
+        return {"loss_sum": loss_sum, "correct": correct_sum, "count": count}
+
+    @tf.function
+    def eval_step(iterator):
+        x, y, mask = next(iterator)
+        out = backend.run(replica_eval, (x, y, mask))
+        return {k: backend.local_value(v) for k, v in out.items()}
+
+    return eval_step

@@ -1,0 +1,209 @@
+"""Run local worker processes as one job: prefixed output, fail fast, nothing left behind.
+
+One worker failing must end the job, not leave the others blocked forever in
+a collective that will never complete (the classic distributed-training
+hang). So the supervisor:
+
+1. starts every worker in its own session (``start_new_session=True``), so a
+   worker and everything it spawns form one process group that ``killpg``
+   reaches, and a Ctrl-C in the terminal reaches only the launcher;
+2. copies each worker's stdout/stderr line by line with a ``[rank i] ``
+   prefix (a single wrapped child such as horovodrun keeps its own
+   ``[1,0]<stdout>:`` prefixes; it gets none);
+3. polls the workers; at the first non-zero exit or signal it prints one line
+   naming the rank and its code or signal, sends SIGTERM to every other
+   group, waits ``grace_seconds``, then SIGKILLs what is left. The job ends
+   within about ``grace_seconds`` + a second of the failure;
+4. treats Ctrl-C (SIGINT) and SIGTERM on the launcher the same way.
+
+Exit code: 0 when all workers exit 0; the failed worker's code, or
+128 + signal number when it was killed by a signal (the shell's convention);
+130 after Ctrl-C.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import IO
+
+PREFIX_FORMAT = "[rank {rank}] "
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One process to run: argv, environment overrides, output prefix ('' for none), name in messages."""
+
+    argv: Sequence[str]
+    env: Mapping[str, str] = field(default_factory=dict)
+    prefix: str = ""
+    label: str = ""
+
+
+class _Stop(Exception):
+    """Raised inside the poll loop when the launcher receives SIGTERM."""
+
+
+def _label(spec: WorkerSpec, index: int) -> str:
+    return spec.label or f"rank {index}"
+
+
+def describe_exit(returncode: int) -> str:
+    """'exit code 3' or 'signal 9 (SIGKILL)' for a Popen returncode."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "unknown"
+        return f"signal {-returncode} ({name})"
+    return f"exit code {returncode}"
+
+
+def shell_exit_code(returncode: int) -> int:
+    """Map a Popen returncode to a shell exit status: negative (signal) -> 128 + signal."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _pump(pipe: IO[bytes], stream: IO[str], prefix: str, lock: threading.Lock) -> None:
+    """Copy lines from a child's pipe to ``stream`` with ``prefix``, until EOF."""
+    with pipe:
+        for raw in iter(pipe.readline, b""):
+            line = raw.decode("utf-8", errors="replace")
+            if not line.endswith("\n"):
+                line += "\n"
+            with lock:
+                stream.write(prefix + line)
+                stream.flush()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to the process group led by ``proc`` (its session), ignoring a gone group."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_all(procs: Sequence[subprocess.Popen], grace_seconds: float) -> None:
+    """SIGTERM every worker's group, wait up to ``grace_seconds``, then SIGKILL the rest.
+
+    Groups of workers that already exited are signalled too, so grandchildren
+    they left running (data loaders, helper daemons) go with them.
+    """
+    for p in procs:
+        _signal_group(p, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for p in procs:
+        _signal_group(p, signal.SIGKILL)
+    for p in procs:
+        p.wait()
+
+
+def run_workers(specs: Sequence[WorkerSpec], *, grace_seconds: float = 5.0,
+                poll_interval: float = 0.05, stdout: IO[str] | None = None,
+                stderr: IO[str] | None = None, name: str = "distbatch launch",
+                unbuffered: bool = True) -> int:
+    """Run ``specs`` concurrently and return the job's exit code (see module docstring).
+
+    Each worker's environment is ``os.environ`` updated with ``spec.env``.
+    With ``unbuffered`` it also gets ``PYTHONUNBUFFERED=1`` (unless set), so
+    Python workers' lines arrive as they are printed rather than when a pipe
+    buffer fills; the prefixing here reassembles lines, so that is safe.
+    """
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    lock = threading.Lock()
+    procs: list[subprocess.Popen] = []
+    pumps: list[threading.Thread] = []
+
+    def note(msg: str) -> None:
+        with lock:
+            stderr.write(f"{name}: {msg}\n")
+            stderr.flush()
+
+    def on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise _Stop()
+
+    # Signal handlers can only be installed from the main thread.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main else None
+    code = 0
+    try:
+        for rank, spec in enumerate(specs):
+            env = {**({"PYTHONUNBUFFERED": "1"} if unbuffered else {}), **os.environ, **spec.env}
+            try:
+                p = subprocess.Popen(list(spec.argv), env=env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     start_new_session=True)
+            except OSError as e:
+                note(f"{_label(spec, rank)} could not start {spec.argv[0]!r}: {e.strerror}"
+                     + ("; stopping the others" if procs else ""))
+                return 127
+            procs.append(p)
+            for pipe, stream in ((p.stdout, stdout), (p.stderr, stderr)):
+                t = threading.Thread(target=_pump, args=(pipe, stream, spec.prefix, lock), daemon=True)
+                t.start()
+                pumps.append(t)
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = next((r for r, c in enumerate(codes) if c not in (None, 0)), None)
+            if failed is not None:
+                others = sum(c is None for c in codes)
+                note(f"{_label(specs[failed], failed)} failed with {describe_exit(codes[failed])}"
+                     + (f"; stopping the other {others} worker(s)" if others else ""))
+                code = shell_exit_code(codes[failed])
+                break
+            if all(c == 0 for c in codes):
+                break
+            time.sleep(poll_interval)
+    except KeyboardInterrupt:
+        note("interrupted; stopping all workers")
+        code = 130
+    except _Stop:
+        note("received SIGTERM; stopping all workers")
+        code = 128 + signal.SIGTERM
+    finally:
+        # Cleanup must not be cut short by a second Ctrl-C or SIGTERM, or
+        # workers would be left running.
+        shielded = {}
+        if in_main:
+            shielded = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+            shielded[signal.SIGTERM] = previous if previous is not None else signal.SIG_DFL
+        try:
+            stop_all(procs, grace_seconds)
+            for t in pumps:
+                t.join(timeout=2.0)
+        finally:
+            for s, handler in shielded.items():
+                signal.signal(s, handler)
+    return code
+
+
+def run_single(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+               grace_seconds: float = 10.0, **kwargs) -> int:
+    """Run one child (horovodrun, mpirun) under supervision and forward its exit code.
+
+    No prefix is added: horovodrun and mpirun label ranks themselves. The
+    longer default grace lets them shut their own ranks down on SIGTERM.
+    PYTHONUNBUFFERED is not set: mpirun tags each write separately, and an
+    unbuffered print() writes word by word, which would shred the lines.
+    """
+    spec = WorkerSpec(argv=list(argv), env=dict(env or {}), prefix="", label=os.path.basename(argv[0]))
+    kwargs.setdefault("unbuffered", False)
+    return run_workers([spec], grace_seconds=grace_seconds, **kwargs)
+
+
+def rank_specs(commands: Sequence[tuple[Mapping[str, str], Sequence[str]]]) -> list[WorkerSpec]:
+    """WorkerSpecs prefixed ``[rank i] `` from (env overrides, argv) pairs, in rank order."""
+    return [WorkerSpec(argv=list(argv), env=dict(env), prefix=PREFIX_FORMAT.format(rank=i), label=f"rank {i}")
+            for i, (env, argv) in enumerate(commands)]
