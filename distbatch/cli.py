@@ -47,8 +47,21 @@ def _train(args) -> int:
     return train(args)[1]
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse with errors on ONE line, like every other distbatch error.
+
+    Stock argparse prints the whole usage block (30 lines for `train`) before
+    the message, burying it. Subparsers inherit this class (argparse makes
+    them with ``type(parent)``), so `distbatch train --backend bogus` prints
+    ``distbatch: error: argument --backend: invalid choice: 'bogus' (...)`` and exits 2.
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"distbatch: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="distbatch",
         description="Data-parallel TensorFlow training and batch-size measurement.")
     parser.add_argument("--version", action="version", version=f"distbatch {__version__}")

@@ -31,8 +31,14 @@ def epoch_permutation(tf, n: int, seed: int, epoch):
 
 
 def train_dataset(x: np.ndarray, y: np.ndarray, plan: BatchPlan, *, seed: int, worker_index: int,
-                  local_replicas: int, start_step: int = 0, total_steps: int):
-    """Per-worker dataset: element i is the [K*b] batch of local replica i % L."""
+                  local_replicas: int, start_step: int = 0, total_steps: int,
+                  epoch_offset: int = 0):
+    """Per-worker dataset: element i is the [K*b] batch of local replica i % L.
+
+    Epoch e of this dataset uses the permutation of absolute epoch `epoch_offset + e`,
+    so a batch-size schedule segment starting at epoch E sees the same example order
+    as any other run at epoch E (steps count from the segment's start).
+    """
     import tensorflow as tf
     n, B, R, K = plan.num_train_examples, plan.global_batch_size, plan.replicas, plan.accumulation_steps
     b, L, S = plan.per_replica_batch_size, local_replicas, plan.steps_per_epoch
@@ -45,7 +51,7 @@ def train_dataset(x: np.ndarray, y: np.ndarray, plan: BatchPlan, *, seed: int, w
         perm = tf.reshape(tf.transpose(perm, [0, 2, 1, 3]), [S * L, K * b])
         return tf.data.Dataset.from_tensor_slices(perm)
 
-    ds = (tf.data.Dataset.range(epochs_needed).flat_map(epoch_indices)
+    ds = (tf.data.Dataset.range(epoch_offset, epoch_offset + epochs_needed).flat_map(epoch_indices)
           .skip(start_step * L).take((total_steps - start_step) * L))
     ds = ds.map(lambda idx: (tf.gather(xs, idx), tf.gather(ys, idx)),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -221,6 +221,7 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
         "history": result.history, "started": started, "machine": machine_info(backend),
     }
     _save_model(model, args.out, backend)
+    _save_rank_weights(model, backend)
     if chief:
         atomic_write_json(os.path.join(args.out, "summary.json"), summary)
     if summary["diverged"]:
@@ -240,6 +241,17 @@ def _gap(m: dict):
 def _tf_version() -> str:
     import tensorflow as tf
     return tf.__version__
+
+
+def _save_rank_weights(model, backend) -> None:
+    """Debugging aid: with DISTBATCH_RANK_WEIGHTS_DIR set, EVERY rank writes its final
+    weights to rank<i>.npz there, to check that all ranks ended identical."""
+    directory = os.environ.get("DISTBATCH_RANK_WEIGHTS_DIR")
+    if not directory:
+        return
+    import numpy as np
+    os.makedirs(directory, exist_ok=True)
+    np.savez(os.path.join(directory, f"rank{backend.worker_index}.npz"), *model.get_weights())
 
 
 def _save_model(model, out: str, backend) -> None:

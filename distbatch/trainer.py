@@ -43,6 +43,12 @@ class LoopOptions:
     tensorboard_dir: str | None = None
     verbose: bool = True
     log_every: int = 50
+    # Batch-size schedules (distbatch.batch_schedule) run one Trainer per fixed-batch
+    # segment. step_offset: global steps done before this segment (steps, history and
+    # total_steps are absolute); epoch_offset: absolute epoch where the segment starts
+    # (the data order is a function of (seed, absolute epoch)). Default 0: one segment.
+    step_offset: int = 0
+    epoch_offset: int = 0
 
 
 @dataclass
@@ -98,7 +104,7 @@ class Trainer:
                    if opt.noise_scale else None)
 
         ckpt, manager = self._checkpoint()
-        start_step, history = 0, []
+        start_step, history = opt.step_offset, []
         if ckpt is not None and opt.resume and manager.latest_checkpoint:
             ckpt.restore(manager.latest_checkpoint)
             start_step = int(self._step_var.numpy())
@@ -107,7 +113,8 @@ class Trainer:
 
         make_train = lambda w, L: pipeline.train_dataset(  # noqa: E731
             self.data.x_train, self.data.y_train, plan, seed=opt.seed, worker_index=w,
-            local_replicas=L, start_step=start_step, total_steps=opt.total_steps)
+            local_replicas=L, start_step=start_step - opt.step_offset,
+            total_steps=opt.total_steps - opt.step_offset, epoch_offset=opt.epoch_offset)
         iterator = iter(b.distribute(make_train))
         writers = self._writers()
 
@@ -128,7 +135,7 @@ class Trainer:
             out = step_fn(iterator)
             step += 1
             pending.append((step, out))
-            at_eval = step % eval_every == 0 or step == opt.total_steps
+            at_eval = (step - opt.step_offset) % eval_every == 0 or step == opt.total_steps
             # Sync right after the run's first (compiling) step, so timing excludes it.
             if at_eval or len(pending) >= opt.log_every or step == start_step + 1:
                 diverged_step = self._drain(pending, sums, tracker, writers)
@@ -150,7 +157,7 @@ class Trainer:
             val_loss, val_acc = self._evaluate(eval_fn)
             train_loss, train_acc = _mean(sums, window_count * plan.global_batch_size)
             sums, window_count = {"loss_sum": 0.0, "correct": 0.0}, 0
-            epoch = step / per_epoch
+            epoch = self._epoch_at(step)
             rec = {"step": step, "epoch": round(epoch, 4), "train_loss": train_loss,
                    "train_accuracy": train_acc, "val_loss": val_loss, "val_accuracy": val_acc}
             history.append(rec)
@@ -174,6 +181,10 @@ class Trainer:
                     bad_evals += 1
                     if bad_evals >= opt.early_stopping_patience:
                         stopped_early = True
+                # The metrics are all-reduced sums, so every rank should agree already;
+                # OR-ing the flag across workers guarantees it (a rank that stopped alone
+                # would leave the others waiting in a collective).
+                stopped_early = b.sync_flag(stopped_early)
             if ckpt is not None and (opt.checkpoint_every == 0 or step % opt.checkpoint_every == 0
                                      or step == opt.total_steps):
                 self._step_var.assign(step)
@@ -187,7 +198,7 @@ class Trainer:
 
         last = history[-1] if history else {}
         metrics = {
-            "steps": step, "epochs": round(step / per_epoch, 4),
+            "steps": step, "epochs": round(self._epoch_at(step), 4),
             "train_loss": last.get("train_loss"), "train_accuracy": last.get("train_accuracy"),
             "val_loss": last.get("val_loss"), "val_accuracy": last.get("val_accuracy"),
             "samples_per_sec": timed_samples / train_time if train_time > 0 else None,
@@ -201,8 +212,13 @@ class Trainer:
         if opt.early_stopping_metric and best is not None:
             self.model.set_weights(best[3])
             val_loss, val_acc = self._evaluate(eval_fn)
+            # Train metrics of the restored point too, so the generalization gap compares
+            # train and validation of the SAME weights (not last train vs best val).
+            at_best = next((r for r in history if r["step"] == best[1]), {})
+            metrics.update(train_loss=at_best.get("train_loss", metrics["train_loss"]),
+                           train_accuracy=at_best.get("train_accuracy", metrics["train_accuracy"]))
             metrics.update(best_step=best[1], best_epoch=round(best[2], 4),
-                           stopped_epoch=round(step / per_epoch, 4), stopped_early=stopped_early,
+                           stopped_epoch=round(self._epoch_at(step), 4), stopped_early=stopped_early,
                            restored_metric=opt.early_stopping_metric,
                            restored_value=best[0], val_loss=val_loss, val_accuracy=val_acc)
         if history:
@@ -214,6 +230,10 @@ class Trainer:
         return result
 
     # -- pieces ---------------------------------------------------------------------------
+    def _epoch_at(self, step: int) -> float:
+        """Absolute epoch after `step` global steps (segments of a batch schedule add offsets)."""
+        return self.opt.epoch_offset + (step - self.opt.step_offset) / self.plan.steps_per_epoch
+
     def _drain(self, pending, sums, tracker, writers) -> int | None:
         """Fetch the window's step outputs; return the first diverged step, if any."""
         gb = self.plan.global_batch_size

@@ -381,7 +381,8 @@ def test_real_horovod_gloo_two_ranks(tmp_path):
     p = _run_cli_subprocess(["launch", "horovod", "--gloo", "-np", "2", "--", sys.executable, str(script)], tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
     # ranks' values: [1, 10] and [2, 20] -> sum [3, 30], average [1.5, 15]
-    assert _results(p.stdout) == [("0", "2", "[3.0, 30.0]", "[1.5, 15.0]"), ("1", "2", "[3.0, 30.0]", "[1.5, 15.0]")]
+    assert _results(p.stdout) == [("0", "2", "[3.0, 30.0]", "[1.5, 15.0]"),
+                                  ("1", "2", "[3.0, 30.0]", "[1.5, 15.0]")], p.stdout + p.stderr
     # horovodrun labels ranks itself ([0]<stdout>: with Gloo, [1,0]<stdout>: with MPI); keep that
     assert re.search(r"^\[(1,)?0\]<stdout>:RESULT rank=0", p.stdout, re.M), p.stdout
 
@@ -395,7 +396,7 @@ def test_real_mpirun_two_ranks(tmp_path):
     script.write_text(MPI4PY_SCRIPT)
     p = _run_cli_subprocess(["launch", "mpirun", "-np", "2", "--", sys.executable, str(script)], tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert _results(p.stdout) == [("0", "2", "[3.0, 30.0]", ""), ("1", "2", "[3.0, 30.0]", "")]
+    assert _results(p.stdout) == [("0", "2", "[3.0, 30.0]", ""), ("1", "2", "[3.0, 30.0]", "")], p.stdout + p.stderr
     assert re.search(r"^\[\d+,1\]<stdout>:RESULT rank=1 ", p.stdout, re.M), p.stdout   # --tag-output
 
 
@@ -417,3 +418,6 @@ def test_real_horovod_failing_rank_ends_job_nonzero(tmp_path):
                             tmp_path, timeout=120)
     assert p.returncode != 0, p.stdout + p.stderr
     assert time.monotonic() - t0 < 60
+    # horovodrun names the failed rank; the launcher names the child it ran
+    assert re.search(r"Process name: 1\s+Exit code: 3", p.stderr), p.stderr
+    assert "distbatch launch: horovodrun failed with exit code 1" in p.stderr

@@ -1,0 +1,241 @@
+"""Batch-size schedules: raise the global batch at given epochs instead of decaying the lr.
+
+Smith, Kindermans, Le 2017, "Don't Decay the Learning Rate, Increase the Batch
+Size" (arXiv:1711.00489): SGD's noise scale is g ~ lr * N / B (N training
+examples, B batch), so multiplying B by k lowers the noise like dividing the lr
+by k, with k times fewer optimizer steps per epoch. distbatch runs a schedule
+such as ``--batch-size-schedule "0:64,10:128,20:256"`` (epoch:global batch) as a
+sequence of fixed-batch segments:
+
+    segment i covers epochs [e_i, e_{i+1})  (the last one ends at --epochs)
+    plan_i   = BatchPlan(global batch B_i)   per-replica batch and steps re-derived
+    steps_i  = round((e_{i+1} - e_i) * floor(N / B_i))
+    start_i  = steps_0 + ... + steps_{i-1}   (global step where segment i starts)
+
+Each segment is one Trainer run on the SAME model and optimizer, so the
+optimizer's step counter (and with it the lr schedule, momentum and slots)
+runs on across segments. The data order is the same function of
+(seed, absolute epoch) as in a fixed-batch run (pipeline.train_dataset's
+``epoch_offset``), which is why schedule points must be whole epochs.
+
+Learning rate (a choice, documented in docs/choosing_batch_size.md): a function
+of the GLOBAL step: the warmup of the recipe, then the CONSTANT peak lr scaled
+for the FIRST batch B_0 (``scaled_learning_rate(base_lr, base_batch, B_0)``).
+Batch growth replaces the decay, as in Smith et al.; an lr decay on top
+(``--decay cosine/linear`` or ``--decay-epochs``) is refused rather than
+guessed at. Warmup given in epochs is converted with the schedule's own
+steps-per-epoch of each segment.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from distbatch.errors import UsageError, require
+from distbatch.plan import BatchPlan
+
+
+def add_batch_schedule_args(group) -> None:
+    """Add --batch-size-schedule to an argparse group (used by `distbatch train`)."""
+    group.add_argument(
+        "--batch-size-schedule", default=None, metavar="E0:B0,E1:B1,...",
+        help="raise the global batch at whole epochs instead of decaying the lr "
+             "(Smith et al. 2017), e.g. '0:64,10:128,20:256'; the first batch replaces "
+             "--global-batch-size; the lr stays at its peak after warmup")
+
+
+def parse_batch_schedule(text: str) -> list[tuple[int, int]]:
+    """Parse "0:64,10:128" into [(0, 64), (10, 128)]: whole epochs, strictly increasing, from 0."""
+    points: list[tuple[int, int]] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            e_text, b_text = part.split(":")
+            epoch_f, batch = float(e_text), int(b_text)
+        except ValueError:
+            raise UsageError(f"--batch-size-schedule entries must be EPOCH:BATCH, got {part!r} "
+                             f"in {text!r}") from None
+        require(math.isfinite(epoch_f) and epoch_f >= 0 and epoch_f == int(epoch_f),
+                f"--batch-size-schedule epochs must be whole numbers >= 0 (data order is per "
+                f"epoch), got {e_text!r} in {text!r}")
+        require(batch >= 1, f"--batch-size-schedule batches must be >= 1, got {batch} in {text!r}")
+        points.append((int(epoch_f), batch))
+    require(bool(points), f"--batch-size-schedule needs at least one EPOCH:BATCH, got {text!r}")
+    require(points[0][0] == 0,
+            f"--batch-size-schedule must start at epoch 0, got {points[0][0]} in {text!r}")
+    epochs = [e for e, _ in points]
+    require(all(b > a for a, b in zip(epochs, epochs[1:])),
+            f"--batch-size-schedule epochs must increase strictly, got {epochs}")
+    return points
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One fixed-batch stretch of a schedule."""
+    start_epoch: int
+    end_epoch: float
+    plan: BatchPlan
+    start_step: int   # global steps done before this segment
+    steps: int
+
+    @property
+    def end_step(self) -> int:
+        return self.start_step + self.steps
+
+
+@dataclass(frozen=True)
+class BatchSchedule:
+    segments: tuple[Segment, ...]
+
+    @property
+    def total_steps(self) -> int:
+        return self.segments[-1].end_step
+
+    @property
+    def first_plan(self) -> BatchPlan:
+        return self.segments[0].plan
+
+    def global_step_at_epoch(self, epoch: float) -> int:
+        """Global step reached after `epoch` epochs (each segment at its own steps/epoch)."""
+        require(epoch >= 0, f"epoch must be >= 0, got {epoch}")
+        for seg in self.segments:
+            if epoch <= seg.end_epoch or seg is self.segments[-1]:
+                within = max(0.0, epoch - seg.start_epoch)
+                return seg.start_step + int(math.floor(within * seg.plan.steps_per_epoch + 0.5))
+        raise AssertionError("unreachable")
+
+    def as_dict(self) -> list[dict]:
+        return [{"start_epoch": s.start_epoch, "end_epoch": s.end_epoch,
+                 "global_batch_size": s.plan.global_batch_size,
+                 "per_replica_batch_size": s.plan.per_replica_batch_size,
+                 "steps_per_epoch": s.plan.steps_per_epoch,
+                 "start_step": s.start_step, "steps": s.steps} for s in self.segments]
+
+
+def plan_schedule(points: Sequence[tuple[int, int]], *, epochs: float, replicas: int,
+                  accumulation_steps: int = 1, num_train_examples: int) -> BatchSchedule:
+    """Turn (epoch, global batch) points and the run length into fixed-batch segments."""
+    require(epochs is not None and epochs > 0,
+            f"--batch-size-schedule needs --epochs > 0 (the batch changes at epochs), got {epochs}")
+    last = points[-1][0]
+    require(last < epochs, f"--batch-size-schedule point at epoch {last} is not before the end "
+                           f"of training (--epochs {epochs:g})")
+    segments, start_step = [], 0
+    for i, (start, batch) in enumerate(points):
+        end = points[i + 1][0] if i + 1 < len(points) else float(epochs)
+        plan = BatchPlan.derive(global_batch_size=batch, replicas=replicas,
+                                accumulation_steps=accumulation_steps,
+                                num_train_examples=num_train_examples)
+        steps = int(math.floor((end - start) * plan.steps_per_epoch + 0.5))
+        require(steps >= 1, f"--batch-size-schedule segment from epoch {start} to {end:g} at batch "
+                            f"{batch} has no optimizer step ({plan.steps_per_epoch} steps/epoch)")
+        segments.append(Segment(start, end, plan, start_step, steps))
+        start_step += steps
+    return BatchSchedule(tuple(segments))
+
+
+def schedule_from_args(args: argparse.Namespace, *, replicas: int, num_train_examples: int
+                       ) -> BatchSchedule:
+    """Validate the flags that interact with a schedule and build it."""
+    points = parse_batch_schedule(args.batch_size_schedule)
+    require(getattr(args, "steps", None) is None,
+            f"--batch-size-schedule needs the length in --epochs (the batch changes at epochs), "
+            f"got --steps {getattr(args, 'steps', None)}")
+    given = getattr(args, "global_batch_size", None)
+    require(given is None or given == points[0][1],
+            f"--global-batch-size {given} disagrees with the first batch of --batch-size-schedule "
+            f"({points[0][1]}); give only the schedule")
+    require(not getattr(args, "early_stopping_metric", None),
+            "--early-stopping-metric is not supported with --batch-size-schedule yet")
+    require(not getattr(args, "resume", False), "--resume is not supported with --batch-size-schedule yet")
+    return plan_schedule(points, epochs=args.epochs, replicas=replicas,
+                         accumulation_steps=getattr(args, "accumulation_steps", 1),
+                         num_train_examples=num_train_examples)
+
+
+def schedule_recipe_args(args: argparse.Namespace, schedule: BatchSchedule) -> argparse.Namespace:
+    """A copy of the recipe flags for build_recipe: constant lr after warmup, warmup in steps.
+
+    The default ``--decay step`` (with no ``--decay-epochs``) becomes ``constant``: the
+    batch growth is the decay. Explicit decays are refused.
+    """
+    a = copy.copy(args)
+    decay = getattr(a, "decay", "step")
+    if decay in ("cosine", "linear") or getattr(a, "decay_epochs", None):
+        raise UsageError(f"--batch-size-schedule replaces lr decay (Smith et al. 2017); got "
+                         f"--decay {decay}{' --decay-epochs ' + a.decay_epochs if a.decay_epochs else ''}"
+                         f"; use --decay constant or drop the schedule")
+    a.decay = "constant"
+    if getattr(a, "warmup_epochs", None) is not None and getattr(a, "warmup", "none") != "none":
+        require(a.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {a.warmup_epochs}")
+        a.warmup_steps, a.warmup_epochs = schedule.global_step_at_epoch(a.warmup_epochs), None
+    return a
+
+
+def run_schedule(backend, model, optimizer, schedule: BatchSchedule, data, options,
+                 loss_fn: Callable | None = None,
+                 learning_rate_fn: Callable[[int], float] | None = None):
+    """Run the segments one after another on the same model/optimizer; merge the results.
+
+    `options` is the LoopOptions of the whole run (its total_steps is ignored:
+    each segment gets its absolute end step, step_offset and epoch_offset).
+    Returns a trainer.RunResult whose metrics also hold "segments".
+    """
+    from distbatch.trainer import RunResult, Trainer
+
+    results, seg_info = [], []
+    for seg in schedule.segments:
+        opts = dataclasses.replace(options, total_steps=seg.end_step, step_offset=seg.start_step,
+                                   epoch_offset=seg.start_epoch, resume=False)
+        if backend.is_chief and options.verbose:
+            import sys
+            print(f"distbatch: segment from epoch {seg.start_epoch}: global batch "
+                  f"{seg.plan.global_batch_size} ({seg.plan.per_replica_batch_size} per replica), "
+                  f"{seg.plan.steps_per_epoch} steps/epoch, steps {seg.start_step}..{seg.end_step}",
+                  file=sys.stderr, flush=True)
+        res = Trainer(backend, model, optimizer, seg.plan, data, opts, loss_fn=loss_fn,
+                      learning_rate_fn=learning_rate_fn).run()
+        results.append(res)
+        info = {"start_epoch": seg.start_epoch, "global_batch_size": seg.plan.global_batch_size,
+                "per_replica_batch_size": seg.plan.per_replica_batch_size,
+                "steps_per_epoch": seg.plan.steps_per_epoch, "start_step": seg.start_step,
+                "steps": res.metrics["steps"] - seg.start_step,
+                "samples_per_sec": res.metrics.get("samples_per_sec")}
+        if learning_rate_fn is not None:
+            info["lr_at_start"] = float(learning_rate_fn(seg.start_step))
+        seg_info.append(info)
+        if res.metrics.get("diverged"):
+            break
+    return RunResult(metrics=merge_metrics([r.metrics for r in results], seg_info),
+                     history=[h for r in results for h in r.history])
+
+
+def merge_metrics(parts: list[dict], segments: list[dict]) -> dict:
+    """Whole-run metrics from per-segment ones: last values, summed times, first target hit."""
+    merged = dict(parts[-1])
+    times = [p.get("train_time_s") or 0.0 for p in parts]
+    samples = sum((p.get("samples_per_sec") or 0.0) * t for p, t in zip(parts, times))
+    merged["train_time_s"] = sum(times)
+    merged["wall_time_s"] = sum(p.get("wall_time_s") or 0.0 for p in parts)
+    merged["samples_per_sec"] = samples / sum(times) if sum(times) > 0 else None
+    merged["steps_to_target"] = merged["time_to_target_s"] = None
+    for i, p in enumerate(parts):
+        if p.get("steps_to_target") is not None:
+            merged["steps_to_target"] = p["steps_to_target"]
+            merged["time_to_target_s"] = sum(times[:i]) + (p.get("time_to_target_s") or 0.0)
+            break
+    if any("b_simple_trajectory" in p for p in parts):
+        merged["b_simple_trajectory"] = [x for p in parts for x in p.get("b_simple_trajectory", [])]
+    lows = [(p["val_loss"], p.get("best_val_loss_epoch")) for p in parts
+            if p.get("best_val_loss_epoch") is not None]
+    if lows:  # per part this is the epoch of its lowest val loss; keep the overall lowest
+        merged["best_val_loss_epoch"] = min(
+            ((min_loss, ep) for (min_loss, ep) in lows), key=lambda t: t[0])[1]
+    merged["segments"] = segments
+    return merged

@@ -1,0 +1,151 @@
+"""The shared train step on every backend: same weights as one device at the
+same global batch, ranks identical, exact global validation metrics, uneven
+data finishing without a hang.
+
+Each run is the real CLI in subprocesses (2 logical CPUs for mirrored, 2
+local processes for multiworker and Horovod). The data set sizes are chosen
+uneven on purpose: 520 training examples at global batch 64 (8 dropped per
+epoch) and 203 validation examples (padded and masked).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import VENV_BIN, cli_env, load_summary, load_weights, max_weight_diff, run_cli
+
+COMMON = ["--dataset", "mnist1d", "--train-size", "520", "--val-size", "203",
+          "--global-batch-size", "64", "--steps", "20", "--seed", "3"]
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, dataset_cache):
+    out = tmp_path_factory.mktemp("ref") / "single"
+    run_cli(["train", "--backend", "single", *COMMON, "--out", str(out)])
+    return out
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def run_multiworker(out, rank_dir, extra=()):
+    ports = free_ports(2)
+    workers = [f"localhost:{p}" for p in ports]
+    procs = []
+    for i in range(2):
+        tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})
+        env = cli_env({"TF_CONFIG": tf_config, "DISTBATCH_RANK_WEIGHTS_DIR": str(rank_dir)})
+        procs.append(subprocess.Popen(
+            [str(VENV_BIN / "distbatch"), "train", "--backend", "multiworker", *COMMON, *extra,
+             "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, o in zip(procs, outputs):
+        assert p.returncode == 0, o[-3000:]
+
+
+def run_launcher(cmd, out, rank_dir):
+    env = cli_env({"DISTBATCH_RANK_WEIGHTS_DIR": str(rank_dir)})
+    proc = subprocess.run([*cmd, str(VENV_BIN / "distbatch"), "train", "--backend", "horovod",
+                           *COMMON, "--out", str(out)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def horovodrun_gloo(out, rank_dir):
+    run_launcher([str(VENV_BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo"],
+                 out, rank_dir)
+
+
+def mpirun(out, rank_dir):
+    cmd = ["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none"]
+    if os.geteuid() == 0:
+        cmd.insert(1, "--allow-run-as-root")
+    for var in ("PATH", "TF_CPP_MIN_LOG_LEVEL", "DISTBATCH_CACHE_DIR", "DISTBATCH_RANK_WEIGHTS_DIR"):
+        cmd += ["-x", var]
+    run_launcher(cmd, out, rank_dir)
+
+
+def check_against_reference(out, reference, rank_dir=None, replicas=2):
+    summary = load_summary(out)
+    assert summary["replicas"] == replicas
+    assert summary["steps"] == 20
+    assert max_weight_diff(load_weights(out), load_weights(reference)) < TOL
+    ref = load_summary(reference)
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        assert summary[key] == pytest.approx(ref[key], abs=1e-5), key
+    if rank_dir is not None:
+        ranks = [np.load(rank_dir / f"rank{i}.npz") for i in range(2)]
+        for k in ranks[0].files:  # every rank ends with exactly the same weights
+            np.testing.assert_array_equal(ranks[0][k], ranks[1][k])
+
+
+def test_validation_metrics_are_exact_global_values(reference):
+    """val_loss/val_accuracy equal a plain Keras evaluation of the saved model on ALL 203 examples."""
+    import keras
+
+    from distbatch.data import load_dataset
+    data = load_dataset("mnist1d", seed=0, train_size=520, val_size=203)
+    model = keras.models.load_model(reference / "model.keras", compile=False)
+    logits = model.predict(data.x_val, verbose=0)
+    loss = keras.losses.sparse_categorical_crossentropy(data.y_val, logits, from_logits=True)
+    summary = load_summary(reference)
+    assert summary["val_loss"] == pytest.approx(float(np.mean(loss)), rel=1e-5)
+    assert summary["val_accuracy"] == pytest.approx(float(np.mean(np.argmax(logits, -1) == data.y_val)))
+
+
+def test_uneven_data_drops_the_remainder(reference):
+    summary = load_summary(reference)
+    assert summary["steps_per_epoch"] == 520 // 64
+    assert summary["epochs"] == pytest.approx(20 / 8)
+
+
+@pytest.mark.slow
+def test_mirrored_two_replicas_equal_single(tmp_path, reference):
+    out = tmp_path / "mirrored"
+    run_cli(["train", "--backend", "mirrored", "--cpu-replicas", "2", *COMMON, "--out", str(out)])
+    check_against_reference(out, reference)
+    assert load_summary(out)["per_replica_batch_size"] == 32
+
+
+@pytest.mark.slow
+def test_accumulation_equals_two_replicas(tmp_path, reference):
+    out = tmp_path / "accum"
+    run_cli(["train", "--backend", "single", "--accumulation-steps", "2", *COMMON, "--out", str(out)])
+    check_against_reference(out, reference, replicas=1)
+    assert load_summary(out)["per_replica_batch_size"] == 32
+
+
+@pytest.mark.slow
+def test_multiworker_two_processes_equal_single(tmp_path, reference):
+    out, ranks = tmp_path / "mw", tmp_path / "ranks"
+    run_multiworker(out, ranks)
+    check_against_reference(out, reference, ranks)
+
+
+@pytest.mark.slow
+def test_horovod_gloo_equals_single(tmp_path, reference):
+    out, ranks = tmp_path / "hvd", tmp_path / "ranks"
+    horovodrun_gloo(out, ranks)
+    check_against_reference(out, reference, ranks)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI's mpirun is not installed")
+def test_horovod_under_mpirun_equals_single(tmp_path, reference):
+    out, ranks = tmp_path / "mpi", tmp_path / "ranks"
+    mpirun(out, ranks)
+    check_against_reference(out, reference, ranks)
