@@ -212,11 +212,12 @@ def run_schedule(backend, model, optimizer, schedule: BatchSchedule, data, optio
         seg_info.append(info)
         if res.metrics.get("diverged"):
             break
-    return RunResult(metrics=merge_metrics([r.metrics for r in results], seg_info),
-                     history=[h for r in results for h in r.history])
+    history = [h for r in results for h in r.history]
+    return RunResult(metrics=merge_metrics([r.metrics for r in results], seg_info, history),
+                     history=history)
 
 
-def merge_metrics(parts: list[dict], segments: list[dict]) -> dict:
+def merge_metrics(parts: list[dict], segments: list[dict], history: list[dict] = ()) -> dict:
     """Whole-run metrics from per-segment ones: last values, summed times, first target hit."""
     merged = dict(parts[-1])
     times = [p.get("train_time_s") or 0.0 for p in parts]
@@ -232,10 +233,7 @@ def merge_metrics(parts: list[dict], segments: list[dict]) -> dict:
             break
     if any("b_simple_trajectory" in p for p in parts):
         merged["b_simple_trajectory"] = [x for p in parts for x in p.get("b_simple_trajectory", [])]
-    lows = [(p["val_loss"], p.get("best_val_loss_epoch")) for p in parts
-            if p.get("best_val_loss_epoch") is not None]
-    if lows:  # per part this is the epoch of its lowest val loss; keep the overall lowest
-        merged["best_val_loss_epoch"] = min(
-            ((min_loss, ep) for (min_loss, ep) in lows), key=lambda t: t[0])[1]
+    if history:
+        merged["best_val_loss_epoch"] = min(history, key=lambda r: r["val_loss"])["epoch"]
     merged["segments"] = segments
     return merged

@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        code = args.func(args)
+        handler = getattr(args, "func", None) or args.handler
+        code = handler(args)
     except UsageError as e:
         print(f"distbatch: error: {e}", file=sys.stderr)
         return 2

@@ -41,8 +41,11 @@ def add_train_args(parser: argparse.ArgumentParser, *, sweep: bool = False) -> N
     g.add_argument("--val-size", type=int, default=None, help="use this many validation examples")
     g.add_argument("--model", default="mlp", choices=MODELS, help="named model (default: mlp)")
     if not sweep:
-        g.add_argument("--global-batch-size", type=int, required=True,
-                       help="examples per optimizer step, summed over all replicas")
+        g.add_argument("--global-batch-size", type=int, default=None,
+                       help="examples per optimizer step, summed over all replicas "
+                            "(required unless --batch-size-schedule gives it)")
+        from distbatch.batch_schedule import add_batch_schedule_args
+        add_batch_schedule_args(g)
     length = g.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, default=None, help="training length in epochs")
     length.add_argument("--steps", type=int, default=None, help="training length in steps")
@@ -78,6 +81,9 @@ def validate_args(args: argparse.Namespace) -> None:
     if getattr(args, "global_batch_size", None) is not None:
         require(args.global_batch_size >= 1,
                 f"--global-batch-size must be a positive integer, got {args.global_batch_size}")
+    if (hasattr(args, "batch_size_schedule") and args.global_batch_size is None
+            and not args.batch_size_schedule):
+        raise UsageError("--global-batch-size is required (or give --batch-size-schedule)")
     if args.epochs is None and args.steps is None:
         args.epochs = 10.0
     require(args.epochs is None or args.epochs > 0, f"--epochs must be > 0, got {args.epochs}")
@@ -159,10 +165,18 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
     if data is None:
         data = load_dataset(args.dataset, seed=args.data_seed, train_size=args.train_size,
                             val_size=args.val_size)
+    batch_schedule = recipe_args = None
+    if getattr(args, "batch_size_schedule", None):
+        from distbatch.batch_schedule import schedule_from_args, schedule_recipe_args
+        batch_schedule = schedule_from_args(args, replicas=backend.num_replicas,
+                                            num_train_examples=len(data.x_train))
+        args.global_batch_size = batch_schedule.first_plan.global_batch_size
+        recipe_args = schedule_recipe_args(args, batch_schedule)
     plan = BatchPlan.derive(global_batch_size=args.global_batch_size, replicas=backend.num_replicas,
                             accumulation_steps=args.accumulation_steps,
                             num_train_examples=len(data.x_train))
-    total_steps = plan.total_steps(epochs=args.epochs, steps=args.steps)
+    total_steps = (batch_schedule.total_steps if batch_schedule else
+                   plan.total_steps(epochs=args.epochs, steps=args.steps))
     chief = backend.is_chief
 
     keras.utils.set_random_seed(args.seed)
@@ -170,7 +184,7 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
     with backend.scope():
         model = build_model(args.model, data.input_shape, data.num_classes)
         optimizer, schedule, recipe = build_recipe(
-            args, global_batch_size=plan.global_batch_size,
+            recipe_args or args, global_batch_size=plan.global_batch_size,
             steps_per_epoch=plan.steps_per_epoch, total_steps=total_steps)
         if args.mixed_precision == "float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -202,11 +216,25 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
         early_stopping_metric=args.early_stopping_metric,
         early_stopping_patience=args.early_stopping_patience, min_delta=args.min_delta,
         checkpoint_dir=os.path.join(args.out, "checkpoints"), checkpoint_every=args.checkpoint_every,
-        resume=args.resume, tensorboard_dir=os.path.join(args.out, "tensorboard"),
+        resume=args.resume,
+        tensorboard_dir=getattr(args, "tensorboard_dir", None) or os.path.join(args.out, "tensorboard"),
+        stop_at_target=getattr(args, "stop_at_target", False),
         verbose=getattr(args, "progress", True))
     started = time.time()
-    result = Trainer(backend, model, optimizer, plan, data, options,
-                     learning_rate_fn=lambda s: float(schedule(s))).run()
+    try:
+        if batch_schedule is not None:
+            from distbatch.batch_schedule import run_schedule
+            result = run_schedule(backend, model, optimizer, batch_schedule, data, options,
+                                  learning_rate_fn=lambda s: float(schedule(s)))
+        else:
+            result = Trainer(backend, model, optimizer, plan, data, options,
+                             learning_rate_fn=lambda s: float(schedule(s))).run()
+    except Exception as e:  # out of memory -> one line with the failing batch and what to try
+        from distbatch.probe import OutOfMemory, is_out_of_memory, oom_message
+        if not is_out_of_memory(e):
+            raise
+        raise OutOfMemory(oom_message(plan)) from e
+    write_rank_report(backend, result.metrics)
 
     summary = {
         "backend": backend.name, "replicas": plan.replicas, "workers": backend.num_workers,
@@ -218,7 +246,8 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
         "distbatch_version": __version__, "tensorflow_version": _tf_version(),
         **recipe, **result.metrics,
         "generalization_gap": _gap(result.metrics),
-        "history": result.history, "started": started, "machine": machine_info(backend),
+        "target_accuracy": args.target_accuracy, "history": result.history, "started": started, "machine": machine_info(backend),
+        **({"batch_size_schedule": batch_schedule.as_dict()} if batch_schedule else {}),
     }
     _save_model(model, args.out, backend)
     _save_rank_weights(model, backend)
@@ -230,6 +259,21 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
                   f"lower --base-lr or add warmup. Summary in {args.out}/summary.json", file=sys.stderr)
         return summary, EXIT_DIVERGED
     return summary, 0
+
+
+def write_rank_report(backend, metrics: dict) -> None:
+    """If $DISTBATCH_RANK_REPORT names a directory, every rank writes rank<i>.json there.
+
+    For tests and debugging of multi-process runs: shows each rank's own step count
+    and early-stopping decision (only the chief writes summary.json).
+    """
+    directory = os.environ.get("DISTBATCH_RANK_REPORT")
+    if not directory:
+        return
+    os.makedirs(directory, exist_ok=True)
+    keys = ("steps", "best_step", "stopped_early", "restored_value", "val_loss", "diverged")
+    atomic_write_json(os.path.join(directory, f"rank{backend.worker_index}.json"),
+                      {"rank": backend.worker_index, **{k: metrics.get(k) for k in keys}})
 
 
 def _gap(m: dict):

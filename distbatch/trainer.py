@@ -34,6 +34,7 @@ class LoopOptions:
     evals_per_epoch: int = 1
     noise_scale: bool = False
     target_accuracy: float | None = None
+    stop_at_target: bool = False               # budget "until target" (capped by total_steps)
     early_stopping_metric: str | None = None   # "val_loss" or "val_accuracy"
     early_stopping_patience: int = 5
     min_delta: float = 0.0
@@ -165,6 +166,7 @@ class Trainer:
             if (opt.target_accuracy is not None and steps_to_target is None
                     and val_acc >= opt.target_accuracy):
                 steps_to_target, time_to_target = step, train_time
+                stopped_early = stopped_early or opt.stop_at_target
             speed = timed_samples / train_time if train_time > 0 else float("nan")
             eta = (opt.total_steps - step) * plan.global_batch_size / speed if speed == speed and speed > 0 else float("nan")
             self.log(f"epoch {epoch:6.2f} step {step}/{opt.total_steps}  loss {train_loss:.4f} "

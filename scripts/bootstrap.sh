@@ -27,6 +27,8 @@ APT_PACKAGES="openmpi-bin libopenmpi-dev cmake g++ iproute2"
 STAMP="$VENV/.distbatch-setup"
 
 say() { printf '[distbatch setup] %s\n' "$*" >&2; }
+# pip, minus the "Location ... is ignored" lines some machines' pip configs produce.
+pipq() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 
 setup_key() {
   # Anything that changes what setup installs changes this key.
@@ -74,10 +76,10 @@ setup() {
     return 0
   fi
   say "installing Python packages into .venv (first run: several minutes)"
-  "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
-  "$VENV/bin/python" -m pip install -q -r requirements.txt
-  bash "$ROOT/scripts/build_horovod.sh" "$VENV/bin/python"
-  "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e .
+  pipq install -q --upgrade pip setuptools wheel
+  pipq install -q -r requirements.txt
+  bash "$ROOT/scripts/build_horovod.sh" "$VENV/bin/python" 2> >(grep -v "is ignored: it is neither" >&2)
+  pipq install -q --no-build-isolation --no-deps -e .
   "$VENV/bin/python" -c "import distbatch, horovod.tensorflow, mpi4py, tensorboard"
   echo "$key" > "$STAMP"
   say "setup done"

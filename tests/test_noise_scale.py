@@ -126,10 +126,13 @@ def test_tracker_ratio_of_averages_not_average_of_ratios():
 
 def test_tracker_none_while_gradient_estimate_not_positive():
     t = NoiseScaleTracker(b_small=2, b_big=4)
-    assert t.update(1.0, 0.0, step=1) is None  # |G|^2 = (4*0 - 2*1)/2 = -1 < 0: no value yet
+    # |G|^2 = (4*0 - 2*1)/2 = -1 < 0: no value yet (S = 1/(1/2 - 1/4) = 4)
+    assert t.update(1.0, 0.0, step=1) is None
     assert t.trajectory == []
-    # |G|^2 = (4*4 - 2*5)/2 = 3, S = 1/(1/4) = 4; EMA(|G|^2) = .99*.01*-1 + .01*3 > 0
-    assert t.update(5.0, 4.0, step=2) == pytest.approx((0.99 * 0.01 * 0 + 0.01 * 4) / (0.99 * 0.01 * -1 + 0.01 * 3))
+    # |G|^2 = (4*4 - 2*5)/2 = 3, S = 1/(1/4) = 4; EMA weights .99*.01 and .01 (correction cancels)
+    expected = (0.0099 * 4 + 0.01 * 4) / (0.0099 * -1 + 0.01 * 3)
+    assert t.update(5.0, 4.0, step=2) == pytest.approx(expected)
+    assert t.trajectory == [(2, pytest.approx(expected))]
 
 
 # -- 3. the real train step on the regression problem --------------------------------------
@@ -205,3 +208,146 @@ def test_train_step_recovers_b_simple_two_mirrored_replicas(tmp_path):
     result = json.loads(lines[-1][len("RESULT "):])
     assert result["replicas"] == 2
     _check(result, expect_b_small=32)
+
+
+# -- 4. `distbatch recommend`: the pure logic, by tables ------------------------------------
+
+from distbatch import recommend as rec_mod  # noqa: E402
+from distbatch.errors import UsageError  # noqa: E402
+
+POW2 = {32: 1000.0, 64: 1900.0, 128: 3500.0, 256: 6000.0, 512: 9000.0}
+
+
+@pytest.mark.parametrize("x,expected", [
+    (1, 1), (0.3, 1), (1.4, 1), (1.5, 2), (2.8, 2), (2.9, 4), (3, 4), (143, 128),
+    (181, 128), (182, 256), (1000, 1024)])
+def test_round_to_power_of_two(x, expected):
+    # geometric midpoints: between 2 and 4 it is 2*sqrt(2) = 2.83; between 128 and 256, 181.02
+    assert rec_mod.round_to_power_of_two(x) == expected
+
+
+@pytest.mark.parametrize("b_simple,throughputs,replicas,batch,fragment", [
+    (143.0, POW2, 1, 128, "rounded to the power of two 128"),
+    (90.0, POW2, 1, 64, "rounded to the power of two 64"),       # log2 90 = 6.49
+    (10.0, POW2, 1, 32, "below the smallest measured batch 32"),
+    (5000.0, POW2, 1, 512, "above the largest batch that ran here (512)"),
+    # 512 ran out of memory: 256 is the largest feasible batch
+    (600.0, {**POW2, 512: None}, 1, 256, "above the largest batch that ran here (256)"),
+    # a batch above a failed one does not count as feasible
+    (700.0, {**POW2, 256: None}, 1, 128, "(128)"),
+    (100.0, {48: 1.0, 96: 2.0, 192: 3.0}, 3, 126, "multiple of 3 replicas (126)"),
+    (40.0, {16: 1.0, 32: 1.0, 64: 1.0}, 4, 32, "power of two 32"),
+])
+def test_recommend_batch_table(b_simple, throughputs, replicas, batch, fragment):
+    rec = rec_mod.recommend_batch(b_simple, throughputs, replicas=replicas)
+    assert rec.global_batch_size == batch
+    assert fragment in rec.reason
+    assert [r["global_batch_size"] for r in rec.rows] == sorted(throughputs)
+
+
+@pytest.mark.parametrize("b_simple", [None, 0.0, -3.0, float("nan"), float("inf")])
+def test_recommend_batch_rejects_bad_noise_scale(b_simple):
+    with pytest.raises(UsageError, match=f"got {b_simple!r}"):
+        rec_mod.recommend_batch(b_simple, POW2)
+
+
+def test_recommend_batch_rejects_nothing_ran():
+    with pytest.raises(UsageError, match="no batch size ran"):
+        rec_mod.recommend_batch(50.0, {32: None, 64: None})
+
+
+@pytest.mark.parametrize("batch,b_crit", [(1, 1), (32, 143.0), (4096, 17.0), (17.0, 17.0)])
+def test_tradeoff_hyperbola(batch, b_crit):
+    steps, examples = rec_mod.tradeoff(batch, b_crit)
+    assert (steps - 1) * (examples - 1) == pytest.approx(1.0)
+    assert steps == pytest.approx(1 + b_crit / batch)
+    if batch == b_crit:
+        assert (steps, examples) == (2.0, 2.0)
+
+
+def test_rows_predict_time_from_throughput():
+    bs = 100.0
+    # hardware scales perfectly (T = 10 B): time ~ (B + B_noise)/B falls with B -> largest is fastest
+    linear = rec_mod.recommend_batch(bs, {b: 10.0 * b for b in POW2})
+    assert linear.fastest_batch_size == 512
+    # throughput flat: time ~ B + B_noise grows with B -> smallest is fastest
+    flat = rec_mod.recommend_batch(bs, {b: 500.0 for b in POW2})
+    assert flat.fastest_batch_size == 32
+    row = {r["global_batch_size"]: r for r in flat.rows}
+    assert row[32]["time_vs_fastest"] == 1.0
+    assert row[512]["time_vs_fastest"] == pytest.approx((512 + bs) / (32 + bs))
+    assert row[128]["steps_vs_min"] == pytest.approx(1 + bs / 128)
+    assert row[128]["examples_vs_min"] == pytest.approx(1 + 128 / bs)
+    # a failed batch stays in the table without a time
+    failed = rec_mod.recommend_batch(bs, {**POW2, 512: None})
+    assert {r["global_batch_size"]: r["time_vs_fastest"] for r in failed.rows}[512] is None
+
+
+@pytest.mark.parametrize("batch,base,epochs,steps,expected", [
+    (32, 32, 10.0, None, {"warmup": "none"}),
+    (16, 32, 10.0, None, {"warmup": "none"}),
+    (256, 32, 90.0, None, {"warmup": "gradual", "warmup_epochs": 5.0}),
+    (256, 32, None, None, {"warmup": "gradual", "warmup_epochs": 0.5556}),
+    (256, 32, None, 900, {"warmup": "gradual", "warmup_steps": 50}),
+])
+def test_warmup_for(batch, base, epochs, steps, expected):
+    assert rec_mod.warmup_for(batch, base, epochs=epochs, steps=steps) == expected
+
+
+def test_suggested_command_exact():
+    import argparse
+    args = argparse.Namespace(dataset="mnist1d", model="mlp", optimizer="momentum", base_lr=0.05,
+                              base_batch_size=32, scaling="linear", epochs=None, steps=900)
+    assert rec_mod.suggested_command(args, 256, {"warmup": "gradual", "warmup_steps": 50}) == [
+        "distbatch", "train", "--dataset", "mnist1d", "--model", "mlp", "--global-batch-size", "256",
+        "--optimizer", "momentum", "--base-lr", "0.05", "--base-batch-size", "32",
+        "--scaling", "linear", "--warmup", "gradual", "--warmup-steps", "50", "--steps", "900"]
+    args.steps, args.epochs = None, 20.0
+    assert rec_mod.suggested_command(args, 32, {"warmup": "none"})[-4:] == [
+        "--warmup", "none", "--epochs", "20"]
+
+
+# -- 5. `distbatch recommend`, end to end -----------------------------------------------------
+
+@pytest.mark.slow
+def test_recommend_cli_end_to_end(tmp_path, dataset_cache):
+    from conftest import load_summary, run_cli
+
+    from distbatch.schedules import scaled_learning_rate
+    out = tmp_path / "rec"
+    proc = run_cli(["recommend", "--dataset", "mnist1d", "--train-size", "1000", "--val-size", "200",
+                    "--noise-batch-size", "64", "--noise-steps", "60", "--batch-sizes", "32,64,128",
+                    "--throughput-steps", "5", "--base-lr", "0.05", "--base-batch-size", "32",
+                    "--epochs", "18", "--out", str(out)], timeout=240)
+    with open(out / "recommendation.json") as f:
+        result = json.load(f)
+    noise = load_summary(out / "noise")
+    assert noise["global_batch_size"] == 64 and noise["total_steps"] == 60
+    assert result["b_simple"] == pytest.approx(noise["b_simple"])
+    throughputs = {r["global_batch_size"]: r["samples_per_sec"] for r in result["rows"]}
+    assert sorted(throughputs) == [32, 64, 128]
+    for b, t in throughputs.items():
+        assert t == pytest.approx(load_summary(out / "throughput" / f"bs{b}")["samples_per_sec"])
+    again = rec_mod.recommend_batch(result["b_simple"], throughputs)
+    assert result["global_batch_size"] == again.global_batch_size
+    assert result["peak_lr"] == pytest.approx(
+        scaled_learning_rate(0.05, 32, result["global_batch_size"], "linear"))
+    assert result["command"][:2] == ["distbatch", "train"]
+    assert result["command"][-2:] == ["--epochs", "18"]
+    assert f"Recommended global batch: {result['global_batch_size']}" in proc.stdout
+    assert "(S/S_min - 1)(E/E_min - 1) = 1" in proc.stdout
+    # a second run refuses to overwrite the recommendation
+    again_proc = run_cli(["recommend", "--dataset", "mnist1d", "--train-size", "1000",
+                          "--out", str(out)], check=False)
+    assert again_proc.returncode == 2
+    assert "recommendation.json" in again_proc.stderr
+
+
+def test_recommend_cli_bad_batch_is_one_line(tmp_path, dataset_cache):
+    from conftest import run_cli
+    proc = run_cli(["recommend", "--dataset", "mnist1d", "--train-size", "500", "--val-size", "100",
+                    "--batch-sizes", "32,1024", "--out", str(tmp_path / "r")], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "distbatch: error: --batch-sizes 1024 is larger than the training set (500 examples)"]
+    assert not (tmp_path / "r").exists()

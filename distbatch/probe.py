@@ -1,0 +1,272 @@
+"""`distbatch probe-batch`: the largest per-replica batch that fits in device memory.
+
+Search (PyTorch Lightning's batch-size finder, "power" then "binsearch" mode):
+double the batch from `start` while one training step fits, then binary-search
+between the last batch that fitted and the first that did not. With a monotone
+`fits` this costs about 2*log2(answer) trial steps and returns the exact
+largest fitting batch. Each trial is one forward + backward + optimizer step of
+the real model on random inputs at that per-replica batch (with gradient
+accumulation the step holds one micro-batch in memory at a time, so K does not
+change what fits; it multiplies the global batch the answer allows):
+
+    global batch allowed = per_replica_batch * replicas * accumulation_steps
+
+A trial "does not fit" when TensorFlow raises ResourceExhaustedError (device
+OOM) or Python raises MemoryError. On machines where real memory must not be
+exhausted (CPU test boxes), `--max-batch` caps the search and
+`--memory-limit-mb` SIMULATES a device: a trial whose estimated step memory
+(`estimate_step_bytes`) exceeds the limit counts as out of memory without
+running.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+from typing import Callable, Sequence
+
+from distbatch.errors import UsageError, require
+
+DEFAULT_MAX_BATCH = 4096
+
+
+class OutOfMemory(UsageError):
+    """A training step ran out of device memory (the CLI prints one line, exit 2)."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for TensorFlow's ResourceExhaustedError (device OOM) and Python's MemoryError."""
+    if isinstance(exc, (MemoryError, OutOfMemory)):
+        return True
+    if "tensorflow" in sys.modules:
+        import tensorflow as tf
+        return isinstance(exc, tf.errors.ResourceExhaustedError)
+    return False
+
+
+def oom_message(plan) -> str:
+    """The one-line advice after an out-of-memory step at `plan` (a BatchPlan)."""
+    b, R, K, B = (plan.per_replica_batch_size, plan.replicas, plan.accumulation_steps,
+                  plan.global_batch_size)
+    hint = (f"--accumulation-steps {2 * K} keeps global batch {B} at per-replica {b // 2}; "
+            if b >= 2 else "")
+    return (f"out of memory at per-replica batch {b} (global batch {B} = {b} per replica x {R} "
+            f"replicas x {K} accumulation steps); use a smaller per-replica batch: {hint}"
+            f"or more replicas; `distbatch probe-batch` finds the largest per-replica batch that fits")
+
+
+def find_max_batch(fits: Callable[[int], bool], start: int = 1,
+                   max_batch: int = DEFAULT_MAX_BATCH) -> int:
+    """Largest b in [start, max_batch] with fits(b), assuming fits is monotone (True then False).
+
+    Doubling from `start` until a batch fails or `max_batch` is reached, then
+    binary search between the last success and the first failure. Raises
+    OutOfMemory if even `start` does not fit.
+    """
+    for name, v in (("--start-batch", start), ("--max-batch", max_batch)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UsageError(f"{name} must be an integer >= 1, got {v!r}")
+    require(start <= max_batch, f"--start-batch {start} is larger than --max-batch {max_batch}")
+    if not fits(start):
+        raise OutOfMemory(f"even per-replica batch {start} does not fit in memory; use a smaller "
+                          f"model or input, mixed precision, or a device with more memory")
+    good, bad = start, None
+    while bad is None and good < max_batch:
+        trial = min(2 * good, max_batch)
+        if fits(trial):
+            good = trial
+        else:
+            bad = trial
+    if bad is None:
+        return good  # max_batch fits: the cap, not memory, is the limit
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if fits(mid):
+            good = mid
+        else:
+            bad = mid
+    return good
+
+
+# ----------------------------------------------------------------- memory estimate
+
+def _layers(model):
+    for layer in model.layers:
+        if hasattr(layer, "layers") and layer.layers:  # nested model
+            yield from _layers(layer)
+        else:
+            yield layer
+
+
+def activation_elements_per_example(model) -> int:
+    """Sum over layers of the output size per example (floats kept for the backward pass)."""
+    total = 0
+    for layer in _layers(model):
+        outputs = layer.output if isinstance(layer.output, (list, tuple)) else [layer.output]
+        for t in outputs:
+            dims = [d for d in t.shape[1:]]
+            if any(d is None for d in dims):
+                raise UsageError(f"cannot estimate memory: layer {layer.name} has an unknown "
+                                 f"output shape {tuple(t.shape)}")
+            total += math.prod(dims)
+    return int(total)
+
+
+def estimate_step_bytes(model, per_replica_batch: int, *, optimizer_slots: int = 1,
+                        bytes_per_float: int = 4) -> int:
+    """Rough memory of one training step on one replica (a model, not a measurement).
+
+        params  P = model.count_params()
+        weights: P * (1 weight + 1 gradient + 1 accumulator + optimizer_slots)
+        activations: 2 * A * b   (A = activation floats per example: forward outputs
+                                  kept for backward, plus their gradients)
+
+    times `bytes_per_float`. It ignores workspace and framework overhead, so a
+    real device holds somewhat less; it is what `--memory-limit-mb` compares with.
+    """
+    P = int(model.count_params())
+    A = activation_elements_per_example(model)
+    return bytes_per_float * (P * (3 + optimizer_slots) + 2 * A * per_replica_batch)
+
+
+# ------------------------------------------------------------------------ the CLI
+
+def add_probe_parser(subparsers) -> None:
+    from distbatch.backends import BACKENDS
+    from distbatch.models import MODELS
+    p = subparsers.add_parser(
+        "probe-batch", help="find the largest per-replica batch that fits in device memory",
+        description="Doubling then binary search over the per-replica batch, one real training "
+                    "step per try, catching out-of-memory errors (like Lightning's batch-size finder).")
+    p.add_argument("--model", default="mlp", choices=MODELS, help="named model (default: mlp)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--input-shape", default=None, metavar="D[,D...]",
+                     help="shape of one example, e.g. 40 or 32,32,3 (default: the dataset's)")
+    src.add_argument("--dataset", default=None, help="take input shape and classes from this dataset")
+    p.add_argument("--num-classes", type=int, default=10, help="classes with --input-shape (default 10)")
+    p.add_argument("--optimizer", default="momentum", help="optimizer whose slots count (default momentum)")
+    p.add_argument("--start-batch", type=int, default=1, help="first per-replica batch tried (default 1)")
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                   help=f"largest per-replica batch tried (default {DEFAULT_MAX_BATCH})")
+    p.add_argument("--memory-limit-mb", type=float, default=None,
+                   help="simulate a device with this much memory: tries whose estimated step "
+                        "memory exceeds it count as out of memory without running")
+    p.add_argument("--accumulation-steps", type=int, default=1,
+                   help="report the global batch with this gradient accumulation (default 1)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--cpu-replicas", type=int, default=None, metavar="N")
+    p.add_argument("--mixed-precision", choices=("off", "float16", "bfloat16"), default="off")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=probe_main)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in str(text).replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        raise UsageError(f"--input-shape must be comma-separated integers, got {text!r}") from None
+    require(bool(shape) and all(d >= 1 for d in shape),
+            f"--input-shape must be positive integers, got {text!r}")
+    return shape
+
+
+def probe_main(args: argparse.Namespace) -> int:
+    require(args.accumulation_steps >= 1,
+            f"--accumulation-steps must be >= 1, got {args.accumulation_steps}")
+    require(args.memory_limit_mb is None or args.memory_limit_mb > 0,
+            f"--memory-limit-mb must be > 0, got {args.memory_limit_mb}")
+    require(args.num_classes >= 2, f"--num-classes must be >= 2, got {args.num_classes}")
+    if args.dataset:
+        from distbatch.data import load_dataset
+        data = load_dataset(args.dataset)
+        shape, classes = data.input_shape, data.num_classes
+    else:
+        shape, classes = parse_shape(args.input_shape or "40"), args.num_classes
+    result = probe(model_name=args.model, input_shape=shape, num_classes=classes,
+                   backend_name=args.backend, cpu_replicas=args.cpu_replicas,
+                   accumulation_steps=args.accumulation_steps, start=args.start_batch,
+                   max_batch=args.max_batch, memory_limit_mb=args.memory_limit_mb,
+                   optimizer_name=args.optimizer, mixed_precision=args.mixed_precision,
+                   log=None if args.json else (lambda m: print(m, file=sys.stderr, flush=True)))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        r = result
+        limit = "the --max-batch cap" if r["capped"] else "memory"
+        print(f"largest per-replica batch: {r['per_replica_batch']} (limited by {limit}; "
+              f"{r['tries']} tries)")
+        print(f"global batch it allows: {r['global_batch']} = {r['per_replica_batch']} per replica x "
+              f"{r['replicas']} replicas x {r['accumulation_steps']} accumulation steps")
+        if r.get("estimated_mb") is not None:
+            print(f"estimated step memory at that batch: {r['estimated_mb']:.1f} MB per replica")
+    return 0
+
+
+def probe(*, model_name: str, input_shape: Sequence[int], num_classes: int,
+          backend_name: str = "auto", cpu_replicas: int | None = None, accumulation_steps: int = 1,
+          start: int = 1, max_batch: int = DEFAULT_MAX_BATCH, memory_limit_mb: float | None = None,
+          optimizer_name: str = "momentum", mixed_precision: str = "off",
+          log: Callable[[str], None] | None = None) -> dict:
+    """Run the search with real training steps; returns the result as a dict."""
+    import tensorflow as tf
+
+    from distbatch.backends import create_backend
+    from distbatch.models import build_model
+    from distbatch.optimizers import build_optimizer
+    from distbatch.plan import BatchPlan
+    from distbatch.run import set_precision
+    from distbatch.step import make_train_step
+
+    backend, _ = create_backend(backend_name, cpu_replicas=cpu_replicas)
+    R, K = backend.num_replicas, 1  # K=1: accumulation runs one micro-batch at a time
+    set_precision(mixed_precision)
+    with backend.scope():
+        model = build_model(model_name, input_shape, num_classes)
+        optimizer = build_optimizer(optimizer_name, 1e-6)
+        optimizer.build(model.trainable_variables)
+    backend.prepare(model, optimizer)
+    # Optimizer state per parameter (momentum: 1, Adam: 2), from its non-scalar variables.
+    P = max(1, int(model.count_params()))
+    slots = round(sum(math.prod(v.shape) for v in optimizer.variables if len(v.shape)) / P)
+    limit_bytes = None if memory_limit_mb is None else memory_limit_mb * 2**20
+    shape = tuple(int(d) for d in input_shape)
+    tries: list[tuple[int, bool]] = []
+
+    def fits(b: int) -> bool:
+        ok = True
+        if limit_bytes is not None and estimate_step_bytes(model, b, optimizer_slots=slots) > limit_bytes:
+            ok = False
+        else:
+            plan = BatchPlan.derive(global_batch_size=b * R, replicas=R, accumulation_steps=K,
+                                    num_train_examples=b * R)
+
+            def make_dataset(worker_index, local_replicas):
+                def example(_):
+                    x = tf.random.uniform((b,) + shape, dtype=tf.float32)
+                    y = tf.random.uniform((b,), maxval=num_classes, dtype=tf.int32)
+                    return x, y
+                return tf.data.Dataset.range(local_replicas).map(example)
+
+            try:
+                step = make_train_step(backend, model, optimizer, plan)
+                out = step(iter(backend.distribute(make_dataset)))
+                float(out["loss_sum"].numpy())  # wait for the step to finish
+            except Exception as e:  # noqa: BLE001 - only out-of-memory is a "no"
+                if not is_out_of_memory(e):
+                    raise
+                ok = False
+            gc.collect()
+        tries.append((b, ok))
+        if log:
+            log(f"  per-replica batch {b:6d}: {'fits' if ok else 'out of memory'}")
+        return ok
+
+    best = find_max_batch(fits, start=start, max_batch=max_batch)
+    estimated = estimate_step_bytes(model, best, optimizer_slots=slots)
+    return {"model": model_name, "input_shape": list(shape), "backend": backend.name,
+            "replicas": R, "accumulation_steps": accumulation_steps, "per_replica_batch": best,
+            "global_batch": best * R * accumulation_steps, "capped": best == max_batch,
+            "tries": len(tries), "trace": tries, "memory_limit_mb": memory_limit_mb,
+            "optimizer_slots": slots, "estimated_mb": estimated / 2**20}

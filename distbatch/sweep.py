@@ -1,0 +1,186 @@
+"""`distbatch sweep`: train at each global batch size (and seed), one result row
+per point, then the report.
+
+For each point the learning rate follows the scaling rule from
+(--base-lr, --base-batch-size) and the warmup of the recipe flags, so the
+sweep measures what a user would actually get at that batch. Rows are
+appended as points finish (results.jsonl / results.csv, never a partial row);
+`--resume` skips finished points and continues an interrupted one from its
+last checkpoint. A diverged point is recorded and the sweep goes on; so is a
+point that runs out of device memory.
+
+Budget: a fixed number of epochs (default), a fixed number of steps, or until
+--target-accuracy (with --steps or --epochs as the cap). Fixed epochs give
+small batches more optimizer steps; steps-to-target (Shallue et al. 2019) is
+the fair comparison and is reported next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+from distbatch.errors import UsageError, require
+from distbatch.run import add_train_args, atomic_write_json, check_out_dir, validate_args
+
+DEFAULT_BATCHES = "32,64,128,256,512,1024"
+DEFAULT_TARGET = 0.80
+SWEEP_MARKERS = ("results.jsonl", "config.json")
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise UsageError(f"--batch-sizes must be comma-separated integers, got {text!r}") from None
+    require(bool(sizes), f"--batch-sizes must list at least one size, got {text!r}")
+    bad = [s for s in sizes if s < 1]
+    require(not bad, f"--batch-sizes must be positive, got {bad[0] if bad else ''}")
+    require(len(set(sizes)) == len(sizes), f"--batch-sizes has duplicates: {text!r}")
+    return sorted(sizes)
+
+
+def add_sweep_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sweep", help="train at several global batch sizes; rows, plots and a report",
+        description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch-sizes", default=DEFAULT_BATCHES,
+                   help=f"global batch sizes (default {DEFAULT_BATCHES}: 32x)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per batch size (default 1)")
+    p.add_argument("--stop-at-target", action="store_true",
+                   help="stop each point when --target-accuracy is reached (budget: until target)")
+    add_train_args(p, sweep=True)
+    p.set_defaults(func=run_sweep, model="convnet", epochs=None, target_accuracy=DEFAULT_TARGET,
+                   evals_per_epoch=4, warmup_epochs=None, out="runs/sweep")
+
+
+def point_args(args: argparse.Namespace, batch: int, seed: int, out_dir: str) -> argparse.Namespace:
+    a = copy.copy(args)
+    a.global_batch_size, a.seed = batch, seed
+    point = f"bs{batch}_seed{seed}"
+    a.out = os.path.join(out_dir, "points", point)
+    a.tensorboard_dir = os.path.join(out_dir, "tensorboard", point)
+    a.resume = os.path.isdir(os.path.join(a.out, "checkpoints"))  # continue an interrupted point
+    a.overwrite = not a.resume
+    a.progress = False
+    return a
+
+
+def summary_to_row(summary: dict, point_id: str, status: str) -> dict:
+    from distbatch.results import ROW_FIELDS
+    row = {k: summary.get(k) for k in ROW_FIELDS}
+    row.update(point_id=point_id, status=status, diverged=status == "diverged",
+               history=summary.get("history"), target_accuracy=summary.get("target_accuracy"),
+               optimizer=summary.get("optimizer"))
+    return row
+
+
+def oom_row(args, batch: int, seed: int, point_id: str, backend) -> dict:
+    from distbatch.results import ROW_FIELDS
+    row = dict.fromkeys(ROW_FIELDS)
+    row.update(point_id=point_id, status="oom", diverged=False, global_batch_size=batch, seed=seed,
+               replicas=backend.num_replicas, backend=backend.name,
+               per_replica_batch_size=batch // (backend.num_replicas * args.accumulation_steps))
+    return row
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    batches = parse_batch_sizes(args.batch_sizes)
+    require(args.seeds >= 1, f"--seeds must be >= 1, got {args.seeds}")
+    if args.epochs is None and args.steps is None:
+        args.epochs = 6.0
+    args.global_batch_size = batches[0]
+    validate_args(args)
+    check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite, markers=SWEEP_MARKERS)
+
+    from distbatch import results
+    from distbatch.backends import create_backend
+    from distbatch.data import load_dataset
+    from distbatch.report import build_report
+    from distbatch.run import machine_info, train
+
+    backend, reason = create_backend(args.backend, cpu_replicas=args.cpu_replicas)
+    data = load_dataset(args.dataset, seed=args.data_seed, train_size=args.train_size,
+                        val_size=args.val_size)
+    for b in batches:  # every point's arithmetic is checked before the first one trains
+        require(b % (backend.num_replicas * args.accumulation_steps) == 0,
+                f"--batch-sizes {b} is not divisible by replicas ({backend.num_replicas}) x "
+                f"accumulation steps ({args.accumulation_steps})")
+        require(b <= len(data.x_train),
+                f"--batch-sizes {b} is larger than the training set ({len(data.x_train)} examples)")
+    chief = backend.is_chief
+    out = args.out
+    if chief:
+        if args.overwrite and os.path.isdir(out):
+            import shutil
+            shutil.rmtree(out)
+        os.makedirs(out, exist_ok=True)
+        if os.path.exists(os.path.join(out, results.JSONL_NAME)):
+            results.sync_csv(out)  # repair a CSV left one row short by a kill
+        config = {k: v for k, v in sorted(vars(args).items()) if k != "func"}
+        config.update(batch_sizes=batches, backend=backend.name, backend_reason=reason,
+                      replicas=backend.num_replicas, machine=machine_info(backend))
+        atomic_write_json(os.path.join(out, "config.json"), config)
+        _write_hparams_config(os.path.join(out, "tensorboard"))
+    done = results.done_point_ids(out) if args.resume else set()
+    points = [(b, s) for b in batches for s in range(args.seed, args.seed + args.seeds)]
+    todo = [(b, s) for b, s in points if results.make_point_id(b, s) not in done]
+    if chief:
+        print(f"distbatch sweep: {len(points)} points ({len(points) - len(todo)} already done), "
+              f"{backend.describe()}, dataset {args.dataset} ({len(data.x_train)} train / "
+              f"{len(data.x_val)} val), model {args.model}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    for i, (batch, seed) in enumerate(todo):
+        point_id = results.make_point_id(batch, seed)
+        a = point_args(args, batch, seed, out)
+        try:
+            summary, _ = train(a, backend=backend, data=data)
+            status = "diverged" if summary.get("diverged") else "ok"
+            row = summary_to_row(summary, point_id, status)
+        except Exception as e:  # noqa: BLE001 - only out-of-memory is recorded, the rest re-raised
+            if type(e).__name__ != "ResourceExhaustedError":
+                raise
+            row = oom_row(args, batch, seed, point_id, backend)
+        if chief:
+            results.append_row(out, row)
+            _write_hparams(os.path.join(out, "tensorboard", os.path.basename(a.out)), row)
+            elapsed = time.perf_counter() - started
+            eta = elapsed / (i + 1) * (len(todo) - i - 1)
+            acc = row.get("val_accuracy")
+            print(f"[{i + 1}/{len(todo)}] batch {batch:>6} seed {seed}: {row['status']}, "
+                  f"val_acc {acc if acc is None else round(acc, 4)}, "
+                  f"steps_to_target {row.get('steps_to_target')}, "
+                  f"{(row.get('samples_per_sec') or 0):,.0f} samples/s  "
+                  f"sweep ETA {int(eta) // 60}:{int(eta) % 60:02d}", file=sys.stderr, flush=True)
+    if chief:
+        results.sync_csv(out)
+        path = build_report(out, target_accuracy=args.target_accuracy)
+        print(f"distbatch sweep: report at {path}", file=sys.stderr)
+    backend.shutdown()
+    return 0
+
+
+HPARAMS = ("global_batch_size", "peak_lr", "warmup_steps", "optimizer")
+METRICS = ("val_accuracy", "generalization_gap", "samples_per_sec", "time_to_target_s")
+
+
+def _write_hparams_config(logdir: str) -> None:
+    """TensorBoard HParams dashboard: the experiment's hparams and metrics."""
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import api as hp
+    with tf.summary.create_file_writer(logdir).as_default():
+        hp.hparams_config(hparams=[hp.HParam(h) for h in HPARAMS],
+                          metrics=[hp.Metric(m, display_name=m) for m in METRICS])
+
+
+def _write_hparams(logdir: str, row: dict) -> None:
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import api as hp
+    hparams = {h: row.get(h) for h in HPARAMS if row.get(h) is not None}
+    with tf.summary.create_file_writer(logdir).as_default():
+        hp.hparams(hparams, trial_id=row["point_id"])
+        for m in METRICS:
+            if row.get(m) is not None:
+                tf.summary.scalar(m, row[m], step=int(row.get("steps") or 0))
