@@ -32,11 +32,20 @@ def _env_lines(env: Mapping[str, str]) -> list[str]:
         f"#   {n}={env[n]}" for n in names]
 
 
-def _run_or_show(argv: list[str], args: argparse.Namespace) -> int:
+# Open MPI's --tag-output labels each write() of a rank separately; an
+# unbuffered Python (PYTHONUNBUFFERED) writes a print's text and its newline
+# in two calls, so ranks' lines come out shredded and interleaved. Ranks keep
+# Python's default buffering instead; print(..., flush=True) shows a line at once.
+MPI_UNSET = ("PYTHONUNBUFFERED",)
+
+
+def _run_or_show(argv: list[str], args: argparse.Namespace, unset: Sequence[str] = ()) -> int:
     if args.dry_run:
-        _print(shlex.join(argv), *_env_lines(os.environ))
+        removed = [f"# removed for the ranks: {n} (MPI output tagging splits unbuffered lines)"
+                   for n in unset if n in os.environ]
+        _print(shlex.join(argv), *_env_lines(os.environ), *removed)
         return 0
-    return supervisor.run_single(argv, grace_seconds=args.grace_seconds)
+    return supervisor.run_single(argv, unset_env=unset, grace_seconds=args.grace_seconds)
 
 
 def _horovod(args: argparse.Namespace) -> int:
@@ -49,7 +58,8 @@ def _horovod(args: argparse.Namespace) -> int:
         executable="horovodrun")
     # Resolved after validation so a bad flag is reported before a missing tool.
     argv[0] = args.horovodrun or launcher.resolve_executable("horovodrun", required=not args.dry_run)
-    return _run_or_show(argv, args)
+    # Without --gloo horovodrun uses mpirun (with --tag-output) whenever MPI is available.
+    return _run_or_show(argv, args, unset=() if args.gloo else MPI_UNSET)
 
 
 def _mpirun(args: argparse.Namespace) -> int:
@@ -58,7 +68,7 @@ def _mpirun(args: argparse.Namespace) -> int:
         is_root=os.geteuid() == 0, local_cores=os.cpu_count(), env=os.environ,
         export=args.export or (), bind_to_none=not args.keep_binding)
     argv[0] = args.mpirun or launcher.resolve_executable("mpirun", required=not args.dry_run)
-    return _run_or_show(argv, args)
+    return _run_or_show(argv, args, unset=MPI_UNSET)
 
 
 def _multiworker(args: argparse.Namespace) -> int:

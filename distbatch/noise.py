@@ -18,6 +18,7 @@ all-reduce, and B_big the global batch, after it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -42,8 +43,14 @@ class NoiseScaleTracker:
     ema_g2: float = 0.0
     ema_s: float = 0.0
     trajectory: list = field(default_factory=list)
+    skipped: int = 0  # steps with non-finite norms, left out of the averages
 
     def update(self, small_sq: float, big_sq: float, step: int | None = None) -> float | None:
+        if not (math.isfinite(small_sq) and math.isfinite(big_sq)):
+            # A step whose gradients overflowed (float16 loss scaling skips it too) must not
+            # poison the averages for the rest of the run.
+            self.skipped += 1
+            return self.b_simple
         g2, s = unbiased_estimates(small_sq, big_sq, self.b_small, self.b_big)
         self.steps += 1
         self.ema_g2 = self.beta * self.ema_g2 + (1 - self.beta) * g2

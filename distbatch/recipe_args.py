@@ -42,9 +42,9 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="momentum",
                    help="optimizer (default: momentum)")
     g.add_argument("--base-lr", type=float, default=0.05,
-                   help="lr tuned at --base-batch-size (default: 0.05)")
+                   help="lr tuned at --base-batch-size (default: %(default)s)")
     g.add_argument("--base-batch-size", type=int, default=32,
-                   help="batch size at which --base-lr was tuned (default: 32)")
+                   help="batch size at which --base-lr was tuned (default: %(default)s)")
     g.add_argument("--scaling", choices=SCALING_RULES, default="linear",
                    help="lr scaling rule for the global batch (default: linear, Goyal et al. 2017)")
     g.add_argument("--warmup", choices=WARMUP_MODES, default="gradual",
@@ -57,7 +57,7 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-from", choices=("base", "zero"), default="base",
                    help="warmup start lr: the unscaled --base-lr (Goyal) or 0 (default: base)")
     g.add_argument("--decay", choices=DECAYS, default="step",
-                   help="lr decay after warmup (default: step)")
+                   help="lr decay after warmup (default: %(default)s)")
     g.add_argument("--decay-epochs", default=None, metavar="E1,E2,...",
                    help="step decay milestones in epochs (default: 30/90, 60/90, 80/90 of training)")
     g.add_argument("--decay-factor", type=float, default=0.1,

@@ -84,6 +84,14 @@ def validate_args(args: argparse.Namespace) -> None:
     if (hasattr(args, "batch_size_schedule") and args.global_batch_size is None
             and not args.batch_size_schedule):
         raise UsageError("--global-batch-size is required (or give --batch-size-schedule)")
+    if getattr(args, "batch_size_schedule", None):
+        from distbatch.batch_schedule import parse_batch_schedule
+        last = parse_batch_schedule(args.batch_size_schedule)[-1][0]
+        require(args.steps is None, f"--batch-size-schedule needs the length in --epochs (the "
+                                    f"batch changes at epochs), got --steps {args.steps}")
+        if args.epochs is not None:
+            require(last < args.epochs, f"--batch-size-schedule point at epoch {last} is not "
+                                        f"before the end of training (--epochs {args.epochs:g})")
     if args.epochs is None and args.steps is None:
         args.epochs = 10.0
     require(args.epochs is None or args.epochs > 0, f"--epochs must be > 0, got {args.epochs}")

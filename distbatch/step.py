@@ -57,6 +57,17 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
     micro = plan.accumulation_steps * max(1, options.noise_splits)
     units = plan.replicas * micro  # micro-batches in one global batch
     b_small = gb // units
+    if options.noise_scale:
+        from distbatch.errors import UsageError
+        splits = max(1, options.noise_splits)
+        if units == 1:
+            raise UsageError("--noise-scale needs two batch sizes: more than one replica, "
+                             "--accumulation-steps > 1, or noise_splits > 1 (got 1 of each)")
+        if plan.per_replica_batch_size % splits:
+            b = plan.per_replica_batch_size
+            raise UsageError(f"--noise-scale splits each replica's batch of {b} into {splits} equal "
+                             f"micro-batches; {b} is not divisible by {splits} (global batch {gb}); "
+                             f"try --global-batch-size {gb - gb % (splits * plan.replicas * plan.accumulation_steps)}")
     scale_loss = getattr(optimizer, "scale_loss", None) if hasattr(optimizer, "inner_optimizer") else None
 
     def grads_of(x, y):

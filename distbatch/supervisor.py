@@ -37,12 +37,14 @@ PREFIX_FORMAT = "[rank {rank}] "
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """One process to run: argv, environment overrides, output prefix ('' for none), name in messages."""
+    """One process to run: argv, environment overrides and removals, output prefix ('' for none),
+    and its name in messages."""
 
     argv: Sequence[str]
     env: Mapping[str, str] = field(default_factory=dict)
     prefix: str = ""
     label: str = ""
+    unset_env: Sequence[str] = ()
 
 
 class _Stop(Exception):
@@ -141,6 +143,8 @@ def run_workers(specs: Sequence[WorkerSpec], *, grace_seconds: float = 5.0,
     try:
         for rank, spec in enumerate(specs):
             env = {**({"PYTHONUNBUFFERED": "1"} if unbuffered else {}), **os.environ, **spec.env}
+            for var in spec.unset_env:
+                env.pop(var, None)
             try:
                 p = subprocess.Popen(list(spec.argv), env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -190,15 +194,17 @@ def run_workers(specs: Sequence[WorkerSpec], *, grace_seconds: float = 5.0,
 
 
 def run_single(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
-               grace_seconds: float = 10.0, **kwargs) -> int:
+               unset_env: Sequence[str] = (), grace_seconds: float = 10.0, **kwargs) -> int:
     """Run one child (horovodrun, mpirun) under supervision and forward its exit code.
 
     No prefix is added: horovodrun and mpirun label ranks themselves. The
     longer default grace lets them shut their own ranks down on SIGTERM.
-    PYTHONUNBUFFERED is not set: mpirun tags each write separately, and an
-    unbuffered print() writes word by word, which would shred the lines.
+    PYTHONUNBUFFERED is not added (callers can also remove it with
+    ``unset_env``): mpirun tags each write separately, and an unbuffered
+    print() writes the text and the newline separately, which shreds lines.
     """
-    spec = WorkerSpec(argv=list(argv), env=dict(env or {}), prefix="", label=os.path.basename(argv[0]))
+    spec = WorkerSpec(argv=list(argv), env=dict(env or {}), prefix="", label=os.path.basename(argv[0]),
+                      unset_env=tuple(unset_env))
     kwargs.setdefault("unbuffered", False)
     return run_workers([spec], grace_seconds=grace_seconds, **kwargs)
 

@@ -1,23 +1,34 @@
-"""Bad input through the real CLI: exit 2, ONE stderr line naming the value, no
+"""Bad input through the CLI: exit 2, ONE stderr line naming the value, no
 traceback, and no output directory created or touched.
 
-Every case starts a `distbatch train` subprocess (TensorFlow's import alone
-takes ~4 s), so the module fixture runs them all concurrently, a few at a
-time, and each parametrized test only checks its stored result. The table
-below is also the source of the "bad input" rows of docs/reliability.md.
+Each case costs a fresh `distbatch` process ~5 s of CPU for TensorFlow's
+import alone, 45 cases several minutes on a shared 2-core machine. So the
+same CASES table runs twice:
+
+* fast (default): ONE subprocess imports distbatch once and runs every case
+  through ``distbatch.cli.main(argv)``, with file descriptors 1 and 2
+  redirected per case (so C++ and Python output are both captured) and the
+  console script's behaviour reproduced (SystemExit code; an escaping
+  exception prints its traceback and exits 1);
+* slow (``-m slow``, CI): every case as its own real `distbatch` process via
+  conftest.run_cli, a few at a time.
+
+The table is also the source of the "bad input" rows of docs/reliability.md.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import load_summary, run_cli
+from conftest import cli_env, load_summary, run_cli
 
 # A tiny valid run; each case overrides some of it.
 BASE = {"--backend": "single", "--dataset": "mnist1d", "--train-size": "256", "--val-size": "64",
@@ -90,7 +101,7 @@ CASES: dict[str, tuple[dict, dict, list[str]]] = {
     "dataset_npz_missing_arrays": ({"--dataset": "{data}/missing_keys.npz"}, {},
                                    ["missing_keys.npz", "lacks array(s) y_train"]),
     "dataset_npz_wrong_x_shape": ({"--dataset": "{data}/flat_x.npz"}, {},
-                                  ["x_train must have shape (n, ...), got (300,)"]),
+                                  ["flat_x.npz", "x_train must have shape (n, ...), got (256,)"]),
     "dataset_npz_wrong_y_shape": ({"--dataset": "{data}/onehot_y.npz"}, {},
                                   ["y_train must be class indices of shape (n,), got (300, 10)"]),
     "dataset_npz_length_mismatch": ({"--dataset": "{data}/length_mismatch.npz"}, {},
@@ -148,23 +159,89 @@ def _write_npz_fixtures(d: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory, dataset_cache):
-    """Run every case once, 3 at a time; {case id: (CompletedProcess, out path, data dir)}."""
+def data_dir(tmp_path_factory):
     data = tmp_path_factory.mktemp("bad-data")
     _write_npz_fixtures(data)
+    return data
+
+
+def _case_argv(case_id: str, data: Path, outs: Path) -> tuple[list[str], str]:
+    overrides = {k: (v.replace("{data}", str(data)) if isinstance(v, str) else v)
+                 for k, v in CASES[case_id][0].items()}
+    out = overrides.get("--out") or str(outs / case_id)
+    return _argv({**overrides, "--out": out}), out
+
+
+# Runs inside ONE subprocess: every case through distbatch.cli.main, as the
+# console script would (sys.exit(main())), capturing fds 1 and 2 per case.
+DRIVER = r"""
+import json, os, sys, tempfile, traceback
+from distbatch import cli
+cases = json.load(open(sys.argv[1]))
+results = {}
+for case in cases:
+    saved_env = dict(os.environ)
+    os.environ.update(case["env"])
+    files = [tempfile.TemporaryFile(mode="w+b") for _ in range(2)]
+    saved = [os.dup(1), os.dup(2)]
+    sys.stdout.flush(); sys.stderr.flush()
+    os.dup2(files[0].fileno(), 1); os.dup2(files[1].fileno(), 2)
+    try:
+        try:
+            code = cli.main(case["argv"])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if not isinstance(e.code, (int, type(None))):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    finally:
+        sys.stdout.flush(); sys.stderr.flush()
+        os.dup2(saved[0], 1); os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        os.environ.clear(); os.environ.update(saved_env)
+    text = []
+    for f in files:
+        f.seek(0)
+        text.append(f.read().decode("utf-8", "replace"))
+        f.close()
+    results[case["id"]] = {"code": code, "stdout": text[0], "stderr": text[1]}
+json.dump(results, open(sys.argv[2], "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, data_dir, dataset_cache):
+    """Every case in one driver process; {case id: (CompletedProcess, out path)}."""
+    work = tmp_path_factory.mktemp("bad-driver")
     outs = tmp_path_factory.mktemp("bad-outs")
+    cases, paths = [], {}
+    for case_id in CASES:
+        argv, paths[case_id] = _case_argv(case_id, data_dir, outs)
+        cases.append({"id": case_id, "argv": argv, "env": CASES[case_id][1]})
+    (work / "cases.json").write_text(json.dumps(cases))
+    proc = subprocess.run([sys.executable, "-c", DRIVER, str(work / "cases.json"), str(work / "out.json")],
+                          capture_output=True, text=True, timeout=600, env=cli_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    raw = json.loads((work / "out.json").read_text())
+    argvs = {c["id"]: c["argv"] for c in cases}
+    return {k: (subprocess.CompletedProcess(argvs[k], r["code"], r["stdout"], r["stderr"]), paths[k])
+            for k, r in raw.items()}
+
+
+@pytest.fixture(scope="module")
+def subprocess_results(tmp_path_factory, data_dir, dataset_cache):
+    """Every case as its own real `distbatch` process (conftest.run_cli), 2 at a time."""
+    outs = tmp_path_factory.mktemp("bad-outs-subprocess")
 
     def one(case_id):
-        overrides, env, _ = CASES[case_id]
-        overrides = {k: (v.replace("{data}", str(data)) if isinstance(v, str) else v)
-                     for k, v in overrides.items()}
-        out = overrides.get("--out") or str(outs / case_id)
-        argv = _argv({**overrides, "--out": out})
-        return case_id, (run_cli(argv, env=env, check=False, timeout=180), out)
+        argv, out = _case_argv(case_id, data_dir, outs)
+        return case_id, (run_cli(argv, env=CASES[case_id][1], check=False, timeout=300), out)
 
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        done = dict(pool.map(one, CASES))
-    return done
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(one, CASES))
 
 
 def assert_one_line_usage_error(proc, must_contain=()) -> str:
@@ -181,14 +258,23 @@ def assert_one_line_usage_error(proc, must_contain=()) -> str:
     return line
 
 
-@pytest.mark.parametrize("case_id", list(CASES))
-def test_bad_input_is_one_line_exit_2(results, case_id):
-    proc, out = results[case_id]
+def check_case(case_id: str, proc, out: str) -> None:
     assert_one_line_usage_error(proc, CASES[case_id][2])
     if case_id == "out_is_a_file":
         assert Path(out).read_text() == "not a directory\n"
     else:
         assert not os.path.exists(out), f"{out} was created for a bad input"
+
+
+@pytest.mark.parametrize("case_id", list(CASES))
+def test_bad_input_is_one_line_exit_2(results, case_id):
+    check_case(case_id, *results[case_id])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case_id", list(CASES))
+def test_bad_input_is_one_line_exit_2_real_process(subprocess_results, case_id):
+    check_case(case_id, *subprocess_results[case_id])
 
 
 def _tree_digest(path: Path) -> dict[str, str]:

@@ -285,6 +285,17 @@ def test_cli_mpirun_dry_run(capsys, monkeypatch):
     assert "#   TF_CPP_MIN_LOG_LEVEL=3" in out.splitlines()
 
 
+def test_cli_mpi_runs_drop_pythonunbuffered_gloo_keeps_it(capsys, monkeypatch):
+    monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+    removed = "# removed for the ranks: PYTHONUNBUFFERED (MPI output tagging splits unbuffered lines)"
+    for argv, expect in ((["mpirun", "-np", "2", "--mpirun", "m"], True),
+                         (["horovod", "-np", "2", "--horovodrun", HVD], True),
+                         (["horovod", "-np", "2", "--horovodrun", HVD, "--mpi"], True),
+                         (["horovod", "-np", "2", "--horovodrun", HVD, "--gloo"], False)):
+        code, out, _ = _cli(["launch", *argv, "--dry-run", "--", "x"], capsys)
+        assert code == 0 and (removed in out.splitlines()) == expect, argv
+
+
 def test_cli_usage_errors_exit_2_with_one_line(capsys):
     code, _, err = _cli(["launch", "horovod", "-np", "0", "--horovodrun", HVD, "--", "x"], capsys)
     assert code == 2 and err == "distbatch: error: -np must be an integer >= 1, got 0\n"
@@ -364,7 +375,9 @@ MPI4PY_SCRIPT = textwrap.dedent("""
 
 
 def _run_cli_subprocess(args, tmp_path, timeout=240):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # PYTHONUNBUFFERED=1 on purpose: the launcher must keep MPI-tagged lines whole anyway
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "distbatch.launch_cli", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -421,3 +434,33 @@ def test_real_horovod_failing_rank_ends_job_nonzero(tmp_path):
     # horovodrun names the failed rank; the launcher names the child it ran
     assert re.search(r"Process name: 1\s+Exit code: 3", p.stderr), p.stderr
     assert "distbatch launch: horovodrun failed with exit code 1" in p.stderr
+
+
+@pytest.mark.slow
+def test_real_horovod_ctrl_c_stops_every_rank(tmp_path):
+    """Ctrl-C on the launcher: horovodrun gets SIGTERM and takes its ranks down; none is left."""
+    pytest.importorskip("horovod.tensorflow")
+    import signal
+    import time
+    script = tmp_path / "sleeper.py"
+    script.write_text("import os, time\nprint('PID', os.getpid(), flush=True)\ntime.sleep(1000)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "distbatch.launch_cli", "launch", "horovod", "--gloo",
+                          "-np", "2", "--", sys.executable, str(script)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    pids, deadline = [], time.monotonic() + 90
+    while len(pids) < 2 and time.monotonic() < deadline:
+        m = re.search(r"PID (\d+)", p.stdout.readline())
+        if m:
+            pids.append(int(m.group(1)))
+    assert len(pids) == 2
+    p.send_signal(signal.SIGINT)
+    try:
+        assert p.wait(timeout=30) == 130
+    finally:
+        p.kill()
+    time.sleep(0.5)
+    def running(pid):   # a zombie awaiting its reaper counts as gone
+        stat = Path(f"/proc/{pid}/stat")
+        return stat.exists() and stat.read_text().rpartition(")")[2].split()[0] != "Z"
+    assert [pid for pid in pids if running(pid)] == []

@@ -20,14 +20,16 @@ logical CPUs, in a subprocess since logical devices are fixed per process).
 from __future__ import annotations
 
 import json
-import math
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from distbatch import recommend as rec_mod
+from distbatch.errors import UsageError
 from distbatch.noise import NoiseScaleTracker, unbiased_estimates
 
 D, SIGMA = 8, 1.0
@@ -212,9 +214,6 @@ def test_train_step_recovers_b_simple_two_mirrored_replicas(tmp_path):
 
 # -- 4. `distbatch recommend`: the pure logic, by tables ------------------------------------
 
-from distbatch import recommend as rec_mod  # noqa: E402
-from distbatch.errors import UsageError  # noqa: E402
-
 POW2 = {32: 1000.0, 64: 1900.0, 128: 3500.0, 256: 6000.0, 512: 9000.0}
 
 
@@ -351,3 +350,32 @@ def test_recommend_cli_bad_batch_is_one_line(tmp_path, dataset_cache):
     assert proc.stderr.strip().splitlines() == [
         "distbatch: error: --batch-sizes 1024 is larger than the training set (500 examples)"]
     assert not (tmp_path / "r").exists()
+
+
+def test_tracker_skips_non_finite_steps():
+    # float16 loss scaling: an overflowed step has inf gradients and is skipped by the optimizer;
+    # it must not turn the averages into inf/nan for the rest of the run.
+    t = NoiseScaleTracker(b_small=2, b_big=6, beta=0.5)
+    t.update(5.0, 3.0, step=1)
+    assert t.update(float("inf"), 3.0, step=2) == pytest.approx(3.0)
+    assert t.update(5.0, float("nan"), step=3) == pytest.approx(3.0)
+    assert (t.steps, t.skipped) == (1, 2)
+    assert t.update(10.0, 4.0, step=4) == pytest.approx(10.5)  # as if steps 2-3 never happened
+
+
+@pytest.mark.parametrize("gb,splits,message", [
+    (33, 2, "batch of 33 into 2 equal micro-batches; 33 is not divisible by 2 (global batch 33); "
+            "try --global-batch-size 32"),
+    (32, 1, "needs two batch sizes"),
+])
+def test_train_step_rejects_unsplittable_batch(gb, splits, message):
+    import keras
+
+    from distbatch.backends.single import SingleBackend
+    from distbatch.plan import BatchPlan
+    from distbatch.step import StepOptions, make_train_step
+    model = keras.Sequential([keras.Input((D,)), keras.layers.Dense(1, use_bias=False)])
+    plan = BatchPlan.derive(global_batch_size=gb, replicas=1, num_train_examples=100)
+    with pytest.raises(UsageError, match=re.escape(message)):
+        make_train_step(SingleBackend(), model, keras.optimizers.SGD(0.0), plan,
+                        options=StepOptions(noise_scale=True, noise_splits=splits))

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from distbatch import supervisor
-from distbatch.supervisor import WorkerSpec, rank_specs, run_single, run_workers
+from distbatch.supervisor import rank_specs, run_single, run_workers
 
 PY = sys.executable
 REPO = str(Path(__file__).resolve().parents[1])
@@ -136,6 +136,15 @@ def test_run_single_forwards_code_without_prefix():
     assert out.getvalue() == "[1,0]<stdout>:kept\n"
     assert err.getvalue().startswith("distbatch launch: python")   # named by its program
     assert "failed with exit code 5" in err.getvalue()
+
+
+def test_run_single_unset_env_removes_variables(monkeypatch):
+    monkeypatch.setenv("DBT_GONE", "1")
+    monkeypatch.setenv("DBT_KEPT", "2")
+    out = io.StringIO()
+    code = run_single(py("import os; print(os.environ.get('DBT_GONE'), os.environ.get('DBT_KEPT'))"),
+                      unset_env=["DBT_GONE"], stdout=out, stderr=io.StringIO())
+    assert code == 0 and out.getvalue() == "None 2\n"
 
 
 def test_describe_and_shell_codes():
