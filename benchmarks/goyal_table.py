@@ -92,7 +92,7 @@ def plan_runs(cfg: dict) -> list[dict]:
     check = cfg.get("lr_check")
     if check:
         for r in check["runs"]:
-            flags = {**cfg["common"], **r.get("flags", {})}
+            flags = {**cfg["common"], **check.get("flags", {}), **r.get("flags", {})}
             run_id = (f"{LR_CHECK}/bs={r['global_batch_size']}/{flags['optimizer']}/"
                       f"base_lr={flags['base-lr']}/seed={check['seed']}")
             runs.append({"run_id": run_id, "row_id": LR_CHECK, "seed": check["seed"],
@@ -214,7 +214,9 @@ def make_table(cfg: dict, rows: list[dict]) -> str:
             delta = f"{mean_std(val)[0] * 100 - base_mean:+.2f}"
         flags = {**cfg["common"], **spec.get("flags", {})}
         opt = flags.get("optimizer", "momentum")
-        label = spec["label"] + ("" if opt == "momentum" else f" ({opt}, base lr {flags['base-lr']})")
+        label = spec["label"]
+        if opt != cfg["common"].get("optimizer", "momentum") or flags["base-lr"] != cfg["common"]["base-lr"]:
+            label += f" ({opt}, base lr {flags['base-lr']})"
         peak = got[0]["peak_lr"] if got else None
         wsteps = got[0]["warmup_steps"] if got else None
         lines.append(

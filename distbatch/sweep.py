@@ -51,12 +51,14 @@ def add_sweep_parser(subparsers) -> None:
     p.add_argument("--seeds", type=int, default=1, help="seeds per batch size (default 1)")
     p.add_argument("--stop-at-target", action="store_true",
                    help="stop each point when --target-accuracy is reached (budget: until target)")
+    p.add_argument("--no-noise-scale", dest="noise_scale", action="store_false",
+                   help="do not estimate the gradient noise scale (it is on by default in a sweep)")
     add_train_args(p, sweep=True)
     # The embedded default: MNIST-1D, a small conv net, 6 epochs, linear scaling from lr 0.025 at
     # batch 32 with 1 epoch of gradual warmup and cosine decay (Goyal's 30/60/80-of-90 step decay
     # would cut the lr before a 6-epoch warmup-heavy run gets to use it). Measured in docs/sweep.md.
     p.set_defaults(func=run_sweep, model="convnet", epochs=None, target_accuracy=DEFAULT_TARGET,
-                   evals_per_epoch=4, base_lr=0.025, base_batch_size=32, warmup_epochs=1.0,
+                   evals_per_epoch=4, noise_scale=True, base_lr=0.025, base_batch_size=32, warmup_epochs=1.0,
                    decay="cosine", out="runs/sweep")
 
 

@@ -103,7 +103,7 @@ CASES: dict[str, tuple[dict, dict, list[str]]] = {
     "dataset_npz_wrong_x_shape": ({"--dataset": "{data}/flat_x.npz"}, {},
                                   ["flat_x.npz", "x_train must have shape (n, ...), got (256,)"]),
     "dataset_npz_wrong_y_shape": ({"--dataset": "{data}/onehot_y.npz"}, {},
-                                  ["y_train must be class indices of shape (n,), got (300, 10)"]),
+                                  ["y_train must be class indices of shape (n,), got (256, 10)"]),
     "dataset_npz_length_mismatch": ({"--dataset": "{data}/length_mismatch.npz"}, {},
                                     ["x_train has 300 examples but y_train has 299"]),
     "dataset_npz_train_val_shapes_differ": ({"--dataset": "{data}/val_shape.npz"}, {},
@@ -149,7 +149,7 @@ def _write_npz_fixtures(d: Path) -> None:
     np.savez(d / "length_mismatch.npz", **{**good, "y_train": y[:-1]})
     np.savez(d / "val_shape.npz", **{**good, "x_test": np.zeros((64, 41), np.float32)})
     bad_y = y.copy()
-    bad_y[5] = -1
+    bad_y[::10] = -1  # many, so the --train-size subset surely holds some
     np.savez(d / "negative_label.npz", **{**good, "y_train": bad_y})
     bad_x = x.copy()
     bad_x[1, 2] = bad_x[7, 0] = np.nan
