@@ -105,12 +105,14 @@ class Trainer:
                    if opt.noise_scale else None)
 
         ckpt, manager = self._checkpoint()
-        start_step, history = opt.step_offset, []
-        if ckpt is not None and opt.resume and manager.latest_checkpoint:
-            ckpt.restore(manager.latest_checkpoint)
+        start_step, history, state = opt.step_offset, [], {}
+        # Every worker restores the CHIEF's checkpoint (non-chief workers save to temp dirs).
+        latest = tf.train.latest_checkpoint(opt.checkpoint_dir) if ckpt is not None and opt.resume else None
+        if latest:
+            ckpt.restore(latest)
             start_step = int(self._step_var.numpy())
-            history = _load_history(opt.checkpoint_dir)
-            self.log(f"resumed from {manager.latest_checkpoint} at step {start_step}")
+            history, state = _load_state(opt.checkpoint_dir, start_step)
+            self.log(f"resumed from {latest} at step {start_step}")
 
         make_train = lambda w, L: pipeline.train_dataset(  # noqa: E731
             self.data.x_train, self.data.y_train, plan, seed=opt.seed, worker_index=w,
@@ -131,14 +133,27 @@ class Trainer:
         stopped_early = False
         t_last = None
         step = start_step
+        if state:  # the loop's own counters, saved with the checkpoint (see _save_checkpoint)
+            sums, window_count = state["sums"], state["window_count"]
+            train_time, timed_samples = state["train_time"], state["timed_samples"]
+            steps_to_target, time_to_target = state["steps_to_target"], state["time_to_target"]
+
+        def loop_state() -> dict:
+            return {"sums": dict(sums), "window_count": window_count, "train_time": train_time,
+                    "timed_samples": timed_samples, "steps_to_target": steps_to_target,
+                    "time_to_target": time_to_target}
+
         wall0 = time.perf_counter()
         while step < opt.total_steps:
             out = step_fn(iterator)
             step += 1
             pending.append((step, out))
             at_eval = (step - opt.step_offset) % eval_every == 0 or step == opt.total_steps
+            # --checkpoint-every N: every N steps, at an evaluation or not; 0: at every evaluation.
+            at_ckpt = ckpt is not None and (step == opt.total_steps or (
+                step % opt.checkpoint_every == 0 if opt.checkpoint_every else at_eval))
             # Sync right after the run's first (compiling) step, so timing excludes it.
-            if at_eval or len(pending) >= opt.log_every or step == start_step + 1:
+            if at_eval or at_ckpt or len(pending) >= opt.log_every or step == start_step + 1:
                 diverged_step = self._drain(pending, sums, tracker, writers)
                 window_count += len(pending)
                 pending.clear()
@@ -154,6 +169,9 @@ class Trainer:
                 if diverged_step is not None:
                     break
             if not at_eval:
+                if at_ckpt:
+                    self._save_checkpoint(manager, step, history, loop_state())
+                    t_last = time.perf_counter()  # checkpoints are not training time
                 continue
             val_loss, val_acc = self._evaluate(eval_fn)
             train_loss, train_acc = _mean(sums, window_count * plan.global_batch_size)
@@ -187,12 +205,8 @@ class Trainer:
                 # OR-ing the flag across workers guarantees it (a rank that stopped alone
                 # would leave the others waiting in a collective).
                 stopped_early = b.sync_flag(stopped_early)
-            if ckpt is not None and (opt.checkpoint_every == 0 or step % opt.checkpoint_every == 0
-                                     or step == opt.total_steps):
-                self._step_var.assign(step)
-                manager.save(checkpoint_number=step)
-                if self.chief:
-                    _save_history(opt.checkpoint_dir, history)
+            if at_ckpt:
+                self._save_checkpoint(manager, step, history, loop_state())
             if stopped_early:
                 break
             t_last = time.perf_counter()  # evaluation and checkpoints are not training time
@@ -232,6 +246,20 @@ class Trainer:
         return result
 
     # -- pieces ---------------------------------------------------------------------------
+    def _save_checkpoint(self, manager, step: int, history: list, state: dict) -> None:
+        """Save model, optimizer and step (TF checkpoint) plus history and loop counters (JSON).
+
+        The JSON (state-<step>.json) is written BEFORE the checkpoint: a kill
+        between the two leaves the previous checkpoint as the latest, and its
+        own state file is still there. State files of pruned checkpoints go.
+        """
+        self._step_var.assign(step)
+        if self.chief:
+            _save_state(self.opt.checkpoint_dir, step, history, state)
+        manager.save(checkpoint_number=step)
+        if self.chief:
+            _prune_states(self.opt.checkpoint_dir, manager.checkpoints)
+
     def _epoch_at(self, step: int) -> float:
         """Absolute epoch after `step` global steps (segments of a batch schedule add offsets)."""
         return self.opt.epoch_offset + (step - self.opt.step_offset) / self.plan.steps_per_epoch
@@ -309,6 +337,33 @@ def _load_history(directory: str) -> list:
         return []
     with open(path) as f:
         return json.load(f)
+
+
+def _save_state(directory: str, step: int, history: list, state: dict) -> None:
+    import json
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"state-{step}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"step": step, "history": history, "loop": state}, f)
+    os.replace(path + ".tmp", path)
+
+
+def _prune_states(directory: str, kept_checkpoints: list) -> None:
+    keep = {f"state-{p.rsplit('-', 1)[-1]}.json" for p in kept_checkpoints}
+    for name in os.listdir(directory):
+        if name.startswith("state-") and name.endswith(".json") and name not in keep:
+            os.remove(os.path.join(directory, name))
+
+
+def _load_state(directory: str, step: int) -> tuple[list, dict]:
+    """(history, loop counters) saved with the checkpoint of `step`; older runs: history.json."""
+    import json
+    path = os.path.join(directory, f"state-{step}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        return saved["history"], saved["loop"]
+    return [r for r in _load_history(directory) if r["step"] <= step], {}
 
 
 def remove_tree(path: str) -> None:

@@ -415,16 +415,23 @@ def test_real_mpirun_two_ranks(tmp_path):
 
 @pytest.mark.slow
 def test_real_horovod_failing_rank_ends_job_nonzero(tmp_path):
-    """One rank exits 3 while the other waits in an allreduce forever: the job must end, non-zero."""
+    """Rank 1 exits 3 while rank 0 hangs: the job ends non-zero within 60 s, naming rank 1.
+
+    Rank 0 hangs in a sleep rather than in an allreduce: a rank blocked in a
+    collective may notice Horovod's shutdown and exit first, and then
+    horovodrun (which names the first rank it sees exit) would name rank 0.
+    """
     pytest.importorskip("horovod.tensorflow")
     import time
     script = tmp_path / "hvd_fail.py"
     script.write_text(textwrap.dedent("""
-        import sys, numpy as np, horovod.tensorflow as hvd
+        import os, sys, time, horovod.tensorflow as hvd
         hvd.init()
+        print("PID", hvd.rank(), os.getpid(), flush=True)
         if hvd.rank() == 1:
+            time.sleep(1)
             sys.exit(3)
-        hvd.allreduce(np.ones(2, np.float32))   # never completes without rank 1
+        time.sleep(1000)
     """))
     t0 = time.monotonic()
     p = _run_cli_subprocess(["launch", "horovod", "--gloo", "-np", "2", "--", sys.executable, str(script)],
@@ -434,6 +441,10 @@ def test_real_horovod_failing_rank_ends_job_nonzero(tmp_path):
     # horovodrun names the failed rank; the launcher names the child it ran
     assert re.search(r"Process name: 1\s+Exit code: 3", p.stderr), p.stderr
     assert "distbatch launch: horovodrun failed with exit code 1" in p.stderr
+    hung = int(re.search(r"PID 0 (\d+)", p.stdout).group(1))
+    time.sleep(0.5)
+    stat = Path(f"/proc/{hung}/stat")
+    assert not stat.exists() or stat.read_text().rpartition(")")[2].split()[0] == "Z"
 
 
 @pytest.mark.slow
