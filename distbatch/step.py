@@ -70,6 +70,11 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
                              f"try --global-batch-size {gb - gb % (splits * plan.replicas * plan.accumulation_steps)}")
     scale_loss = getattr(optimizer, "scale_loss", None) if hasattr(optimizer, "inner_optimizer") else None
 
+    def loss_scale_sq():
+        if not scale_loss:
+            return 1.0
+        return tf.square(tf.cast(optimizer.dynamic_scale, tf.float32))
+
     def grads_of(x, y):
         with tf.GradientTape() as tape:
             logits = model(x, training=True)
@@ -81,9 +86,6 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
         grads = tape.gradient(target, variables)
         grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
                  for g, v in zip(grads, variables)]
-        if scale_loss:  # keep the accumulators and norms in true units
-            inv = 1.0 / tf.cast(optimizer.scale, tf.float32)
-            grads = [g * tf.cast(inv, g.dtype) for g in grads]
         correct = tf.reduce_sum(tf.cast(tf.equal(
             tf.argmax(logits, axis=-1, output_type=tf.int32), tf.cast(y, tf.int32)), tf.float32))
         return grads, tf.reduce_sum(per_example), correct
@@ -105,11 +107,13 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
                     small_sq += _sq_norm(tf, g)
         if options.noise_scale:
             # g above is d(sum loss)/dw / global_batch; the micro-batch MEAN gradient is units x it.
-            small_sq = small_sq * float(units) ** 2
+            small_sq = small_sq * float(units) ** 2 / loss_scale_sq()
         reduced = backend.all_reduce_sum(list(grads) + [loss_sum, correct, small_sq])
         grads, (loss_sum, correct, small_sq) = reduced[:-3], reduced[-3:]
+        # float16: gradients stay loss-scaled up to here; LossScaleOptimizer unscales them,
+        # and skips the update (lowering the scale) when they are not finite.
+        big_sq = _sq_norm(tf, grads) / loss_scale_sq() if options.noise_scale else tf.constant(0.0)
         optimizer.apply_gradients(zip(grads, variables))
-        big_sq = _sq_norm(tf, grads) if options.noise_scale else tf.constant(0.0)
         return {"loss_sum": loss_sum, "correct": correct,
                 "small_sq": small_sq / units, "big_sq": big_sq}
 
