@@ -65,6 +65,7 @@ def load_config(path: str, *, quick: bool) -> dict:
         q = cfg.get("quick", {})
         cfg["common"] = {**cfg["common"], **q.get("common", {})}
         cfg["seeds"] = q.get("seeds", cfg["seeds"][:1])
+        cfg["rows"] = [r for r in cfg["rows"] if r["id"] not in q.get("drop_rows", ())]
         if q.get("skip_lr_check"):
             cfg.pop("lr_check", None)
     return cfg
@@ -255,7 +256,8 @@ def write_table(cfg: dict, out_dir: str, wall_s: float | None) -> str:
                         "python": platform.python_version()},
             "wall_time_s_this_invocation": wall_s, "runs": len(rows),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    atomic_write_json(os.path.join(out_dir, "benchmark_meta.json"), meta)
+    if wall_s is not None:  # --table-only keeps the meta of the run that trained
+        atomic_write_json(os.path.join(out_dir, "benchmark_meta.json"), meta)
     return path
 
 

@@ -87,6 +87,17 @@ def measure(backend_name: str, args: argparse.Namespace) -> dict:
             "step_ms_on_all": [1e3 * t for t in times["on"]]}
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backends", default="single,mirrored")
@@ -126,7 +137,7 @@ def main(argv=None) -> int:
         print(f"{r['backend']:>9} {r['replicas']:>8} {r['global_batch_size']:>6} {r['step_ms_off']:>12.3f} "
               f"{r['step_ms_on']:>11.3f} {r['ratio_of_medians']:>17.3f} {r['median_ratio']:>14.3f} "
               f"{r['ratio_of_minimums']:>13.3f}")
-    machine = {"platform": platform.platform(), "processor": platform.processor(),
+    machine = {"platform": platform.platform(), "processor": _cpu_model(),
                "cpus": os.cpu_count(), "python": platform.python_version(),
                "loadavg_at_end": os.getloadavg()}
     machine["tensorflow"] = rows[0].get("tensorflow") if rows else None

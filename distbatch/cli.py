@@ -60,7 +60,21 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"distbatch: error: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+SUBCOMMANDS = (  # (name, module, function adding its parser)
+    ("sweep", "distbatch.sweep", "add_sweep_parser"),
+    ("bench", "distbatch.bench", "add_bench_parser"),
+    ("report", "distbatch.report", "add_report_parser"),
+    ("recommend", "distbatch.recommend", "add_recommend_parser"),
+    ("probe-batch", "distbatch.probe", "add_probe_parser"),
+    ("launch", "distbatch.launch_cli", "add_launch_parser"),
+)
+# Subcommands whose process never needs TensorFlow (the launcher only starts workers).
+NO_TENSORFLOW = {"launch", "report"}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or (when `command` is known) just that subcommand's,
+    so `distbatch launch` does not pay for importing TensorFlow."""
     parser = OneLineArgumentParser(
         prog="distbatch",
         description="Data-parallel TensorFlow training and batch-size measurement.")
@@ -69,37 +83,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show TensorFlow's own start-up and log messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-
-    from distbatch.run import add_train_args
-    p = sub.add_parser("train", help="train one model at one global batch size")
-    add_train_args(p)
-    p.set_defaults(func=_train)
-
-    for module, fn in (("distbatch.sweep", "add_sweep_parser"),
-                       ("distbatch.bench", "add_bench_parser"),
-                       ("distbatch.report", "add_report_parser"),
-                       ("distbatch.recommend", "add_recommend_parser"),
-                       ("distbatch.probe", "add_probe_parser"),
-                       ("distbatch.launch_cli", "add_launch_parser")):
-        try:
+    if command in (None, "train"):
+        from distbatch.run import add_train_args
+        p = sub.add_parser("train", help="train one model at one global batch size")
+        add_train_args(p)
+        p.set_defaults(func=_train)
+    for name, module, fn in SUBCOMMANDS:
+        if command in (None, name):
             mod = __import__(module, fromlist=[fn])
-        except ImportError as e:
-            if e.name != module:
-                raise
-            continue
-        getattr(mod, fn)(sub)
+            getattr(mod, fn)(sub)
     return parser
-
-
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    known = {"train", *(name for name, _, _ in SUBCOMMANDS)}
+    command = next((a for a in argv if not a.startswith("-")), None)
+    command = command if command in known else None
     if "--verbose" not in argv:
-        # `launch` and `report` never need TensorFlow in the launcher process.
-        quiet_tensorflow(import_now=not set(argv[:2]) & {"launch", "report"})
-    parser = build_parser()
-    args = parser.parse_args(argv)
+        quiet_tensorflow(import_now=command not in NO_TENSORFLOW)
+    args = build_parser(command).parse_args(argv)
     try:
         handler = getattr(args, "func", None) or args.handler
         code = handler(args)
@@ -109,6 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("distbatch: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a peer worker died: one line instead of a TF traceback
+        from distbatch.errors import peer_failure_message
+        message = peer_failure_message(e)
+        if message is None:
+            raise
+        print(f"distbatch: error: {message}", file=sys.stderr)
+        return 1
     return int(code or 0)
 
 

@@ -108,8 +108,10 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
         if options.noise_scale:
             # g above is d(sum loss)/dw / global_batch; the micro-batch MEAN gradient is units x it.
             small_sq = small_sq * float(units) ** 2 / loss_scale_sq()
-        reduced = backend.all_reduce_sum(list(grads) + [loss_sum, correct, small_sq])
-        grads, (loss_sum, correct, small_sq) = reduced[:-3], reduced[-3:]
+        # The metric sums ride in the gradients' all-reduce, packed into one tensor.
+        reduced = backend.all_reduce_sum(list(grads) + [tf.stack([loss_sum, correct, small_sq])])
+        grads, packed = reduced[:-1], reduced[-1]
+        loss_sum, correct, small_sq = packed[0], packed[1], packed[2]
         # float16: gradients stay loss-scaled up to here; LossScaleOptimizer unscales them,
         # and skips the update (lowering the scale) when they are not finite.
         big_sq = _sq_norm(tf, grads) / loss_scale_sq() if options.noise_scale else tf.constant(0.0)
@@ -138,9 +140,10 @@ def make_eval_step(backend: Backend, model, loss_fn=None):
         per_example = loss_fn(y, logits)
         correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32),
                                    tf.cast(y, tf.int32)), tf.float32)
-        sums = [tf.reduce_sum(per_example * mask), tf.reduce_sum(correct * mask), tf.reduce_sum(mask)]
-        loss_sum, correct_sum, count = backend.all_reduce_sum(sums)
-        return {"loss_sum": loss_sum, "correct": correct_sum, "count": count}
+        sums = tf.stack([tf.reduce_sum(per_example * mask), tf.reduce_sum(correct * mask),
+                         tf.reduce_sum(mask)])
+        sums = backend.all_reduce_sum([sums])[0]
+        return {"loss_sum": sums[0], "correct": sums[1], "count": sums[2]}
 
     @tf.function
     def eval_step(iterator):

@@ -3,16 +3,14 @@ same global batch, ranks identical, exact global validation metrics, uneven
 data finishing without a hang.
 
 Each run is the real CLI in subprocesses (2 logical CPUs for mirrored, 2
-local processes for multiworker and Horovod). The data set sizes are chosen
+local processes for multiworker and Horovod, started through `distbatch
+launch multiworker|horovod --gloo|mpirun`). The data set sizes are chosen
 uneven on purpose: 520 training examples at global batch 64 (8 dropped per
 epoch) and 203 validation examples (padded and masked).
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import socket
 import subprocess
 
 import numpy as np
@@ -32,51 +30,28 @@ def reference(tmp_path_factory, dataset_cache):
     return out
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def run_multiworker(out, rank_dir, extra=()):
-    ports = free_ports(2)
-    workers = [f"localhost:{p}" for p in ports]
-    procs = []
-    for i in range(2):
-        tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})
-        env = cli_env({"TF_CONFIG": tf_config, "DISTBATCH_RANK_WEIGHTS_DIR": str(rank_dir)})
-        procs.append(subprocess.Popen(
-            [str(VENV_BIN / "distbatch"), "train", "--backend", "multiworker", *COMMON, *extra,
-             "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, o in zip(procs, outputs):
-        assert p.returncode == 0, o[-3000:]
-
-
-def run_launcher(cmd, out, rank_dir):
+def run_launch(launcher_args, out, rank_dir, backend):
+    """`distbatch launch ... -- distbatch train` with 2 workers; every rank saves its weights."""
     env = cli_env({"DISTBATCH_RANK_WEIGHTS_DIR": str(rank_dir)})
-    proc = subprocess.run([*cmd, str(VENV_BIN / "distbatch"), "train", "--backend", "horovod",
-                           *COMMON, "--out", str(out)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [str(VENV_BIN / "distbatch"), "launch", *launcher_args, "--",
+         str(VENV_BIN / "distbatch"), "train", "--backend", backend, *COMMON, "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def run_multiworker(out, rank_dir):
+    proc = run_launch(["multiworker", "--workers", "2"], out, rank_dir, "multiworker")
+    assert "[rank 0]" in proc.stdout + proc.stderr  # the supervisor prefixes each worker's lines
 
 
 def horovodrun_gloo(out, rank_dir):
-    run_launcher([str(VENV_BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo"],
-                 out, rank_dir)
+    run_launch(["horovod", "-np", "2", "-H", "localhost:2", "--gloo"], out, rank_dir, "horovod")
 
 
 def mpirun(out, rank_dir):
-    cmd = ["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none"]
-    if os.geteuid() == 0:
-        cmd.insert(1, "--allow-run-as-root")
-    for var in ("PATH", "TF_CPP_MIN_LOG_LEVEL", "DISTBATCH_CACHE_DIR", "DISTBATCH_RANK_WEIGHTS_DIR"):
-        cmd += ["-x", var]
-    run_launcher(cmd, out, rank_dir)
+    run_launch(["mpirun", "-np", "2"], out, rank_dir, "horovod")
 
 
 def check_against_reference(out, reference, rank_dir=None, replicas=2):

@@ -140,7 +140,7 @@ def test_tracker_none_while_gradient_estimate_not_positive():
 # -- 3. the real train step on the regression problem --------------------------------------
 
 def measure_b_simple(backend_name: str, cpu_replicas: int | None, noise_splits: int,
-                     global_batch: int = 64, steps: int = 1200, beta: float = 0.999) -> dict:
+                     global_batch: int = 64, steps: int = 800, beta: float = 0.999) -> dict:
     """Run make_train_step with lr 0 on fresh regression samples; return the tracker's numbers."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from distbatch.backends import create_backend
