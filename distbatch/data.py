@@ -56,7 +56,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -64,6 +63,7 @@ from typing import Any, Callable
 import numpy as np
 
 from distbatch.errors import UsageError
+from distbatch.fileio import atomic_write
 
 KERAS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 BUILTIN_NAMES = ("mnist1d", "digits", "synthetic") + KERAS_DATASETS
@@ -471,19 +471,4 @@ def _validated(name, x_tr, y_tr, x_va, y_va, num_classes) -> ArrayDataset:
 
 def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
     """Write an .npz so that a reader sees the old file or the whole new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache should be readable like any file
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
+    atomic_write(path, lambda f: np.savez(f, **arrays))

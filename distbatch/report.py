@@ -19,12 +19,12 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from distbatch.errors import UsageError
+from distbatch.fileio import atomic_write
 from distbatch.results import JSONL_NAME, read_rows
 
 REPORT_NAME = "report.md"
@@ -159,7 +159,7 @@ def build_report(
 
     text = _markdown(rows, summaries, plots, target_accuracy, machine, critical_batch, tolerance_points)
     path = out / REPORT_NAME
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
     return path
 
 
@@ -239,7 +239,7 @@ def _save(out: Path, key: str, draw: Callable, *args: Any) -> str:
     draw(fig, *args)
     fig.tight_layout()
     name = PLOT_NAMES[key]
-    _atomic_write(out / name, lambda f: fig.savefig(f, format="png"))
+    atomic_write(out / name, lambda f: fig.savefig(f, format="png"))
     return name
 
 
@@ -344,21 +344,6 @@ def _plot_curves(fig, rows) -> None:
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports are ordinary readable files
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 # ----------------------------------------------------------------------- CLI

@@ -27,11 +27,11 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 from distbatch.errors import UsageError
+from distbatch.fileio import atomic_write_text
 
 JSONL_NAME = "results.jsonl"
 CSV_NAME = "results.csv"
@@ -112,8 +112,8 @@ def append_row(out_dir: str | os.PathLike, row: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(out)
     rows.append(clean)
-    _atomic_write(out / JSONL_NAME, "".join(_json_line(r) for r in rows))
-    _atomic_write(out / CSV_NAME, _csv_text(rows))
+    atomic_write_text(out / JSONL_NAME, "".join(_json_line(r) for r in rows))
+    atomic_write_text(out / CSV_NAME, _csv_text(rows))
 
 
 def read_rows(out_dir: str | os.PathLike) -> list[dict]:
@@ -158,7 +158,7 @@ def sync_csv(out_dir: str | os.PathLike) -> None:
     text = _csv_text(rows)
     csv_path = out / CSV_NAME
     if not csv_path.is_file() or csv_path.read_text(encoding="utf-8") != text:
-        _atomic_write(csv_path, text)
+        atomic_write_text(csv_path, text)
 
 
 def csv_columns(rows: Iterable[dict]) -> list[str]:
@@ -205,37 +205,6 @@ def _csv_cell(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are ordinary readable files
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not possible on some platforms; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _remove_stale_temps(out: Path) -> None:

@@ -7,7 +7,6 @@ and leaves no half-written output directory.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -18,6 +17,7 @@ import time
 from distbatch import __version__
 from distbatch.backends import BACKENDS
 from distbatch.errors import UsageError, require
+from distbatch.fileio import atomic_write_json
 from distbatch.models import MODELS
 
 RUN_FILES = ("summary.json", "config.json", "model.keras")
@@ -120,21 +120,6 @@ def check_out_dir(out: str, *, resume: bool, overwrite: bool, markers=RUN_FILES)
     if found and not (resume or overwrite):
         raise UsageError(f"--out {out!r} already holds a run ({', '.join(found)}); "
                          "pass --resume to continue it or --overwrite to replace it")
-
-
-def atomic_write_json(path: str, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _json_default(o):
-    try:
-        return o.item()  # numpy scalars
-    except AttributeError:
-        return str(o)
 
 
 def machine_info(backend) -> dict:
