@@ -116,8 +116,10 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
         # and skips the update (lowering the scale) when they are not finite.
         big_sq = _sq_norm(tf, grads) / loss_scale_sq() if options.noise_scale else tf.constant(0.0)
         optimizer.apply_gradients(zip(grads, variables))
-        return {"loss_sum": loss_sum, "correct": correct,
-                "small_sq": small_sq / units, "big_sq": big_sq}
+        out = {"loss_sum": loss_sum, "correct": correct}
+        if options.noise_scale:
+            out.update(small_sq=small_sq / units, big_sq=big_sq)
+        return out
 
     @tf.function
     def step(iterator):

@@ -33,6 +33,7 @@ class LoopOptions:
     seed: int = 0
     evals_per_epoch: int = 1
     noise_scale: bool = False
+    noise_every: int = 8                       # on one replica: measure on every 8th step
     target_accuracy: float | None = None
     stop_at_target: bool = False               # budget "until target" (capped by total_steps)
     early_stopping_metric: str | None = None   # "val_loss" or "val_accuracy"
@@ -97,11 +98,20 @@ class Trainer:
         b, plan, opt = self.backend, self.plan, self.opt
         per_epoch = plan.steps_per_epoch
         eval_every = max(1, per_epoch // max(1, opt.evals_per_epoch))
+        # The noise scale needs two batch sizes. With several replicas (or accumulation) they
+        # come for free (micro-batch before the all-reduce, global batch after), so every step
+        # measures. On one replica the batch must be split in two, which slows a step down, so
+        # only every `noise_every`-th step does it.
         splits = 2 if opt.noise_scale and plan.replicas * plan.accumulation_steps == 1 else 1
         step_fn = make_train_step(b, self.model, self.optimizer, plan, self.loss_fn,
-                                  StepOptions(noise_scale=opt.noise_scale, noise_splits=splits))
+                                  StepOptions(noise_scale=opt.noise_scale and splits == 1))
+        noise_fn, noise_every = step_fn, 1
+        if opt.noise_scale and splits > 1:
+            noise_fn = make_train_step(b, self.model, self.optimizer, plan, self.loss_fn,
+                                       StepOptions(noise_scale=True, noise_splits=splits))
+            noise_every = max(1, opt.noise_every)
         eval_fn = make_eval_step(b, self.model, self.loss_fn)
-        tracker = (NoiseScaleTracker(step_fn.b_small, plan.global_batch_size)
+        tracker = (NoiseScaleTracker(noise_fn.b_small, plan.global_batch_size)
                    if opt.noise_scale else None)
 
         ckpt, manager = self._checkpoint()
@@ -145,7 +155,7 @@ class Trainer:
 
         wall0 = time.perf_counter()
         while step < opt.total_steps:
-            out = step_fn(iterator)
+            out = (noise_fn if (step + 1) % noise_every == 0 else step_fn)(iterator)
             step += 1
             pending.append((step, out))
             at_eval = (step - opt.step_offset) % eval_every == 0 or step == opt.total_steps
@@ -277,7 +287,7 @@ class Trainer:
             scalars = {"loss": loss, "accuracy": values["correct"] / gb}
             if self.lr_fn is not None:
                 scalars["learning_rate"] = float(self.lr_fn(step - 1))
-            if tracker is not None:
+            if tracker is not None and "small_sq" in values:
                 bs = tracker.update(values["small_sq"], values["big_sq"], step)
                 if bs is not None:
                     scalars["b_simple"] = bs
