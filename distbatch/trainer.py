@@ -247,6 +247,14 @@ class Trainer:
                            stopped_epoch=round(self._epoch_at(step), 4), stopped_early=stopped_early,
                            restored_metric=opt.early_stopping_metric,
                            restored_value=best[0], val_loss=val_loss, val_accuracy=val_acc)
+        if diverged_step is None:
+            # The generalization gap needs train metrics of the FINAL weights, evaluated like
+            # validation (the per-window running averages lag behind a model that improves).
+            n = min(len(self.data.x_train), max(len(self.data.x_val), 1))
+            train_loss, train_acc = self._evaluate(eval_fn, self.data.x_train[:n], self.data.y_train[:n])
+            metrics.update(train_loss_running=metrics["train_loss"],
+                           train_accuracy_running=metrics["train_accuracy"],
+                           train_loss=train_loss, train_accuracy=train_acc, train_eval_examples=n)
         if history:
             lows = min(history, key=lambda r: r["val_loss"])
             metrics["best_val_loss_epoch"] = lows["epoch"]
@@ -294,17 +302,19 @@ class Trainer:
             self._write_scalars(writers, "train", step, scalars)
         return None
 
-    def _evaluate(self, eval_fn) -> tuple[float, float]:
+    def _evaluate(self, eval_fn, x=None, y=None) -> tuple[float, float]:
+        """Exact (loss, accuracy) over ALL of x (default: the validation set)."""
+        x, y = (self.data.x_val, self.data.y_val) if x is None else (x, y)
         make_eval = lambda w, L: pipeline.eval_dataset(  # noqa: E731
-            self.data.x_val, self.data.y_val, self.plan, worker_index=w, local_replicas=L)
+            x, y, self.plan, worker_index=w, local_replicas=L)
         it = iter(self.backend.distribute(make_eval))
         total = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-        for _ in range(pipeline.eval_steps(self.plan, len(self.data.x_val))):
+        for _ in range(pipeline.eval_steps(self.plan, len(x))):
             out = eval_fn(it)
             for k in total:
                 total[k] += float(out[k].numpy())
-        if total["count"] != len(self.data.x_val):
-            raise RuntimeError(f"evaluation covered {total['count']} examples, expected {len(self.data.x_val)}")
+        if total["count"] != len(x):
+            raise RuntimeError(f"evaluation covered {total['count']} examples, expected {len(x)}")
         return _mean(total, total["count"])
 
     def _writers(self) -> dict:

@@ -89,7 +89,11 @@ cmd="${1:-sweep}"
 shift || true
 case "$cmd" in
   setup) setup ;;
-  sweep) setup; exec "$VENV/bin/distbatch" sweep "$@" ;;
+  sweep) setup
+         # No arguments: the default sweep into runs/sweep. --resume makes a second run
+         # idempotent: finished points are kept and only the report is rebuilt.
+         if [ "$#" -eq 0 ]; then set -- --out "$ROOT/runs/sweep" --resume; fi
+         exec "$VENV/bin/distbatch" sweep "$@" ;;
   test)  setup; cd "$ROOT"; exec "$VENV/bin/python" -m pytest tests "$@" ;;
   *) echo "usage: bash scripts/bootstrap.sh {sweep|test|setup} [args...] (got '$cmd')" >&2; exit 2 ;;
 esac
