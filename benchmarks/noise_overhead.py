@@ -3,9 +3,10 @@
 For each backend (single; mirrored on 2 logical CPUs) one subprocess builds the
 model once and compiles TWO train steps from distbatch.step.make_train_step on
 the same model, data pipeline and global batch: noise_scale off and on, exactly
-as the Trainer configures them (one replica: noise_splits=2, i.e. the batch is
-run as 2 micro-batches; several replicas: no split, the per-replica gradient is
-the small batch). Timed blocks of N steps alternate off/on (so load drift on a
+as the Trainer configures them (several replicas: every step measures, the
+per-replica gradient is the small batch; one replica: every --noise-every-th
+step, default 8, runs the batch as 2 micro-batches, the other steps are plain;
+--noise-every 1 gives the worst case). Timed blocks of N steps alternate off/on (so load drift on a
 shared machine hits both alike); the result is the median block time of each,
 the median of the per-pair ratios on/off, and the ratio of the fastest blocks
 (the least disturbed by other processes on a busy machine).
@@ -48,26 +49,32 @@ def measure(backend_name: str, args: argparse.Namespace) -> dict:
         optimizer = keras.optimizers.SGD(learning_rate=0.01, momentum=0.9)
         optimizer.build(model.trainable_variables)
     backend.prepare(model, optimizer)
-    splits = 2 if plan.replicas == 1 else 1  # as distbatch.trainer.Trainer does
-    total = args.warmup_steps + args.repeats * args.steps_per_repeat
-    steps, iterators = {}, {}
-    for name, noise in (("off", False), ("on", True)):
-        steps[name] = make_train_step(backend, model, optimizer, plan,
-                                      options=StepOptions(noise_scale=noise, noise_splits=splits))
-        iterators[name] = iter(backend.distribute(lambda w, L: pipeline.train_dataset(
-            data.x_train, data.y_train, plan, seed=0, worker_index=w, local_replicas=L,
-            total_steps=total)))
+    # As distbatch.trainer.Trainer does: several replicas measure on every step; one replica
+    # splits the batch in 2 (a second, slower step function) on every `noise_every`-th step.
+    splits = 2 if plan.replicas == 1 else 1
+    every = args.noise_every if plan.replicas == 1 else 1
+    total = args.warmup_steps + 1 + args.repeats * args.steps_per_repeat
+    plain = make_train_step(backend, model, optimizer, plan)
+    noisy = make_train_step(backend, model, optimizer, plan,
+                            options=StepOptions(noise_scale=True, noise_splits=splits))
+    schedules = {"off": lambda i: plain, "on": lambda i: noisy if (i + 1) % every == 0 else plain}
+    iterators = {name: iter(backend.distribute(lambda w, L: pipeline.train_dataset(
+        data.x_train, data.y_train, plan, seed=0, worker_index=w, local_replicas=L,
+        total_steps=total))) for name in schedules}
+    counters = {name: 0 for name in schedules}
 
     def block(name: str, n: int) -> float:
-        fn, it = steps[name], iterators[name]
+        pick, it = schedules[name], iterators[name]
         t0 = time.perf_counter()
         for _ in range(n):
-            out = fn(it)
+            out = pick(counters[name])(it)
+            counters[name] += 1
         float(out["loss_sum"].numpy())  # wait for the last step
         return (time.perf_counter() - t0) / n
 
-    for name in ("off", "on"):
+    for name in schedules:
         block(name, args.warmup_steps)
+    float(noisy(iterators["on"])["loss_sum"])  # compile the measuring step too
     times = {"off": [], "on": []}
     for r in range(args.repeats):
         order = ("off", "on") if r % 2 == 0 else ("on", "off")  # no fixed first/second bias
@@ -76,7 +83,8 @@ def measure(backend_name: str, args: argparse.Namespace) -> dict:
     ratios = [on / off for on, off in zip(times["on"], times["off"])]
     med_off, med_on = statistics.median(times["off"]), statistics.median(times["on"])
     import tensorflow as tf
-    return {"backend": backend_name, "tensorflow": tf.__version__, "replicas": plan.replicas, "noise_splits_on": splits,
+    return {"backend": backend_name, "tensorflow": tf.__version__, "replicas": plan.replicas,
+            "noise_splits_on": splits, "noise_every": every,
             "model": args.model, "dataset": args.dataset, "global_batch_size": plan.global_batch_size,
             "per_replica_batch_size": plan.per_replica_batch_size,
             "repeats": args.repeats, "steps_per_repeat": args.steps_per_repeat,
@@ -108,6 +116,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=9, help="timed blocks per setting (default 9)")
     p.add_argument("--steps-per-repeat", type=int, default=40, help="steps per timed block (default 40)")
     p.add_argument("--warmup-steps", type=int, default=10, help="untimed steps first (compilation)")
+    p.add_argument("--noise-every", type=int, default=8,
+                   help="one replica: split-batch measurement every N steps, as the Trainer "
+                        "(LoopOptions.noise_every, default 8); 1 = every step (worst case)")
     p.add_argument("--out", default="noise_overhead.json", help="JSON output file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)

@@ -171,6 +171,9 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
     total_steps = (batch_schedule.total_steps if batch_schedule else
                    plan.total_steps(epochs=args.epochs, steps=args.steps))
     chief = backend.is_chief
+    if args.noise_scale:  # checked here so a bad combination writes nothing
+        from distbatch.step import check_noise_scale, noise_splits_for
+        check_noise_scale(plan, noise_splits_for(plan))
 
     keras.utils.set_random_seed(args.seed)
     set_precision(args.mixed_precision)
@@ -212,6 +215,7 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
         resume=args.resume,
         tensorboard_dir=getattr(args, "tensorboard_dir", None) or os.path.join(args.out, "tensorboard"),
         stop_at_target=getattr(args, "stop_at_target", False),
+        noise_every=getattr(args, "noise_every", 8),
         verbose=getattr(args, "progress", True))
     started = time.time()
     try:

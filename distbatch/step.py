@@ -33,6 +33,26 @@ class StepOptions:
     noise_splits: int = 1
 
 
+def noise_splits_for(plan: BatchPlan) -> int:
+    """Micro-batches per replica the noise scale needs: 2 on one replica without
+    accumulation (to get a second, smaller batch size), else 1."""
+    return 2 if plan.replicas * plan.accumulation_steps == 1 else 1
+
+
+def check_noise_scale(plan: BatchPlan, splits: int) -> None:
+    """UsageError unless the noise scale can see two batch sizes with equal micro-batches."""
+    from distbatch.errors import UsageError
+    gb, splits = plan.global_batch_size, max(1, splits)
+    if plan.replicas * plan.accumulation_steps * splits == 1:
+        raise UsageError("--noise-scale needs two batch sizes: more than one replica, "
+                         "--accumulation-steps > 1, or noise_splits > 1 (got 1 of each)")
+    if plan.per_replica_batch_size % splits:
+        b = plan.per_replica_batch_size
+        raise UsageError(f"--noise-scale splits each replica's batch of {b} into {splits} equal "
+                         f"micro-batches; {b} is not divisible by {splits} (global batch {gb}); "
+                         f"try --global-batch-size {gb - gb % (splits * plan.replicas * plan.accumulation_steps)}")
+
+
 def _sq_norm(tf, tensors):
     return tf.add_n([tf.reduce_sum(tf.square(tf.cast(t, tf.float32))) for t in tensors])
 
@@ -58,16 +78,7 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
     units = plan.replicas * micro  # micro-batches in one global batch
     b_small = gb // units
     if options.noise_scale:
-        from distbatch.errors import UsageError
-        splits = max(1, options.noise_splits)
-        if units == 1:
-            raise UsageError("--noise-scale needs two batch sizes: more than one replica, "
-                             "--accumulation-steps > 1, or noise_splits > 1 (got 1 of each)")
-        if plan.per_replica_batch_size % splits:
-            b = plan.per_replica_batch_size
-            raise UsageError(f"--noise-scale splits each replica's batch of {b} into {splits} equal "
-                             f"micro-batches; {b} is not divisible by {splits} (global batch {gb}); "
-                             f"try --global-batch-size {gb - gb % (splits * plan.replicas * plan.accumulation_steps)}")
+        check_noise_scale(plan, options.noise_splits)
     scale_loss = getattr(optimizer, "scale_loss", None) if hasattr(optimizer, "inner_optimizer") else None
 
     def loss_scale_sq():

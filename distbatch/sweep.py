@@ -79,7 +79,9 @@ def summary_to_row(summary: dict, point_id: str, status: str) -> dict:
     row = {k: summary.get(k) for k in ROW_FIELDS}
     row.update(point_id=point_id, status=status, diverged=status == "diverged",
                history=summary.get("history"), target_accuracy=summary.get("target_accuracy"),
-               optimizer=summary.get("optimizer"))
+               optimizer=summary.get("optimizer"),
+               **{k: summary.get(k) for k in ("best_val_loss_epoch", "best_epoch", "stopped_epoch",
+                                              "stopped_early", "train_time_s")})
     return row
 
 
@@ -104,6 +106,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     from distbatch import results
     from distbatch.backends import create_backend
     from distbatch.data import load_dataset
+    from distbatch.probe import is_out_of_memory
     from distbatch.report import build_report
     from distbatch.run import machine_info, train
 
@@ -146,7 +149,7 @@ def run_sweep(args: argparse.Namespace) -> int:
             status = "diverged" if summary.get("diverged") else "ok"
             row = summary_to_row(summary, point_id, status)
         except Exception as e:  # noqa: BLE001 - only out-of-memory is recorded, the rest re-raised
-            if type(e).__name__ != "ResourceExhaustedError":
+            if not is_out_of_memory(e):
                 raise
             row = oom_row(args, batch, seed, point_id, backend)
         if chief:

@@ -24,7 +24,7 @@ from distbatch.backends.base import Backend
 from distbatch.errors import UsageError
 from distbatch.noise import NoiseScaleTracker
 from distbatch.plan import BatchPlan
-from distbatch.step import StepOptions, make_eval_step, make_train_step
+from distbatch.step import StepOptions, make_eval_step, make_train_step, noise_splits_for
 
 
 @dataclass
@@ -102,7 +102,7 @@ class Trainer:
         # come for free (micro-batch before the all-reduce, global batch after), so every step
         # measures. On one replica the batch must be split in two, which slows a step down, so
         # only every `noise_every`-th step does it.
-        splits = 2 if opt.noise_scale and plan.replicas * plan.accumulation_steps == 1 else 1
+        splits = noise_splits_for(plan) if opt.noise_scale else 1
         step_fn = make_train_step(b, self.model, self.optimizer, plan, self.loss_fn,
                                   StepOptions(noise_scale=opt.noise_scale and splits == 1))
         noise_fn, noise_every = step_fn, 1

@@ -315,13 +315,13 @@ def test_recommend_cli_end_to_end(tmp_path, dataset_cache):
     from distbatch.schedules import scaled_learning_rate
     out = tmp_path / "rec"
     proc = run_cli(["recommend", "--dataset", "mnist1d", "--train-size", "1000", "--val-size", "200",
-                    "--noise-batch-size", "64", "--noise-steps", "60", "--batch-sizes", "32,64,128",
+                    "--noise-batch-size", "64", "--noise-steps", "96", "--batch-sizes", "32,64,128",
                     "--throughput-steps", "5", "--base-lr", "0.05", "--base-batch-size", "32",
                     "--epochs", "18", "--out", str(out)], timeout=240)
     with open(out / "recommendation.json") as f:
         result = json.load(f)
     noise = load_summary(out / "noise")
-    assert noise["global_batch_size"] == 64 and noise["total_steps"] == 60
+    assert noise["global_batch_size"] == 64 and noise["total_steps"] == 96
     assert result["b_simple"] == pytest.approx(noise["b_simple"])
     throughputs = {r["global_batch_size"]: r["samples_per_sec"] for r in result["rows"]}
     assert sorted(throughputs) == [32, 64, 128]
