@@ -88,8 +88,10 @@ class Trainer:
         ckpt = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self._step_var)
         # Multiworker: every worker must save (collectives); non-chief to a temp dir.
         directory = self.opt.checkpoint_dir
+        self._temp_checkpoint_dir = None
         if not self.chief:
             directory = tempfile.mkdtemp(prefix=f"distbatch-ckpt-w{self.backend.worker_index}-")
+            self._temp_checkpoint_dir = directory
         return ckpt, tf.train.CheckpointManager(ckpt, directory, max_to_keep=2)
 
     # -- the loop -------------------------------------------------------------------------
@@ -221,6 +223,8 @@ class Trainer:
                 break
             t_last = time.perf_counter()  # evaluation and checkpoints are not training time
         wall = time.perf_counter() - wall0
+        if getattr(self, "_temp_checkpoint_dir", None):
+            shutil.rmtree(self._temp_checkpoint_dir, ignore_errors=True)
 
         last = history[-1] if history else {}
         metrics = {
@@ -341,15 +345,6 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _save_history(directory: str, history: list) -> None:
-    import json
-    path = os.path.join(directory, "history.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(history, f)
-    os.replace(tmp, path)
-
-
 def _load_history(directory: str) -> list:
     import json
     path = os.path.join(directory, "history.json")
@@ -384,7 +379,3 @@ def _load_state(directory: str, step: int) -> tuple[list, dict]:
             saved = json.load(f)
         return saved["history"], saved["loop"]
     return [r for r in _load_history(directory) if r["step"] <= step], {}
-
-
-def remove_tree(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
