@@ -191,8 +191,10 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
     if args.overwrite and chief:
         for name in RUN_FILES + ("tensorboard", "checkpoints"):
             path = os.path.join(args.out, name)
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else (
-                os.path.exists(path) and os.remove(path))
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
     if chief:
         os.makedirs(args.out, exist_ok=True)
     config = {k: v for k, v in sorted(vars(args).items()) if k != "func"}
@@ -243,7 +245,8 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
         "distbatch_version": __version__, "tensorflow_version": _tf_version(),
         **recipe, **result.metrics,
         "generalization_gap": _gap(result.metrics),
-        "target_accuracy": args.target_accuracy, "history": result.history, "started": started, "machine": machine_info(backend),
+        "target_accuracy": args.target_accuracy, "history": result.history, "started": started,
+        "machine": machine_info(backend),
         **({"batch_size_schedule": batch_schedule.as_dict()} if batch_schedule else {}),
     }
     _save_model(model, args.out, backend)

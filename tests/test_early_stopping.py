@@ -45,10 +45,11 @@ def check_summary(s: dict) -> None:
     assert [r["step"] for r in hist] == list(range(spe, s["steps"] + 1, spe))
     assert s["best_epoch"] == pytest.approx(s["best_step"] / spe)
     assert s["stopped_epoch"] == pytest.approx(s["steps"] / spe)
-    # Restored weights: the summary's final val_loss is the best one, and the train
-    # metrics are those of the same evaluation point.
+    # Restored weights: the summary's final val_loss is the best one; the running train
+    # metrics are those of the same evaluation point, and train_loss is an exact evaluation
+    # of the restored weights on the training subset (not the last point's weights).
     assert s["val_loss"] == pytest.approx(best["val_loss"], rel=1e-6)
-    assert s["train_loss"] == pytest.approx(best["train_loss"], rel=1e-9)
+    assert s["train_loss_running"] == pytest.approx(best["train_loss"], rel=1e-9)
 
 
 def check_saved_model(out_dir, s: dict) -> None:
@@ -58,6 +59,12 @@ def check_saved_model(out_dir, s: dict) -> None:
     data = load_dataset("mnist1d", seed=0, train_size=256, val_size=200)
     model = keras.models.load_model(os.path.join(out_dir, "model.keras"), compile=False)
     assert numpy_val_loss(model, data) == pytest.approx(s["restored_value"], rel=1e-4)
+    # train_loss is an exact evaluation of the restored weights on the first n training examples.
+    n = s["train_eval_examples"]
+    logits = model.predict(data.x_train[:n], verbose=0)
+    train_loss = float(np.mean(keras.losses.sparse_categorical_crossentropy(
+        data.y_train[:n], logits, from_logits=True)))
+    assert train_loss == pytest.approx(s["train_loss"], rel=1e-4)
 
 
 def test_stop_rule_in_process_single(dataset_cache):
