@@ -80,7 +80,12 @@ setup() {
   pipq install -q -r requirements.txt
   bash "$ROOT/scripts/build_horovod.sh" "$VENV/bin/python" 2> >(grep -v "is ignored: it is neither" >&2)
   pipq install -q --no-build-isolation --no-deps -e .
-  "$VENV/bin/python" -c "import distbatch, horovod.tensorflow, mpi4py, tensorboard"
+  # TF prints start-up notices on import; show the output only if the check fails.
+  if ! out="$("$VENV/bin/python" -c "import distbatch, horovod.tensorflow, mpi4py, tensorboard" 2>&1)"; then
+    printf '%s\n' "$out" >&2
+    say "setup finished but the import check failed (see above)"
+    exit 1
+  fi
   echo "$key" > "$STAMP"
   say "setup done"
 }
