@@ -188,6 +188,8 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
         optimizer.build(model.trainable_variables)
     backend.prepare(model, optimizer)
 
+    if args.resume:
+        check_resume_matches(args, backend)
     if args.overwrite and chief:
         for name in RUN_FILES + ("tensorboard", "checkpoints"):
             path = os.path.join(args.out, name)
@@ -274,6 +276,30 @@ def write_rank_report(backend, metrics: dict) -> None:
     keys = ("steps", "best_step", "stopped_early", "restored_value", "val_loss", "diverged")
     atomic_write_json(os.path.join(directory, f"rank{backend.worker_index}.json"),
                       {"rank": backend.worker_index, **{k: metrics.get(k) for k in keys}})
+
+
+# Flags that must not change when a run is resumed: they change the data order, the model,
+# the batch arithmetic or the learning-rate schedule that the checkpoint belongs to.
+RESUME_KEYS = ("dataset", "data_seed", "train_size", "val_size", "model", "global_batch_size",
+               "accumulation_steps", "seed", "epochs", "steps", "optimizer", "base_lr",
+               "base_batch_size", "scaling", "warmup", "warmup_epochs", "warmup_steps", "decay",
+               "momentum", "weight_decay", "mixed_precision", "replicas")
+
+
+def check_resume_matches(args: argparse.Namespace, backend) -> None:
+    """--resume with other flags than the checkpointed run would silently train something else."""
+    path = os.path.join(args.out, "config.json")
+    if not os.path.exists(path):
+        return
+    import json
+    with open(path) as f:
+        old = json.load(f)
+    new = {**vars(args), "replicas": backend.num_replicas}
+    for key in RESUME_KEYS:
+        if key in old and old[key] != new.get(key):
+            raise UsageError(f"--resume: {key.replace('_', '-')} is {new.get(key)!r} but the run in "
+                             f"{args.out!r} used {old[key]!r}; resume with the same flags or use "
+                             "another --out")
 
 
 def _gap(m: dict):

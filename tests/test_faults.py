@@ -325,3 +325,17 @@ def test_killed_sweep_resumes_only_unfinished_points(tmp_path, dataset_cache):
     steps = [r["step"] for r in load_summary(point)["history"]]
     assert steps == list(range(steps[0], 49, steps[0])), steps  # every evaluation, once
     assert json.loads((point / "config.json").read_text())["resume"] is True
+
+
+def test_resume_with_other_flags_is_refused(tmp_path, dataset_cache):
+    """--resume must continue the SAME run: a changed batch or length is refused, nothing rewritten."""
+    out = tmp_path / "run"
+    base = ["train", "--train-size", "256", "--val-size", "64", "--steps", "4", "--out", str(out)]
+    run_cli([*base, "--global-batch-size", "64"])
+    before = (out / "config.json").read_bytes()
+    proc = run_cli([*base, "--global-batch-size", "32", "--resume"], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"distbatch: error: --resume: global-batch-size is 32 but the run in "
+                                   f"{str(out)!r} used 64; resume with the same flags or use another --out")
+    assert (out / "config.json").read_bytes() == before
+    run_cli([*base, "--global-batch-size", "64", "--resume"])  # the same flags resume fine
