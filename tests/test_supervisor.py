@@ -299,3 +299,29 @@ def test_real_multiworker_across_two_network_namespaces(tmp_path, netns_pair):
     assert w0.returncode == 0 and w1.returncode == 0, out0 + err0 + out1 + err1
     assert re.search(r"^\[rank 0\] RESULT 0 2 \[3\.0, 30\.0\]$", out0, re.M), out0 + err0
     assert re.search(r"^RESULT 1 2 \[3\.0, 30\.0\]$", out1, re.M), out1 + err1
+
+
+@pytest.mark.slow
+def test_real_training_across_two_network_namespaces(tmp_path, netns_pair, dataset_cache):
+    """`distbatch train --backend multiworker` with one worker per namespace ends with the weights
+    of a single-device run at the same global batch."""
+    from conftest import DISTBATCH, load_weights, max_weight_diff, run_cli
+    (ns0, ip0), (ns1, ip1) = netns_pair
+    args = ["train", "--dataset", "mnist1d", "--train-size", "520", "--val-size", "203",
+            "--global-batch-size", "64", "--steps", "12", "--seed", "3"]
+    run_cli([*args, "--backend", "single", "--out", str(tmp_path / "single")])
+    env = {k: v for k, v in _launcher_env().items() if "proxy" not in k.lower()}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    launch = [DISTBATCH, "launch", "multiworker", "--hosts", f"{ip0},{ip1}", "--port", "23457"]
+    worker = [DISTBATCH, *args, "--backend", "multiworker", "--out", str(tmp_path / "mw")]
+    procs = [subprocess.Popen(["ip", "netns", "exec", ns, *launch, "--task-index", str(i), "--", *worker],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for i, ns in enumerate((ns0, ns1))]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(outs)
+    assert max_weight_diff(load_weights(tmp_path / "mw"), load_weights(tmp_path / "single")) < 1e-5
