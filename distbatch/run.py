@@ -235,7 +235,7 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
         if not is_out_of_memory(e):
             raise
         raise OutOfMemory(oom_message(plan)) from e
-    write_rank_report(backend, result.metrics)
+    write_rank_report(backend, result.metrics, model)
 
     summary = {
         "backend": backend.name, "replicas": plan.replicas, "workers": backend.num_workers,
@@ -252,7 +252,6 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
         **({"batch_size_schedule": batch_schedule.as_dict()} if batch_schedule else {}),
     }
     _save_model(model, args.out, backend)
-    _save_rank_weights(model, backend)
     if chief:
         atomic_write_json(os.path.join(args.out, "summary.json"), summary)
     if summary["diverged"]:
@@ -263,19 +262,22 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
     return summary, 0
 
 
-def write_rank_report(backend, metrics: dict) -> None:
-    """If $DISTBATCH_RANK_REPORT names a directory, every rank writes rank<i>.json there.
+def write_rank_report(backend, metrics: dict, model) -> None:
+    """If $DISTBATCH_RANK_REPORT names a directory, EVERY rank writes rank<i>.json (its own
+    step count and early-stopping decision) and rank<i>.npz (its final weights) there.
 
-    For tests and debugging of multi-process runs: shows each rank's own step count
-    and early-stopping decision (only the chief writes summary.json).
+    For tests and debugging of multi-process runs, where only the chief writes
+    summary.json and model.keras: it shows whether all ranks ended identical.
     """
     directory = os.environ.get("DISTBATCH_RANK_REPORT")
     if not directory:
         return
+    import numpy as np
     os.makedirs(directory, exist_ok=True)
     keys = ("steps", "best_step", "stopped_early", "restored_value", "val_loss", "diverged")
     atomic_write_json(os.path.join(directory, f"rank{backend.worker_index}.json"),
                       {"rank": backend.worker_index, **{k: metrics.get(k) for k in keys}})
+    np.savez(os.path.join(directory, f"rank{backend.worker_index}.npz"), *model.get_weights())
 
 
 # Flags that must not change when a run is resumed: they change the data order, the model,
@@ -311,17 +313,6 @@ def _gap(m: dict):
 def _tf_version() -> str:
     import tensorflow as tf
     return tf.__version__
-
-
-def _save_rank_weights(model, backend) -> None:
-    """Debugging aid: with DISTBATCH_RANK_WEIGHTS_DIR set, EVERY rank writes its final
-    weights to rank<i>.npz there, to check that all ranks ended identical."""
-    directory = os.environ.get("DISTBATCH_RANK_WEIGHTS_DIR")
-    if not directory:
-        return
-    import numpy as np
-    os.makedirs(directory, exist_ok=True)
-    np.savez(os.path.join(directory, f"rank{backend.worker_index}.npz"), *model.get_weights())
 
 
 def _save_model(model, out: str, backend) -> None:

@@ -32,7 +32,7 @@ def reference(tmp_path_factory, dataset_cache):
 
 def run_launch(launcher_args, out, rank_dir, backend):
     """`distbatch launch ... -- distbatch train` with 2 workers; every rank saves its weights."""
-    env = cli_env({"DISTBATCH_RANK_WEIGHTS_DIR": str(rank_dir)})
+    env = cli_env({"DISTBATCH_RANK_REPORT": str(rank_dir)})
     proc = subprocess.run(
         [str(VENV_BIN / "distbatch"), "launch", *launcher_args, "--",
          str(VENV_BIN / "distbatch"), "train", "--backend", backend, *COMMON, "--out", str(out)],
