@@ -1,6 +1,7 @@
 """The shared train step on every backend: same weights as one device at the
 same global batch, ranks identical, exact global validation metrics, uneven
-data finishing without a hang.
+data finishing without a hang, and the same gradient noise scale from every
+backend that sees two batch sizes on every step.
 
 Each run is the real CLI in subprocesses (2 logical CPUs for mirrored, 2
 local processes for multiworker and Horovod, started through `distbatch
@@ -19,7 +20,7 @@ import pytest
 from conftest import VENV_BIN, cli_env, load_summary, load_weights, max_weight_diff, run_cli
 
 COMMON = ["--dataset", "mnist1d", "--train-size", "520", "--val-size", "203",
-          "--global-batch-size", "64", "--steps", "20", "--seed", "3"]
+          "--global-batch-size", "64", "--steps", "20", "--seed", "3", "--noise-scale"]
 TOL = 1e-5
 
 
@@ -88,39 +89,55 @@ def test_uneven_data_drops_the_remainder(reference):
     assert summary["epochs"] == pytest.approx(20 / 8)
 
 
-@pytest.mark.slow
-def test_mirrored_two_replicas_equal_single(tmp_path, reference):
-    out = tmp_path / "mirrored"
+@pytest.fixture(scope="module")
+def mirrored(tmp_path_factory, dataset_cache):
+    out = tmp_path_factory.mktemp("mirrored") / "run"
     run_cli(["train", "--backend", "mirrored", "--cpu-replicas", "2", *COMMON, "--out", str(out)])
-    check_against_reference(out, reference)
-    assert load_summary(out)["per_replica_batch_size"] == 32
+    return out
+
+
+def check_noise_scale(out, mirrored):
+    """B_small = 32 and B_big = 64 on every step: the same B_simple as mirrored, on every backend."""
+    expected = load_summary(mirrored)["b_simple"]
+    assert expected is not None and expected > 0
+    assert load_summary(out)["b_simple"] == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.slow
-def test_accumulation_equals_two_replicas(tmp_path, reference):
+def test_mirrored_two_replicas_equal_single(mirrored, reference):
+    check_against_reference(mirrored, reference)
+    assert load_summary(mirrored)["per_replica_batch_size"] == 32
+
+
+@pytest.mark.slow
+def test_accumulation_equals_two_replicas(tmp_path, reference, mirrored):
     out = tmp_path / "accum"
     run_cli(["train", "--backend", "single", "--accumulation-steps", "2", *COMMON, "--out", str(out)])
     check_against_reference(out, reference, replicas=1)
+    check_noise_scale(out, mirrored)
     assert load_summary(out)["per_replica_batch_size"] == 32
 
 
 @pytest.mark.slow
-def test_multiworker_two_processes_equal_single(tmp_path, reference):
+def test_multiworker_two_processes_equal_single(tmp_path, reference, mirrored):
     out, ranks = tmp_path / "mw", tmp_path / "ranks"
     run_multiworker(out, ranks)
     check_against_reference(out, reference, ranks)
+    check_noise_scale(out, mirrored)
 
 
 @pytest.mark.slow
-def test_horovod_gloo_equals_single(tmp_path, reference):
+def test_horovod_gloo_equals_single(tmp_path, reference, mirrored):
     out, ranks = tmp_path / "hvd", tmp_path / "ranks"
     horovodrun_gloo(out, ranks)
     check_against_reference(out, reference, ranks)
+    check_noise_scale(out, mirrored)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI's mpirun is not installed")
-def test_horovod_under_mpirun_equals_single(tmp_path, reference):
+def test_horovod_under_mpirun_equals_single(tmp_path, reference, mirrored):
     out, ranks = tmp_path / "mpi", tmp_path / "ranks"
     mpirun(out, ranks)
     check_against_reference(out, reference, ranks)
+    check_noise_scale(out, mirrored)
