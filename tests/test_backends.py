@@ -42,19 +42,6 @@ def run_launch(launcher_args, out, rank_dir, backend):
     return proc
 
 
-def run_multiworker(out, rank_dir):
-    proc = run_launch(["multiworker", "--workers", "2"], out, rank_dir, "multiworker")
-    assert "[rank 0]" in proc.stdout + proc.stderr  # the supervisor prefixes each worker's lines
-
-
-def horovodrun_gloo(out, rank_dir):
-    run_launch(["horovod", "-np", "2", "-H", "localhost:2", "--gloo"], out, rank_dir, "horovod")
-
-
-def mpirun(out, rank_dir):
-    run_launch(["mpirun", "-np", "2"], out, rank_dir, "horovod")
-
-
 def check_against_reference(out, reference, rank_dir=None, replicas=2):
     summary = load_summary(out)
     assert summary["replicas"] == replicas
@@ -118,26 +105,20 @@ def test_accumulation_equals_two_replicas(tmp_path, reference, mirrored):
     assert load_summary(out)["per_replica_batch_size"] == 32
 
 
-@pytest.mark.slow
-def test_multiworker_two_processes_equal_single(tmp_path, reference, mirrored):
-    out, ranks = tmp_path / "mw", tmp_path / "ranks"
-    run_multiworker(out, ranks)
-    check_against_reference(out, reference, ranks)
-    check_noise_scale(out, mirrored)
+NEEDS_MPIRUN = pytest.mark.skipif(shutil.which("mpirun") is None,
+                                  reason="Open MPI's mpirun is not installed")
 
 
 @pytest.mark.slow
-def test_horovod_gloo_equals_single(tmp_path, reference, mirrored):
-    out, ranks = tmp_path / "hvd", tmp_path / "ranks"
-    horovodrun_gloo(out, ranks)
-    check_against_reference(out, reference, ranks)
-    check_noise_scale(out, mirrored)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI's mpirun is not installed")
-def test_horovod_under_mpirun_equals_single(tmp_path, reference, mirrored):
-    out, ranks = tmp_path / "mpi", tmp_path / "ranks"
-    mpirun(out, ranks)
+@pytest.mark.parametrize("launcher,backend", [
+    pytest.param(["multiworker", "--workers", "2"], "multiworker", id="multiworker"),
+    pytest.param(["horovod", "-np", "2", "-H", "localhost:2", "--gloo"], "horovod", id="horovod-gloo"),
+    pytest.param(["mpirun", "-np", "2"], "horovod", id="horovod-mpirun", marks=NEEDS_MPIRUN),
+])
+def test_two_processes_equal_single(launcher, backend, tmp_path, reference, mirrored):
+    out, ranks = tmp_path / "run", tmp_path / "ranks"
+    proc = run_launch(launcher, out, ranks, backend)
+    if backend == "multiworker":  # the supervisor prefixes each worker's lines
+        assert "[rank 0]" in proc.stdout + proc.stderr
     check_against_reference(out, reference, ranks)
     check_noise_scale(out, mirrored)
