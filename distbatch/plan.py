@@ -28,20 +28,21 @@ class BatchPlan:
 
     @classmethod
     def derive(cls, *, global_batch_size: int, replicas: int, accumulation_steps: int = 1,
-               num_train_examples: int) -> "BatchPlan":
+               num_train_examples: int, flag: str = "--global-batch-size") -> "BatchPlan":
+        """Validate and derive; `flag` names the batch in error messages (e.g. --batch-sizes)."""
         require(global_batch_size >= 1,
-                f"--global-batch-size must be a positive integer, got {global_batch_size}")
+                f"{flag} must be a positive integer, got {global_batch_size}")
         require(accumulation_steps >= 1,
                 f"--accumulation-steps must be a positive integer, got {accumulation_steps}")
         require(replicas >= 1, f"replicas must be >= 1, got {replicas}")
         units = replicas * accumulation_steps
         if global_batch_size % units:
             raise UsageError(
-                f"--global-batch-size {global_batch_size} is not divisible by replicas ({replicas}) "
+                f"{flag} {global_batch_size} is not divisible by replicas ({replicas}) "
                 f"x accumulation steps ({accumulation_steps}) = {units}; "
                 f"try {max(units, global_batch_size // units * units)}")
         require(global_batch_size <= num_train_examples,
-                f"--global-batch-size {global_batch_size} is larger than the training set "
+                f"{flag} {global_batch_size} is larger than the training set "
                 f"({num_train_examples} examples)")
         return cls(global_batch_size=global_batch_size, replicas=replicas,
                    accumulation_steps=accumulation_steps,

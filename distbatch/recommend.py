@@ -198,6 +198,7 @@ def run_recommend(args: argparse.Namespace) -> int:
 
     from distbatch.backends import create_backend
     from distbatch.data import load_dataset
+    from distbatch.plan import BatchPlan
     from distbatch.probe import OutOfMemory
     from distbatch.run import EXIT_DIVERGED, train
     from distbatch.schedules import scaled_learning_rate
@@ -206,11 +207,10 @@ def run_recommend(args: argparse.Namespace) -> int:
     data = load_dataset(args.dataset, seed=args.data_seed, train_size=args.train_size,
                         val_size=args.val_size)
     units = backend.num_replicas * args.accumulation_steps
-    n = len(data.x_train)
     for flag, b in [("--noise-batch-size", args.noise_batch_size)] + [("--batch-sizes", b) for b in batches]:
-        require(b % units == 0, f"{flag} {b} is not divisible by replicas ({backend.num_replicas}) x "
-                                f"accumulation steps ({args.accumulation_steps})")
-        require(b <= n, f"{flag} {b} is larger than the training set ({n} examples)")
+        BatchPlan.derive(global_batch_size=b, replicas=backend.num_replicas,
+                         accumulation_steps=args.accumulation_steps,
+                         num_train_examples=len(data.x_train), flag=flag)
     if units == 1:
         require(args.noise_batch_size % 2 == 0,
                 f"--noise-batch-size must be even on one replica (it is split in two), "

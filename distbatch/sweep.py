@@ -106,6 +106,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     from distbatch import results
     from distbatch.backends import create_backend
     from distbatch.data import load_dataset
+    from distbatch.plan import BatchPlan
     from distbatch.probe import is_out_of_memory
     from distbatch.report import build_report
     from distbatch.run import machine_info, train
@@ -114,11 +115,9 @@ def run_sweep(args: argparse.Namespace) -> int:
     data = load_dataset(args.dataset, seed=args.data_seed, train_size=args.train_size,
                         val_size=args.val_size)
     for b in batches:  # every point's arithmetic is checked before the first one trains
-        require(b % (backend.num_replicas * args.accumulation_steps) == 0,
-                f"--batch-sizes {b} is not divisible by replicas ({backend.num_replicas}) x "
-                f"accumulation steps ({args.accumulation_steps})")
-        require(b <= len(data.x_train),
-                f"--batch-sizes {b} is larger than the training set ({len(data.x_train)} examples)")
+        BatchPlan.derive(global_batch_size=b, replicas=backend.num_replicas,
+                         accumulation_steps=args.accumulation_steps,
+                         num_train_examples=len(data.x_train), flag="--batch-sizes")
     chief = backend.is_chief
     out = args.out
     if chief:
