@@ -297,7 +297,7 @@ class Trainer:
             sums["loss_sum"] += values["loss_sum"]
             sums["correct"] += values["correct"]
             scalars = {"loss": loss, "accuracy": values["correct"] / gb}
-            if self.lr_fn is not None:
+            if self.lr_fn is not None and "train" in writers:  # only the chief logs it
                 scalars["learning_rate"] = float(self.lr_fn(step - 1))
             if tracker is not None and "small_sq" in values:
                 bs = tracker.update(values["small_sq"], values["big_sq"], step)
