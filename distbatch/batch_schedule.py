@@ -199,8 +199,7 @@ def run_schedule(backend, model, optimizer, schedule: BatchSchedule, data, optio
                   f"{seg.plan.global_batch_size} ({seg.plan.per_replica_batch_size} per replica), "
                   f"{seg.plan.steps_per_epoch} steps/epoch, steps {seg.start_step}..{seg.end_step}",
                   file=sys.stderr, flush=True)
-        res = Trainer(backend, model, optimizer, seg.plan, data, opts, loss_fn=loss_fn,
-                      learning_rate_fn=learning_rate_fn).run()
+        res = Trainer(backend, model, optimizer, seg.plan, data, opts, loss_fn=loss_fn).run()
         results.append(res)
         info = {"start_epoch": seg.start_epoch, "global_batch_size": seg.plan.global_batch_size,
                 "per_replica_batch_size": seg.plan.per_replica_batch_size,

@@ -60,6 +60,16 @@ class NoiseScaleTracker:
             self.trajectory.append((int(step), value))
         return value
 
+    def state(self) -> dict:
+        """The averages, for a checkpoint (restore() gives back exactly this tracker)."""
+        return {"steps": self.steps, "ema_g2": self.ema_g2, "ema_s": self.ema_s,
+                "skipped": self.skipped, "trajectory": list(self.trajectory)}
+
+    def restore(self, state: dict) -> None:
+        self.steps, self.ema_g2, self.ema_s = state["steps"], state["ema_g2"], state["ema_s"]
+        self.skipped = state.get("skipped", 0)
+        self.trajectory = [tuple(t) for t in state.get("trajectory", [])]
+
     @property
     def corrected(self) -> tuple[float, float]:
         c = 1 - self.beta ** self.steps if self.steps else 1.0

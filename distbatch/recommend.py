@@ -173,9 +173,6 @@ def _sub_args(args: argparse.Namespace, batch: int, steps: int, out: str, noise:
     a = copy.copy(args)
     a.global_batch_size, a.steps, a.epochs = batch, steps, None
     a.noise_scale, a.out, a.progress = noise, out, False
-    # The noise run is not timed: measure on every step, also on one replica (where the
-    # Trainer otherwise measures every 8th step). Needs run.train to pass it to LoopOptions.
-    a.noise_every = 1
     a.target_accuracy = a.early_stopping_metric = None
     a.resume, a.overwrite = False, True
     a.checkpoint_every = steps  # one checkpoint at the end, not at every evaluation

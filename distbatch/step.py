@@ -31,6 +31,8 @@ class StepOptions:
     # Micro-batches per replica used for the noise scale's small batch when the
     # plan itself has only one (1 replica, no accumulation).
     noise_splits: int = 1
+    # XLA-compile the per-replica forward/backward pass (tf.function(jit_compile=True)).
+    jit_compile: bool = False
 
 
 def noise_splits_for(plan: BatchPlan) -> int:
@@ -65,9 +67,34 @@ def sparse_ce(tf, keras):
     return loss_fn
 
 
+def _learning_rate(tf, optimizer):
+    """The learning rate the optimizer applies at its current step, read inside the graph
+    (a schedule is evaluated at optimizer.iterations; LossScaleOptimizer delegates)."""
+    return tf.cast(optimizer.learning_rate, tf.float32)
+
+
+def _multi_step(tf, one_step, keys):
+    """A tf.function running `one_step(iterator)` n times in ONE call (a tf.while_loop, as
+    Keras's steps_per_execution does); every output comes back stacked, shape [n]."""
+    @tf.function
+    def steps(iterator, n):
+        arrays = {k: tf.TensorArray(tf.float32, size=n) for k in keys}
+        for i in tf.range(n):
+            out = one_step(iterator)
+            arrays = {k: arrays[k].write(i, out[k]) for k in keys}
+        return {k: a.stack() for k, a in arrays.items()}
+    return steps
+
+
 def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn=None,
                     options: StepOptions = StepOptions()):
-    """Return a tf.function step(iterator) -> dict of global sums (identical on every rank)."""
+    """Return a tf.function step(iterator) -> dict of global sums (identical on every rank).
+
+    `step.multi(iterator, n)` runs n steps in one call and returns each output
+    stacked over the n steps; `step.keys` names the outputs. Outputs:
+    loss_sum, correct (global sums), lr (the learning rate this step applied)
+    and, with the noise scale on, small_sq and big_sq.
+    """
     import keras
     import tensorflow as tf
 
@@ -101,10 +128,26 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
             tf.argmax(logits, axis=-1, output_type=tf.int32), tf.cast(y, tf.int32)), tf.float32))
         return grads, tf.reduce_sum(per_example), correct
 
+    if options.jit_compile:
+        # XLA compiles the forward and backward pass of one micro-batch; the all-reduce and
+        # the optimizer update stay outside (Horovod's ops and tf.distribute's collectives
+        # have no XLA kernels on CPU).
+        grads_of = tf.function(grads_of, jit_compile=True)
+
     def replica_step(x, y):
         if micro == 1:
             grads, loss_sum, correct = grads_of(x, y)
             small_sq = _sq_norm(tf, grads) if options.noise_scale else tf.constant(0.0)
+        elif micro == 2 and plan.accumulation_steps == 1:
+            # The noise scale's split of one batch (the whole batch is in memory anyway):
+            # unrolled, without a while_loop's per-step overhead.
+            half = tf.shape(x)[0] // 2
+            g0, l0, c0 = grads_of(x[:half], y[:half])
+            g1, l1, c1 = grads_of(x[half:], y[half:])
+            grads = [a + b for a, b in zip(g0, g1)]
+            loss_sum, correct = l0 + l1, c0 + c1
+            small_sq = (_sq_norm(tf, g0) + _sq_norm(tf, g1) if options.noise_scale
+                        else tf.constant(0.0))
         else:
             xs = tf.reshape(x, tf.concat([[micro, -1], tf.shape(x)[1:]], 0))
             ys = tf.reshape(y, [micro, -1])
@@ -126,24 +169,29 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
         # float16: gradients stay loss-scaled up to here; LossScaleOptimizer unscales them,
         # and skips the update (lowering the scale) when they are not finite.
         big_sq = _sq_norm(tf, grads) / loss_scale_sq() if options.noise_scale else tf.constant(0.0)
+        lr = _learning_rate(tf, optimizer)  # before apply_gradients advances the step counter
         optimizer.apply_gradients(zip(grads, variables))
-        out = {"loss_sum": loss_sum, "correct": correct}
+        out = {"loss_sum": loss_sum, "correct": correct, "lr": lr}
         if options.noise_scale:
             out.update(small_sq=small_sq / units, big_sq=big_sq)
         return out
 
-    @tf.function
-    def step(iterator):
+    def one_step(iterator):
         x, y = next(iterator)
         out = backend.run(replica_step, (x, y))
         return {k: backend.local_value(v) for k, v in out.items()}
 
+    keys = ("loss_sum", "correct", "lr") + (("small_sq", "big_sq") if options.noise_scale else ())
+    step = tf.function(one_step)
+    step.multi = _multi_step(tf, one_step, keys)
+    step.keys = keys
     step.b_small = b_small
     return step
 
 
 def make_eval_step(backend: Backend, model, loss_fn=None):
-    """Return a tf.function eval_step(iterator) -> dict of global masked sums."""
+    """Return a tf.function eval_step(iterator, n) -> dict of global masked sums over n batches
+    (all of an evaluation in one call)."""
     import keras
     import tensorflow as tf
     loss_fn = loss_fn or sparse_ce(tf, keras)
@@ -155,13 +203,14 @@ def make_eval_step(backend: Backend, model, loss_fn=None):
                                    tf.cast(y, tf.int32)), tf.float32)
         sums = tf.stack([tf.reduce_sum(per_example * mask), tf.reduce_sum(correct * mask),
                          tf.reduce_sum(mask)])
-        sums = backend.all_reduce_sum([sums])[0]
-        return {"loss_sum": sums[0], "correct": sums[1], "count": sums[2]}
+        return backend.all_reduce_sum([sums])[0]
 
     @tf.function
-    def eval_step(iterator):
-        x, y, mask = next(iterator)
-        out = backend.run(replica_eval, (x, y, mask))
-        return {k: backend.local_value(v) for k, v in out.items()}
+    def eval_step(iterator, n):
+        total = tf.zeros([3])
+        for _ in tf.range(n):
+            x, y, mask = next(iterator)
+            total += backend.local_value(backend.run(replica_eval, (x, y, mask)))
+        return {"loss_sum": total[0], "correct": total[1], "count": total[2]}
 
     return eval_step

@@ -33,7 +33,6 @@ class LoopOptions:
     seed: int = 0
     evals_per_epoch: int = 1
     noise_scale: bool = False
-    noise_every: int = 8                       # on one replica: measure on every 8th step
     target_accuracy: float | None = None
     stop_at_target: bool = False               # budget "until target" (capped by total_steps)
     early_stopping_metric: str | None = None   # "val_loss" or "val_accuracy"
@@ -44,7 +43,12 @@ class LoopOptions:
     resume: bool = False
     tensorboard_dir: str | None = None
     verbose: bool = True
-    log_every: int = 50
+    log_every: int = 50                        # one TensorBoard point per this many steps
+    # Steps run inside one tf.function call (a tf.while_loop). "auto": measured after the
+    # compile step so that one call takes about AUTO_CALL_SECONDS. Calls never cross an
+    # evaluation, checkpoint or segment boundary, so every result is the same as with 1.
+    steps_per_execution: int | str = "auto"
+    jit_compile: bool = False                  # XLA for the per-replica forward/backward
     # Batch-size schedules (distbatch.batch_schedule) run one Trainer per fixed-batch
     # segment. step_offset: global steps done before this segment (steps, history and
     # total_steps are absolute); epoch_offset: absolute epoch where the segment starts
@@ -53,26 +57,42 @@ class LoopOptions:
     epoch_offset: int = 0
 
 
+AUTO_CALL_SECONDS = 0.2     # target duration of one call with steps_per_execution="auto"
+AUTO_MAX_STEPS = 1000
+
+
+def resolve_steps_per_execution(value, step_seconds: float) -> int:
+    """An int as given; "auto": enough steps that one call takes ~AUTO_CALL_SECONDS, so the
+    per-call host work (dispatch, fetching results) is amortised while a call stays short
+    enough for prompt signals and progress."""
+    if value != "auto":
+        return int(value)
+    if not step_seconds > 0:
+        return AUTO_MAX_STEPS
+    return int(min(AUTO_MAX_STEPS, max(1, round(AUTO_CALL_SECONDS / step_seconds))))
+
+
 @dataclass
 class RunResult:
     metrics: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
-    lr_trace: list[tuple[int, float]] = field(default_factory=list)
 
 
 def _mean(sums: dict, count: float) -> tuple[float, float]:
     return float(sums["loss_sum"]) / count, float(sums["correct"]) / count
 
 
+def _zero_sums() -> dict:
+    return {"loss_sum": 0.0, "correct": 0.0, "steps": 0}
+
+
 class Trainer:
     """Runs `total_steps` of the shared step on one backend."""
 
     def __init__(self, backend: Backend, model, optimizer, plan: BatchPlan, data,
-                 options: LoopOptions, loss_fn: Callable | None = None,
-                 learning_rate_fn: Callable[[int], float] | None = None) -> None:
+                 options: LoopOptions, loss_fn: Callable | None = None) -> None:
         self.backend, self.model, self.optimizer, self.plan = backend, model, optimizer, plan
         self.data, self.opt, self.loss_fn = data, options, loss_fn
-        self.lr_fn = learning_rate_fn
         self.chief = backend.is_chief
 
     # -- output helpers -------------------------------------------------------------------
@@ -94,29 +114,48 @@ class Trainer:
             self._temp_checkpoint_dir = directory
         return ckpt, tf.train.CheckpointManager(ckpt, directory, max_to_keep=2)
 
+    # -- boundaries -----------------------------------------------------------------------
+    def _at_eval(self, step: int) -> bool:
+        return (step - self.opt.step_offset) % self._eval_every == 0 or step == self.opt.total_steps
+
+    def _at_checkpoint(self, step: int) -> bool:
+        """--checkpoint-every N: every N steps, at an evaluation or not; 0: at every evaluation."""
+        opt = self.opt
+        if self._manager is None:
+            return False
+        if step == opt.total_steps:
+            return True
+        return step % opt.checkpoint_every == 0 if opt.checkpoint_every else self._at_eval(step)
+
+    def _at_log(self, step: int) -> bool:
+        return (step - self.opt.step_offset) % max(1, self.opt.log_every) == 0 or self._at_eval(step)
+
+    def _steps_until_boundary(self, step: int, limit: int) -> int:
+        """How many steps one call may run from `step`: up to `limit`, never past the next
+        evaluation or checkpoint (they act on the weights of exactly that step)."""
+        opt, every = self.opt, self._eval_every
+        nxt = opt.step_offset + ((step - opt.step_offset) // every + 1) * every
+        if self._manager is not None and opt.checkpoint_every:
+            nxt = min(nxt, (step // opt.checkpoint_every + 1) * opt.checkpoint_every)
+        return max(1, min(limit, nxt - step, opt.total_steps - step))
+
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> RunResult:
         import tensorflow as tf
         b, plan, opt = self.backend, self.plan, self.opt
-        per_epoch = plan.steps_per_epoch
-        eval_every = max(1, per_epoch // max(1, opt.evals_per_epoch))
+        self._eval_every = max(1, plan.steps_per_epoch // max(1, opt.evals_per_epoch))
         # The noise scale needs two batch sizes. With several replicas (or accumulation) they
-        # come for free (micro-batch before the all-reduce, global batch after), so every step
-        # measures. On one replica the batch must be split in two, which slows a step down, so
-        # only every `noise_every`-th step does it.
+        # come for free (micro-batch before the all-reduce, global batch after); on one replica
+        # each batch is split in two micro-batches. Either way every step measures.
         splits = noise_splits_for(plan) if opt.noise_scale else 1
         step_fn = make_train_step(b, self.model, self.optimizer, plan, self.loss_fn,
-                                  StepOptions(noise_scale=opt.noise_scale and splits == 1))
-        noise_fn, noise_every = step_fn, 1
-        if opt.noise_scale and splits > 1:
-            noise_fn = make_train_step(b, self.model, self.optimizer, plan, self.loss_fn,
-                                       StepOptions(noise_scale=True, noise_splits=splits))
-            noise_every = max(1, opt.noise_every)
+                                  StepOptions(noise_scale=opt.noise_scale, noise_splits=splits,
+                                              jit_compile=opt.jit_compile))
         eval_fn = make_eval_step(b, self.model, self.loss_fn)
-        tracker = (NoiseScaleTracker(noise_fn.b_small, plan.global_batch_size)
+        tracker = (NoiseScaleTracker(step_fn.b_small, plan.global_batch_size)
                    if opt.noise_scale else None)
 
-        ckpt, manager = self._checkpoint()
+        ckpt, self._manager = self._checkpoint()
         start_step, history, state = opt.step_offset, [], {}
         # Every worker restores the CHIEF's checkpoint (non-chief workers save to temp dirs).
         latest = tf.train.latest_checkpoint(opt.checkpoint_dir) if ckpt is not None and opt.resume else None
@@ -133,71 +172,72 @@ class Trainer:
         iterator = iter(b.distribute(make_train))
         writers = self._writers()
 
-        result = RunResult(metrics={}, history=history)
-        best = None  # (value, step, epoch, weights)
-        bad_evals = 0
-        sums = {"loss_sum": 0.0, "correct": 0.0}
-        window_count = 0
-        pending: list[tuple[int, dict]] = []
-        train_time, timed_samples = 0.0, 0
-        steps_to_target = time_to_target = None
-        diverged_step = None
-        stopped_early = False
-        t_last = None
-        step = start_step
+        # Running sums: `sums` since the last evaluation (train metrics in the history),
+        # `window` since the last TensorBoard point.
+        sums, window = _zero_sums(), _zero_sums()
+        c = {"train_time": 0.0, "timed_samples": 0, "steps_to_target": None, "time_to_target": None}
         if state:  # the loop's own counters, saved with the checkpoint (see _save_checkpoint)
-            sums, window_count = state["sums"], state["window_count"]
-            train_time, timed_samples = state["train_time"], state["timed_samples"]
-            steps_to_target, time_to_target = state["steps_to_target"], state["time_to_target"]
+            sums = {"steps": state["window_count"], **state["sums"]}
+            window = state.get("window", dict(sums))
+            c = {k: state[k] for k in c}
+            if tracker is not None and state.get("noise"):
+                tracker.restore(state["noise"])
 
         def loop_state() -> dict:
-            return {"sums": dict(sums), "window_count": window_count, "train_time": train_time,
-                    "timed_samples": timed_samples, "steps_to_target": steps_to_target,
-                    "time_to_target": time_to_target}
+            s = {k: sums[k] for k in ("loss_sum", "correct")}
+            return {"sums": s, "window_count": sums["steps"], "window": dict(window), **c,
+                    "noise": tracker.state() if tracker is not None else None}
 
+        best = None  # (value, step, epoch, weights)
+        bad_evals = 0
+        diverged_step = None
+        stopped_early = False
+        per_call = 1   # the first call compiles: one step, then steps_per_execution is resolved
+        step = start_step
+        if step < opt.total_steps:
+            self.log("distbatch: compiling the train step (the first step is slow)")
         wall0 = time.perf_counter()
+        t_last = None
         while step < opt.total_steps:
-            out = (noise_fn if (step + 1) % noise_every == 0 else step_fn)(iterator)
-            step += 1
-            pending.append((step, out))
-            at_eval = (step - opt.step_offset) % eval_every == 0 or step == opt.total_steps
-            # --checkpoint-every N: every N steps, at an evaluation or not; 0: at every evaluation.
-            at_ckpt = ckpt is not None and (step == opt.total_steps or (
-                step % opt.checkpoint_every == 0 if opt.checkpoint_every else at_eval))
-            # Sync right after the run's first (compiling) step, so timing excludes it.
-            if at_eval or at_ckpt or len(pending) >= opt.log_every or step == start_step + 1:
-                diverged_step = self._drain(pending, sums, tracker, writers)
-                window_count += len(pending)
-                pending.clear()
-                now = time.perf_counter()
-                # The first synced point after the run's first step ends the compile phase.
-                if t_last is None:
-                    t_last = now
-                else:
-                    train_time += now - t_last
-                    timed_samples += (step - last_step) * plan.global_batch_size
-                    t_last = now
-                last_step = step
-                if diverged_step is not None:
-                    break
-            if not at_eval:
-                if at_ckpt:
-                    self._save_checkpoint(manager, step, history, loop_state())
+            n = self._steps_until_boundary(step, per_call)
+            t0 = time.perf_counter()
+            out = step_fn.multi(iterator, tf.constant(n, tf.int32))
+            values = {k: v.numpy().tolist() for k, v in out.items()}
+            now = time.perf_counter()
+            if t_last is None:
+                # The compile call is not training time. "auto" then times one more
+                # single-step call to choose steps_per_execution.
+                if opt.steps_per_execution != "auto":
+                    per_call = resolve_steps_per_execution(opt.steps_per_execution, 0.0)
+            else:
+                c["train_time"] += now - t_last
+                c["timed_samples"] += n * plan.global_batch_size
+                if per_call == 1 and opt.steps_per_execution == "auto":
+                    per_call = resolve_steps_per_execution("auto", (now - t0) / n)
+            t_last = now
+            diverged_step = self._consume(step, values, sums, window, tracker, writers)
+            step += n
+            if diverged_step is not None:
+                break
+            if not self._at_eval(step):
+                if self._at_checkpoint(step):
+                    self._save_checkpoint(step, history, loop_state())
                     t_last = time.perf_counter()  # checkpoints are not training time
                 continue
             val_loss, val_acc = self._evaluate(eval_fn)
-            train_loss, train_acc = _mean(sums, window_count * plan.global_batch_size)
-            sums, window_count = {"loss_sum": 0.0, "correct": 0.0}, 0
+            train_loss, train_acc = _mean(sums, sums["steps"] * plan.global_batch_size)
+            sums = _zero_sums()
             epoch = self._epoch_at(step)
             rec = {"step": step, "epoch": round(epoch, 4), "train_loss": train_loss,
-                   "train_accuracy": train_acc, "val_loss": val_loss, "val_accuracy": val_acc}
+                   "train_accuracy": train_acc, "val_loss": val_loss, "val_accuracy": val_acc,
+                   "lr": values["lr"][-1]}
             history.append(rec)
             self._write_scalars(writers, "val", step, {"loss": val_loss, "accuracy": val_acc})
-            if (opt.target_accuracy is not None and steps_to_target is None
+            if (opt.target_accuracy is not None and c["steps_to_target"] is None
                     and val_acc >= opt.target_accuracy):
-                steps_to_target, time_to_target = step, train_time
+                c["steps_to_target"], c["time_to_target"] = step, c["train_time"]
                 stopped_early = stopped_early or opt.stop_at_target
-            speed = timed_samples / train_time if train_time > 0 else float("nan")
+            speed = c["timed_samples"] / c["train_time"] if c["train_time"] > 0 else float("nan")
             eta = (opt.total_steps - step) * plan.global_batch_size / speed if speed == speed and speed > 0 else float("nan")
             self.log(f"epoch {epoch:6.2f} step {step}/{opt.total_steps}  loss {train_loss:.4f} "
                      f"acc {train_acc:.4f}  val_loss {val_loss:.4f} val_acc {val_acc:.4f}  "
@@ -217,8 +257,8 @@ class Trainer:
                 # OR-ing the flag across workers guarantees it (a rank that stopped alone
                 # would leave the others waiting in a collective).
                 stopped_early = b.sync_flag(stopped_early)
-            if at_ckpt:
-                self._save_checkpoint(manager, step, history, loop_state())
+            if self._at_checkpoint(step):
+                self._save_checkpoint(step, history, loop_state())
             if stopped_early:
                 break
             t_last = time.perf_counter()  # evaluation and checkpoints are not training time
@@ -227,14 +267,16 @@ class Trainer:
             shutil.rmtree(self._temp_checkpoint_dir, ignore_errors=True)
 
         last = history[-1] if history else {}
+        train_time = c["train_time"]
         metrics = {
             "steps": step, "epochs": round(self._epoch_at(step), 4),
             "train_loss": last.get("train_loss"), "train_accuracy": last.get("train_accuracy"),
             "val_loss": last.get("val_loss"), "val_accuracy": last.get("val_accuracy"),
-            "samples_per_sec": timed_samples / train_time if train_time > 0 else None,
+            "samples_per_sec": c["timed_samples"] / train_time if train_time > 0 else None,
             "train_time_s": train_time, "wall_time_s": wall,
-            "steps_to_target": steps_to_target, "time_to_target_s": time_to_target,
+            "steps_to_target": c["steps_to_target"], "time_to_target_s": c["time_to_target"],
             "diverged": diverged_step is not None, "diverged_step": diverged_step,
+            "steps_per_execution": per_call,
         }
         if tracker is not None:
             metrics["b_simple"] = tracker.b_simple
@@ -264,11 +306,10 @@ class Trainer:
             metrics["best_val_loss_epoch"] = lows["epoch"]
         for w in writers.values():
             w.flush()
-        result.metrics, result.history = metrics, history
-        return result
+        return RunResult(metrics=metrics, history=history)
 
     # -- pieces ---------------------------------------------------------------------------
-    def _save_checkpoint(self, manager, step: int, history: list, state: dict) -> None:
+    def _save_checkpoint(self, step: int, history: list, state: dict) -> None:
         """Save model, optimizer and step (TF checkpoint) plus history and loop counters (JSON).
 
         The JSON (state-<step>.json) is written BEFORE the checkpoint: a kill
@@ -278,45 +319,52 @@ class Trainer:
         self._step_var.assign(step)
         if self.chief:
             _save_state(self.opt.checkpoint_dir, step, history, state)
-        manager.save(checkpoint_number=step)
+        self._manager.save(checkpoint_number=step)
         if self.chief:
-            _prune_states(self.opt.checkpoint_dir, manager.checkpoints)
+            _prune_states(self.opt.checkpoint_dir, self._manager.checkpoints)
 
     def _epoch_at(self, step: int) -> float:
         """Absolute epoch after `step` global steps (segments of a batch schedule add offsets)."""
         return self.opt.epoch_offset + (step - self.opt.step_offset) / self.plan.steps_per_epoch
 
-    def _drain(self, pending, sums, tracker, writers) -> int | None:
-        """Fetch the window's step outputs; return the first diverged step, if any."""
+    def _consume(self, step: int, values: dict, sums: dict, window: dict, tracker,
+                 writers) -> int | None:
+        """Take the per-step outputs of one call (steps step+1 .. step+n) on the host: running
+        sums, the noise-scale averages, one TensorBoard point per log window (the window's
+        mean loss and accuracy, the lr and B_simple of its last step). Returns the first step
+        whose loss is not finite, if any. Per-step values are added one by one, so the sums
+        do not depend on how the steps were grouped into calls."""
         gb = self.plan.global_batch_size
-        for step, out in pending:
-            values = {k: float(v.numpy()) for k, v in out.items()}
-            loss = values["loss_sum"] / gb
-            if not math.isfinite(loss):
-                return step
-            sums["loss_sum"] += values["loss_sum"]
-            sums["correct"] += values["correct"]
-            scalars = {"loss": loss, "accuracy": values["correct"] / gb}
-            if self.lr_fn is not None and "train" in writers:  # only the chief logs it
-                scalars["learning_rate"] = float(self.lr_fn(step - 1))
-            if tracker is not None and "small_sq" in values:
-                bs = tracker.update(values["small_sq"], values["big_sq"], step)
-                if bs is not None:
-                    scalars["b_simple"] = bs
-            self._write_scalars(writers, "train", step, scalars)
+        noise = tracker is not None
+        for i, (loss_sum, correct) in enumerate(zip(values["loss_sum"], values["correct"])):
+            s = step + i + 1
+            if not math.isfinite(loss_sum):
+                return s
+            for acc in (sums, window):
+                acc["loss_sum"] += loss_sum
+                acc["correct"] += correct
+                acc["steps"] += 1
+            if noise:
+                tracker.update(values["small_sq"][i], values["big_sq"][i], s)
+            if writers and self._at_log(s):
+                count = window["steps"] * gb
+                scalars = {"loss": window["loss_sum"] / count, "accuracy": window["correct"] / count,
+                           "learning_rate": values["lr"][i]}
+                if noise and tracker.b_simple is not None:
+                    scalars["b_simple"] = tracker.b_simple
+                self._write_scalars(writers, "train", s, scalars)
+                window.update(_zero_sums())
         return None
 
     def _evaluate(self, eval_fn, x=None, y=None) -> tuple[float, float]:
-        """Exact (loss, accuracy) over ALL of x (default: the validation set)."""
+        """Exact (loss, accuracy) over ALL of x (default: the validation set), in one call."""
+        import tensorflow as tf
         x, y = (self.data.x_val, self.data.y_val) if x is None else (x, y)
         make_eval = lambda w, L: pipeline.eval_dataset(  # noqa: E731
             x, y, self.plan, worker_index=w, local_replicas=L)
         it = iter(self.backend.distribute(make_eval))
-        total = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-        for _ in range(pipeline.eval_steps(self.plan, len(x))):
-            out = eval_fn(it)
-            for k in total:
-                total[k] += float(out[k].numpy())
+        out = eval_fn(it, tf.constant(pipeline.eval_steps(self.plan, len(x)), tf.int32))
+        total = {k: float(v.numpy()) for k, v in out.items()}
         if total["count"] != len(x):
             raise RuntimeError(f"evaluation covered {total['count']} examples, expected {len(x)}")
         return _mean(total, total["count"])
