@@ -45,8 +45,11 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
                    help="lr tuned at --base-batch-size (default: %(default)s)")
     g.add_argument("--base-batch-size", type=int, default=32,
                    help="batch size at which --base-lr was tuned (default: %(default)s)")
-    g.add_argument("--scaling", choices=SCALING_RULES, default="linear",
-                   help="lr scaling rule for the global batch (default: linear, Goyal et al. 2017)")
+    g.add_argument("--scaling", choices=SCALING_RULES + ("adascale",), default="linear",
+                   help="lr scaling rule for the global batch (default: linear, Goyal et al. 2017); "
+                        "adascale: the lr adapts to the gradient noise (Johnson et al. 2020), the "
+                        "length (--epochs/--steps) is counted at --base-batch-size and the run "
+                        "ends when the scale-invariant step count reaches it")
     g.add_argument("--warmup", choices=WARMUP_MODES, default="gradual",
                    help="warmup mode (default: gradual)")
     length = g.add_mutually_exclusive_group()
@@ -94,6 +97,7 @@ def build_recipe(
     global_batch_size: int,
     steps_per_epoch: int,
     total_steps: int,
+    adascale=None,
 ) -> tuple[keras.optimizers.Optimizer, keras.optimizers.schedules.LearningRateSchedule, dict]:
     """Optimizer, lr schedule and summary.json fields for one run.
 
@@ -101,8 +105,16 @@ def build_recipe(
     global_batch_size, scaling)``; warmup starts at ``min(base_lr, peak_lr)``
     (``--warmup-from base``; the min keeps a run below the base batch from
     warming DOWN) or 0. All durations are converted to steps here.
+
+    ``adascale`` (an AdaScaleState, with ``args.scaling == "adascale"``): the
+    arguments describe the BASE batch's run (global_batch_size = base batch,
+    its steps per epoch and step budget); the optimizer then follows
+    ``gain x schedule(tau)`` (distbatch.adascale).
     """
-    peak_lr = scaled_learning_rate(args.base_lr, args.base_batch_size, global_batch_size, args.scaling)
+    rule = "none" if args.scaling == "adascale" else args.scaling
+    if (adascale is None) != (rule == args.scaling):
+        raise ValueError("build_recipe: pass adascale= exactly when args.scaling is 'adascale'")
+    peak_lr = scaled_learning_rate(args.base_lr, args.base_batch_size, global_batch_size, rule)
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
         raise UsageError(f"total training steps must be an integer >= 1, got {total_steps!r}")
 
@@ -144,6 +156,9 @@ def build_recipe(
         end_lr=args.end_lr,
         power=args.decay_power,
     )
+    if adascale is not None:
+        from distbatch.adascale import AdaScaleSchedule
+        schedule = AdaScaleSchedule(schedule, adascale)
     optimizer = build_optimizer(
         args.optimizer,
         schedule,

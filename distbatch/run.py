@@ -7,6 +7,7 @@ and leaves no half-written output directory.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import shutil
@@ -191,8 +192,21 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
                             num_train_examples=len(data.x_train))
     total_steps = (batch_schedule.total_steps if batch_schedule else
                    plan.total_steps(epochs=args.epochs, steps=args.steps))
+    recipe_plan = plan  # the batch the lr schedule is written for
+    adascale_scale = None
+    if args.scaling == "adascale":
+        require(batch_schedule is None, "--scaling adascale adapts the lr to a fixed global batch; "
+                                        "it does not combine with --batch-size-schedule")
+        require(plan.global_batch_size >= args.base_batch_size,
+                f"--scaling adascale needs --global-batch-size >= --base-batch-size "
+                f"({args.base_batch_size}), got {plan.global_batch_size}")
+        # The length is the BASE batch's; the run ends when tau reaches it (at most that many steps).
+        recipe_plan = BatchPlan.derive(global_batch_size=args.base_batch_size, replicas=1,
+                                       num_train_examples=len(data.x_train), flag="--base-batch-size")
+        total_steps = recipe_plan.total_steps(epochs=args.epochs, steps=args.steps)
+        adascale_scale = plan.global_batch_size / args.base_batch_size
     chief = backend.is_chief
-    if args.noise_scale:  # checked here so a bad combination writes nothing
+    if args.noise_scale or (adascale_scale or 1) > 1:  # checked here so a bad combination writes nothing
         from distbatch.step import check_noise_scale, noise_splits_for
         check_noise_scale(plan, noise_splits_for(plan))
 
@@ -200,9 +214,14 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
     set_precision(args.mixed_precision)
     with backend.scope():
         model = build_model(args.model, data.input_shape, data.num_classes)
+        adascale = None
+        if adascale_scale is not None:
+            from distbatch.adascale import AdaScaleState
+            adascale = AdaScaleState(scale=adascale_scale, base_batch_size=args.base_batch_size,
+                                     total_base_steps=total_steps)
         optimizer, schedule, recipe = build_recipe(
-            recipe_args or args, global_batch_size=plan.global_batch_size,
-            steps_per_epoch=plan.steps_per_epoch, total_steps=total_steps)
+            recipe_args or args, global_batch_size=recipe_plan.global_batch_size,
+            steps_per_epoch=recipe_plan.steps_per_epoch, total_steps=total_steps, adascale=adascale)
         if args.mixed_precision == "float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         # Slots must exist before the first distributed step (Keras 3 + MirroredStrategy).
@@ -230,6 +249,11 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
               f"{plan.accumulation_steps} accumulation; {plan.steps_per_epoch} steps/epoch, "
               f"{total_steps} steps; peak lr {recipe['peak_lr']:.4g}, warmup {recipe['warmup_steps']} "
               f"steps", file=sys.stderr, flush=True)
+        if adascale is not None:
+            print(f"distbatch: AdaScale at S = {adascale.scale:g} x base batch {args.base_batch_size}: "
+                  f"lr = gain x schedule(tau); ends when tau reaches {total_steps} base-batch steps "
+                  f"(between {math.ceil(total_steps / adascale.scale)} and {total_steps} steps)",
+                  file=sys.stderr, flush=True)
 
     options = LoopOptions(
         total_steps=total_steps, seed=args.seed, evals_per_epoch=args.evals_per_epoch,
@@ -250,7 +274,7 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
             result = run_schedule(backend, model, optimizer, batch_schedule, data, options,
                                   learning_rate_fn=lambda s: float(schedule(s)))
         else:
-            result = Trainer(backend, model, optimizer, plan, data, options).run()
+            result = Trainer(backend, model, optimizer, plan, data, options, adascale=adascale).run()
     except Exception as e:  # out of memory -> one line with the failing batch and what to try
         from distbatch.probe import OutOfMemory, is_out_of_memory, oom_message
         if not is_out_of_memory(e):

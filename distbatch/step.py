@@ -73,27 +73,32 @@ def _learning_rate(tf, optimizer):
     return tf.cast(optimizer.learning_rate, tf.float32)
 
 
-def _multi_step(tf, one_step, keys):
-    """A tf.function running `one_step(iterator)` n times in ONE call (a tf.while_loop, as
-    Keras's steps_per_execution does); every output comes back stacked, shape [n]."""
+def _multi_step(tf, one_step, keys: dict, finished=None):
+    """A tf.function running `one_step(iterator)` up to n times in ONE call (a tf.while_loop,
+    as Keras's steps_per_execution does); every output comes back stacked, shape [steps run].
+    `finished()` (AdaScale: tau reached its budget) ends the call early."""
+    finished = finished or (lambda: tf.constant(False))
     @tf.function
     def steps(iterator, n):
-        arrays = {k: tf.TensorArray(tf.float32, size=n) for k in keys}
-        for i in tf.range(n):
+        arrays = {k: tf.TensorArray(dtype, size=0, dynamic_size=True) for k, dtype in keys.items()}
+        i = tf.constant(0)
+        while i < n and not finished():
             out = one_step(iterator)
             arrays = {k: arrays[k].write(i, out[k]) for k in keys}
+            i += 1
         return {k: a.stack() for k, a in arrays.items()}
     return steps
 
 
 def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn=None,
-                    options: StepOptions = StepOptions()):
+                    options: StepOptions = StepOptions(), adascale=None):
     """Return a tf.function step(iterator) -> dict of global sums (identical on every rank).
 
     `step.multi(iterator, n)` runs n steps in one call and returns each output
     stacked over the n steps; `step.keys` names the outputs. Outputs:
     loss_sum, correct (global sums), lr (the learning rate this step applied)
-    and, with the noise scale on, small_sq and big_sq.
+    and, with the noise scale on, small_sq and big_sq; with `adascale`
+    (distbatch.adascale.AdaScaleState) also its gain and tau after the step.
     """
     import keras
     import tensorflow as tf
@@ -104,6 +109,9 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
     micro = plan.accumulation_steps * max(1, options.noise_splits)
     units = plan.replicas * micro  # micro-batches in one global batch
     b_small = gb // units
+    if adascale is not None and adascale.needs_statistics and not options.noise_scale:
+        raise ValueError("adascale with scale > 1 needs StepOptions(noise_scale=True): its gain "
+                         "comes from the noise-scale statistics")
     if options.noise_scale:
         check_noise_scale(plan, options.noise_splits)
     scale_loss = getattr(optimizer, "scale_loss", None) if hasattr(optimizer, "inner_optimizer") else None
@@ -169,11 +177,16 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
         # float16: gradients stay loss-scaled up to here; LossScaleOptimizer unscales them,
         # and skips the update (lowering the scale) when they are not finite.
         big_sq = _sq_norm(tf, grads) / loss_scale_sq() if options.noise_scale else tf.constant(0.0)
+        small_sq = small_sq / units
+        if adascale is not None:  # the gain of THIS step, before its lr is read
+            gain = adascale.update_gain(small_sq, big_sq, b_small, gb)
         lr = _learning_rate(tf, optimizer)  # before apply_gradients advances the step counter
         optimizer.apply_gradients(zip(grads, variables))
         out = {"loss_sum": loss_sum, "correct": correct, "lr": lr}
         if options.noise_scale:
-            out.update(small_sq=small_sq / units, big_sq=big_sq)
+            out.update(small_sq=small_sq, big_sq=big_sq)
+        if adascale is not None:
+            out.update(gain=gain, tau=adascale.advance())
         return out
 
     def one_step(iterator):
@@ -181,9 +194,13 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
         out = backend.run(replica_step, (x, y))
         return {k: backend.local_value(v) for k, v in out.items()}
 
-    keys = ("loss_sum", "correct", "lr") + (("small_sq", "big_sq") if options.noise_scale else ())
+    keys = dict.fromkeys(("loss_sum", "correct", "lr"), tf.float32)
+    if options.noise_scale:
+        keys.update(small_sq=tf.float32, big_sq=tf.float32)
+    if adascale is not None:
+        keys.update(gain=tf.float32, tau=tf.float64)
     step = tf.function(one_step)
-    step.multi = _multi_step(tf, one_step, keys)
+    step.multi = _multi_step(tf, one_step, keys, adascale.finished if adascale is not None else None)
     step.keys = keys
     step.b_small = b_small
     return step

@@ -90,9 +90,11 @@ class Trainer:
     """Runs `total_steps` of the shared step on one backend."""
 
     def __init__(self, backend: Backend, model, optimizer, plan: BatchPlan, data,
-                 options: LoopOptions, loss_fn: Callable | None = None) -> None:
+                 options: LoopOptions, loss_fn: Callable | None = None, adascale=None) -> None:
+        """`adascale`: a distbatch.adascale.AdaScaleState whose schedule the optimizer uses;
+        the run then ends when its tau reaches the base-batch budget (or at total_steps)."""
         self.backend, self.model, self.optimizer, self.plan = backend, model, optimizer, plan
-        self.data, self.opt, self.loss_fn = data, options, loss_fn
+        self.data, self.opt, self.loss_fn, self.adascale = data, options, loss_fn, adascale
         self.chief = backend.is_chief
 
     # -- output helpers -------------------------------------------------------------------
@@ -105,7 +107,9 @@ class Trainer:
         if not self.opt.checkpoint_dir:
             return None, None
         self._step_var = tf.Variable(0, dtype=tf.int64, trainable=False)
-        ckpt = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self._step_var)
+        extra = {"adascale": self.adascale.checkpoint} if self.adascale is not None else {}
+        ckpt = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self._step_var,
+                                   **extra)
         # Multiworker: every worker must save (collectives); non-chief to a temp dir.
         directory = self.opt.checkpoint_dir
         self._temp_checkpoint_dir = None
@@ -116,14 +120,15 @@ class Trainer:
 
     # -- boundaries -----------------------------------------------------------------------
     def _at_eval(self, step: int) -> bool:
-        return (step - self.opt.step_offset) % self._eval_every == 0 or step == self.opt.total_steps
+        return ((step - self.opt.step_offset) % self._eval_every == 0 or step == self.opt.total_steps
+                or self._finished)
 
     def _at_checkpoint(self, step: int) -> bool:
         """--checkpoint-every N: every N steps, at an evaluation or not; 0: at every evaluation."""
         opt = self.opt
         if self._manager is None:
             return False
-        if step == opt.total_steps:
+        if step == opt.total_steps or self._finished:
             return True
         return step % opt.checkpoint_every == 0 if opt.checkpoint_every else self._at_eval(step)
 
@@ -147,13 +152,17 @@ class Trainer:
         # The noise scale needs two batch sizes. With several replicas (or accumulation) they
         # come for free (micro-batch before the all-reduce, global batch after); on one replica
         # each batch is split in two micro-batches. Either way every step measures.
-        splits = noise_splits_for(plan) if opt.noise_scale else 1
+        # AdaScale's gain comes from the same statistics.
+        ada = self.adascale
+        noise = opt.noise_scale or (ada is not None and ada.needs_statistics)
+        splits = noise_splits_for(plan) if noise else 1
         step_fn = make_train_step(b, self.model, self.optimizer, plan, self.loss_fn,
-                                  StepOptions(noise_scale=opt.noise_scale, noise_splits=splits,
-                                              jit_compile=opt.jit_compile))
+                                  StepOptions(noise_scale=noise, noise_splits=splits,
+                                              jit_compile=opt.jit_compile), adascale=ada)
         eval_fn = make_eval_step(b, self.model, self.loss_fn)
-        tracker = (NoiseScaleTracker(step_fn.b_small, plan.global_batch_size)
-                   if opt.noise_scale else None)
+        tracker = NoiseScaleTracker(step_fn.b_small, plan.global_batch_size) if noise else None
+        self._finished = False  # AdaScale: tau reached the base-batch budget
+        gains: list[float] = []
 
         ckpt, self._manager = self._checkpoint()
         start_step, history, state = opt.step_offset, [], {}
@@ -198,7 +207,7 @@ class Trainer:
             self.log("distbatch: compiling the train step (the first step is slow)")
         wall0 = time.perf_counter()
         t_last = None
-        while step < opt.total_steps:
+        while step < opt.total_steps and not self._finished:
             n = self._steps_until_boundary(step, per_call)
             t0 = time.perf_counter()
             out = step_fn.multi(iterator, tf.constant(n, tf.int32))
@@ -216,6 +225,10 @@ class Trainer:
                     per_call = resolve_steps_per_execution("auto", (now - t0) / n)
             t_last = now
             diverged_step = self._consume(step, values, sums, window, tracker, writers)
+            n = len(values["loss_sum"])  # fewer than asked when AdaScale's budget ran out
+            if ada is not None:
+                gains.extend(values["gain"])
+                self._finished = values["tau"][-1] >= ada.total_base_steps if n else True
             step += n
             if diverged_step is not None:
                 break
@@ -278,6 +291,11 @@ class Trainer:
             "diverged": diverged_step is not None, "diverged_step": diverged_step,
             "steps_per_execution": per_call,
         }
+        if ada is not None:
+            metrics.update(adascale_scale=ada.scale, adascale_mean_gain=float(np.mean(gains)) if gains else None,
+                           adascale_final_gain=gains[-1] if gains else None,
+                           scale_invariant_steps=float(ada.tau.numpy()),
+                           base_steps_budget=ada.total_base_steps)
         if tracker is not None:
             metrics["b_simple"] = tracker.b_simple
             metrics["b_simple_trajectory"] = tracker.trajectory[:: max(1, len(tracker.trajectory) // 50)]
@@ -352,6 +370,8 @@ class Trainer:
                            "learning_rate": values["lr"][i]}
                 if noise and tracker.b_simple is not None:
                     scalars["b_simple"] = tracker.b_simple
+                if "gain" in values:
+                    scalars.update(adascale_gain=values["gain"][i], adascale_tau=values["tau"][i])
                 self._write_scalars(writers, "train", s, scalars)
                 window.update(_zero_sums())
         return None
