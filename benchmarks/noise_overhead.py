@@ -5,8 +5,7 @@ model once and compiles TWO train steps from distbatch.step.make_train_step on
 the same model, data pipeline and global batch: noise_scale off and on, exactly
 as the Trainer configures them (several replicas: every step measures, the
 per-replica gradient is the small batch; one replica: every --noise-every-th
-step, default 8, runs the batch as 2 micro-batches, the other steps are plain;
---noise-every 1 gives the worst case). Timed blocks of N steps alternate off/on (so load drift on a
+step, default 1 as the Trainer does, runs the batch as 2 micro-batches). Timed blocks of N steps alternate off/on (so load drift on a
 shared machine hits both alike); the result is the median block time of each,
 the median of the per-pair ratios on/off, and the ratio of the fastest blocks
 (the least disturbed by other processes on a busy machine).
@@ -116,9 +115,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=9, help="timed blocks per setting (default 9)")
     p.add_argument("--steps-per-repeat", type=int, default=40, help="steps per timed block (default 40)")
     p.add_argument("--warmup-steps", type=int, default=10, help="untimed steps first (compilation)")
-    p.add_argument("--noise-every", type=int, default=8,
-                   help="one replica: split-batch measurement every N steps, as the Trainer "
-                        "(LoopOptions.noise_every, default 8); 1 = every step (worst case)")
+    p.add_argument("--noise-every", type=int, default=1,
+                   help="one replica: split-batch measurement every N steps (default 1: every "
+                        "step, as the Trainer does; round 1 used 8)")
     p.add_argument("--out", default="noise_overhead.json", help="JSON output file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)

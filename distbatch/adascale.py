@@ -51,33 +51,60 @@ class AdaScaleState:
     """Gain, tau and the moving averages, as variables (create inside the backend's scope)."""
 
     def __init__(self, *, scale: float, base_batch_size: int, total_base_steps: int,
-                 theta: float | None = None) -> None:
+                 theta: float | None = None, always_measure: bool = False) -> None:
+        """`always_measure`: keep the statistics even at S = 1 (the goodput-adaptive batch
+        starts at the base batch and needs the noise scale to leave it)."""
         import tensorflow as tf
         if not (math.isfinite(scale) and scale >= 1):
             raise ValueError(f"scale must be >= 1 (global batch / base batch), got {scale!r}")
         if total_base_steps < 1:
             raise ValueError(f"total_base_steps must be >= 1, got {total_base_steps!r}")
-        self.scale = float(scale)
         self.base_batch_size = int(base_batch_size)
         self.total_base_steps = int(total_base_steps)
-        self.theta = default_theta(scale) if theta is None else float(theta)
+        self.always_measure = always_measure
+        self._fixed_theta = theta
 
         def var(name, dtype=tf.float32, value=0.0):
             return tf.Variable(value, dtype=dtype, trainable=False, name=f"adascale_{name}",
                                synchronization=tf.VariableSynchronization.ON_READ,
                                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
+        # S and theta are variables so that an adaptive batch can change them between steps.
+        self._scale = var("scale", value=float(scale))
+        self._theta = var("theta", value=default_theta(scale) if theta is None else float(theta))
+        self.scale = float(scale)
         self.tau = var("tau", tf.float64)
         self.gain = var("gain", value=1.0)
         self.ema_sigma2 = var("ema_sigma2")
         self.ema_mu2 = var("ema_mu2")
         self.count = var("count")   # averaged steps, for the bias correction
         self.checkpoint = tf.train.Checkpoint(tau=self.tau, gain=self.gain, ema_sigma2=self.ema_sigma2,
-                                              ema_mu2=self.ema_mu2, count=self.count)
+                                              ema_mu2=self.ema_mu2, count=self.count,
+                                              scale=self._scale, theta=self._theta)
 
     @property
     def needs_statistics(self) -> bool:
-        return self.scale != 1
+        return self.scale != 1 or self.always_measure
+
+    @property
+    def theta(self) -> float:
+        return float(self._theta.numpy())
+
+    def set_scale(self, scale: float) -> None:
+        """A new global batch: S = batch / base batch (theta follows unless it was given)."""
+        if not (math.isfinite(scale) and scale >= 1):
+            raise ValueError(f"scale must be >= 1 (global batch / base batch), got {scale!r}")
+        self.scale = float(scale)
+        self._scale.assign(self.scale)
+        self._theta.assign(default_theta(scale) if self._fixed_theta is None else self._fixed_theta)
+
+    def noise_scale(self) -> float | None:
+        """B_simple = tr(Sigma) / |G|^2 from the averages (sigma^2 = tr(Sigma) / b0); None
+        before the first measured step."""
+        mu2 = float(self.ema_mu2.numpy())
+        if float(self.count.numpy()) == 0 or mu2 <= 0:
+            return None
+        return float(self.ema_sigma2.numpy()) * self.base_batch_size / mu2
 
     def update_gain(self, small_sq, big_sq, b_small: int, b_big: int):
         """Fold one step's squared norms into the averages; set and return the gain r_t.
@@ -94,13 +121,13 @@ class AdaScaleState:
         mu2 = tf.maximum((b_big * big_sq - b_small * small_sq) / (b_big - b_small), 0.0)
         sigma2 = tf.maximum(tr_sigma / self.base_batch_size, SIGMA2_MIN)
         ok = tf.logical_and(tf.math.is_finite(sigma2), tf.math.is_finite(mu2))
-        th = self.theta
+        th, scale = tf.identity(self._theta), tf.identity(self._scale)
         ema_s = tf.where(ok, th * self.ema_sigma2 + (1 - th) * sigma2, self.ema_sigma2)
         ema_m = tf.where(ok, th * self.ema_mu2 + (1 - th) * mu2, self.ema_mu2)
         count = self.count + tf.cast(ok, tf.float32)
-        correction = 1.0 - tf.pow(th, count) if th > 0 else tf.constant(1.0)
+        correction = tf.where(th > 0, 1.0 - tf.pow(th, count), 1.0)
         s2, m2 = ema_s / correction, ema_m / correction
-        r = tf.clip_by_value((s2 + m2) / (s2 / self.scale + m2), 1.0, self.scale)
+        r = tf.clip_by_value((s2 + m2) / (s2 / scale + m2), 1.0, scale)
         r = tf.where(count > 0, r, 1.0)
         self.ema_sigma2.assign(ema_s)
         self.ema_mu2.assign(ema_m)

@@ -42,9 +42,13 @@ def add_train_args(parser: argparse.ArgumentParser, *, sweep: bool = False) -> N
     g.add_argument("--val-size", type=int, default=None, help="use this many validation examples")
     g.add_argument("--model", default="mlp", choices=MODELS, help="named model (default: mlp)")
     if not sweep:
-        g.add_argument("--global-batch-size", type=int, default=None,
+        g.add_argument("--global-batch-size", type=global_batch_arg, default=None, metavar="N|auto",
                        help="examples per optimizer step, summed over all replicas "
-                            "(required unless --batch-size-schedule gives it)")
+                            "(required unless --batch-size-schedule gives it); auto: chosen "
+                            "while training to maximise goodput (Pollux), up to "
+                            "--max-global-batch-size, with --scaling adascale")
+        g.add_argument("--max-global-batch-size", type=int, default=None, metavar="M",
+                       help="largest batch --global-batch-size auto may choose")
         from distbatch.batch_schedule import add_batch_schedule_args
         add_batch_schedule_args(g)
     length = g.add_mutually_exclusive_group()
@@ -98,9 +102,36 @@ def steps_per_execution_arg(text: str):
     return value
 
 
+def global_batch_arg(text: str):
+    """argparse type: a whole number or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number or 'auto', got {text!r}") from None
+
+
+def validate_adaptive(args: argparse.Namespace) -> None:
+    """--global-batch-size auto: what it needs, checked before anything runs."""
+    m = getattr(args, "max_global_batch_size", None)
+    require(m is not None, "--global-batch-size auto needs --max-global-batch-size (the largest "
+                           "batch it may choose)")
+    require(m >= args.base_batch_size, f"--max-global-batch-size must be >= --base-batch-size "
+                                       f"({args.base_batch_size}), got {m}")
+    require(args.scaling == "adascale", f"--global-batch-size auto follows AdaScale's gain; add "
+                                        f"--scaling adascale (got --scaling {args.scaling})")
+    for flag, bad in (("--batch-size-schedule", getattr(args, "batch_size_schedule", None)),
+                      ("--early-stopping-metric", args.early_stopping_metric),
+                      ("--resume", args.resume)):
+        require(not bad, f"--global-batch-size auto does not combine with {flag} yet")
+
+
 def validate_args(args: argparse.Namespace) -> None:
     """Cheap checks, before TensorFlow starts."""
-    if getattr(args, "global_batch_size", None) is not None:
+    if getattr(args, "global_batch_size", None) == "auto":
+        validate_adaptive(args)
+    elif getattr(args, "global_batch_size", None) is not None:
         require(args.global_batch_size >= 1,
                 f"--global-batch-size must be a positive integer, got {args.global_batch_size}")
     if (hasattr(args, "batch_size_schedule") and args.global_batch_size is None
@@ -187,8 +218,18 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
                                             num_train_examples=len(data.x_train))
         args.global_batch_size = batch_schedule.first_plan.global_batch_size
         recipe_args = schedule_recipe_args(args, batch_schedule)
-    plan = BatchPlan.derive(global_batch_size=args.global_batch_size, replicas=backend.num_replicas,
-                            accumulation_steps=args.accumulation_steps,
+    adaptive = args.global_batch_size == "auto"
+    candidates = None
+    if adaptive:  # the goodput-adaptive batch starts at the smallest candidate
+        from distbatch.goodput import candidate_batches
+        try:
+            candidates = candidate_batches(args.base_batch_size, args.max_global_batch_size,
+                                           units=backend.num_replicas * args.accumulation_steps,
+                                           num_examples=len(data.x_train))
+        except ValueError as e:
+            raise UsageError(f"--global-batch-size auto: {e}") from None
+    plan = BatchPlan.derive(global_batch_size=candidates[0] if adaptive else args.global_batch_size,
+                            replicas=backend.num_replicas, accumulation_steps=args.accumulation_steps,
                             num_train_examples=len(data.x_train))
     total_steps = (batch_schedule.total_steps if batch_schedule else
                    plan.total_steps(epochs=args.epochs, steps=args.steps))
@@ -218,7 +259,7 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
         if adascale_scale is not None:
             from distbatch.adascale import AdaScaleState
             adascale = AdaScaleState(scale=adascale_scale, base_batch_size=args.base_batch_size,
-                                     total_base_steps=total_steps)
+                                     total_base_steps=total_steps, always_measure=adaptive)
         optimizer, schedule, recipe = build_recipe(
             recipe_args or args, global_batch_size=recipe_plan.global_batch_size,
             steps_per_epoch=recipe_plan.steps_per_epoch, total_steps=total_steps, adascale=adascale)
@@ -249,7 +290,11 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
               f"{plan.accumulation_steps} accumulation; {plan.steps_per_epoch} steps/epoch, "
               f"{total_steps} steps; peak lr {recipe['peak_lr']:.4g}, warmup {recipe['warmup_steps']} "
               f"steps", file=sys.stderr, flush=True)
-        if adascale is not None:
+        if adaptive:
+            print(f"distbatch: global batch auto: chosen by goodput at each epoch among "
+                  f"{candidates}; AdaScale lr; ends when tau reaches {total_steps} base-batch steps",
+                  file=sys.stderr, flush=True)
+        elif adascale is not None:
             print(f"distbatch: AdaScale at S = {adascale.scale:g} x base batch {args.base_batch_size}: "
                   f"lr = gain x schedule(tau); ends when tau reaches {total_steps} base-batch steps "
                   f"(between {math.ceil(total_steps / adascale.scale)} and {total_steps} steps)",
@@ -269,7 +314,21 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
         verbose=getattr(args, "progress", True))
     started = time.time()
     try:
-        if batch_schedule is not None:
+        if adaptive:
+            from distbatch.goodput import probe_step_seconds, run_adaptive
+
+            def probe(batch: int) -> float:
+                return probe_step_seconds(
+                    backend, lambda: build_model(args.model, data.input_shape, data.num_classes),
+                    lambda: keras.optimizers.SGD(0.01, momentum=0.9), data.input_shape,
+                    data.num_classes, batch, accumulation_steps=args.accumulation_steps)
+
+            result = run_adaptive(backend, model, optimizer, data, options, adascale=adascale,
+                                  candidates=candidates, probe=probe,
+                                  accumulation_steps=args.accumulation_steps,
+                                  log=lambda m: print(m, file=sys.stderr, flush=True)
+                                  if chief and options.verbose else None)
+        elif batch_schedule is not None:
             from distbatch.batch_schedule import run_schedule
             result = run_schedule(backend, model, optimizer, batch_schedule, data, options,
                                   learning_rate_fn=lambda s: float(schedule(s)))
@@ -285,6 +344,8 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
     summary = {
         "backend": backend.name, "replicas": plan.replicas, "workers": backend.num_workers,
         "global_batch_size": plan.global_batch_size,
+        **({"adaptive_batch": True, "max_global_batch_size": args.max_global_batch_size,
+            "candidate_batches": candidates} if adaptive else {}),
         "per_replica_batch_size": plan.per_replica_batch_size,
         "accumulation_steps": plan.accumulation_steps, "steps_per_epoch": plan.steps_per_epoch,
         "total_steps": total_steps, "seed": args.seed, "dataset": args.dataset, "model": args.model,

@@ -90,9 +90,13 @@ class Trainer:
     """Runs `total_steps` of the shared step on one backend."""
 
     def __init__(self, backend: Backend, model, optimizer, plan: BatchPlan, data,
-                 options: LoopOptions, loss_fn: Callable | None = None, adascale=None) -> None:
+                 options: LoopOptions, loss_fn: Callable | None = None, adascale=None,
+                 step_cache: dict | None = None) -> None:
         """`adascale`: a distbatch.adascale.AdaScaleState whose schedule the optimizer uses;
-        the run then ends when its tau reaches the base-batch budget (or at total_steps)."""
+        the run then ends when its tau reaches the base-batch budget (or at total_steps).
+        `step_cache`: a dict shared by Trainers of one model and optimizer (segments of a
+        changing batch) so a batch seen before does not compile its step again."""
+        self.step_cache = {} if step_cache is None else step_cache
         self.backend, self.model, self.optimizer, self.plan = backend, model, optimizer, plan
         self.data, self.opt, self.loss_fn, self.adascale = data, options, loss_fn, adascale
         self.chief = backend.is_chief
@@ -156,10 +160,16 @@ class Trainer:
         ada = self.adascale
         noise = opt.noise_scale or (ada is not None and ada.needs_statistics)
         splits = noise_splits_for(plan) if noise else 1
-        step_fn = make_train_step(b, self.model, self.optimizer, plan, self.loss_fn,
-                                  StepOptions(noise_scale=noise, noise_splits=splits,
-                                              jit_compile=opt.jit_compile), adascale=ada)
-        eval_fn = make_eval_step(b, self.model, self.loss_fn)
+        step_options = StepOptions(noise_scale=noise, noise_splits=splits, jit_compile=opt.jit_compile)
+        key = (plan, step_options)
+        if key not in self.step_cache:
+            self.log("distbatch: compiling the train step (the first step is slow)")
+            self.step_cache[key] = make_train_step(b, self.model, self.optimizer, plan, self.loss_fn,
+                                                   step_options, adascale=ada)
+        step_fn = self.step_cache[key]
+        if "eval" not in self.step_cache:
+            self.step_cache["eval"] = make_eval_step(b, self.model, self.loss_fn)
+        eval_fn = self.step_cache["eval"]
         tracker = NoiseScaleTracker(step_fn.b_small, plan.global_batch_size) if noise else None
         self._finished = False  # AdaScale: tau reached the base-batch budget
         gains: list[float] = []
@@ -203,8 +213,6 @@ class Trainer:
         stopped_early = False
         per_call = 1   # the first call compiles: one step, then steps_per_execution is resolved
         step = start_step
-        if step < opt.total_steps:
-            self.log("distbatch: compiling the train step (the first step is slow)")
         wall0 = time.perf_counter()
         t_last = None
         while step < opt.total_steps and not self._finished:
@@ -367,7 +375,7 @@ class Trainer:
             if writers and self._at_log(s):
                 count = window["steps"] * gb
                 scalars = {"loss": window["loss_sum"] / count, "accuracy": window["correct"] / count,
-                           "learning_rate": values["lr"][i]}
+                           "learning_rate": values["lr"][i], "global_batch_size": gb}
                 if noise and tracker.b_simple is not None:
                     scalars["b_simple"] = tracker.b_simple
                 if "gain" in values:

@@ -1,0 +1,203 @@
+"""A global batch that adapts while training: maximise goodput (Pollux, Qiao et al., OSDI 2021).
+
+    GOODPUT(B)    = THROUGHPUT(B) x EFFICIENCY(B)
+    EFFICIENCY(B) = (B_noise + B0) / (B_noise + B)
+
+B0 is the base batch (the one the schedule was written for), B_noise the
+gradient noise scale B_simple (McCandlish et al. 2018), read from AdaScale's
+moving averages; EFFICIENCY(B) is AdaScale's gain divided by S = B / B0: the
+progress one example makes at batch B relative to the base batch. The
+learning rate follows AdaScale's gain, so each candidate batch trains with the
+rate it needs.
+
+THROUGHPUT(B) comes from a model of the step time fitted to measurements,
+t(B) = alpha + beta x B (a fixed cost per step: synchronisation, dispatch;
+plus a cost per example), first from a short probe of every candidate on a
+throwaway copy of the model, then from the real segments as they run (a
+measured batch replaces its probe point).
+
+distbatch decides at data-epoch boundaries (the example order is one
+permutation per epoch, as for fixed batches and batch-size schedules), and
+switches only when the predicted goodput gain is at least MIN_GAIN (Pollux:
+~5%). The decision is a pure function of values that are identical on every
+rank (all-reduced statistics and the slowest rank's step times), so every
+rank changes batch at the same step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+MIN_GAIN = 0.05
+
+
+def efficiency(batch: float, b_noise: float, base_batch: float) -> float:
+    """(B_noise + B0) / (B_noise + B): 1 at the base batch, B0/B when there is no noise."""
+    if b_noise is None or not math.isfinite(b_noise):
+        return 1.0 if batch == base_batch else base_batch / batch
+    b_noise = max(0.0, b_noise)
+    return (b_noise + base_batch) / (b_noise + batch)
+
+
+@dataclass(frozen=True)
+class ThroughputModel:
+    """Step time t(B) = alpha + beta * B (seconds), least squares over measured points."""
+    alpha: float
+    beta: float
+
+    @classmethod
+    def fit(cls, step_seconds: dict[int, float]) -> "ThroughputModel":
+        pts = [(float(b), float(t)) for b, t in step_seconds.items() if t > 0 and math.isfinite(t)]
+        if not pts:
+            raise ValueError("step_seconds: need at least one measured (batch, seconds) point")
+        if len({b for b, _ in pts}) == 1:  # one batch size: all of it per example
+            b, t = pts[0]
+            return cls(0.0, t / b)
+        n = len(pts)
+        mb, mt = sum(b for b, _ in pts) / n, sum(t for _, t in pts) / n
+        beta = sum((b - mb) * (t - mt) for b, t in pts) / sum((b - mb) ** 2 for b, _ in pts)
+        beta = max(beta, 1e-12)
+        alpha = max(0.0, mt - beta * mb)
+        return cls(alpha, beta)
+
+    def step_seconds(self, batch: float) -> float:
+        return self.alpha + self.beta * batch
+
+    def samples_per_sec(self, batch: float) -> float:
+        return batch / self.step_seconds(batch)
+
+
+def goodput(batch: int, model: ThroughputModel, b_noise: float | None, base_batch: int) -> float:
+    return model.samples_per_sec(batch) * efficiency(batch, b_noise, base_batch)
+
+
+def choose_batch(candidates: Sequence[int], model: ThroughputModel, b_noise: float | None,
+                 base_batch: int, current: int, min_gain: float = MIN_GAIN) -> int:
+    """The candidate with the highest goodput; `current` unless that beats it by min_gain."""
+    best = max(candidates, key=lambda b: (goodput(b, model, b_noise, base_batch), -b))
+    if goodput(best, model, b_noise, base_batch) > (1 + min_gain) * goodput(current, model, b_noise, base_batch):
+        return best
+    return current
+
+
+def candidate_batches(base_batch: int, max_batch: int, *, units: int, num_examples: int) -> list[int]:
+    """base, 2 x base, 4 x base, ... up to max_batch: a bounded set (each compiles one step),
+    each a multiple of units = replicas x accumulation steps and at most the training set."""
+    if max_batch < base_batch:
+        raise ValueError(f"max_global_batch_size {max_batch} is below the base batch {base_batch}")
+    out, b = [], base_batch
+    while b <= min(max_batch, num_examples):
+        if b % units == 0:
+            out.append(b)
+        b *= 2
+    if not out:
+        raise ValueError(f"no batch from {base_batch} to {max_batch} (doubling) is a multiple of "
+                         f"replicas x accumulation steps = {units}")
+    return out
+
+
+def run_adaptive(backend, model, optimizer, data, options, *, adascale, candidates: list[int],
+                 probe: Callable[[int], float], accumulation_steps: int = 1,
+                 loss_fn=None, log: Callable[[str], None] = lambda m: None):
+    """Train with a batch chosen by goodput at every data-epoch boundary; returns a RunResult.
+
+    `adascale`: AdaScaleState (always_measure=True) whose schedule the optimizer follows;
+    the run ends when its tau reaches the base budget. `probe(batch)` -> seconds per step
+    (the slowest rank's), measured once per candidate before training.
+    `options.total_steps` is an upper bound on the steps.
+    """
+    import dataclasses
+
+    from distbatch.batch_schedule import merge_metrics
+    from distbatch.plan import BatchPlan
+    from distbatch.trainer import RunResult, Trainer
+
+    base = adascale.base_batch_size
+    measured = {b: probe(b) for b in candidates}
+    log("distbatch: goodput probe (seconds/step): "
+        + ", ".join(f"{b}: {t * 1e3:.2f} ms" for b, t in measured.items()))
+    batch = candidates[0]
+    step, epoch, results, segments, cache = options.step_offset, 0, [], [], {}
+    while step < options.total_steps and not bool(adascale.finished()):
+        plan = BatchPlan.derive(global_batch_size=batch, replicas=backend.num_replicas,
+                                accumulation_steps=accumulation_steps,
+                                num_train_examples=len(data.x_train))
+        adascale.set_scale(batch / base)
+        opts = dataclasses.replace(options, total_steps=min(options.total_steps, step + plan.steps_per_epoch),
+                                   step_offset=step, epoch_offset=epoch, resume=False)
+        res = Trainer(backend, model, optimizer, plan, data, opts, loss_fn=loss_fn,
+                      adascale=adascale, step_cache=cache).run()
+        results.append(res)
+        done = res.metrics["steps"] - step
+        b_noise = adascale.noise_scale()
+        segments.append({"start_epoch": epoch, "start_step": step, "steps": done,
+                         "global_batch_size": batch, "b_noise": b_noise,
+                         "samples_per_sec": res.metrics.get("samples_per_sec"),
+                         "per_replica_batch_size": plan.per_replica_batch_size,
+                         "steps_per_epoch": plan.steps_per_epoch})
+        step, epoch = res.metrics["steps"], epoch + 1
+        if res.metrics.get("diverged") or res.metrics.get("stopped_early"):
+            break
+        sps = res.metrics.get("samples_per_sec")
+        if sps:  # a real measurement replaces the probe's
+            measured[batch] = backend_slowest(backend, batch / sps)
+        model_t = ThroughputModel.fit(measured)
+        new = choose_batch(candidates, model_t, b_noise, base, batch)
+        log(f"distbatch: epoch {epoch}: B_noise {b_noise if b_noise is None else round(b_noise, 1)}, "
+            f"goodput-best batch {new} (was {batch})")
+        batch = new
+    history = [h for r in results for h in r.history]
+    metrics = merge_metrics([r.metrics for r in results], segments, history)
+    metrics["batch_trajectory"] = [(s["start_step"], s["global_batch_size"]) for s in segments]
+    metrics["adascale_mean_gain"] = _weighted_mean_gain(results, segments)
+    return RunResult(metrics=metrics, history=history)
+
+
+def backend_slowest(backend, seconds: float) -> float:
+    """The slowest rank's value, identical everywhere (so every rank makes the same choice)."""
+    if backend.num_workers == 1:
+        return seconds
+    from distbatch.bench import _slowest_worker_times
+    return _slowest_worker_times(backend, [seconds])[0]
+
+
+def _weighted_mean_gain(results: list, segments: list[dict]) -> float | None:
+    pairs = [(r.metrics.get("adascale_mean_gain"), seg["steps"]) for r, seg in zip(results, segments)]
+    pairs = [(g, n) for g, n in pairs if g is not None and n]
+    return sum(g * n for g, n in pairs) / sum(n for _, n in pairs) if pairs else None
+
+
+def probe_step_seconds(backend, make_model: Callable, optimizer_fn: Callable, input_shape,
+                       num_classes: int, batch: int, *, accumulation_steps: int = 1,
+                       steps: int = 20) -> float:
+    """Seconds per train step at `batch` (the slowest rank's), on a throwaway model from
+    make_model() with the real step (noise statistics on, as in the adaptive run) on random
+    inputs; the model being trained is not touched. Compilation is not timed."""
+    import time
+
+    import numpy as np
+    import tensorflow as tf
+
+    from distbatch.plan import BatchPlan
+    from distbatch.step import StepOptions, make_train_step, noise_splits_for
+
+    plan = BatchPlan.derive(global_batch_size=batch, replicas=backend.num_replicas,
+                            accumulation_steps=accumulation_steps, num_train_examples=batch)
+    with backend.scope():
+        model = make_model()
+        optimizer = optimizer_fn()
+        optimizer.build(model.trainable_variables)
+    backend.prepare(model, optimizer)
+    rng = np.random.default_rng(0)
+    per_worker = batch // backend.num_workers // backend.local_replicas
+    x = rng.standard_normal((per_worker, *input_shape)).astype(np.float32)
+    y = rng.integers(0, num_classes, size=per_worker).astype(np.int32)
+    step = make_train_step(backend, model, optimizer, plan,
+                           options=StepOptions(noise_scale=True, noise_splits=noise_splits_for(plan)))
+    it = iter(backend.distribute(lambda w, L: tf.data.Dataset.from_tensors((x, y)).repeat()))
+    n = tf.constant(steps, tf.int32)
+    step.multi(it, tf.constant(1, tf.int32))["loss_sum"].numpy()  # compile
+    t0 = time.perf_counter()
+    step.multi(it, n)["loss_sum"].numpy()
+    return backend_slowest(backend, (time.perf_counter() - t0) / steps)
