@@ -39,6 +39,11 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
+def json_roundtrip(obj: Any) -> Any:
+    """`obj` as it reads back from atomic_write_json (tuples become lists, numpy scalars numbers)."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
 def _json_default(o):
     try:
         return o.item()  # numpy scalars
