@@ -11,6 +11,7 @@ A disk that is full, read-only or not ours to write (ENOSPC, EROFS, EACCES,
 """
 import errno
 import os
+import re
 
 EXIT_IO = 4
 
@@ -82,7 +83,9 @@ def io_failure_message(exc: BaseException) -> str | None:
         hit = next((t for t in IO_TEXTS if t in text), None)
         if hit:
             line = next(l for l in text.splitlines() if hit in l)
-            return _io_line(hit, f" ({type(exc).__name__}: {' '.join(line.split())[:200]})")
+            line = " ".join(re.sub(r"\{\{[^}]*\}\}", "", line).split())  # TF's {{function_node ...}}
+            line = line if len(line) <= 200 else "..." + line[-200:]
+            return _io_line(hit, f" ({type(exc).__name__}: {line})")
         exc = exc.__cause__ or exc.__context__
     return None
 

@@ -15,10 +15,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 from distbatch.errors import UsageError, require
-from distbatch.fileio import atomic_write_text
+from distbatch.fileio import atomic_write_text, unwritable_reason
 
 MARKER = ".distbatch-run"
 
@@ -83,11 +82,11 @@ def claim_out_dir(out: str, kind: str, *, remove: tuple[str, ...] = ()) -> None:
                           "files in this directory, nothing else\n")
 
 
-def _nearest_existing(path: str) -> str:
-    path = os.path.abspath(path)
+def _nearest_existing(out: str) -> str:
+    path = os.path.abspath(out)
     while not os.path.exists(path):
         if os.path.islink(path):
-            raise UsageError(f"--out: {path!r} is a broken symlink or a symlink loop")
+            raise UsageError(f"--out {out!r}: {path!r} is a broken symlink or a symlink loop")
         parent = os.path.dirname(path)
         if parent == path:
             break
@@ -96,11 +95,6 @@ def _nearest_existing(path: str) -> str:
 
 
 def _require_writable(out: str, directory: str) -> None:
-    """Create and remove one temp file in `directory`: the only test /proc, read-only mounts,
-    and root (for whom permission bits do not apply) all answer truthfully."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".distbatch-probe-", dir=directory)
-    except OSError as e:
-        raise UsageError(f"--out {out!r} is not writable ({e.strerror or e}: {directory!r})") from None
-    os.close(fd)
-    os.unlink(tmp)
+    reason = unwritable_reason(directory)
+    if reason:
+        raise UsageError(f"--out {out!r} is not writable ({reason}: {directory!r})")
