@@ -322,9 +322,11 @@ def check_resume_matches(config: dict, out: str, *, may_change=RESUME_MAY_CHANGE
     try:
         with open(path) as f:
             old = json.load(f)
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
     except ValueError as e:
-        raise UsageError(f"--resume: {path} is not valid JSON ({e}); cannot tell which run "
-                         "this is") from None
+        raise UsageError(f"--resume: {path} is not a distbatch config ({e}); cannot tell which "
+                         "run this is") from None
     diff = _first_difference({k: v for k, v in old.items() if k not in may_change}, config)
     if diff:
         key, was, now = diff
