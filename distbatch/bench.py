@@ -45,6 +45,7 @@ from typing import Sequence
 import numpy as np
 
 from distbatch.errors import UsageError, require
+from distbatch.fileio import unwritable_reason
 
 SCHEMA = "distbatch.bench/1"
 SCALING_SCHEMA = "distbatch.bench-scaling/1"
@@ -315,6 +316,17 @@ def validate(args: argparse.Namespace) -> None:
                 resolve_batch(None, args.global_batch_size, c)
     if args.baseline is not None:
         load_baseline(args.baseline)
+    if args.json:  # checked before measuring, so a result is never measured and then lost
+        check_json_path(args.json)
+
+
+def check_json_path(path: str) -> None:
+    """UsageError unless `path` can be written as a file (its directory exists and is writable)."""
+    require(not os.path.isdir(path), f"--json {path!r} is a directory; expected a file path")
+    directory = os.path.dirname(os.path.abspath(path))
+    require(os.path.isdir(directory), f"--json {path!r}: {directory!r} is not an existing directory")
+    reason = unwritable_reason(directory)
+    require(reason is None, f"--json {path!r} is not writable ({reason}: {directory!r})")
 
 
 def _child_argv(args: argparse.Namespace) -> list[str]:

@@ -112,13 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("distbatch: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # a peer worker died: one line instead of a TF traceback
-        from distbatch.errors import peer_failure_message
+    except Exception as e:  # a peer worker died, or the disk refused: one line, not a traceback
+        from distbatch.errors import EXIT_IO, io_failure_message, peer_failure_message
         message = peer_failure_message(e)
+        if message is not None:
+            print(f"distbatch: error: {message}", file=sys.stderr)
+            return 1
+        message = io_failure_message(e)
         if message is None:
             raise
         print(f"distbatch: error: {message}", file=sys.stderr)
-        return 1
+        return EXIT_IO
     return int(code or 0)
 
 

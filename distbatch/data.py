@@ -45,8 +45,11 @@ split by seed. ``x_key`` / ``y_key`` rename the features.
 
 ``train_size`` / ``val_size`` take a seeded random subset of that many examples
 (or, for the generated sets, generate that many). ``num_classes=`` overrides the
-class count inferred as ``max(label) + 1``. Every bad input raises
-:class:`~distbatch.errors.UsageError` with one line naming the value.
+class count inferred as ``max(label) + 1``; an inferred count is refused when
+fewer than half of its classes occur (one stray label 100000 would otherwise
+build a 100,001-class model). Training and validation inputs must agree in
+dtype and scale. Every bad input raises :class:`~distbatch.errors.UsageError`
+with one line naming the value.
 """
 
 from __future__ import annotations
@@ -54,8 +57,11 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import random
+import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -71,6 +77,7 @@ TFRECORD_SUFFIXES = (".tfrecord", ".tfrecords")
 MNIST1D_DEFAULT_SIZES = (20000, 4000)
 SYNTHETIC_DEFAULT_SIZES = (2048, 256)
 _MNIST1D_FORMAT = 1  # bump when the generated arrays change, to miss old caches
+SCALE_RATIO_LIMIT = 20  # train vs val peak |x|: uint8 0..255 vs float 0..1 is 255
 
 
 @dataclass(frozen=True, eq=False)
@@ -188,7 +195,7 @@ def _load_mnist1d(spec, *, seed, train_size, val_size, options):
                      sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = cache_dir() / f"mnist1d-s{seed}-{n_train}-{n_val}-{digest}.npz"
-    if use_cache and path.is_file():
+    if use_cache and _is_file(path):
         try:
             with np.load(path, allow_pickle=False) as f:
                 return f["x_train"], f["y_train"], f["x_val"], f["y_val"], 10
@@ -196,7 +203,12 @@ def _load_mnist1d(spec, *, seed, train_size, val_size, options):
             pass
     x_tr, y_tr, x_va, y_va = _generate_mnist1d(seed, n_train, n_val)
     if use_cache:
-        _atomic_savez(path, x_train=x_tr, y_train=y_tr, x_val=x_va, y_val=y_va)
+        try:
+            _atomic_savez(path, x_train=x_tr, y_train=y_tr, x_val=x_va, y_val=y_va)
+        except OSError as e:  # an unwritable HOME costs the cache, not the run
+            print(f"distbatch: warning: cannot cache {spec} in {str(path.parent)!r} "
+                  f"({e.strerror or e}); continuing without the cache (set DISTBATCH_CACHE_DIR "
+                  "to a writable directory)", file=sys.stderr, flush=True)
     return x_tr, y_tr, x_va, y_va, 10
 
 
@@ -245,6 +257,11 @@ def _load_synthetic(spec, *, seed, train_size, val_size, options):
         raise UsageError(f"synthetic num_classes must be an integer >= 2, got {classes!r}")
     n_train = train_size or SYNTHETIC_DEFAULT_SIZES[0]
     n_val = val_size or SYNTHETIC_DEFAULT_SIZES[1]
+    need, have = (n_train + n_val) * math.prod(shape) * 4, _physical_memory()
+    if have and need > have:
+        raise UsageError(f"dataset {spec!r} needs {n_train + n_val} examples x {math.prod(shape):,} "
+                         f"float32 values = {need / 2**30:,.1f} GiB, more than this machine's "
+                         f"{have / 2**30:,.1f} GiB of memory; use a smaller shape or --train-size/--val-size")
     rng = np.random.default_rng([seed, 0x5EED])
     make = lambda n: (rng.random((n, *shape), dtype=np.float32),  # noqa: E731
                       rng.integers(0, classes, n, dtype=np.int32))
@@ -289,12 +306,20 @@ def _load_npz(spec, *, seed, train_size, val_size, options):
                 raise UsageError(f"{spec!r} lacks array(s) {', '.join(missing)}; expected x_train, "
                                  f"y_train, x_test, y_test, found {', '.join(sorted(keys)) or 'none'}")
             arrays = [f[k] for k in wanted]
+            bad = [k for k, a in zip(wanted, arrays) if not isinstance(a, np.ndarray)]
+            if bad:
+                raise UsageError(f"{spec!r}: member(s) {', '.join(bad)} are not .npy arrays; an .npz "
+                                 "must hold arrays saved by numpy.savez")
     except UsageError:
         raise
     except Exception as exc:
         raise UsageError(f"cannot read {spec!r} as .npz ({type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:120]})") from None
     x_tr, y_tr, x_va, y_va = arrays
+    uint8_in_one = (x_tr.dtype == np.uint8) != (x_va.dtype == np.uint8)
+    if uint8_in_one or x_tr.dtype.kind != x_va.dtype.kind:
+        raise UsageError(f"{spec!r}: x_train is {x_tr.dtype} but {wanted[2]} is {x_va.dtype}; give "
+                         "both splits in the same dtype and scale (uint8 inputs are divided by 255)")
     if x_tr.dtype == np.uint8:
         x_tr, x_va = x_tr.astype(np.float32) / 255.0, x_va.astype(np.float32) / 255.0
     return x_tr, y_tr, x_va, y_va, None
@@ -326,9 +351,24 @@ def _load_image_dir(spec, *, seed, train_size, val_size, options):
         return (np.stack([p[0] for p in pairs]).astype(np.float32) / 255.0,
                 np.asarray([p[1] for p in pairs], np.int32))
 
-    x_tr, y_tr = to_arrays(train)
-    x_va, y_va = to_arrays(val)
+    try:
+        x_tr, y_tr = to_arrays(train)
+        x_va, y_va = to_arrays(val)
+    except Exception as exc:  # a file that does not decode: find it and name it
+        bad = _first_undecodable(list(train.file_paths) + list(val.file_paths))
+        raise UsageError(f"cannot decode image {bad or spec!r} in image directory {spec!r} "
+                         f"({type(exc).__name__}); remove or replace it") from None
     return x_tr, y_tr, x_va, y_va, len(train.class_names)
+
+
+def _first_undecodable(paths: list[str]) -> str | None:
+    import tensorflow as tf
+    for path in sorted(paths):
+        try:
+            tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+        except Exception:  # noqa: BLE001 - any failure to decode is the answer
+            return path
+    return None
 
 
 def _load_tfrecord(spec, *, seed, train_size, val_size, options):
@@ -378,19 +418,54 @@ def _read_tfrecords(files, shape, x_key, y_key, spec):
     except Exception as exc:  # DataLossError (corrupt), InvalidArgumentError (wrong types)
         raise UsageError(f"cannot read TFRecords {spec!r} ({type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:160]})") from None
+    for path in files:  # TensorFlow reads a file cut inside a record as if it ended before it
+        _check_tfrecord_framing(path)
     if not xs:
         raise UsageError(f"TFRecords {spec!r} contain no records")
     x, y = np.concatenate(xs).astype(np.float32), np.concatenate(ys)
     if shape is None and len(shapes) > 1:
         raise UsageError(f"TFRecords {spec!r}: records disagree on 'shape': {sorted(shapes)[:3]}")
     target = _parse_shape(shape, spec) if shape is not None else (shapes.pop() if shapes else (x.shape[1],))
+    if any(d < 1 for d in target):
+        raise UsageError(f"TFRecords {spec!r}: the 'shape' feature {list(target)} has dimensions < 1; "
+                         "expected positive integers like [28, 28, 1]")
     if int(np.prod(target)) != x.shape[1]:
         raise UsageError(f"TFRecords {spec!r}: shape {tuple(target)} needs {int(np.prod(target))} "
                          f"values per record, got {x.shape[1]}")
     return x.reshape((-1, *target)), y
 
 
+def _check_tfrecord_framing(path: str) -> None:
+    """UsageError naming `path` unless its record frames (8-byte length, 4-byte CRC, data,
+    4-byte CRC) end exactly at the end of the file; seeks over the data."""
+    size, offset, number = os.path.getsize(path), 0, 0
+    with open(path, "rb") as f:
+        while offset < size:
+            number += 1
+            header = f.read(12)
+            length = struct.unpack("<Q", header[:8])[0] if len(header) == 12 else 0
+            end = offset + 12 + length + 4
+            if len(header) < 12 or end > size:
+                raise UsageError(f"TFRecord file {path!r} is truncated or corrupt: record {number} "
+                                 f"at byte {offset} runs past the end of the file ({size} bytes)")
+            offset = f.seek(end)
+
+
 # ------------------------------------------------------------------- helpers
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a HOME we may not read: no cache
+        return False
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
 
 def _parse_shape(shape, spec: str) -> tuple[int, ...]:
     try:
@@ -457,7 +532,12 @@ def _validated(name, x_tr, y_tr, x_va, y_va, num_classes) -> ArrayDataset:
     (x_tr, y_tr), (x_va, y_va) = arrays["train"], arrays["val"]
     if x_tr.shape[1:] != x_va.shape[1:]:
         raise UsageError(f"{name}: train inputs have shape {x_tr.shape[1:]} but val inputs {x_va.shape[1:]}")
-    if num_classes is None:
+    peaks = float(np.abs(x_tr).max()), float(np.abs(x_va).max())
+    if min(peaks) > 0 and max(peaks) / min(peaks) > SCALE_RATIO_LIMIT:
+        raise UsageError(f"{name}: train inputs reach {peaks[0]:.4g} but val inputs {peaks[1]:.4g} "
+                         f"(a factor over {SCALE_RATIO_LIMIT}); give both splits in the same scale")
+    inferred = num_classes is None
+    if inferred:
         num_classes = int(max(y_tr.max(), y_va.max())) + 1
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
         raise UsageError(f"{name}: num_classes must be an integer >= 2, got {num_classes!r}")
@@ -466,6 +546,12 @@ def _validated(name, x_tr, y_tr, x_va, y_va, num_classes) -> ArrayDataset:
         if low < 0 or high >= num_classes:
             raise UsageError(f"{name}: y_{split} labels span [{low}, {high}], "
                              f"expected values in [0, {int(num_classes)})")
+    if inferred:
+        present = len(np.union1d(y_tr, y_va))
+        if 2 * present < num_classes:
+            raise UsageError(f"{name}: labels go up to {num_classes - 1} but only {present} distinct "
+                             f"values occur; expected class indices 0..K-1 (pass --num-classes "
+                             f"{num_classes} to insist on {num_classes} classes)")
     return ArrayDataset(name, x_tr, y_tr.astype(np.int32), x_va, y_va.astype(np.int32), int(num_classes))
 
 

@@ -4,7 +4,16 @@ Anything the user can fix (a bad flag, a missing file, an impossible batch
 arithmetic) raises :class:`UsageError` with ONE line that names the value
 received and what was expected. The CLI prints it as ``distbatch: error: ...``
 and exits with status 2, without a traceback.
+
+A disk that is full, read-only or not ours to write (ENOSPC, EROFS, EACCES,
+...) is not the user's input and not out of memory: the CLI prints one
+``distbatch: error: I/O error: ...`` line and exits with :data:`EXIT_IO`.
 """
+import errno
+import os
+import re
+
+EXIT_IO = 4
 
 
 class UsageError(ValueError):
@@ -52,3 +61,35 @@ def peer_failure_message(exc: BaseException) -> str | None:
     detail = " ".join(" ".join(kept).split()) or name
     return (f"a collective operation failed, most likely because another worker died or was "
             f"stopped ({name}: {detail[:240]}); rerun with --resume to continue from the last checkpoint")
+
+
+# A write (or read) the file system refused. TensorFlow wraps these in its own errors
+# (ENOSPC becomes ResourceExhaustedError, like a device OOM; EROFS FailedPreconditionError
+# or UnknownError) but keeps the OS's text, so the text is what identifies them.
+IO_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+             errno.EFBIG)
+IO_TEXTS = tuple(os.strerror(e) for e in IO_ERRNOS)  # "No space left on device", ...
+
+
+def io_failure_message(exc: BaseException) -> str | None:
+    """One line for a disk-full / read-only / permission error anywhere in exc's chain, else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in IO_ERRNOS:
+            where = f" ({exc.filename})" if exc.filename else ""
+            return _io_line(exc.strerror or os.strerror(exc.errno), where)
+        text = str(getattr(exc, "message", None) or exc)
+        hit = next((t for t in IO_TEXTS if t in text), None)
+        if hit:
+            line = next(l for l in text.splitlines() if hit in l)
+            line = " ".join(re.sub(r"\{\{[^}]*\}\}", "", line).split())  # TF's {{function_node ...}}
+            line = line if len(line) <= 200 else "..." + line[-200:]
+            return _io_line(hit, f" ({type(exc).__name__}: {line})")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _io_line(what: str, where: str) -> str:
+    return (f"I/O error: {what}{where}; free space or fix the file system's permissions, then "
+            "rerun (--resume continues from the last checkpoint)")

@@ -31,12 +31,32 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     _fsync_dir(path.parent)
 
 
+def unwritable_reason(directory: str | os.PathLike) -> str | None:
+    """None if a file can be created in `directory`, else the OS's reason.
+
+    It creates and removes one temp file: the only test that /proc, read-only
+    mounts and root (to whom permission bits do not apply) all answer truthfully.
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".distbatch-probe-", dir=directory)
+    except OSError as e:
+        return e.strerror or str(e)
+    os.close(fd)
+    os.unlink(tmp)
+    return None
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def json_roundtrip(obj: Any) -> Any:
+    """`obj` as it reads back from atomic_write_json (tuples become lists, numpy scalars numbers)."""
+    return json.loads(json.dumps(obj, default=_json_default))
 
 
 def _json_default(o):

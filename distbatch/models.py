@@ -72,9 +72,31 @@ def resnet(keras, input_shape, num_classes, blocks_per_stage: int = 3):
     return keras.Model(inputs, _logits(keras, x, num_classes), name="resnet")
 
 
+# keras.applications refuse inputs smaller than this (they downsample 32x).
+APPLICATION_MIN_SIZE = 32
+
+
+def check_model(name: str, input_shape: Sequence[int]) -> None:
+    """UsageError unless the named model can take inputs of `input_shape` (checked before building)."""
+    shape = tuple(int(d) for d in input_shape)
+    if name not in MODELS:
+        raise UsageError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    if name == "convnet" and not 1 <= len(shape) <= 3:
+        raise UsageError(f"--model convnet takes sequences (L,), (L, C) or images (H, W, C), "
+                         f"got input shape {shape}")
+    if name == "resnet" or name in APPLICATIONS:
+        if len(shape) != 3:
+            raise UsageError(f"--model {name} needs image inputs (H, W, C), got input shape {shape}")
+    if name in APPLICATIONS and min(shape[:2]) < APPLICATION_MIN_SIZE:
+        raise UsageError(f"--model {name} needs images of at least {APPLICATION_MIN_SIZE}x"
+                         f"{APPLICATION_MIN_SIZE}, got input shape {shape}; use --model convnet "
+                         "or resnet for small images")
+
+
 def build_model(name: str, input_shape: Sequence[int], num_classes: int):
-    """Build a named model with float32 logits. Unknown name -> UsageError."""
+    """Build a named model with float32 logits. Unknown name or unfit input -> UsageError."""
     import keras
+    check_model(name, input_shape)
     input_shape = tuple(int(d) for d in input_shape)
     if name == "mlp":
         return mlp(keras, input_shape, num_classes)

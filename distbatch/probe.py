@@ -27,7 +27,7 @@ import math
 import sys
 from typing import Callable, Sequence
 
-from distbatch.errors import UsageError, require
+from distbatch.errors import UsageError, io_failure_message, require
 
 DEFAULT_MAX_BATCH = 4096
 
@@ -37,9 +37,15 @@ class OutOfMemory(UsageError):
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """True for TensorFlow's ResourceExhaustedError (device OOM) and Python's MemoryError."""
+    """True for TensorFlow's ResourceExhaustedError (device OOM) and Python's MemoryError.
+
+    Not for a full disk: TensorFlow reports ENOSPC as ResourceExhaustedError too
+    ("No space left on device"), which is an I/O error (errors.io_failure_message).
+    """
     if isinstance(exc, (MemoryError, OutOfMemory)):
         return True
+    if io_failure_message(exc) is not None:
+        return False
     if "tensorflow" in sys.modules:
         import tensorflow as tf
         return isinstance(exc, tf.errors.ResourceExhaustedError)

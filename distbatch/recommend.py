@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Mapping
 
 from distbatch.errors import UsageError, require
-from distbatch.run import add_train_args, atomic_write_json, check_out_dir, validate_args
+from distbatch.outdir import check_out_dir, claim_out_dir
+from distbatch.run import add_train_args, atomic_write_json, validate_args
 
 DEFAULT_BATCHES = "32,64,128,256,512"
 RECOMMENDATION_NAME = "recommendation.json"
@@ -190,19 +191,17 @@ def run_recommend(args: argparse.Namespace) -> int:
     validate_args(args)
     args.epochs, args.steps = planned_epochs, planned_steps  # validate_args fills in a default
     check_out_dir(args.out, resume=False, overwrite=args.overwrite,
-                  markers=(RECOMMENDATION_NAME,))
+                  holds=(RECOMMENDATION_NAME,))
     require(not args.resume, "--resume does not apply to recommend (its runs are short)")
 
     from distbatch.backends import create_backend
-    from distbatch.data import load_dataset
     from distbatch.plan import BatchPlan
     from distbatch.probe import OutOfMemory
-    from distbatch.run import EXIT_DIVERGED, train
+    from distbatch.run import EXIT_DIVERGED, load_data, train
     from distbatch.schedules import scaled_learning_rate
 
     backend, _ = create_backend(args.backend, cpu_replicas=args.cpu_replicas)
-    data = load_dataset(args.dataset, seed=args.data_seed, train_size=args.train_size,
-                        val_size=args.val_size)
+    data = load_data(args)
     units = backend.num_replicas * args.accumulation_steps
     for flag, b in [("--noise-batch-size", args.noise_batch_size)] + [("--batch-sizes", b) for b in batches]:
         BatchPlan.derive(global_batch_size=b, replicas=backend.num_replicas,
@@ -215,6 +214,8 @@ def run_recommend(args: argparse.Namespace) -> int:
     chief = backend.is_chief
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if chief else (lambda msg: None)
 
+    if chief:  # its runs go in sub-directories, each replacing only its own files
+        claim_out_dir(args.out, "recommend")
     say(f"distbatch recommend: {backend.describe()}; noise scale over {args.noise_steps} steps "
         f"at global batch {args.noise_batch_size}")
     noise_out = os.path.join(args.out, "noise")

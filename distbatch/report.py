@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from distbatch.errors import UsageError
 from distbatch.fileio import atomic_write
-from distbatch.results import JSONL_NAME, read_rows
+from distbatch.results import JSONL_NAME, STATUSES, read_rows
 
 REPORT_NAME = "report.md"
 PLOT_NAMES = {
@@ -67,6 +67,21 @@ class BatchSummary:
     samples_per_sec: Stat
     steps_to_target: Stat  # over the ok runs that reached the target
     time_to_target_s: Stat
+
+
+def row_problem(row: dict) -> str | None:
+    """What makes a result row unusable for the report (other fields may be missing or null)."""
+    batch, seed, history = row.get("global_batch_size"), row.get("seed"), row.get("history")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        return f"global_batch_size must be a positive integer, got {batch!r}"
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        return f"seed must be an integer, got {seed!r}"
+    if row.get("status", "ok") not in STATUSES:
+        return f"status must be one of {', '.join(STATUSES)}, got {row.get('status')!r}"
+    if history is not None and not (isinstance(history, list)
+                                    and all(isinstance(h, dict) for h in history)):
+        return f"history must be a list of objects, got {str(history)[:40]!r}"
+    return None
 
 
 def summarize(rows: list[dict]) -> list[BatchSummary]:
@@ -135,7 +150,7 @@ def build_report(
     if rows is None:
         if not (out / JSONL_NAME).is_file():
             raise UsageError(f"no {JSONL_NAME} in {str(out)!r}; run `distbatch sweep --out {out}` first")
-        rows = read_rows(out)
+        rows = read_rows(out, check=row_problem)
     if not rows:
         raise UsageError(f"no result rows to report in {str(out)!r}")
     out.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from distbatch.errors import UsageError
 from distbatch.fileio import atomic_write_text
@@ -116,12 +116,14 @@ def append_row(out_dir: str | os.PathLike, row: dict) -> None:
     atomic_write_text(out / CSV_NAME, _csv_text(rows))
 
 
-def read_rows(out_dir: str | os.PathLike) -> list[dict]:
+def read_rows(out_dir: str | os.PathLike,
+              check: Callable[[dict], str | None] | None = None) -> list[dict]:
     """Rows of results.jsonl in order ([] if there is no file).
 
     A final line without its newline that does not parse is dropped (it can only
     come from a foreign writer; ours never leaves one); a bad line elsewhere is
-    an error naming the line number.
+    an error naming the line number, and so is a row for which ``check(row)``
+    returns a problem.
     """
     path = Path(out_dir) / JSONL_NAME
     if not path.is_file():
@@ -140,6 +142,9 @@ def read_rows(out_dir: str | os.PathLike) -> list[dict]:
             if number == len(lines):  # trailing partial line, no newline after it
                 break
             raise UsageError(f"{path}:{number} is not a JSON object row: {line[:80]!r}") from None
+        problem = check(row) if check else None
+        if problem:
+            raise UsageError(f"{path}:{number}: {problem}; fix or delete that row")
         rows.append(row)
     return rows
 

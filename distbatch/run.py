@@ -14,14 +14,17 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 from distbatch import __version__
 from distbatch.backends import BACKENDS
 from distbatch.errors import UsageError, require
-from distbatch.fileio import atomic_write_json
+from distbatch.fileio import atomic_write_json, json_roundtrip
 from distbatch.models import MODELS
+from distbatch.outdir import check_out_dir, claim_out_dir
 
 RUN_FILES = ("summary.json", "config.json", "model.keras")
+RUN_OUTPUTS = RUN_FILES + ("tensorboard", "checkpoints")  # all --overwrite removes
 EXIT_DIVERGED = 3
 
 
@@ -40,6 +43,9 @@ def add_train_args(parser: argparse.ArgumentParser, *, sweep: bool = False) -> N
                         "fashion_mnist, cifar10, cifar100, or a path (.npz, image dir, .tfrecord)")
     g.add_argument("--train-size", type=int, default=None, help="use this many training examples")
     g.add_argument("--val-size", type=int, default=None, help="use this many validation examples")
+    g.add_argument("--num-classes", type=int, default=None, metavar="K",
+                   help="number of classes (default: max label + 1, refused when most of those "
+                        "classes never occur; give K to insist)")
     g.add_argument("--model", default="mlp", choices=MODELS, help="named model (default: mlp)")
     if not sweep:
         g.add_argument("--global-batch-size", type=global_batch_arg, default=None, metavar="N|auto",
@@ -161,18 +167,9 @@ def validate_args(args: argparse.Namespace) -> None:
             f"--target-accuracy must be in (0, 1], got {args.target_accuracy}")
     require(args.cpu_replicas is None or args.cpu_replicas >= 1,
             f"--cpu-replicas must be >= 1, got {args.cpu_replicas}")
+    require(args.num_classes is None or args.num_classes >= 2,
+            f"--num-classes must be >= 2, got {args.num_classes}")
     require(not (args.resume and args.overwrite), "--resume and --overwrite exclude each other")
-
-
-def check_out_dir(out: str, *, resume: bool, overwrite: bool, markers=RUN_FILES) -> None:
-    """Refuse an output directory that holds another run, unless --resume/--overwrite."""
-    if not os.path.exists(out):
-        return
-    require(os.path.isdir(out), f"--out {out!r} exists and is not a directory")
-    found = [m for m in markers if os.path.exists(os.path.join(out, m))]
-    if found and not (resume or overwrite):
-        raise UsageError(f"--out {out!r} already holds a run ({', '.join(found)}); "
-                         "pass --resume to continue it or --overwrite to replace it")
 
 
 def machine_info(backend) -> dict:
@@ -189,28 +186,34 @@ def set_precision(policy: str) -> None:
         {"off": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}[policy])
 
 
-def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, int]:
-    """Run one training job from parsed flags; returns (summary, exit code).
-
-    `backend` and `data` may be passed in (a sweep reuses them across points).
-    """
-    validate_args(args)
-    check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite)
-    import keras
-
-    from distbatch.backends import create_backend
+def load_data(args: argparse.Namespace):
     from distbatch.data import load_dataset
-    from distbatch.models import build_model
+    extra = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    return load_dataset(args.dataset, seed=args.data_seed, train_size=args.train_size,
+                        val_size=args.val_size, **extra)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    plan: "BatchPlan"                 # the (first) global batch
+    total_steps: int                  # AdaScale: the base batch's budget (an upper bound)
+    batch_schedule: object = None     # batch_schedule.BatchSchedule
+    recipe_args: object = None        # the flags the recipe is built from, if not the run's
+    recipe_plan: "BatchPlan" = None   # the batch the lr schedule is written for
+    adascale_scale: float | None = None
+    candidates: list | None = None    # --global-batch-size auto
+
+
+def plan_run(args: argparse.Namespace, backend, data, *, flag: str = "--global-batch-size"):
+    """Every check that needs the backend and the data, before a model or a file exists:
+    batch arithmetic, length, noise scale, model vs input shape, the recipe flags.
+
+    Returns a RunPlan. A sweep calls it for every point before it writes anything.
+    """
+    from distbatch.models import check_model
     from distbatch.plan import BatchPlan
     from distbatch.recipe_args import build_recipe
-    from distbatch.trainer import LoopOptions, Trainer
 
-    reason = "given"
-    if backend is None:
-        backend, reason = create_backend(args.backend, cpu_replicas=args.cpu_replicas)
-    if data is None:
-        data = load_dataset(args.dataset, seed=args.data_seed, train_size=args.train_size,
-                            val_size=args.val_size)
     batch_schedule = recipe_args = None
     if getattr(args, "batch_size_schedule", None):
         from distbatch.batch_schedule import schedule_from_args, schedule_recipe_args
@@ -230,7 +233,7 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
             raise UsageError(f"--global-batch-size auto: {e}") from None
     plan = BatchPlan.derive(global_batch_size=candidates[0] if adaptive else args.global_batch_size,
                             replicas=backend.num_replicas, accumulation_steps=args.accumulation_steps,
-                            num_train_examples=len(data.x_train))
+                            num_train_examples=len(data.x_train), flag=flag)
     total_steps = (batch_schedule.total_steps if batch_schedule else
                    plan.total_steps(epochs=args.epochs, steps=args.steps))
     recipe_plan = plan  # the batch the lr schedule is written for
@@ -246,10 +249,45 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
                                        num_train_examples=len(data.x_train), flag="--base-batch-size")
         total_steps = recipe_plan.total_steps(epochs=args.epochs, steps=args.steps)
         adascale_scale = plan.global_batch_size / args.base_batch_size
-    chief = backend.is_chief
-    if args.noise_scale or (adascale_scale or 1) > 1:  # checked here so a bad combination writes nothing
+    if args.noise_scale or (adascale_scale or 1) > 1:
         from distbatch.step import check_noise_scale, noise_splits_for
         check_noise_scale(plan, noise_splits_for(plan))
+    check_model(args.model, data.input_shape)
+    # Only to validate the recipe flags (e.g. --momentum 1.5); train builds the real
+    # optimizer inside the backend's scope.
+    check_args = recipe_args or args
+    if adascale_scale is not None:  # AdaScale's schedule is the base batch's plain one
+        check_args = argparse.Namespace(**{**vars(check_args), "scaling": "none"})
+    build_recipe(check_args, global_batch_size=recipe_plan.global_batch_size,
+                 steps_per_epoch=recipe_plan.steps_per_epoch, total_steps=total_steps)
+    return RunPlan(plan, total_steps, batch_schedule, recipe_args, recipe_plan, adascale_scale,
+                   candidates)
+
+
+def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, int]:
+    """Run one training job from parsed flags; returns (summary, exit code).
+
+    `backend` and `data` may be passed in (a sweep reuses them across points).
+    """
+    validate_args(args)
+    check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite, holds=RUN_FILES)
+    import keras
+
+    from distbatch.backends import create_backend
+    from distbatch.models import build_model
+    from distbatch.recipe_args import build_recipe
+    from distbatch.trainer import LoopOptions, Trainer
+
+    reason = "given"
+    if backend is None:
+        backend, reason = create_backend(args.backend, cpu_replicas=args.cpu_replicas)
+    if data is None:
+        data = load_data(args)
+    rp = plan_run(args, backend, data)
+    plan, total_steps, batch_schedule, recipe_args = rp.plan, rp.total_steps, rp.batch_schedule, rp.recipe_args
+    recipe_plan, adascale_scale, candidates = rp.recipe_plan, rp.adascale_scale, rp.candidates
+    adaptive = candidates is not None
+    chief = backend.is_chief
 
     keras.utils.set_random_seed(args.seed)
     set_precision(args.mixed_precision)
@@ -269,21 +307,15 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
         optimizer.build(model.trainable_variables)
     backend.prepare(model, optimizer)
 
-    if args.resume:
-        check_resume_matches(args, backend)
-    if args.overwrite and chief:
-        for name in RUN_FILES + ("tensorboard", "checkpoints"):
-            path = os.path.join(args.out, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
+    config = run_config(args, backend=backend.name, backend_reason=reason,
+                        replicas=backend.num_replicas, plan=plan.as_dict(),
+                        total_steps=total_steps, recipe=recipe)
+    if args.resume:  # refused here, before anything is written
+        check_resume_matches(config, args.out)
+        from distbatch.checkpoints import newest_intact
+        newest_intact(os.path.join(args.out, "checkpoints"))
     if chief:
-        os.makedirs(args.out, exist_ok=True)
-    config = {k: v for k, v in sorted(vars(args).items()) if k != "func"}
-    config.update(backend=backend.name, backend_reason=reason, replicas=backend.num_replicas,
-                  plan=plan.as_dict(), total_steps=total_steps, recipe=recipe)
-    if chief:
+        claim_out_dir(args.out, "train", remove=RUN_OUTPUTS if args.overwrite else ())
         atomic_write_json(os.path.join(args.out, "config.json"), config)
         print(f"distbatch: {backend.describe()} ({reason}); global batch {plan.global_batch_size} = "
               f"{plan.per_replica_batch_size} per replica x {plan.replicas} replicas x "
@@ -386,28 +418,57 @@ def write_rank_report(backend, metrics: dict, model) -> None:
     np.savez(os.path.join(directory, f"rank{backend.worker_index}.npz"), *model.get_weights())
 
 
-# Flags that must not change when a run is resumed: they change the data order, the model,
-# the batch arithmetic or the learning-rate schedule that the checkpoint belongs to.
-RESUME_KEYS = ("dataset", "data_seed", "train_size", "val_size", "model", "global_batch_size",
-               "accumulation_steps", "seed", "epochs", "steps", "optimizer", "base_lr",
-               "base_batch_size", "scaling", "warmup", "warmup_epochs", "warmup_steps", "decay",
-               "momentum", "weight_decay", "mixed_precision", "replicas")
+# Config keys a resumed run may change: where the outputs go and how much is printed
+# or checkpointed. Every other key of config.json (flags and derived values such as the
+# batch plan and the recipe) changes the result, so it must match.
+RESUME_MAY_CHANGE = frozenset({"out", "resume", "overwrite", "progress", "verbose",
+                               "tensorboard_dir", "checkpoint_every", "backend_reason", "machine",
+                               "batch_sizes", "seeds"})
 
 
-def check_resume_matches(args: argparse.Namespace, backend) -> None:
-    """--resume with other flags than the checkpointed run would silently train something else."""
-    path = os.path.join(args.out, "config.json")
+def run_config(args: argparse.Namespace, **derived) -> dict:
+    """config.json of a run: every flag plus derived values, as it reads back from disk."""
+    config = {k: v for k, v in sorted(vars(args).items()) if k not in ("func", "handler")}
+    config.update(derived)
+    return json_roundtrip(config)
+
+
+def check_resume_matches(config: dict, out: str, *, may_change=RESUME_MAY_CHANGE) -> None:
+    """--resume with another configuration than the run in `out` would silently train (or
+    report) something else: refuse the first key that differs, naming both values.
+
+    Keys only one side has (a flag older or newer than the run) are not compared.
+    """
+    path = os.path.join(out, "config.json")
     if not os.path.exists(path):
         return
     import json
-    with open(path) as f:
-        old = json.load(f)
-    new = {**vars(args), "replicas": backend.num_replicas}
-    for key in RESUME_KEYS:
-        if key in old and old[key] != new.get(key):
-            raise UsageError(f"--resume: {key.replace('_', '-')} is {new.get(key)!r} but the run in "
-                             f"{args.out!r} used {old[key]!r}; resume with the same flags or use "
-                             "another --out")
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise UsageError(f"--resume: {path} is not a distbatch config ({e}); cannot tell which "
+                         "run this is") from None
+    diff = _first_difference({k: v for k, v in old.items() if k not in may_change}, config)
+    if diff:
+        key, was, now = diff
+        raise UsageError(f"--resume: {key.replace('_', '-')} is {now!r} but the run in {out!r} "
+                         f"used {was!r}; resume with the same flags or use another --out")
+
+
+def _first_difference(old: dict, new: dict, prefix: str = ""):
+    """(key, old value, new value) of the first differing common key; flags before nested."""
+    for key in sorted(old.keys() & new.keys(), key=lambda k: (isinstance(old[k], dict), k)):
+        a, b = old[key], new[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff = _first_difference(a, b, f"{prefix}{key}.")
+            if diff:
+                return diff
+        elif a != b:
+            return f"{prefix}{key}", a, b
+    return None
 
 
 def _gap(m: dict):

@@ -7,7 +7,8 @@ sweep measures what a user would actually get at that batch. Rows are
 appended as points finish (results.jsonl / results.csv, never a partial row);
 `--resume` skips finished points and continues an interrupted one from its
 last checkpoint. A diverged point is recorded and the sweep goes on; so is a
-point that runs out of device memory.
+point that runs out of device memory. A full, read-only or unwritable disk
+stops the sweep (exit 4, errors.EXIT_IO): it is no property of the point.
 
 Budget: a fixed number of epochs (default), a fixed number of steps, or until
 --target-accuracy (with --steps or --epochs as the cap). Fixed epochs give
@@ -23,11 +24,16 @@ import sys
 import time
 
 from distbatch.errors import UsageError, require
-from distbatch.run import add_train_args, atomic_write_json, check_out_dir, validate_args
+from distbatch.outdir import check_out_dir, claim_out_dir
+from distbatch.run import add_train_args, atomic_write_json, validate_args
 
 DEFAULT_BATCHES = "32,64,128,256,512,1024"
 DEFAULT_TARGET = 0.70
 SWEEP_MARKERS = ("results.jsonl", "config.json")
+# Everything a sweep writes in --out: --overwrite removes these and nothing else.
+SWEEP_OUTPUTS = ("results.jsonl", "results.csv", "config.json", "report.md", "points", "tensorboard")
+# A resumed sweep may add batch sizes or seeds (each row is keyed by both); the rest must match.
+SWEEP_MAY_CHANGE = frozenset({"global_batch_size", "seed"})
 
 
 def parse_batch_sizes(text: str) -> list[int]:
@@ -101,35 +107,29 @@ def run_sweep(args: argparse.Namespace) -> int:
         args.epochs = 6.0
     args.global_batch_size = batches[0]
     validate_args(args)
-    check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite, markers=SWEEP_MARKERS)
+    check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite, holds=SWEEP_MARKERS)
 
     from distbatch import results
     from distbatch.backends import create_backend
-    from distbatch.data import load_dataset
-    from distbatch.plan import BatchPlan
     from distbatch.probe import is_out_of_memory
     from distbatch.report import build_report
-    from distbatch.run import machine_info, train
+    from distbatch.run import (RESUME_MAY_CHANGE, check_resume_matches, load_data, machine_info,
+                               plan_run, run_config, train)
 
     backend, reason = create_backend(args.backend, cpu_replicas=args.cpu_replicas)
-    data = load_dataset(args.dataset, seed=args.data_seed, train_size=args.train_size,
-                        val_size=args.val_size)
-    for b in batches:  # every point's arithmetic is checked before the first one trains
-        BatchPlan.derive(global_batch_size=b, replicas=backend.num_replicas,
-                         accumulation_steps=args.accumulation_steps,
-                         num_train_examples=len(data.x_train), flag="--batch-sizes")
-    chief = backend.is_chief
+    data = load_data(args)
     out = args.out
+    for b in batches:  # every point is checked (all flags) before anything is written
+        plan_run(point_args(args, b, args.seed, out), backend, data, flag="--batch-sizes")
+    chief = backend.is_chief
+    config = run_config(args, batch_sizes=batches, backend=backend.name, backend_reason=reason,
+                        replicas=backend.num_replicas, machine=machine_info(backend))
+    if args.resume:
+        check_resume_matches(config, out, may_change=RESUME_MAY_CHANGE | SWEEP_MAY_CHANGE)
     if chief:
-        if args.overwrite and os.path.isdir(out):
-            import shutil
-            shutil.rmtree(out)
-        os.makedirs(out, exist_ok=True)
+        claim_out_dir(out, "sweep", remove=SWEEP_OUTPUTS if args.overwrite else ())
         if os.path.exists(os.path.join(out, results.JSONL_NAME)):
             results.sync_csv(out)  # repair a CSV left one row short by a kill
-        config = {k: v for k, v in sorted(vars(args).items()) if k != "func"}
-        config.update(batch_sizes=batches, backend=backend.name, backend_reason=reason,
-                      replicas=backend.num_replicas, machine=machine_info(backend))
         atomic_write_json(os.path.join(out, "config.json"), config)
         _write_hparams_config(os.path.join(out, "tensorboard"))
     done = results.done_point_ids(out) if args.resume else set()
@@ -147,7 +147,8 @@ def run_sweep(args: argparse.Namespace) -> int:
             summary, _ = train(a, backend=backend, data=data)
             status = "diverged" if summary.get("diverged") else "ok"
             row = summary_to_row(summary, point_id, status)
-        except Exception as e:  # noqa: BLE001 - only out-of-memory is recorded, the rest re-raised
+        except Exception as e:  # noqa: BLE001 - only out-of-memory is recorded; the rest (a full
+            # disk too) stops the sweep
             if not is_out_of_memory(e):
                 raise
             row = oom_row(args, batch, seed, point_id, backend)

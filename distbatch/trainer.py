@@ -21,6 +21,7 @@ import numpy as np
 
 from distbatch import pipeline
 from distbatch.backends.base import Backend
+from distbatch.checkpoints import newest_intact
 from distbatch.errors import UsageError
 from distbatch.noise import NoiseScaleTracker
 from distbatch.plan import BatchPlan
@@ -176,8 +177,9 @@ class Trainer:
 
         ckpt, self._manager = self._checkpoint()
         start_step, history, state = opt.step_offset, [], {}
-        # Every worker restores the CHIEF's checkpoint (non-chief workers save to temp dirs).
-        latest = tf.train.latest_checkpoint(opt.checkpoint_dir) if ckpt is not None and opt.resume else None
+        # Every worker restores the CHIEF's checkpoint (non-chief workers save to temp dirs),
+        # the newest intact one: damaged ones are skipped with a warning (distbatch/checkpoints.py).
+        latest = newest_intact(opt.checkpoint_dir, warn=self.chief) if ckpt is not None and opt.resume else None
         if latest:
             ckpt.restore(latest)
             start_step = int(self._step_var.numpy())
