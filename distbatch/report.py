@@ -154,6 +154,10 @@ def build_report(
     if not rows:
         raise UsageError(f"no result rows to report in {str(out)!r}")
     out.mkdir(parents=True, exist_ok=True)
+    rules = sorted({r["scaling_rule"] for r in rows if isinstance(r.get("scaling_rule"), str)})
+    if len(rules) > 1:  # a sweep comparing scaling rules: one full report per rule, and a comparison
+        return _compare_rules(out, rows, rules, target_accuracy=target_accuracy, machine=machine,
+                              critical_batch=critical_batch, tolerance_points=tolerance_points)
     summaries = summarize(rows)
     if target_accuracy is None:
         target_accuracy = next((r["target_accuracy"] for r in rows if _finite(r.get("target_accuracy"))), None)
@@ -175,6 +179,40 @@ def build_report(
     text = _markdown(rows, summaries, plots, target_accuracy, machine, critical_batch, tolerance_points)
     path = out / REPORT_NAME
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    return path
+
+
+def _compare_rules(out: Path, rows: list[dict], rules: list[str], **kwargs) -> Path:
+    """report.md: per global batch, each scaling rule's accuracy, optimizer steps and time to
+    target side by side; each rule's own report (tables and plots) under scaling/<rule>/."""
+    by_rule = {rule: [r for r in rows if r.get("scaling_rule") == rule] for rule in rules}
+    subs = {rule: build_report(out / "scaling" / rule, rs, **kwargs) for rule, rs in by_rule.items()}
+    summaries = {rule: {s.global_batch_size: s for s in summarize(rs)} for rule, rs in by_rule.items()}
+    steps = {rule: {} for rule in rules}
+    for rule, rs in by_rule.items():
+        for r in rs:
+            if r.get("status", "ok") == "ok" and _finite(r.get("steps")):
+                steps[rule].setdefault(int(r["global_batch_size"]), []).append(float(r["steps"]))
+    batches = sorted({b for s in summaries.values() for b in s})
+    head = "| global batch | " + " | ".join(
+        f"{rule}: val acc (%) | {rule}: optimizer steps | {rule}: time to target (s)" for rule in rules) + " |"
+    lines = ["# distbatch sweep report: scaling rules compared", "",
+             f"{len(rows)} point(s); scaling rules {', '.join(rules)}; mean ± sample std over seeds "
+             "of the runs that finished. AdaScale's length is the base batch's, counted in "
+             "scale-invariant steps, so its optimizer steps differ per batch (docs/adascale.md).", "",
+             head, "|---:|" + "---:|" * (3 * len(rules))]
+    for b in batches:
+        cells = []
+        for rule in rules:
+            s = summaries[rule].get(b)
+            st = Stat.of(steps[rule].get(b, []))
+            cells += [_fmt(s.val_accuracy, 100) if s else "—", _fmt(st, 1, 0),
+                      _fmt(s.time_to_target_s, 1, 1) if s else "—"]
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    lines += ["", "Each rule's full report (per-batch table, plots, best batch):", ""]
+    lines += [f"- {rule}: [{path.relative_to(out)}]({path.relative_to(out)})" for rule, path in subs.items()]
+    path = out / REPORT_NAME
+    atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode("utf-8")))
     return path
 
 

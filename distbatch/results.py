@@ -64,9 +64,10 @@ ROW_FIELDS: tuple[str, ...] = (
 _INT_FIELDS = ("global_batch_size", "per_replica_batch_size", "replicas", "seed")
 
 
-def make_point_id(global_batch_size: int, seed: int) -> str:
-    """The stable key of a sweep point, e.g. ``"bs=256/seed=0"``, used by ``--resume``."""
-    return f"bs={int(global_batch_size)}/seed={int(seed)}"
+def make_point_id(global_batch_size: int, seed: int, scaling: str | None = None) -> str:
+    """The stable key of a sweep point, e.g. ``"bs=256/seed=0"`` (``".../scaling=adascale"``
+    when a sweep compares scaling rules), used by ``--resume``."""
+    return f"bs={int(global_batch_size)}/seed={int(seed)}" + (f"/scaling={scaling}" if scaling else "")
 
 
 def validate_row(row: dict) -> dict:

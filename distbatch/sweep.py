@@ -48,6 +48,19 @@ def parse_batch_sizes(text: str) -> list[int]:
     return sorted(sizes)
 
 
+SCALINGS = ("linear", "sqrt", "none", "adascale")
+
+
+def parse_scalings(text: str) -> tuple[str, ...]:
+    """argparse type of the sweep's --scaling: one or more rules, comma-separated."""
+    rules = tuple(r.strip() for r in str(text).split(",") if r.strip())
+    bad = [r for r in rules if r not in SCALINGS]
+    if not rules or bad or len(set(rules)) != len(rules):
+        raise argparse.ArgumentTypeError(f"must be one or more of {', '.join(SCALINGS)}, "
+                                         f"comma-separated, without repeats; got {text!r}")
+    return rules
+
+
 def add_sweep_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "sweep", help="train at several global batch sizes; rows, plots and a report",
@@ -60,6 +73,11 @@ def add_sweep_parser(subparsers) -> None:
     p.add_argument("--no-noise-scale", dest="noise_scale", action="store_false",
                    help="do not estimate the gradient noise scale (it is on by default in a sweep)")
     add_train_args(p, sweep=True)
+    scaling = next(a for a in p._actions if a.dest == "scaling")
+    scaling.choices, scaling.type, scaling.metavar = None, parse_scalings, "RULE[,RULE...]"
+    scaling.help = (f"lr scaling rule(s), comma-separated, one set of points each, e.g. "
+                    f"'linear,adascale' to compare them per batch ({', '.join(SCALINGS)}; default "
+                    f"linear); adascale points run without warmup")
     # The embedded default: MNIST-1D, a small conv net, 6 epochs, linear scaling from lr 0.025 at
     # batch 32 with 1 epoch of gradual warmup and cosine decay (Goyal's 30/60/80-of-90 step decay
     # would cut the lr before a 6-epoch warmup-heavy run gets to use it). Measured in docs/sweep.md.
@@ -68,10 +86,16 @@ def add_sweep_parser(subparsers) -> None:
                    decay="cosine", out="runs/sweep")
 
 
-def point_args(args: argparse.Namespace, batch: int, seed: int, out_dir: str) -> argparse.Namespace:
+def point_args(args: argparse.Namespace, batch: int, seed: int, out_dir: str,
+               scaling: str | None = None) -> argparse.Namespace:
+    """One point's `train` flags; `scaling` is set (and named in the point's directory) when
+    the sweep compares several scaling rules."""
     a = copy.copy(args)
     a.global_batch_size, a.seed = batch, seed
-    point = f"bs{batch}_seed{seed}"
+    a.scaling = scaling or args.scaling[0]
+    if a.scaling == "adascale":  # AdaScale's gain replaces warmup (Johnson et al. 2020)
+        a.warmup, a.warmup_epochs, a.warmup_steps = "none", None, None
+    point = f"bs{batch}_seed{seed}" + (f"_{scaling}" if scaling else "")
     a.out = os.path.join(out_dir, "points", point)
     a.tensorboard_dir = os.path.join(out_dir, "tensorboard", point)
     a.resume = os.path.isdir(os.path.join(a.out, "checkpoints"))  # continue an interrupted point
@@ -87,7 +111,8 @@ def summary_to_row(summary: dict, point_id: str, status: str) -> dict:
                history=summary.get("history"), target_accuracy=summary.get("target_accuracy"),
                optimizer=summary.get("optimizer"),
                **{k: summary.get(k) for k in ("best_val_loss_epoch", "best_epoch", "stopped_epoch",
-                                              "stopped_early", "train_time_s")})
+                                              "stopped_early", "train_time_s", "scaling_rule",
+                                              "adascale_mean_gain", "scale_invariant_steps")})
     return row
 
 
@@ -119,8 +144,10 @@ def run_sweep(args: argparse.Namespace) -> int:
     backend, reason = create_backend(args.backend, cpu_replicas=args.cpu_replicas)
     data = load_data(args)
     out = args.out
-    for b in batches:  # every point is checked (all flags) before anything is written
-        plan_run(point_args(args, b, args.seed, out), backend, data, flag="--batch-sizes")
+    scalings = args.scaling if len(args.scaling) > 1 else (None,)
+    for sc in scalings:  # every point is checked (all flags) before anything is written
+        for b in batches:
+            plan_run(point_args(args, b, args.seed, out, sc), backend, data, flag="--batch-sizes")
     chief = backend.is_chief
     config = run_config(args, batch_sizes=batches, backend=backend.name, backend_reason=reason,
                         replicas=backend.num_replicas, machine=machine_info(backend))
@@ -133,16 +160,17 @@ def run_sweep(args: argparse.Namespace) -> int:
         atomic_write_json(os.path.join(out, "config.json"), config)
         _write_hparams_config(os.path.join(out, "tensorboard"))
     done = results.done_point_ids(out) if args.resume else set()
-    points = [(b, s) for b in batches for s in range(args.seed, args.seed + args.seeds)]
-    todo = [(b, s) for b, s in points if results.make_point_id(b, s) not in done]
+    points = [(sc, b, s) for sc in scalings for b in batches
+              for s in range(args.seed, args.seed + args.seeds)]
+    todo = [p for p in points if results.make_point_id(p[1], p[2], p[0]) not in done]
     if chief:
         print(f"distbatch sweep: {len(points)} points ({len(points) - len(todo)} already done), "
               f"{backend.describe()}, dataset {args.dataset} ({len(data.x_train)} train / "
               f"{len(data.x_val)} val), model {args.model}", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    for i, (batch, seed) in enumerate(todo):
-        point_id = results.make_point_id(batch, seed)
-        a = point_args(args, batch, seed, out)
+    for i, (scaling, batch, seed) in enumerate(todo):
+        point_id = results.make_point_id(batch, seed, scaling)
+        a = point_args(args, batch, seed, out, scaling)
         try:
             summary, _ = train(a, backend=backend, data=data)
             status = "diverged" if summary.get("diverged") else "ok"
@@ -158,7 +186,8 @@ def run_sweep(args: argparse.Namespace) -> int:
             elapsed = time.perf_counter() - started
             eta = elapsed / (i + 1) * (len(todo) - i - 1)
             acc = row.get("val_accuracy")
-            print(f"[{i + 1}/{len(todo)}] batch {batch:>6} seed {seed}: {row['status']}, "
+            print(f"[{i + 1}/{len(todo)}] batch {batch:>6} seed {seed}"
+                  f"{' ' + scaling if scaling else ''}: {row['status']}, "
                   f"val_acc {acc if acc is None else round(acc, 4)}, "
                   f"steps_to_target {row.get('steps_to_target')}, "
                   f"{(row.get('samples_per_sec') or 0):,.0f} samples/s  "
@@ -171,7 +200,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-HPARAMS = ("global_batch_size", "peak_lr", "warmup_steps", "optimizer")
+HPARAMS = ("global_batch_size", "peak_lr", "warmup_steps", "optimizer", "scaling_rule")
 METRICS = ("val_accuracy", "generalization_gap", "samples_per_sec", "time_to_target_s")
 
 

@@ -151,3 +151,32 @@ def test_two_replicas_equal_one_device(tmp_path, dataset_cache):
     assert a["steps"] == b["steps"]
     assert b["adascale_mean_gain"] == pytest.approx(a["adascale_mean_gain"], rel=1e-4)
     assert max_weight_diff(load_weights(one), load_weights(two)) < 1e-5
+
+
+def test_sweep_compares_scaling_rules(tmp_path, dataset_cache):
+    import json
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--scaling", "linear,adascale", "--batch-sizes", "32,128", "--epochs", "1",
+            "--train-size", "640", "--val-size", "160", "--model", "mlp", "--out", str(out)]
+    run_cli(argv)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["point_id"] for r in rows) == [
+        "bs=128/seed=0/scaling=adascale", "bs=128/seed=0/scaling=linear",
+        "bs=32/seed=0/scaling=adascale", "bs=32/seed=0/scaling=linear"]
+    by = {(r["scaling_rule"], r["global_batch_size"]): r for r in rows}
+    assert by[("linear", 128)]["steps"] == 640 // 128
+    assert 640 // 128 <= by[("adascale", 128)]["steps"] <= 640 // 32
+    assert by[("adascale", 128)]["adascale_mean_gain"] >= 1.0
+    report = (out / "report.md").read_text()
+    assert "scaling rules compared" in report and "adascale: optimizer steps" in report
+    assert (out / "scaling" / "adascale" / "report.md").is_file()
+    # Idempotent: a resume trains nothing new.
+    proc = run_cli([*argv, "--resume"])
+    assert "4 points (4 already done)" in proc.stderr
+
+
+def test_sweep_bad_scaling_is_one_line(tmp_path):
+    proc = run_cli(["sweep", "--scaling", "linear,bogus", "--out", str(tmp_path / "s")], check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'linear,bogus'" in lines[0] and "--scaling" in lines[0]
