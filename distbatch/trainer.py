@@ -223,6 +223,7 @@ class Trainer:
             out = step_fn.multi(iterator, tf.constant(n, tf.int32))
             values = {k: v.numpy().tolist() for k, v in out.items()}
             now = time.perf_counter()
+            n = len(values["loss_sum"])  # fewer than asked when AdaScale's budget ran out
             if t_last is None:
                 # The compile call is not training time. "auto" then times one more
                 # single-step call to choose steps_per_execution.
@@ -235,7 +236,6 @@ class Trainer:
                     per_call = resolve_steps_per_execution("auto", (now - t0) / n)
             t_last = now
             diverged_step = self._consume(step, values, sums, window, tracker, writers)
-            n = len(values["loss_sum"])  # fewer than asked when AdaScale's budget ran out
             if ada is not None:
                 gains.extend(values["gain"])
                 self._finished = values["tau"][-1] >= ada.total_base_steps if n else True
@@ -302,9 +302,14 @@ class Trainer:
             "steps_per_execution": per_call,
         }
         if ada is not None:
-            metrics.update(adascale_scale=ada.scale, adascale_mean_gain=float(np.mean(gains)) if gains else None,
+            tau = float(ada.tau.numpy())
+            # tau is the sum of all gains so far: over the whole run when it started at step 0
+            # (also after a resume); a segment of a changing batch averages its own steps.
+            mean_gain = tau / step if opt.step_offset == 0 and step else (
+                float(np.mean(gains)) if gains else None)
+            metrics.update(adascale_scale=ada.scale, adascale_mean_gain=mean_gain,
                            adascale_final_gain=gains[-1] if gains else None,
-                           scale_invariant_steps=float(ada.tau.numpy()),
+                           scale_invariant_steps=tau,
                            base_steps_budget=ada.total_base_steps)
         if tracker is not None:
             metrics["b_simple"] = tracker.b_simple
