@@ -83,6 +83,9 @@ def _multi_step(tf, one_step, keys: dict, finished=None):
         arrays = {k: tf.TensorArray(dtype, size=0, dynamic_size=True) for k, dtype in keys.items()}
         i = tf.constant(0)
         while i < n and not finished():
+            # One step at a time: a while_loop may otherwise start iterations in parallel, and
+            # Horovod refuses two in-flight all-reduces of the same (op-named) tensor.
+            tf.autograph.experimental.set_loop_options(parallel_iterations=1)
             out = one_step(iterator)
             arrays = {k: arrays[k].write(i, out[k]) for k in keys}
             i += 1
@@ -226,6 +229,7 @@ def make_eval_step(backend: Backend, model, loss_fn=None):
     def eval_step(iterator, n):
         total = tf.zeros([3])
         for _ in tf.range(n):
+            tf.autograph.experimental.set_loop_options(parallel_iterations=1)  # see _multi_step
             x, y, mask = next(iterator)
             total += backend.local_value(backend.run(replica_eval, (x, y, mask)))
         return {"loss_sum": total[0], "correct": total[1], "count": total[2]}
