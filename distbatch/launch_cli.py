@@ -45,7 +45,7 @@ def _run_or_show(argv: list[str], args: argparse.Namespace, unset: Sequence[str]
                    for n in unset if n in os.environ]
         _print(shlex.join(argv), *_env_lines(os.environ), *removed)
         return 0
-    return supervisor.run_single(argv, unset_env=unset, grace_seconds=args.grace_seconds)
+    return supervisor.run_launcher(argv, unset_env=unset, grace_seconds=args.grace_seconds)
 
 
 def _horovod(args: argparse.Namespace) -> int:

@@ -203,7 +203,8 @@ def run_recommend(args: argparse.Namespace) -> int:
     from distbatch.run import EXIT_DIVERGED, train
     from distbatch.schedules import scaled_learning_rate
 
-    backend, _ = create_backend(args.backend, cpu_replicas=args.cpu_replicas)
+    backend, _ = create_backend(args.backend, cpu_replicas=args.cpu_replicas,
+                                cluster_timeout=args.cluster_timeout)
     data = load_dataset(args.dataset, seed=args.data_seed, train_size=args.train_size,
                         val_size=args.val_size)
     units = backend.num_replicas * args.accumulation_steps

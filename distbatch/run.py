@@ -68,6 +68,10 @@ def add_train_args(parser: argparse.ArgumentParser, *, sweep: bool = False) -> N
     g.add_argument("--min-delta", type=float, default=0.0, help="minimum improvement (default 0)")
     g.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                    help="checkpoint every N steps (default 0: at every evaluation)")
+    g.add_argument("--cluster-timeout", type=float, default=None, metavar="SECONDS",
+                   help="multiworker: seconds to wait for every worker of the cluster to start before "
+                        "stopping with the addresses that never came (default: "
+                        "$DISTBATCH_CLUSTER_TIMEOUT or 120)")
     g.add_argument("--resume", action="store_true",
                    help="continue from the last checkpoint (or finished points) in --out")
     g.add_argument("--overwrite", action="store_true", help="replace another run's results in --out")
@@ -109,6 +113,8 @@ def validate_args(args: argparse.Namespace) -> None:
     require(args.cpu_replicas is None or args.cpu_replicas >= 1,
             f"--cpu-replicas must be >= 1, got {args.cpu_replicas}")
     require(not (args.resume and args.overwrite), "--resume and --overwrite exclude each other")
+    from distbatch.cluster import resolve_cluster_timeout
+    resolve_cluster_timeout(getattr(args, "cluster_timeout", None))
 
 
 def check_out_dir(out: str, *, resume: bool, overwrite: bool, markers=RUN_FILES) -> None:
@@ -154,7 +160,8 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
 
     reason = "given"
     if backend is None:
-        backend, reason = create_backend(args.backend, cpu_replicas=args.cpu_replicas)
+        backend, reason = create_backend(args.backend, cpu_replicas=args.cpu_replicas,
+                                         cluster_timeout=args.cluster_timeout)
     if data is None:
         data = load_dataset(args.dataset, seed=args.data_seed, train_size=args.train_size,
                             val_size=args.val_size)

@@ -111,7 +111,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     from distbatch.report import build_report
     from distbatch.run import machine_info, train
 
-    backend, reason = create_backend(args.backend, cpu_replicas=args.cpu_replicas)
+    backend, reason = create_backend(args.backend, cpu_replicas=args.cpu_replicas,
+                                     cluster_timeout=args.cluster_timeout)
     data = load_dataset(args.dataset, seed=args.data_seed, train_size=args.train_size,
                         val_size=args.val_size)
     for b in batches:  # every point's arithmetic is checked before the first one trains
