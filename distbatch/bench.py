@@ -42,8 +42,6 @@ import tempfile
 import time
 from typing import Sequence
 
-import numpy as np
-
 from distbatch.errors import UsageError, require
 
 SCHEMA = "distbatch.bench/1"
@@ -77,6 +75,7 @@ def parse_replica_list(text: str) -> list[int]:
 
 def summarize(iteration_seconds: Sequence[float], samples_per_iter: int) -> dict:
     """Per-iteration rates r_i = samples_per_iter / t_i; mean, std (ddof=0), 1.96 std, median."""
+    import numpy as np
     t = np.asarray(iteration_seconds, dtype=np.float64)
     require(t.size >= 1 and bool(np.all(t > 0)),
             f"iteration times must be a non-empty list of positive seconds, got {list(t)}")
@@ -178,6 +177,7 @@ def _slowest_worker_times(backend, times: list[float]) -> list[float]:
     """
     if backend.num_workers == 1:
         return list(times)
+    import numpy as np
     import tensorflow as tf
     W, n = backend.num_workers, len(times)
     mine = np.zeros((W, n), np.float64)
@@ -194,6 +194,7 @@ def _slowest_worker_times(backend, times: list[float]) -> list[float]:
 def measure(args: argparse.Namespace) -> dict:
     """Run the benchmark in this process; returns the result dict (identical on every worker)."""
     import keras
+    import numpy as np
     import tensorflow as tf
 
     import distbatch

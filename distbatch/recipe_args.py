@@ -17,19 +17,13 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import TYPE_CHECKING
 
-import keras
-
+from distbatch.choices import DECAYS, OPTIMIZERS, SCALING_RULES, WARMUP_MODES
 from distbatch.errors import UsageError
-from distbatch.optimizers import OPTIMIZERS, build_optimizer
-from distbatch.schedules import (
-    DECAYS,
-    SCALING_RULES,
-    WARMUP_MODES,
-    build_lr_schedule,
-    epochs_to_steps,
-    scaled_learning_rate,
-)
+
+if TYPE_CHECKING:  # building the parser (and --help) must not import TensorFlow
+    import keras
 
 # Goyal et al.: 5 warmup epochs, x0.1 at epochs 30, 60, 80, of 90.
 GOYAL_WARMUP_FRACTION = 5 / 90
@@ -102,6 +96,9 @@ def build_recipe(
     (``--warmup-from base``; the min keeps a run below the base batch from
     warming DOWN) or 0. All durations are converted to steps here.
     """
+    from distbatch.optimizers import build_optimizer
+    from distbatch.schedules import build_lr_schedule, epochs_to_steps, scaled_learning_rate
+
     peak_lr = scaled_learning_rate(args.base_lr, args.base_batch_size, global_batch_size, args.scaling)
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
         raise UsageError(f"total training steps must be an integer >= 1, got {total_steps!r}")
