@@ -291,7 +291,8 @@ def first_failed_rank(directory: str) -> tuple[int, int] | None:
     return rank, code
 
 
-def run_launcher(argv: Sequence[str], *, unset_env: Sequence[str] = (), grace_seconds: float = 10.0,
+def run_launcher(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+                 unset_env: Sequence[str] = (), grace_seconds: float = 10.0,
                  stderr: IO[str] | None = None, **kwargs) -> int:
     """run_single for horovodrun/mpirun, returning the failed rank's own exit status.
 
@@ -303,7 +304,7 @@ def run_launcher(argv: Sequence[str], *, unset_env: Sequence[str] = (), grace_se
     import tempfile
     directory = tempfile.mkdtemp(prefix="distbatch-exit-")
     try:
-        code = run_single(argv, env={EXIT_DIR_ENV: directory}, unset_env=unset_env,
+        code = run_single(argv, env={**(env or {}), EXIT_DIR_ENV: directory}, unset_env=unset_env,
                           grace_seconds=grace_seconds, stderr=stderr, **kwargs)
         first = first_failed_rank(directory) if code != 0 else None
         if first is not None and first[1] != code:
