@@ -115,6 +115,9 @@ def build_recipe(
         warmup_steps = epochs_to_steps(args.warmup_epochs, steps_per_epoch)
     else:
         warmup_steps = int(math.floor(total_steps * GOYAL_WARMUP_FRACTION + 0.5))
+    cap = getattr(args, "warmup_cap", None)  # a default warmup that must stay short (the sweep's)
+    if cap is not None and args.warmup != "none":
+        warmup_steps = min(warmup_steps, int(math.floor(total_steps * cap + 0.5)))
     if warmup_steps > total_steps:
         raise UsageError(f"warmup ({warmup_steps} steps) is longer than training ({total_steps} steps)")
 

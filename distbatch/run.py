@@ -229,6 +229,10 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
         noise_every=getattr(args, "noise_every", 8),
         verbose=getattr(args, "progress", True))
     started = time.time()
+    say = chief and getattr(args, "progress", True)  # a sweep's points stay quiet
+    if say:  # TensorFlow traces and compiles the step first: many seconds of silence otherwise
+        print("distbatch: compiling the train step (the first step takes longer)...",
+              file=sys.stderr, flush=True)
     try:
         if batch_schedule is not None:
             from distbatch.batch_schedule import run_schedule
@@ -266,7 +270,16 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
             print(f"distbatch: training diverged (loss not finite) at step {summary['diverged_step']}; "
                   f"lower --base-lr or add warmup. Summary in {args.out}/summary.json", file=sys.stderr)
         return summary, EXIT_DIVERGED
+    if say:
+        print(f"distbatch: done; wrote {output_listing(args.out)}", file=sys.stderr, flush=True)
     return summary, 0
+
+
+def output_listing(out: str) -> str:
+    """'OUT/ (summary.json, config.json, model.keras, checkpoints/, tensorboard/)': what is there."""
+    names = [n for n in RUN_FILES if os.path.isfile(os.path.join(out, n))]
+    names += [f"{n}/" for n in ("checkpoints", "tensorboard") if os.path.isdir(os.path.join(out, n))]
+    return f"{os.path.join(out, '')} ({', '.join(names)})"
 
 
 def write_rank_report(backend, metrics: dict, model) -> None:
