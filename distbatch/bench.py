@@ -300,6 +300,7 @@ def validate(args: argparse.Namespace) -> None:
     require(args.iters >= 1, f"--iters must be >= 1, got {args.iters}")
     require(args.steps_per_iter >= 1, f"--steps-per-iter must be >= 1, got {args.steps_per_iter}")
     require(args.warmup_iters >= 0, f"--warmup-iters must be >= 0, got {args.warmup_iters}")
+    require(0 <= args.seed < 2**32, f"--seed must be an integer in [0, 2**32), got {args.seed}")
     resolve_batch(args.per_replica_batch_size, args.global_batch_size, 1)
     if args.cpu_replicas is not None:
         require(args.cpu_replicas >= 1, f"--cpu-replicas must be >= 1, got {args.cpu_replicas}")

@@ -10,6 +10,7 @@ Everything after ``--`` is the worker command, passed through untouched.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
@@ -73,7 +74,14 @@ def _write(path: Path, text: str, flag: str) -> None:
         raise UsageError(f"{flag}: cannot write {str(path)!r} ({e.strerror or e})") from None
 
 
+def _check_grace(args: argparse.Namespace) -> None:
+    g = args.grace_seconds
+    if not (math.isfinite(g) and 0 <= g <= 3600):
+        raise UsageError(f"--grace-seconds must be a number of seconds in [0, 3600], got {g}")
+
+
 def _horovod(args: argparse.Namespace) -> int:
+    _check_grace(args)
     argv = launcher.horovod_command(
         np=args.np, command=_worker_command(args), hosts=args.hosts, hostfile=args.hostfile,
         gloo=args.gloo, mpi=args.mpi, network_interface=args.network_interface,
@@ -88,6 +96,7 @@ def _horovod(args: argparse.Namespace) -> int:
 
 
 def _mpirun(args: argparse.Namespace) -> int:
+    _check_grace(args)
     argv = launcher.mpirun_command(
         np=args.np, command=_worker_command(args), hosts=args.hosts, hostfile=args.hostfile,
         is_root=os.geteuid() == 0, local_cores=os.cpu_count(), env=os.environ,
@@ -97,6 +106,7 @@ def _mpirun(args: argparse.Namespace) -> int:
 
 
 def _multiworker(args: argparse.Namespace) -> int:
+    _check_grace(args)
     if args.hosts:
         addresses = launcher.host_worker_addresses(args.hosts, args.port or 12345, args.workers)
     else:

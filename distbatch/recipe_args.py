@@ -79,7 +79,37 @@ def _parse_epoch_list(text: str) -> list[float]:
         raise UsageError(f"--decay-epochs must be comma-separated numbers, got {text!r}") from None
     if not values:
         raise UsageError(f"--decay-epochs must list at least one epoch, got {text!r}")
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise UsageError(f"--decay-epochs must be finite epochs >= 0, got {text!r}")
     return values
+
+
+def _in_range(value: float, flag: str, low: float, high: float = math.inf, *,
+              low_open: bool = False, high_open: bool = False) -> None:
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) \
+        and (value < high if high_open else value <= high)
+    if not ok:
+        interval = (("(" if low_open else "[") + f"{low:g}, " + ("inf)" if high == math.inf else
+                    f"{high:g}" + (")" if high_open else "]")))
+        raise UsageError(f"{flag} must be a finite number in {interval}, got {value}")
+
+
+def validate_recipe_args(args: argparse.Namespace) -> None:
+    """The recipe's numeric flags, checked before TensorFlow starts (build_recipe re-checks
+    what needs the run's step counts)."""
+    _in_range(args.base_lr, "--base-lr", 0, low_open=True)
+    _in_range(args.momentum, "--momentum", 0, 1, high_open=True)
+    _in_range(args.weight_decay, "--weight-decay", 0)
+    _in_range(args.decay_factor, "--decay-factor", 0, 1, low_open=True)
+    _in_range(args.end_lr, "--end-lr", 0)
+    _in_range(args.decay_power, "--decay-power", 0, low_open=True)
+    _in_range(args.lars_eta, "--lars-eta", 0, low_open=True)
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        raise UsageError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if args.warmup_epochs is not None:
+        _in_range(args.warmup_epochs, "--warmup-epochs", 0)
+    if args.decay_epochs:
+        _parse_epoch_list(args.decay_epochs)
 
 
 def build_recipe(

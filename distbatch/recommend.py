@@ -218,7 +218,8 @@ def _sub_args(args: argparse.Namespace, batch: int, steps: int, out: str, noise:
     return a
 
 
-def run_recommend(args: argparse.Namespace) -> int:
+def validate_recommend_args(args: argparse.Namespace) -> list[int]:
+    """Every check of recommend's flags that needs no TensorFlow; returns the batch sizes."""
     from distbatch.sweep import parse_batch_sizes
     batches = parse_batch_sizes(args.batch_sizes)
     require(args.noise_batch_size >= 2, f"--noise-batch-size must be >= 2, got {args.noise_batch_size}")
@@ -228,6 +229,11 @@ def run_recommend(args: argparse.Namespace) -> int:
     args.global_batch_size = args.noise_batch_size
     validate_args(args)
     args.epochs, args.steps = planned_epochs, planned_steps  # validate_args fills in a default
+    return batches
+
+
+def run_recommend(args: argparse.Namespace) -> int:
+    batches = validate_recommend_args(args)
     check_out_dir(args.out, resume=False, overwrite=args.overwrite,
                   markers=(RECOMMENDATION_NAME,))
     require(not args.resume, "--resume does not apply to recommend (its runs are short)")
@@ -281,8 +287,8 @@ def run_recommend(args: argparse.Namespace) -> int:
 
     rec = recommend_batch(b_simple, throughputs, replicas=units)
     lr = scaled_learning_rate(args.base_lr, args.base_batch_size, rec.global_batch_size, args.scaling)
-    warmup = warmup_for(rec.global_batch_size, args.base_batch_size, epochs=planned_epochs,
-                        steps=planned_steps)
+    warmup = warmup_for(rec.global_batch_size, args.base_batch_size, epochs=args.epochs,
+                        steps=args.steps)
     command = suggested_command(args, rec.global_batch_size, warmup)
     result = {**rec.as_dict(), "peak_lr": lr, "scaling_rule": args.scaling,
               "base_lr": args.base_lr, "base_batch_size": args.base_batch_size, **warmup,

@@ -7,6 +7,7 @@ and leaves no half-written output directory.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import shutil
@@ -21,6 +22,7 @@ from distbatch.fileio import atomic_write_json
 from distbatch.models import MODELS
 
 RUN_FILES = ("summary.json", "config.json", "model.keras")
+MAX_EPOCHS = 1e6  # beyond this a run would not end (and inf/1e30 overflow the step count)
 EXIT_DIVERGED = 3
 
 
@@ -99,11 +101,21 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.epochs is None and args.steps is None:
         args.epochs = 10.0
     require(args.epochs is None or args.epochs > 0, f"--epochs must be > 0, got {args.epochs}")
+    require(args.epochs is None or args.epochs <= MAX_EPOCHS,  # also inf; nan failed above
+            f"--epochs must be at most {MAX_EPOCHS:g}, got {args.epochs}")
     require(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
     require(args.accumulation_steps >= 1,
             f"--accumulation-steps must be >= 1, got {args.accumulation_steps}")
     require(args.base_lr > 0, f"--base-lr must be > 0, got {args.base_lr}")
     require(args.base_batch_size >= 1, f"--base-batch-size must be >= 1, got {args.base_batch_size}")
+    for flag, seed in (("--seed", args.seed), ("--data-seed", args.data_seed)):
+        require(0 <= seed < 2**32, f"{flag} must be an integer in [0, 2**32), got {seed}")
+    for flag, size in (("--train-size", args.train_size), ("--val-size", args.val_size)):
+        require(size is None or size >= 1, f"{flag} must be >= 1 examples, got {size}")
+    require(math.isfinite(args.min_delta) and args.min_delta >= 0,
+            f"--min-delta must be a finite number >= 0, got {args.min_delta}")
+    from distbatch.recipe_args import validate_recipe_args
+    validate_recipe_args(args)
     require(args.evals_per_epoch >= 1, f"--evals-per-epoch must be >= 1, got {args.evals_per_epoch}")
     require(args.early_stopping_patience >= 1,
             f"--early-stopping-patience must be >= 1, got {args.early_stopping_patience}")

@@ -103,7 +103,8 @@ def oom_row(args, batch: int, seed: int, point_id: str, backend) -> dict:
     return row
 
 
-def run_sweep(args: argparse.Namespace) -> int:
+def validate_sweep_args(args: argparse.Namespace) -> list[int]:
+    """Every check of the sweep's flags that needs no TensorFlow; returns the batch sizes."""
     batches = parse_batch_sizes(args.batch_sizes)
     require(args.seeds >= 1, f"--seeds must be >= 1, got {args.seeds}")
     if args.epochs is None and args.steps is None:
@@ -113,6 +114,13 @@ def run_sweep(args: argparse.Namespace) -> int:
         # Recorded in config.json (warmup_epochs, warmup_cap) and per point as warmup_steps.
         args.warmup_epochs, args.warmup_cap = DEFAULT_WARMUP_EPOCHS, DEFAULT_WARMUP_CAP
     validate_args(args)
+    require(args.seed + args.seeds <= 2**32, f"--seed {args.seed} + --seeds {args.seeds} must stay "
+                                             "below 2**32")
+    return batches
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    batches = validate_sweep_args(args)
     check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite, markers=SWEEP_MARKERS)
 
     from distbatch import results
