@@ -42,8 +42,6 @@ import tempfile
 import time
 from typing import Sequence
 
-import numpy as np
-
 from distbatch.errors import UsageError, require
 from distbatch.fileio import unwritable_reason
 
@@ -78,6 +76,7 @@ def parse_replica_list(text: str) -> list[int]:
 
 def summarize(iteration_seconds: Sequence[float], samples_per_iter: int) -> dict:
     """Per-iteration rates r_i = samples_per_iter / t_i; mean, std (ddof=0), 1.96 std, median."""
+    import numpy as np
     t = np.asarray(iteration_seconds, dtype=np.float64)
     require(t.size >= 1 and bool(np.all(t > 0)),
             f"iteration times must be a non-empty list of positive seconds, got {list(t)}")
@@ -179,6 +178,7 @@ def _slowest_worker_times(backend, times: list[float]) -> list[float]:
     """
     if backend.num_workers == 1:
         return list(times)
+    import numpy as np
     import tensorflow as tf
     W, n = backend.num_workers, len(times)
     mine = np.zeros((W, n), np.float64)
@@ -195,6 +195,7 @@ def _slowest_worker_times(backend, times: list[float]) -> list[float]:
 def measure(args: argparse.Namespace) -> dict:
     """Run the benchmark in this process; returns the result dict (identical on every worker)."""
     import keras
+    import numpy as np
     import tensorflow as tf
 
     import distbatch
@@ -300,6 +301,7 @@ def validate(args: argparse.Namespace) -> None:
     require(args.iters >= 1, f"--iters must be >= 1, got {args.iters}")
     require(args.steps_per_iter >= 1, f"--steps-per-iter must be >= 1, got {args.steps_per_iter}")
     require(args.warmup_iters >= 0, f"--warmup-iters must be >= 0, got {args.warmup_iters}")
+    require(0 <= args.seed < 2**32, f"--seed must be an integer in [0, 2**32), got {args.seed}")
     resolve_batch(args.per_replica_batch_size, args.global_batch_size, 1)
     if args.cpu_replicas is not None:
         require(args.cpu_replicas >= 1, f"--cpu-replicas must be >= 1, got {args.cpu_replicas}")

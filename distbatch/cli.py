@@ -7,7 +7,7 @@ import os
 import sys
 
 from distbatch import __version__
-from distbatch.errors import UsageError
+from distbatch.errors import ClusterSetupError, UsageError
 
 QUIET_ENV = {
     "TF_CPP_MIN_LOG_LEVEL": "3",        # C++ INFO/WARNING (oneDNN notices, CUDA probing)
@@ -96,34 +96,65 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run one `distbatch` command; returns its exit status (see docs/reliability.md)."""
+    code, stop_now = 1, False  # an uncaught exception ends the process with status 1
+    try:
+        code, stop_now = _run(list(sys.argv[1:] if argv is None else argv))
+        return code
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        code = e.code if isinstance(e.code, int) else 1
+        raise
+    finally:
+        # Under horovodrun/mpirun: tell the launcher this rank's own status (horovodrun
+        # reports any failure as 1).
+        from distbatch.supervisor import record_exit_code
+        record_exit_code(code)
+        if stop_now:
+            from distbatch import interrupts
+            interrupts.exit_now_if_installed(code)
+
+
+def _run(argv: list[str]) -> tuple[int, bool]:
+    """(exit status, whether a signal stopped the command)."""
     known = {"train", *(name for name, _, _ in SUBCOMMANDS)}
     command = next((a for a in argv if not a.startswith("-")), None)
     command = command if command in known else None
-    if "--verbose" not in argv:
-        quiet_tensorflow(import_now=command not in NO_TENSORFLOW)
+    # Parsing (and --help, and argparse's errors) needs no TensorFlow: nothing that
+    # builds the parsers imports it, so `distbatch --help` takes a fraction of a second.
     args = build_parser(command).parse_args(argv)
+    needs_tensorflow = command not in NO_TENSORFLOW
+    if not args.verbose:
+        quiet_tensorflow(import_now=needs_tensorflow)
+    if needs_tensorflow:  # the launcher's supervisor handles its own signals
+        from distbatch import interrupts
+        interrupts.install()
     try:
         handler = getattr(args, "func", None) or args.handler
         code = handler(args)
     except UsageError as e:
         print(f"distbatch: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("distbatch: interrupted", file=sys.stderr)
-        return 130
+        return 2, False
+    except ClusterSetupError as e:
+        print(f"distbatch: error: {e}", file=sys.stderr)
+        return 1, False
+    except KeyboardInterrupt as e:
+        from distbatch.interrupts import Terminated
+        signum = e.signum if isinstance(e, Terminated) else 2
+        print(f"distbatch: stopped by {e}" if signum != 2 else "distbatch: interrupted",
+              file=sys.stderr)
+        return 128 + signum, True
     except Exception as e:  # a peer worker died, or the disk refused: one line, not a traceback
         from distbatch.errors import EXIT_IO, io_failure_message, peer_failure_message
         message = peer_failure_message(e)
         if message is not None:
             print(f"distbatch: error: {message}", file=sys.stderr)
-            return 1
+            return 1, False
         message = io_failure_message(e)
         if message is None:
             raise
         print(f"distbatch: error: {message}", file=sys.stderr)
-        return EXIT_IO
-    return int(code or 0)
+        return EXIT_IO, False
+    return int(code or 0), False
 
 
 if __name__ == "__main__":

@@ -29,6 +29,10 @@ class DivergedError(RuntimeError):
         self.loss = loss
 
 
+class ClusterSetupError(RuntimeError):
+    """The workers of a multi-worker job did not all come up in time (one line, exit 1)."""
+
+
 def require(condition: bool, message: str) -> None:
     """Raise UsageError(message) unless condition holds."""
     if not condition:

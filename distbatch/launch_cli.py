@@ -10,6 +10,7 @@ Everything after ``--`` is the worker command, passed through untouched.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
@@ -39,18 +40,50 @@ def _env_lines(env: Mapping[str, str]) -> list[str]:
 MPI_UNSET = ("PYTHONUNBUFFERED",)
 
 
+# The running interpreter's bin directory: the venv's when distbatch runs from one.
+BIN_DIR = str(Path(sys.executable).parent)
+
+
+def _worker_command(args: argparse.Namespace) -> list[str]:
+    """The worker command with a bare distbatch/python resolved in BIN_DIR (venv not on PATH)."""
+    return launcher.resolve_worker_command(args.command, BIN_DIR)
+
+
+def _path_env() -> dict[str, str]:
+    """Workers started here find the venv's programs first, also from their own scripts."""
+    path = os.environ.get("PATH", "")
+    return {} if BIN_DIR in path.split(os.pathsep) else {"PATH": os.pathsep.join(filter(None, (BIN_DIR, path)))}
+
+
 def _run_or_show(argv: list[str], args: argparse.Namespace, unset: Sequence[str] = ()) -> int:
     if args.dry_run:
         removed = [f"# removed for the ranks: {n} (MPI output tagging splits unbuffered lines)"
                    for n in unset if n in os.environ]
         _print(shlex.join(argv), *_env_lines(os.environ), *removed)
         return 0
-    return supervisor.run_single(argv, unset_env=unset, grace_seconds=args.grace_seconds)
+    return supervisor.run_launcher(argv, env=_path_env(), unset_env=unset,
+                                   grace_seconds=args.grace_seconds)
+
+
+def _write(path: Path, text: str, flag: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(0o755)
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot write {str(path)!r} ({e.strerror or e})") from None
+
+
+def _check_grace(args: argparse.Namespace) -> None:
+    g = args.grace_seconds
+    if not (math.isfinite(g) and 0 <= g <= 3600):
+        raise UsageError(f"--grace-seconds must be a number of seconds in [0, 3600], got {g}")
 
 
 def _horovod(args: argparse.Namespace) -> int:
+    _check_grace(args)
     argv = launcher.horovod_command(
-        np=args.np, command=args.command, hosts=args.hosts, hostfile=args.hostfile,
+        np=args.np, command=_worker_command(args), hosts=args.hosts, hostfile=args.hostfile,
         gloo=args.gloo, mpi=args.mpi, network_interface=args.network_interface,
         fusion_threshold_mb=args.fusion_threshold_mb, cycle_time_ms=args.cycle_time_ms,
         timeline_filename=args.timeline_filename, autotune=args.autotune,
@@ -63,8 +96,9 @@ def _horovod(args: argparse.Namespace) -> int:
 
 
 def _mpirun(args: argparse.Namespace) -> int:
+    _check_grace(args)
     argv = launcher.mpirun_command(
-        np=args.np, command=args.command, hosts=args.hosts, hostfile=args.hostfile,
+        np=args.np, command=_worker_command(args), hosts=args.hosts, hostfile=args.hostfile,
         is_root=os.geteuid() == 0, local_cores=os.cpu_count(), env=os.environ,
         export=args.export or (), bind_to_none=not args.keep_binding)
     argv[0] = args.mpirun or launcher.resolve_executable("mpirun", required=not args.dry_run)
@@ -72,6 +106,7 @@ def _mpirun(args: argparse.Namespace) -> int:
 
 
 def _multiworker(args: argparse.Namespace) -> int:
+    _check_grace(args)
     if args.hosts:
         addresses = launcher.host_worker_addresses(args.hosts, args.port or 12345, args.workers)
     else:
@@ -80,19 +115,20 @@ def _multiworker(args: argparse.Namespace) -> int:
         launcher.check_np(args.workers, "--workers")
         if args.port is not None:
             addresses = launcher.local_worker_addresses(args.workers, args.port)
+            if not args.dry_run:
+                launcher.check_ports_free([args.port + i for i in range(args.workers)])
         else:
             addresses = [f"localhost:{p}" for p in launcher.find_free_ports(args.workers)]
-    specs = launcher.multiworker_specs(addresses, args.command)
+    specs = launcher.multiworker_specs(addresses, _worker_command(args))
     if args.task_index is not None and not 0 <= args.task_index < len(specs):
         raise UsageError(f"--task-index must be in 0..{len(specs) - 1}, got {args.task_index}")
 
     if args.write_scripts:
         out = Path(args.write_scripts)
-        out.mkdir(parents=True, exist_ok=True)
         for i, ((env, argv), addr) in enumerate(zip(specs, addresses)):
             path = out / f"worker{i}.sh"
-            path.write_text(launcher.host_script(env, argv, host=addr.rpartition(":")[0], index=i))
-            path.chmod(0o755)
+            _write(path, launcher.host_script(env, argv, host=addr.rpartition(":")[0], index=i),
+                   "--write-scripts")
             _print(f"wrote {path}  (run on {addr.rpartition(':')[0]})")
         return 0
     if args.dry_run or (args.hosts and args.task_index is None):
@@ -100,7 +136,7 @@ def _multiworker(args: argparse.Namespace) -> int:
             if args.task_index is None or args.task_index == i:
                 _print(f"# worker {i} on {addr.rpartition(':')[0]}", launcher.env_command_line(env, argv))
         return 0
-    worker_specs = supervisor.rank_specs(specs)
+    worker_specs = supervisor.rank_specs([({**_path_env(), **env}, argv) for env, argv in specs])
     if args.task_index is not None:
         worker_specs = [worker_specs[args.task_index]]
     return supervisor.run_workers(worker_specs, grace_seconds=args.grace_seconds)
@@ -108,7 +144,7 @@ def _multiworker(args: argparse.Namespace) -> int:
 
 def _slurm(args: argparse.Namespace) -> int:
     text = launcher.slurm_script(
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, command=args.command,
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, command=_worker_command(args),
         backend=args.backend, tasks_per_node=args.tasks_per_node, time=args.time,
         partition=args.partition, job_name=args.job_name, log=args.log,
         cpus_per_task=args.cpus_per_task, srun_mpi=args.srun_mpi)
@@ -116,9 +152,7 @@ def _slurm(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         return 0
     path = Path(args.output or f"{args.job_name}.sbatch")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    path.chmod(0o755)
+    _write(path, text, "--output")
     _print(f"wrote {path}", f"submit with: sbatch {shlex.quote(str(path))}")
     return 0
 
@@ -186,7 +220,8 @@ def add_launch_parser(subparsers) -> None:
     s.add_argument("--backend", choices=("horovod", "multiworker"), default="horovod")
     s.add_argument("--tasks-per-node", type=int,
                    help="default: gpus-per-node for horovod (min 1), 1 for multiworker")
-    s.add_argument("--time", help="e.g. 02:00:00")
+    s.add_argument("--time", help="time limit in a Slurm format: MINUTES, MM:SS, HH:MM:SS, D-HH, "
+                                  "D-HH:MM or D-HH:MM:SS, e.g. 02:00:00")
     s.add_argument("--partition")
     s.add_argument("--job-name", default="distbatch")
     s.add_argument("--cpus-per-task", type=int)

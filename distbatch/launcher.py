@@ -18,7 +18,9 @@ Conventions shared by all launchers:
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -68,6 +70,40 @@ def check_port(port: int, flag: str = "--port") -> int:
     return port
 
 
+# Host names and IPv4/IPv6 addresses; nothing a shell, ssh or TF_CONFIG could misread.
+_HOST_RE = re.compile(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]")
+
+
+def check_host(host: str, where: str) -> str:
+    """Return ``host`` if it is a plain host name or address, else raise UsageError naming ``where``."""
+    if not isinstance(host, str) or not _HOST_RE.fullmatch(host):
+        raise UsageError(f"{where}: host must be a host name or IP address (letters, digits, '.', '-', "
+                         f"'_'), got {host!r}")
+    return host
+
+
+# Worker commands a user types from the README; resolved next to the running Python when the
+# venv is not on PATH ("env: 'distbatch': No such file or directory" otherwise).
+BARE_PROGRAMS = ("distbatch", "python", "python3")
+
+
+def resolve_worker_command(command: Sequence[str], bin_dir: str | os.PathLike) -> list[str]:
+    """Replace a bare ``distbatch``/``python``/``python3`` at the start of ``command`` with the
+    program of that name in ``bin_dir`` (the running interpreter's bin directory, i.e. the venv)
+    when it exists there; anything else is returned unchanged.
+
+    >>> resolve_worker_command(["ls", "-l"], "/v/bin")
+    ['ls', '-l']
+    """
+    cmd = list(command or [])
+    start = 1 if cmd[:1] == ["--"] else 0
+    if len(cmd) > start and cmd[start] in BARE_PROGRAMS:
+        candidate = Path(bin_dir) / cmd[start]
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            cmd[start] = str(candidate)
+    return cmd
+
+
 def parse_hosts(hosts: str) -> list[tuple[str, int]]:
     """Parse ``"h1:2,h2:4"`` into ``[("h1", 2), ("h2", 4)]`` (horovodrun's -H syntax)."""
     if not isinstance(hosts, str) or not hosts.strip():
@@ -77,7 +113,7 @@ def parse_hosts(hosts: str) -> list[tuple[str, int]]:
         name, sep, slots = item.strip().rpartition(":")
         if not sep or not name or not slots.isdigit() or int(slots) < 1:
             raise UsageError(f"-H entry must be host:slots with slots >= 1, got {item!r} in {hosts!r}")
-        parsed.append((name, int(slots)))
+        parsed.append((check_host(name, f"-H entry {item!r}"), int(slots)))
     return parsed
 
 
@@ -200,8 +236,9 @@ def horovod_command(*, np: int, command: Sequence[str], hosts: str | None = None
                              f"got {fusion_threshold_mb!r}")
         argv += ["--fusion-threshold-mb", str(fusion_threshold_mb)]
     if cycle_time_ms is not None:
-        if cycle_time_ms <= 0:
-            raise UsageError(f"--cycle-time-ms must be > 0, got {cycle_time_ms}")
+        if not (math.isfinite(cycle_time_ms) and 0 < cycle_time_ms <= 60_000):
+            raise UsageError(f"--cycle-time-ms must be a number of milliseconds in (0, 60000], "
+                             f"got {cycle_time_ms}")
         argv += ["--cycle-time-ms", _fmt_number(cycle_time_ms)]
     if timeline_filename:
         argv += ["--timeline-filename", timeline_filename]
@@ -294,8 +331,9 @@ def host_worker_addresses(hosts: str, port: int, workers: int | None = None) -> 
     for entry in entries:
         name, sep, own = entry.rpartition(":")
         if not sep:
-            addresses.append(f"{entry}:{port}")
+            addresses.append(f"{check_host(entry, f'--hosts entry {entry!r}')}:{port}")
         elif name and own.isdigit():
+            check_host(name, f"--hosts entry {entry!r}")
             addresses.append(f"{name}:{check_port(int(own), f'--hosts entry {entry!r} port')}")
         else:
             raise UsageError(f"--hosts entry must be host or host:port, got {entry!r}")
@@ -328,6 +366,20 @@ def host_script(env: Mapping[str, str], argv: Sequence[str], *, host: str, index
             + f"exec {shlex.join(argv)}\n")
 
 
+def check_ports_free(ports: Sequence[int], flag: str = "--port") -> None:
+    """UsageError naming the first of ``ports`` that this machine cannot listen on (impure)."""
+    for i, port in enumerate(ports):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            what = "is already in use" if e.errno == 98 else f"cannot be used ({e.strerror})"
+            raise UsageError(f"{flag} {ports[0]}: port {port} (worker {i}) {what} on this machine; "
+                             f"choose another {flag} or leave it out to use free ports") from None
+        finally:
+            s.close()
+
+
 def find_free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     """Ask the OS for ``n`` distinct free TCP ports (impure; race-prone but standard practice)."""
     sockets, ports = [], []
@@ -346,6 +398,54 @@ def find_free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
 # --------------------------------------------------------------------------- #
 # Slurm
 # --------------------------------------------------------------------------- #
+# Values written into "#SBATCH --name=value" lines. sbatch reads those lines itself (not a
+# shell): whitespace ends a value, a newline starts a new line of the script, so anything
+# outside these characters could silently change the job or inject commands.
+_SBATCH_VALUE = {
+    "--job-name": re.compile(r"[A-Za-z0-9_.+-]{1,128}"),
+    "--partition": re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*"),
+    "--log": re.compile(r"[A-Za-z0-9_./%+@=,:-]+"),
+    "--srun-mpi": re.compile(r"[A-Za-z0-9_]+"),
+}
+_SBATCH_EXPECTED = {
+    "--job-name": "letters, digits, '_', '.', '+', '-' (at most 128)",
+    "--partition": "partition names (letters, digits, '_', '.', '-'), comma-separated",
+    "--log": "a file name pattern of letters, digits and _ . / % + @ = , : -",
+    "--srun-mpi": "a plugin name such as pmix or pmi2",
+}
+# Slurm's time formats (sbatch --time): minutes, minutes:seconds, hours:minutes:seconds,
+# days-hours, days-hours:minutes, days-hours:minutes:seconds.
+_SLURM_TIME = re.compile(r"(?:(\d+)-(\d{1,2})(?::(\d{1,2})(?::(\d{1,2}))?)?|(\d+)(?::(\d{1,2})(?::(\d{1,2}))?)?)")
+SLURM_TIME_FORMATS = "MINUTES, MINUTES:SECONDS, HOURS:MINUTES:SECONDS, DAYS-HOURS, DAYS-HOURS:MINUTES or DAYS-HOURS:MINUTES:SECONDS"
+
+
+def check_sbatch_value(value: str, flag: str) -> str:
+    """Return ``value`` if it can go into an ``#SBATCH`` line as it is, else raise UsageError."""
+    if not isinstance(value, str) or not _SBATCH_VALUE[flag].fullmatch(value):
+        raise UsageError(f"{flag} must be {_SBATCH_EXPECTED[flag]}, got {value!r}")
+    return value
+
+
+def check_slurm_time(time: str) -> str:
+    """Return ``time`` if it is a positive Slurm time limit (see SLURM_TIME_FORMATS), else UsageError."""
+    m = _SLURM_TIME.fullmatch(time) if isinstance(time, str) else None
+    if m:
+        days, d_hours, d_minutes, d_seconds, minutes, m_seconds, h_seconds = (
+            int(g) if g is not None else None for g in m.groups())
+        if days is not None:
+            ok = d_hours < 24 and (d_minutes or 0) < 60 and (d_seconds or 0) < 60
+            total = ((days * 24 + d_hours) * 60 + (d_minutes or 0)) * 60 + (d_seconds or 0)
+        elif h_seconds is not None:  # HOURS:MINUTES:SECONDS
+            ok = m_seconds < 60 and h_seconds < 60
+            total = (minutes * 60 + m_seconds) * 60 + h_seconds
+        else:  # MINUTES or MINUTES:SECONDS
+            ok = (m_seconds or 0) < 60
+            total = minutes * 60 + (m_seconds or 0)
+        if ok and total > 0:
+            return time
+    raise UsageError(f"--time must be a Slurm time limit > 0 ({SLURM_TIME_FORMATS}), got {time!r}")
+
+
 def slurm_script(*, nodes: int, gpus_per_node: int, command: Sequence[str],
                  backend: str = "horovod", tasks_per_node: int | None = None,
                  time: str | None = None, partition: str | None = None,
@@ -373,17 +473,27 @@ def slurm_script(*, nodes: int, gpus_per_node: int, command: Sequence[str],
     check_np(tasks_per_node, "--tasks-per-node")
     if backend == "multiworker" and tasks_per_node != 1:
         raise UsageError(f"--backend multiworker runs one task per node, got --tasks-per-node {tasks_per_node}")
+    check_sbatch_value(job_name, "--job-name")
+    check_sbatch_value(log, "--log")
+    if partition is not None:
+        check_sbatch_value(partition, "--partition")
+    if srun_mpi is not None:
+        check_sbatch_value(srun_mpi, "--srun-mpi")
+    if time is not None:
+        check_slurm_time(time)
+    if cpus_per_task is not None:
+        check_np(cpus_per_task, "--cpus-per-task")
     lines = ["#!/usr/bin/env bash",
              f"#SBATCH --job-name={job_name}",
              f"#SBATCH --nodes={nodes}",
              f"#SBATCH --ntasks-per-node={tasks_per_node}"]
     if gpus_per_node:
         lines.append(f"#SBATCH --gpus-per-node={gpus_per_node}")
-    if cpus_per_task:
-        lines.append(f"#SBATCH --cpus-per-task={check_np(cpus_per_task, '--cpus-per-task')}")
-    if time:
+    if cpus_per_task is not None:
+        lines.append(f"#SBATCH --cpus-per-task={cpus_per_task}")
+    if time is not None:
         lines.append(f"#SBATCH --time={time}")
-    if partition:
+    if partition is not None:
         lines.append(f"#SBATCH --partition={partition}")
     lines.append(f"#SBATCH --output={log}")
     total = nodes * tasks_per_node
@@ -393,7 +503,7 @@ def slurm_script(*, nodes: int, gpus_per_node: int, command: Sequence[str],
     else:
         what = (f"# {nodes} MultiWorkerMirroredStrategy worker(s), one per node; the cluster comes "
                 "from Slurm's environment (SlurmClusterResolver), not TF_CONFIG.")
-    srun = ["srun"] + ([f"--mpi={srun_mpi}"] if srun_mpi else []) + [
+    srun = ["srun"] + ([f"--mpi={srun_mpi}"] if srun_mpi is not None else []) + [
         f"--ntasks-per-node={tasks_per_node}", "--kill-on-bad-exit=1"]
     lines += ["", "# Generated by 'distbatch launch slurm'. Submit with: sbatch <this file>", what,
               "set -euo pipefail",

@@ -27,9 +27,8 @@ import math
 import keras
 from keras import ops
 
+from distbatch.choices import OPTIMIZERS  # noqa: F401 - re-exported
 from distbatch.errors import UsageError
-
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "lamb", "lars")
 
 
 def is_bias_or_norm(variable) -> bool:

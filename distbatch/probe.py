@@ -178,12 +178,25 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def probe_main(args: argparse.Namespace) -> int:
+def validate_probe_args(args: argparse.Namespace) -> None:
+    """Every check of probe-batch's flags that needs no TensorFlow."""
     require(args.accumulation_steps >= 1,
             f"--accumulation-steps must be >= 1, got {args.accumulation_steps}")
-    require(args.memory_limit_mb is None or args.memory_limit_mb > 0,
-            f"--memory-limit-mb must be > 0, got {args.memory_limit_mb}")
+    require(args.memory_limit_mb is None or (math.isfinite(args.memory_limit_mb) and args.memory_limit_mb > 0),
+            f"--memory-limit-mb must be a finite number > 0, got {args.memory_limit_mb}")
     require(args.num_classes >= 2, f"--num-classes must be >= 2, got {args.num_classes}")
+    require(args.cpu_replicas is None or args.cpu_replicas >= 1,
+            f"--cpu-replicas must be >= 1, got {args.cpu_replicas}")
+    for flag, v in (("--start-batch", args.start_batch), ("--max-batch", args.max_batch)):
+        require(v >= 1, f"{flag} must be an integer >= 1, got {v}")
+    require(args.start_batch <= args.max_batch,
+            f"--start-batch {args.start_batch} is larger than --max-batch {args.max_batch}")
+    if not args.dataset:
+        parse_shape(args.input_shape or "40")
+
+
+def probe_main(args: argparse.Namespace) -> int:
+    validate_probe_args(args)
     if args.dataset:
         from distbatch.data import load_dataset
         data = load_dataset(args.dataset)

@@ -17,19 +17,13 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import TYPE_CHECKING
 
-import keras
-
+from distbatch.choices import DECAYS, OPTIMIZERS, SCALING_RULES, WARMUP_MODES
 from distbatch.errors import UsageError
-from distbatch.optimizers import OPTIMIZERS, build_optimizer
-from distbatch.schedules import (
-    DECAYS,
-    SCALING_RULES,
-    WARMUP_MODES,
-    build_lr_schedule,
-    epochs_to_steps,
-    scaled_learning_rate,
-)
+
+if TYPE_CHECKING:  # building the parser (and --help) must not import TensorFlow
+    import keras
 
 # Goyal et al.: 5 warmup epochs, x0.1 at epochs 30, 60, 80, of 90.
 GOYAL_WARMUP_FRACTION = 5 / 90
@@ -88,7 +82,37 @@ def _parse_epoch_list(text: str) -> list[float]:
         raise UsageError(f"--decay-epochs must be comma-separated numbers, got {text!r}") from None
     if not values:
         raise UsageError(f"--decay-epochs must list at least one epoch, got {text!r}")
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise UsageError(f"--decay-epochs must be finite epochs >= 0, got {text!r}")
     return values
+
+
+def _in_range(value: float, flag: str, low: float, high: float = math.inf, *,
+              low_open: bool = False, high_open: bool = False) -> None:
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) \
+        and (value < high if high_open else value <= high)
+    if not ok:
+        interval = (("(" if low_open else "[") + f"{low:g}, " + ("inf)" if high == math.inf else
+                    f"{high:g}" + (")" if high_open else "]")))
+        raise UsageError(f"{flag} must be a finite number in {interval}, got {value}")
+
+
+def validate_recipe_args(args: argparse.Namespace) -> None:
+    """The recipe's numeric flags, checked before TensorFlow starts (build_recipe re-checks
+    what needs the run's step counts)."""
+    _in_range(args.base_lr, "--base-lr", 0, low_open=True)
+    _in_range(args.momentum, "--momentum", 0, 1, high_open=True)
+    _in_range(args.weight_decay, "--weight-decay", 0)
+    _in_range(args.decay_factor, "--decay-factor", 0, 1, low_open=True)
+    _in_range(args.end_lr, "--end-lr", 0)
+    _in_range(args.decay_power, "--decay-power", 0, low_open=True)
+    _in_range(args.lars_eta, "--lars-eta", 0, low_open=True)
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        raise UsageError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if args.warmup_epochs is not None:
+        _in_range(args.warmup_epochs, "--warmup-epochs", 0)
+    if args.decay_epochs:
+        _parse_epoch_list(args.decay_epochs)
 
 
 def build_recipe(
@@ -111,6 +135,9 @@ def build_recipe(
     its steps per epoch and step budget); the optimizer then follows
     ``gain x schedule(tau)`` (distbatch.adascale).
     """
+    from distbatch.optimizers import build_optimizer
+    from distbatch.schedules import build_lr_schedule, epochs_to_steps, scaled_learning_rate
+
     rule = "none" if args.scaling == "adascale" else args.scaling
     if (adascale is None) != (rule == args.scaling):
         raise ValueError("build_recipe: pass adascale= exactly when args.scaling is 'adascale'")
@@ -130,6 +157,9 @@ def build_recipe(
         warmup_steps = epochs_to_steps(args.warmup_epochs, steps_per_epoch)
     else:
         warmup_steps = int(math.floor(total_steps * GOYAL_WARMUP_FRACTION + 0.5))
+    cap = getattr(args, "warmup_cap", None)  # a default warmup that must stay short (the sweep's)
+    if cap is not None and args.warmup != "none":
+        warmup_steps = min(warmup_steps, int(math.floor(total_steps * cap + 0.5)))
     if warmup_steps > total_steps:
         raise UsageError(f"warmup ({warmup_steps} steps) is longer than training ({total_steps} steps)")
 

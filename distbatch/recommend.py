@@ -24,6 +24,7 @@ import argparse
 import copy
 import math
 import os
+import shlex
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Mapping
@@ -131,8 +132,29 @@ def warmup_for(batch: int, base_batch_size: int, *, epochs: float | None = None,
     return {"warmup": "gradual", "warmup_epochs": round(epochs * WARMUP_FRACTION, 4)}
 
 
+# Written by suggested_command itself (or meaningless for a new run), never copied from the flags.
+_NOT_COPIED = {"global_batch_size", "max_global_batch_size", "batch_size_schedule", "epochs", "steps", "warmup", "warmup_epochs",
+               "warmup_steps", "out", "resume", "overwrite", "help"}
+
+
+def _fmt(value) -> str:
+    """A flag value as a user would type it: 20.0 -> '20', 0.05 -> '0.05'."""
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(value)
+
+
 def suggested_command(args: argparse.Namespace, batch: int, warmup: dict) -> list[str]:
-    """The `distbatch train` command line for the recommended batch (a pure function)."""
+    """The complete `distbatch train` command line for the recommended batch (a pure function).
+
+    Complete means it runs as pasted: the measured run's dataset, its sizes and seeds, the
+    backend and every other `train` flag whose value differs from train's default are
+    carried over (enumerated from train's own parser, so new flags are covered), plus
+    the recommended batch, warmup, the planned length, and an --out directory.
+    """
+    from distbatch.run import add_train_args
+    train_parser = argparse.ArgumentParser(add_help=False)
+    add_train_args(train_parser)
     cmd = ["distbatch", "train", "--dataset", str(args.dataset), "--model", str(args.model),
            "--global-batch-size", str(batch), "--optimizer", str(args.optimizer),
            "--base-lr", f"{args.base_lr:g}", "--base-batch-size", str(args.base_batch_size),
@@ -141,11 +163,25 @@ def suggested_command(args: argparse.Namespace, batch: int, warmup: dict) -> lis
         cmd += ["--warmup-epochs", f"{warmup['warmup_epochs']:g}"]
     if "warmup_steps" in warmup:
         cmd += ["--warmup-steps", str(warmup["warmup_steps"])]
-    if args.steps is not None:
+    if getattr(args, "steps", None) is not None:
         cmd += ["--steps", str(args.steps)]
     else:
-        cmd += ["--epochs", f"{10.0 if args.epochs is None else args.epochs:g}"]
-    return cmd
+        epochs = getattr(args, "epochs", None)
+        cmd += ["--epochs", f"{10.0 if epochs is None else epochs:g}"]
+    written = {"dataset", "model", "optimizer", "base_lr", "base_batch_size", "scaling"}
+    for action in train_parser._actions:
+        dest = action.dest
+        if dest in _NOT_COPIED or dest in written or not action.option_strings or not hasattr(args, dest):
+            continue
+        value = getattr(args, dest)
+        if value == action.default or value is None:
+            continue
+        written.add(dest)
+        if action.nargs == 0:  # store_true / store_false: the flag itself says it
+            cmd.append(action.option_strings[-1])
+        else:
+            cmd += [action.option_strings[-1], _fmt(value)]
+    return cmd + ["--out", f"runs/train-bs{batch}"]
 
 
 def add_recommend_parser(subparsers) -> None:
@@ -180,7 +216,8 @@ def _sub_args(args: argparse.Namespace, batch: int, steps: int, out: str, noise:
     return a
 
 
-def run_recommend(args: argparse.Namespace) -> int:
+def validate_recommend_args(args: argparse.Namespace) -> list[int]:
+    """Every check of recommend's flags that needs no TensorFlow; returns the batch sizes."""
     from distbatch.sweep import parse_batch_sizes
     batches = parse_batch_sizes(args.batch_sizes)
     require(args.noise_batch_size >= 2, f"--noise-batch-size must be >= 2, got {args.noise_batch_size}")
@@ -190,6 +227,11 @@ def run_recommend(args: argparse.Namespace) -> int:
     args.global_batch_size = args.noise_batch_size
     validate_args(args)
     args.epochs, args.steps = planned_epochs, planned_steps  # validate_args fills in a default
+    return batches
+
+
+def run_recommend(args: argparse.Namespace) -> int:
+    batches = validate_recommend_args(args)
     check_out_dir(args.out, resume=False, overwrite=args.overwrite,
                   holds=(RECOMMENDATION_NAME,))
     require(not args.resume, "--resume does not apply to recommend (its runs are short)")
@@ -200,7 +242,8 @@ def run_recommend(args: argparse.Namespace) -> int:
     from distbatch.run import EXIT_DIVERGED, load_data, train
     from distbatch.schedules import scaled_learning_rate
 
-    backend, _ = create_backend(args.backend, cpu_replicas=args.cpu_replicas)
+    backend, _ = create_backend(args.backend, cpu_replicas=args.cpu_replicas,
+                                cluster_timeout=args.cluster_timeout)
     data = load_data(args)
     units = backend.num_replicas * args.accumulation_steps
     for flag, b in [("--noise-batch-size", args.noise_batch_size)] + [("--batch-sizes", b) for b in batches]:
@@ -242,8 +285,8 @@ def run_recommend(args: argparse.Namespace) -> int:
 
     rec = recommend_batch(b_simple, throughputs, replicas=units)
     lr = scaled_learning_rate(args.base_lr, args.base_batch_size, rec.global_batch_size, args.scaling)
-    warmup = warmup_for(rec.global_batch_size, args.base_batch_size, epochs=planned_epochs,
-                        steps=planned_steps)
+    warmup = warmup_for(rec.global_batch_size, args.base_batch_size, epochs=args.epochs,
+                        steps=args.steps)
     command = suggested_command(args, rec.global_batch_size, warmup)
     result = {**rec.as_dict(), "peak_lr": lr, "scaling_rule": args.scaling,
               "base_lr": args.base_lr, "base_batch_size": args.base_batch_size, **warmup,
@@ -285,5 +328,5 @@ def format_report(result: dict) -> str:
               "for more examples (McCandlish et al. 2018).",
               f"Fastest measured batch on this machine (S_min (B + B_simple) / throughput): "
               f"{result['fastest_batch_size']}.",
-              "Command: " + " ".join(result["command"])]
+              "Command: " + shlex.join(result["command"])]
     return "\n".join(lines)

@@ -416,18 +416,24 @@ def add_report_parser(subparsers: "argparse._SubParsersAction") -> argparse.Argu
     return parser
 
 
+def validate_report_args(args: argparse.Namespace) -> None:
+    """The numeric flags of `distbatch report`."""
+    target = args.target_accuracy
+    if target is not None and not 0 < target <= 1:
+        raise UsageError(f"--target-accuracy must be a fraction in (0, 1], got {target}")
+    if not (math.isfinite(args.tolerance) and 0 <= args.tolerance <= 100):
+        raise UsageError(f"--tolerance must be in [0, 100] accuracy points, got {args.tolerance}")
+
+
 def run_report(args: argparse.Namespace) -> int:
     """Handler of ``distbatch report``: validate, build, print the report path, return 0."""
+    validate_report_args(args)
+    target = args.target_accuracy
     directory = Path(args.dir)
     if not directory.is_dir():
         raise UsageError(f"report directory not found: {args.dir!r}")
     if not (directory / JSONL_NAME).is_file():
         raise UsageError(f"{args.dir!r} has no {JSONL_NAME}; expected a `distbatch sweep --out` directory")
-    target = args.target_accuracy
-    if target is not None and not 0 < target <= 1:
-        raise UsageError(f"--target-accuracy must be a fraction in (0, 1], got {target}")
-    if not (args.tolerance >= 0):
-        raise UsageError(f"--tolerance must be >= 0 points, got {args.tolerance}")
     path = build_report(directory, target_accuracy=target, machine=args.machine,
                         tolerance_points=args.tolerance)
     print(f"wrote {path}")

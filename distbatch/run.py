@@ -25,6 +25,7 @@ from distbatch.outdir import check_out_dir, claim_out_dir
 
 RUN_FILES = ("summary.json", "config.json", "model.keras")
 RUN_OUTPUTS = RUN_FILES + ("tensorboard", "checkpoints")  # all --overwrite removes
+MAX_EPOCHS = 1e6  # beyond this a run would not end (and inf/1e30 overflow the step count)
 EXIT_DIVERGED = 3
 
 
@@ -87,6 +88,10 @@ def add_train_args(parser: argparse.ArgumentParser, *, sweep: bool = False) -> N
     g.add_argument("--jit-compile", choices=("off", "on"), default="off",
                    help="XLA-compile the per-replica forward/backward pass (default off: "
                         "slower on the measured CPU runs, see docs/benchmarks.md)")
+    g.add_argument("--cluster-timeout", type=float, default=None, metavar="SECONDS",
+                   help="multiworker: seconds to wait for every worker of the cluster to start before "
+                        "stopping with the addresses that never came (default: "
+                        "$DISTBATCH_CLUSTER_TIMEOUT or 120)")
     g.add_argument("--resume", action="store_true",
                    help="continue from the last checkpoint (or finished points) in --out")
     g.add_argument("--overwrite", action="store_true", help="replace another run's results in --out")
@@ -154,11 +159,21 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.epochs is None and args.steps is None:
         args.epochs = 10.0
     require(args.epochs is None or args.epochs > 0, f"--epochs must be > 0, got {args.epochs}")
+    require(args.epochs is None or args.epochs <= MAX_EPOCHS,  # also inf; nan failed above
+            f"--epochs must be at most {MAX_EPOCHS:g}, got {args.epochs}")
     require(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
     require(args.accumulation_steps >= 1,
             f"--accumulation-steps must be >= 1, got {args.accumulation_steps}")
     require(args.base_lr > 0, f"--base-lr must be > 0, got {args.base_lr}")
     require(args.base_batch_size >= 1, f"--base-batch-size must be >= 1, got {args.base_batch_size}")
+    for flag, seed in (("--seed", args.seed), ("--data-seed", args.data_seed)):
+        require(0 <= seed < 2**32, f"{flag} must be an integer in [0, 2**32), got {seed}")
+    for flag, size in (("--train-size", args.train_size), ("--val-size", args.val_size)):
+        require(size is None or size >= 1, f"{flag} must be >= 1 examples, got {size}")
+    require(math.isfinite(args.min_delta) and args.min_delta >= 0,
+            f"--min-delta must be a finite number >= 0, got {args.min_delta}")
+    from distbatch.recipe_args import validate_recipe_args
+    validate_recipe_args(args)
     require(args.evals_per_epoch >= 1, f"--evals-per-epoch must be >= 1, got {args.evals_per_epoch}")
     require(args.early_stopping_patience >= 1,
             f"--early-stopping-patience must be >= 1, got {args.early_stopping_patience}")
@@ -170,6 +185,8 @@ def validate_args(args: argparse.Namespace) -> None:
     require(args.num_classes is None or args.num_classes >= 2,
             f"--num-classes must be >= 2, got {args.num_classes}")
     require(not (args.resume and args.overwrite), "--resume and --overwrite exclude each other")
+    from distbatch.cluster import resolve_cluster_timeout
+    resolve_cluster_timeout(getattr(args, "cluster_timeout", None))
 
 
 def machine_info(backend) -> dict:
@@ -280,7 +297,8 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
 
     reason = "given"
     if backend is None:
-        backend, reason = create_backend(args.backend, cpu_replicas=args.cpu_replicas)
+        backend, reason = create_backend(args.backend, cpu_replicas=args.cpu_replicas,
+                                         cluster_timeout=args.cluster_timeout)
     if data is None:
         data = load_data(args)
     rp = plan_run(args, backend, data)
@@ -345,6 +363,10 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
         jit_compile=getattr(args, "jit_compile", "off") == "on",
         verbose=getattr(args, "progress", True))
     started = time.time()
+    say = chief and getattr(args, "progress", True)  # a sweep's points stay quiet
+    if say:  # TensorFlow traces and compiles the step first: many seconds of silence otherwise
+        print("distbatch: compiling the train step (the first step takes longer)...",
+              file=sys.stderr, flush=True)
     try:
         if adaptive:
             from distbatch.goodput import probe_step_seconds, run_adaptive
@@ -397,7 +419,16 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
             print(f"distbatch: training diverged (loss not finite) at step {summary['diverged_step']}; "
                   f"lower --base-lr or add warmup. Summary in {args.out}/summary.json", file=sys.stderr)
         return summary, EXIT_DIVERGED
+    if say:
+        print(f"distbatch: done; wrote {output_listing(args.out)}", file=sys.stderr, flush=True)
     return summary, 0
+
+
+def output_listing(out: str) -> str:
+    """'OUT/ (summary.json, config.json, model.keras, checkpoints/, tensorboard/)': what is there."""
+    names = [n for n in RUN_FILES if os.path.isfile(os.path.join(out, n))]
+    names += [f"{n}/" for n in ("checkpoints", "tensorboard") if os.path.isdir(os.path.join(out, n))]
+    return f"{os.path.join(out, '')} ({', '.join(names)})"
 
 
 def write_rank_report(backend, metrics: dict, model) -> None:

@@ -25,11 +25,8 @@ from typing import Sequence
 import keras
 from keras import ops
 
+from distbatch.choices import DECAYS, SCALING_RULES, WARMUP_MODES  # noqa: F401 - re-exported
 from distbatch.errors import UsageError
-
-SCALING_RULES = ("linear", "sqrt", "none")
-WARMUP_MODES = ("gradual", "constant", "none")
-DECAYS = ("constant", "cosine", "step", "linear")
 
 
 def scaled_learning_rate(

@@ -11,7 +11,9 @@ hang). So the supervisor:
    prefix (a single wrapped child such as horovodrun keeps its own
    ``[1,0]<stdout>:`` prefixes; it gets none);
 3. polls the workers; at the first non-zero exit or signal it prints one line
-   naming the rank and its code or signal, sends SIGTERM to every other
+   naming the rank that caused it and its code or signal (a rank killed by a
+   signal or stopped with SIGSTOP, rather than a peer whose collective then
+   failed: :func:`root_cause`), sends SIGTERM to every other
    group, waits ``grace_seconds``, then SIGKILLs what is left. The job ends
    within about ``grace_seconds`` + a second of the failure;
 4. treats Ctrl-C (SIGINT) and SIGTERM on the launcher the same way.
@@ -63,12 +65,44 @@ def describe_exit(returncode: int) -> str:
         except ValueError:
             name = "unknown"
         return f"signal {-returncode} ({name})"
+    if 128 < returncode < 128 + 65:  # the shell's convention, also distbatch's after SIGTERM/SIGINT
+        try:
+            return f"exit code {returncode} ({signal.Signals(returncode - 128).name})"
+        except ValueError:
+            pass
     return f"exit code {returncode}"
 
 
 def shell_exit_code(returncode: int) -> int:
     """Map a Popen returncode to a shell exit status: negative (signal) -> 128 + signal."""
     return 128 - returncode if returncode < 0 else returncode
+
+
+def process_state(pid: int) -> str | None:
+    """The kernel's one-letter state of ``pid`` ('R', 'S', 'T' = stopped, ...), None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def root_cause(codes: Sequence[int | None], states: Sequence[str | None], failed: int) -> tuple[int, str]:
+    """Which rank most likely caused the failure first seen at rank ``failed``, and how it failed.
+
+    When one worker is killed or stopped, its peers fail too, with a
+    collective error; the one the poll sees first need not be the cause. A
+    rank killed by a signal, or stopped (SIGSTOP/SIGTSTP: state T), is the
+    cause rather than a rank that exited with an error code.
+    """
+    # Killed outright (negative), or exited 128 + N after handling signal N (distbatch does).
+    killed = [r for r, c in enumerate(codes) if c is not None and (c < 0 or 128 < c < 128 + 65)]
+    if killed:
+        return killed[0], f"failed with {describe_exit(codes[killed[0]])}"
+    stopped = [r for r, (c, st) in enumerate(zip(codes, states)) if c is None and st in ("T", "t")]
+    if stopped:
+        return stopped[0], "was stopped (SIGSTOP or SIGTSTP)"
+    return failed, f"failed with {describe_exit(codes[failed])}"
 
 
 def _pump(pipe: IO[bytes], stream: IO[str], prefix: str, lock: threading.Lock) -> None:
@@ -99,6 +133,7 @@ def stop_all(procs: Sequence[subprocess.Popen], grace_seconds: float) -> None:
     """
     for p in procs:
         _signal_group(p, signal.SIGTERM)
+        _signal_group(p, signal.SIGCONT)  # a stopped worker acts on SIGTERM only once continued
     deadline = time.monotonic() + grace_seconds
     for p in procs:
         try:
@@ -162,10 +197,15 @@ def run_workers(specs: Sequence[WorkerSpec], *, grace_seconds: float = 5.0,
             codes = [p.poll() for p in procs]
             failed = next((r for r, c in enumerate(codes) if c not in (None, 0)), None)
             if failed is not None:
+                states = [process_state(p.pid) if c is None else None for p, c in zip(procs, codes)]
+                cause, how = root_cause(codes, states, failed)
                 others = sum(c is None for c in codes)
-                note(f"{_label(specs[failed], failed)} failed with {describe_exit(codes[failed])}"
-                     + (f"; stopping the other {others} worker(s)" if others else ""))
-                code = shell_exit_code(codes[failed])
+                msg = f"{_label(specs[cause], cause)} {how}"
+                if cause != failed:
+                    msg += (f"; {_label(specs[failed], failed)} then failed with "
+                            f"{describe_exit(codes[failed])}")
+                note(msg + (f"; stopping the other {others} worker(s)" if others else ""))
+                code = shell_exit_code(codes[cause] if codes[cause] is not None else codes[failed])
                 break
             if all(c == 0 for c in codes):
                 break
@@ -207,6 +247,76 @@ def run_single(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                       unset_env=tuple(unset_env))
     kwargs.setdefault("unbuffered", False)
     return run_workers([spec], grace_seconds=grace_seconds, **kwargs)
+
+
+# Horovodrun (Gloo) reports ANY failed rank as its own exit status 1, with a
+# traceback, so a diverged run (each rank exits 3) looked like a crash. The
+# launcher therefore hands the ranks a directory in $DISTBATCH_EXIT_DIR; each
+# distbatch rank records its status there as it exits (cli.main), and the
+# launcher returns the status of the rank that failed first.
+EXIT_DIR_ENV = "DISTBATCH_EXIT_DIR"
+RANK_ENVS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
+
+
+def record_exit_code(code: int, env: Mapping[str, str] | None = None) -> None:
+    """Write ``{"rank", "code", "time"}`` to $DISTBATCH_EXIT_DIR/rank<r>.json when both are set."""
+    env = os.environ if env is None else env
+    directory = env.get(EXIT_DIR_ENV)
+    rank = next((env[k] for k in RANK_ENVS if env.get(k, "").isdigit()), None)
+    if not directory or rank is None or not os.path.isdir(directory):
+        return
+    import json
+    try:
+        with open(os.path.join(directory, f"rank{rank}.json"), "w") as f:
+            json.dump({"rank": int(rank), "code": int(code), "time": time.time()}, f)
+    except OSError:
+        pass  # only a better exit status is lost
+
+
+def first_failed_rank(directory: str) -> tuple[int, int] | None:
+    """(rank, exit status) of the rank that exited non-zero first, from record_exit_code's files."""
+    import json
+    failed = []
+    for name in os.listdir(directory):
+        try:
+            with open(os.path.join(directory, name)) as f:
+                row = json.load(f)
+            if row["code"] != 0:
+                failed.append((float(row["time"]), int(row["rank"]), int(row["code"])))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    if not failed:
+        return None
+    _, rank, code = min(failed)
+    return rank, code
+
+
+def run_launcher(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+                 unset_env: Sequence[str] = (), grace_seconds: float = 10.0,
+                 stderr: IO[str] | None = None, **kwargs) -> int:
+    """run_single for horovodrun/mpirun, returning the failed rank's own exit status.
+
+    When the launcher fails and a distbatch rank recorded a non-zero status
+    (see :data:`EXIT_DIR_ENV`), that status is returned (e.g. 3 for a diverged
+    run) with one line naming the rank; otherwise the launcher's own status.
+    """
+    import shutil
+    import tempfile
+    directory = tempfile.mkdtemp(prefix="distbatch-exit-")
+    try:
+        code = run_single(argv, env={**(env or {}), EXIT_DIR_ENV: directory}, unset_env=unset_env,
+                          grace_seconds=grace_seconds, stderr=stderr, **kwargs)
+        first = first_failed_rank(directory) if code != 0 else None
+        if first is not None and first[1] != code:
+            rank, rank_code = first
+            (stderr or sys.stderr).write(
+                f"distbatch launch: rank {rank} exited first, with {describe_exit(rank_code)}; "
+                f"exiting with that status ({os.path.basename(argv[0])} reported "
+                f"{describe_exit(code)})\n")
+            code = shell_exit_code(rank_code)
+        return code
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def rank_specs(commands: Sequence[tuple[Mapping[str, str], Sequence[str]]]) -> list[WorkerSpec]:

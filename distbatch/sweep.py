@@ -28,6 +28,11 @@ from distbatch.outdir import check_out_dir, claim_out_dir
 from distbatch.run import add_train_args, atomic_write_json, validate_args
 
 DEFAULT_BATCHES = "32,64,128,256,512,1024"
+# The sweep's default warmup: 1 epoch, but at most this fraction of each point's training,
+# so a short sweep (--epochs 1, --epochs 0.5, a few --steps) is not all warmup. 1/6 leaves
+# the default 6-epoch sweep's 1-epoch warmup as it was.
+DEFAULT_WARMUP_EPOCHS = 1.0
+DEFAULT_WARMUP_CAP = 1 / 6
 DEFAULT_TARGET = 0.70
 SWEEP_MARKERS = ("results.jsonl", "config.json")
 # Everything a sweep writes in --out: --overwrite removes these and nothing else.
@@ -78,11 +83,15 @@ def add_sweep_parser(subparsers) -> None:
     scaling.help = (f"lr scaling rule(s), comma-separated, one set of points each, e.g. "
                     f"'linear,adascale' to compare them per batch ({', '.join(SCALINGS)}; default "
                     f"linear); adascale points run without warmup")
+    for action in p._actions:  # the sweep's own warmup default (see DEFAULT_WARMUP_CAP)
+        if action.dest == "warmup_epochs":
+            action.help = (f"warmup length in epochs (sweep default: {DEFAULT_WARMUP_EPOCHS:g} epoch, "
+                           f"capped at 1/{round(1 / DEFAULT_WARMUP_CAP)} of each point's training)")
     # The embedded default: MNIST-1D, a small conv net, 6 epochs, linear scaling from lr 0.025 at
     # batch 32 with 1 epoch of gradual warmup and cosine decay (Goyal's 30/60/80-of-90 step decay
     # would cut the lr before a 6-epoch warmup-heavy run gets to use it). Measured in docs/sweep.md.
     p.set_defaults(func=run_sweep, model="convnet", epochs=None, target_accuracy=DEFAULT_TARGET,
-                   evals_per_epoch=4, noise_scale=True, base_lr=0.025, base_batch_size=32, warmup_epochs=1.0,
+                   evals_per_epoch=4, noise_scale=True, base_lr=0.025, base_batch_size=32,
                    decay="cosine", out="runs/sweep")
 
 
@@ -125,13 +134,24 @@ def oom_row(args, batch: int, seed: int, point_id: str, backend) -> dict:
     return row
 
 
-def run_sweep(args: argparse.Namespace) -> int:
+def validate_sweep_args(args: argparse.Namespace) -> list[int]:
+    """Every check of the sweep's flags that needs no TensorFlow; returns the batch sizes."""
     batches = parse_batch_sizes(args.batch_sizes)
     require(args.seeds >= 1, f"--seeds must be >= 1, got {args.seeds}")
     if args.epochs is None and args.steps is None:
         args.epochs = 6.0
     args.global_batch_size = batches[0]
+    if args.warmup_epochs is None and args.warmup_steps is None:
+        # Recorded in config.json (warmup_epochs, warmup_cap) and per point as warmup_steps.
+        args.warmup_epochs, args.warmup_cap = DEFAULT_WARMUP_EPOCHS, DEFAULT_WARMUP_CAP
     validate_args(args)
+    require(args.seed + args.seeds <= 2**32, f"--seed {args.seed} + --seeds {args.seeds} must stay "
+                                             "below 2**32")
+    return batches
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    batches = validate_sweep_args(args)
     check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite, holds=SWEEP_MARKERS)
 
     from distbatch import results
@@ -141,7 +161,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     from distbatch.run import (RESUME_MAY_CHANGE, check_resume_matches, load_data, machine_info,
                                plan_run, run_config, train)
 
-    backend, reason = create_backend(args.backend, cpu_replicas=args.cpu_replicas)
+    backend, reason = create_backend(args.backend, cpu_replicas=args.cpu_replicas,
+                                     cluster_timeout=args.cluster_timeout)
     data = load_data(args)
     out = args.out
     scalings = args.scaling if len(args.scaling) > 1 else (None,)
@@ -164,9 +185,14 @@ def run_sweep(args: argparse.Namespace) -> int:
               for s in range(args.seed, args.seed + args.seeds)]
     todo = [p for p in points if results.make_point_id(p[1], p[2], p[0]) not in done]
     if chief:
+        warmup = ("no warmup" if args.warmup == "none" else
+                  f"warmup {args.warmup_steps} steps" if args.warmup_steps is not None else
+                  f"warmup {args.warmup_epochs:g} epoch(s)" + (
+                      f" capped at 1/{round(1 / args.warmup_cap)} of each point's training"
+                      if getattr(args, "warmup_cap", None) else ""))
         print(f"distbatch sweep: {len(points)} points ({len(points) - len(todo)} already done), "
               f"{backend.describe()}, dataset {args.dataset} ({len(data.x_train)} train / "
-              f"{len(data.x_val)} val), model {args.model}", file=sys.stderr, flush=True)
+              f"{len(data.x_val)} val), model {args.model}, {warmup}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     for i, (scaling, batch, seed) in enumerate(todo):
         point_id = results.make_point_id(batch, seed, scaling)

@@ -10,6 +10,10 @@
 # On CPU-only or mixed clusters add --gloo; with a system MPI, --mpi.
 set -euo pipefail
 
+# The venv need not be on PATH: $DISTBATCH, else `distbatch` on PATH, else this checkout's .venv.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DISTBATCH="${DISTBATCH:-$(command -v distbatch || echo "$ROOT/.venv/bin/distbatch")}"
+
 HOSTS="${HOSTS:-node1:4,node2:4}"           # host:gpus,host:gpus,...
 NP="${NP:-$(echo "$HOSTS" | tr ',' '\n' | awk -F: '{s += $NF} END {print s}')}"
 NIC="${NIC:-}"                              # e.g. eth0 or ib0; empty = let Horovod find common NICs
@@ -24,7 +28,7 @@ extra=()
 [ -n "$NIC" ] && extra+=(--network-interface "$NIC")
 [ "${DRY_RUN:-0}" = 1 ] && extra+=(--dry-run)
 
-distbatch launch horovod -np "$NP" -H "$HOSTS" "${extra[@]}" \
+"$DISTBATCH" launch horovod -np "$NP" -H "$HOSTS" "${extra[@]}" \
     --fusion-threshold-mb 64 --cycle-time-ms 5 --start-timeout 120 --output-filename "$OUT/logs" \
-    -- distbatch train --backend horovod --dataset "$DATASET" --model "$MODEL" \
+    -- "$DISTBATCH" train --backend horovod --dataset "$DATASET" --model "$MODEL" \
        --global-batch-size "$GLOBAL_BATCH" --epochs "$EPOCHS" --seed "$SEED" --out "$OUT"

@@ -8,8 +8,12 @@
 #   HOSTS=10.0.0.1,10.0.0.2 bash launch/local_multiworker.sh
 #   HOSTS=10.0.0.1,10.0.0.2 SCRIPTS=hostscripts bash launch/local_multiworker.sh   # worker<i>.sh per host
 # then on host i:  bash hostscripts/worker<i>.sh
-# (or: distbatch launch multiworker --hosts 10.0.0.1,10.0.0.2 --task-index i -- distbatch train ...)
+# (or: distbatch launch multiworker --hosts 10.0.0.1,10.0.0.2 --task-index i -- "$DISTBATCH" train ...)
 set -euo pipefail
+
+# The venv need not be on PATH: $DISTBATCH, else `distbatch` on PATH, else this checkout's .venv.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DISTBATCH="${DISTBATCH:-$(command -v distbatch || echo "$ROOT/.venv/bin/distbatch")}"
 
 WORKERS="${WORKERS:-2}"
 HOSTS="${HOSTS:-}"
@@ -28,6 +32,6 @@ if [ -n "$HOSTS" ]; then args+=(--hosts "$HOSTS"); else args+=(--workers "$WORKE
 [ -n "$SCRIPTS" ] && args+=(--write-scripts "$SCRIPTS")
 [ "${DRY_RUN:-0}" = 1 ] && args+=(--dry-run)
 
-distbatch launch multiworker "${args[@]}" \
-    -- distbatch train --backend multiworker --dataset "$DATASET" --model "$MODEL" \
+"$DISTBATCH" launch multiworker "${args[@]}" \
+    -- "$DISTBATCH" train --backend multiworker --dataset "$DATASET" --model "$MODEL" \
        --global-batch-size "$GLOBAL_BATCH" --epochs "$EPOCHS" --seed "$SEED" --out "$OUT"

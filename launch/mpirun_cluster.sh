@@ -9,6 +9,10 @@
 # variables with -x; add more with -x NAME. Horovod must be built with MPI.
 set -euo pipefail
 
+# The venv need not be on PATH: $DISTBATCH, else `distbatch` on PATH, else this checkout's .venv.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DISTBATCH="${DISTBATCH:-$(command -v distbatch || echo "$ROOT/.venv/bin/distbatch")}"
+
 HOSTFILE="${HOSTFILE:-hosts.txt}"
 NP="${NP:-8}"
 GLOBAL_BATCH="${GLOBAL_BATCH:-4096}"
@@ -21,6 +25,6 @@ OUT="${OUT:-runs/mpirun-np${NP}-bs${GLOBAL_BATCH}}"
 extra=()
 [ "${DRY_RUN:-0}" = 1 ] && extra+=(--dry-run)
 
-distbatch launch mpirun -np "$NP" --hostfile "$HOSTFILE" "${extra[@]}" \
-    -- distbatch train --backend horovod --dataset "$DATASET" --model "$MODEL" \
+"$DISTBATCH" launch mpirun -np "$NP" --hostfile "$HOSTFILE" "${extra[@]}" \
+    -- "$DISTBATCH" train --backend horovod --dataset "$DATASET" --model "$MODEL" \
        --global-batch-size "$GLOBAL_BATCH" --epochs "$EPOCHS" --seed "$SEED" --out "$OUT"

@@ -9,6 +9,10 @@
 # Horovod starts one process per GPU; each pins GPU hvd.local_rank().
 set -euo pipefail
 
+# The venv need not be on PATH: $DISTBATCH, else `distbatch` on PATH, else this checkout's .venv.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DISTBATCH="${DISTBATCH:-$(command -v distbatch || echo "$ROOT/.venv/bin/distbatch")}"
+
 BACKEND="${BACKEND:-mirrored}"
 NUM_GPUS="${NUM_GPUS:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}"
 CPU_REPLICAS="${CPU_REPLICAS:-}"
@@ -19,7 +23,7 @@ MODEL="${MODEL:-mlp}"
 SEED="${SEED:-0}"
 OUT="${OUT:-runs/${BACKEND}-bs${GLOBAL_BATCH}}"
 
-train=(distbatch train --backend "$BACKEND" --dataset "$DATASET" --model "$MODEL"
+train=("$DISTBATCH" train --backend "$BACKEND" --dataset "$DATASET" --model "$MODEL"
        --global-batch-size "$GLOBAL_BATCH" --epochs "$EPOCHS" --seed "$SEED" --out "$OUT")
 
 case "$BACKEND" in
@@ -33,7 +37,7 @@ case "$BACKEND" in
     extra=()
     [ "$NUM_GPUS" = 0 ] && extra+=(--gloo)       # CPU-only: Gloo controller, no MPI needed
     [ "${DRY_RUN:-0}" = 1 ] && extra+=(--dry-run)
-    distbatch launch horovod -np "$NP" -H "localhost:$NP" "${extra[@]}" -- "${train[@]}"
+    "$DISTBATCH" launch horovod -np "$NP" -H "localhost:$NP" "${extra[@]}" -- "${train[@]}"
     ;;
   *) echo "BACKEND must be mirrored or horovod, got '$BACKEND'" >&2; exit 2 ;;
 esac

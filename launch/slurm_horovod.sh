@@ -8,6 +8,10 @@
 # from Slurm's PMI. If your site's srun needs it, set SRUN_MPI=pmix (or pmi2).
 set -euo pipefail
 
+# The venv need not be on PATH: $DISTBATCH, else `distbatch` on PATH, else this checkout's .venv.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DISTBATCH="${DISTBATCH:-$(command -v distbatch || echo "$ROOT/.venv/bin/distbatch")}"
+
 NODES="${NODES:-2}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-4}"
 PARTITION="${PARTITION:-}"
@@ -26,6 +30,6 @@ args=(--nodes "$NODES" --gpus-per-node "$GPUS_PER_NODE" --backend horovod --time
 [ -n "$SRUN_MPI" ] && args+=(--srun-mpi "$SRUN_MPI")
 [ "${DRY_RUN:-0}" = 1 ] && args+=(--dry-run)
 
-distbatch launch slurm "${args[@]}" \
-    -- distbatch train --backend horovod --dataset "$DATASET" --model "$MODEL" \
+"$DISTBATCH" launch slurm "${args[@]}" \
+    -- "$DISTBATCH" train --backend horovod --dataset "$DATASET" --model "$MODEL" \
        --global-batch-size "$GLOBAL_BATCH" --epochs "$EPOCHS" --seed "$SEED" --out "$OUT"

@@ -9,6 +9,10 @@
 # mirrors over all GPUs of its node (NCCL).
 set -euo pipefail
 
+# The venv need not be on PATH: $DISTBATCH, else `distbatch` on PATH, else this checkout's .venv.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DISTBATCH="${DISTBATCH:-$(command -v distbatch || echo "$ROOT/.venv/bin/distbatch")}"
+
 NODES="${NODES:-2}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-4}"
 PARTITION="${PARTITION:-}"
@@ -25,6 +29,6 @@ args=(--nodes "$NODES" --gpus-per-node "$GPUS_PER_NODE" --backend multiworker --
 [ -n "$PARTITION" ] && args+=(--partition "$PARTITION")
 [ "${DRY_RUN:-0}" = 1 ] && args+=(--dry-run)
 
-distbatch launch slurm "${args[@]}" \
-    -- distbatch train --backend multiworker --dataset "$DATASET" --model "$MODEL" \
+"$DISTBATCH" launch slurm "${args[@]}" \
+    -- "$DISTBATCH" train --backend multiworker --dataset "$DATASET" --model "$MODEL" \
        --global-batch-size "$GLOBAL_BATCH" --epochs "$EPOCHS" --seed "$SEED" --out "$OUT"

@@ -23,6 +23,9 @@ from distbatch.errors import UsageError
 
 HVD = "/v/bin/horovodrun"
 CMD = ["python", "x.py"]
+# `distbatch launch` resolves a bare distbatch/python in the worker command next to the
+# running interpreter (the venv), which need not be on PATH.
+BIN = os.path.dirname(sys.executable)
 
 
 # --------------------------------------------------------------------------- horovodrun
@@ -87,7 +90,10 @@ def test_hostfile_open_mpi_forms_and_horovod_strictness(tmp_path):
     (dict(np=2, command=["--"]), r"missing COMMAND"),
     (dict(np=2, hostfile="/nonexistent/hosts"), r"--hostfile not found: '/nonexistent/hosts'"),
     (dict(np=2, hosts="a:2", hostfile="/x"), r"not both"),
-    (dict(np=2, cycle_time_ms=0), r"--cycle-time-ms must be > 0, got 0"),
+    (dict(np=2, cycle_time_ms=0), r"--cycle-time-ms must be a number of milliseconds in \(0, 60000\], got 0"),
+    (dict(np=2, cycle_time_ms=float("nan")), r"--cycle-time-ms .*got nan"),
+    (dict(np=2, cycle_time_ms=float("inf")), r"--cycle-time-ms .*got inf"),
+    (dict(np=2, hosts="a b:2"), r"-H entry 'a b:2': host must be a host name or IP address"),
     (dict(np=2, fusion_threshold_mb=-1), r"--fusion-threshold-mb must be an integer >= 0 .*got -1"),
     (dict(np=2, fusion_threshold_mb=1.5), r"got 1.5"),
     (dict(np=2, start_timeout=0), r"--start-timeout must be >= 1 second, got 0"),
@@ -262,14 +268,14 @@ def test_cli_horovod_dry_run_prints_exact_command(tail, capsys):
     code, out, _ = _cli(["launch", "horovod", "-np", "2", "--gloo", "--horovodrun", HVD,
                          "--fusion-threshold-mb", "32", "--dry-run", *tail], capsys)
     assert code == 0
-    assert out.splitlines()[0] == f"{HVD} -np 2 -H localhost:2 --gloo --fusion-threshold-mb 32 python -c 'print(1)'"
+    assert out.splitlines()[0] == f"{HVD} -np 2 -H localhost:2 --gloo --fusion-threshold-mb 32 {BIN}/python -c 'print(1)'"
 
 
 def test_cli_worker_flags_after_dashdash_belong_to_the_worker(capsys):
     code, out, _ = _cli(["launch", "horovod", "-np", "2", "--horovodrun", HVD, "--dry-run",
                          "--", "python", "t.py", "-np", "7", "--gloo"], capsys)
     assert code == 0
-    assert out.splitlines()[0] == f"{HVD} -np 2 -H localhost:2 python t.py -np 7 --gloo"
+    assert out.splitlines()[0] == f"{HVD} -np 2 -H localhost:2 {BIN}/python t.py -np 7 --gloo"
 
 
 def test_cli_mpirun_dry_run(capsys, monkeypatch):
@@ -280,7 +286,7 @@ def test_cli_mpirun_dry_run(capsys, monkeypatch):
     first = out.splitlines()[0].split()
     assert first[:3] == ["/usr/bin/mpirun", "-np", "2"]
     assert ("--allow-run-as-root" in first) == (os.geteuid() == 0)
-    assert first[-2:] == ["python", "t.py"]
+    assert first[-2:] == [f"{BIN}/python", "t.py"]
     assert ["-x", "TF_CPP_MIN_LOG_LEVEL"] == first[first.index("TF_CPP_MIN_LOG_LEVEL") - 1:][:2]
     assert "#   TF_CPP_MIN_LOG_LEVEL=3" in out.splitlines()
 
@@ -313,8 +319,8 @@ def test_cli_multiworker_local_dry_run_fixed_port(capsys):
     assert code == 0
     cfg = ['{"cluster": {"worker": ["localhost:23456", "localhost:23457"]}, "task": {"type": "worker", "index": %d}}' % i
            for i in (0, 1)]
-    assert out.splitlines() == ["# worker 0 on localhost", f"TF_CONFIG='{cfg[0]}' python t.py",
-                                "# worker 1 on localhost", f"TF_CONFIG='{cfg[1]}' python t.py"]
+    assert out.splitlines() == ["# worker 0 on localhost", f"TF_CONFIG='{cfg[0]}' {BIN}/python t.py",
+                                "# worker 1 on localhost", f"TF_CONFIG='{cfg[1]}' {BIN}/python t.py"]
 
 
 def test_cli_multiworker_free_ports_are_distinct(capsys):
@@ -337,7 +343,7 @@ def test_cli_multiworker_hosts_prints_and_writes_scripts(tmp_path, capsys):
     scripts = sorted(p.name for p in tmp_path.iterdir())
     assert scripts == ["worker0.sh", "worker1.sh"]
     text = (tmp_path / "worker1.sh").read_text()
-    assert '"task": {"type": "worker", "index": 1}' in text and text.rstrip().endswith("exec python t.py")
+    assert '"task": {"type": "worker", "index": 1}' in text and text.rstrip().endswith(f"exec {BIN}/python t.py")
     assert os.access(tmp_path / "worker1.sh", os.X_OK)
 
 
@@ -348,7 +354,7 @@ def test_cli_slurm_writes_script_and_says_how_to_submit(tmp_path, capsys):
     assert code == 0
     assert out.splitlines() == [f"wrote {path}", f"submit with: sbatch {path}"]
     assert path.read_text().splitlines()[-1] == \
-        "srun --ntasks-per-node=2 --kill-on-bad-exit=1 distbatch train --backend horovod"
+        f"srun --ntasks-per-node=2 --kill-on-bad-exit=1 {BIN}/distbatch train --backend horovod"
     subprocess.run(["bash", "-n", str(path)], check=True)   # valid bash
 
 
@@ -475,3 +481,129 @@ def test_real_horovod_ctrl_c_stops_every_rank(tmp_path):
         stat = Path(f"/proc/{pid}/stat")
         return stat.exists() and stat.read_text().rpartition(")")[2].split()[0] != "Z"
     assert [pid for pid in pids if running(pid)] == []
+
+
+# --------------------------------------------------------------------------- values reaching scripts
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(job_name="a\nsrun rm -rf ~"), "--job-name must be letters, digits, '_', '.', '+', '-' (at most 128), "
+                                        "got 'a\\nsrun rm -rf ~'"),
+    (dict(job_name="my job"), "--job-name must be letters, digits, '_', '.', '+', '-' (at most 128), got 'my job'"),
+    (dict(job_name=""), "--job-name must be letters, digits, '_', '.', '+', '-' (at most 128), got ''"),
+    (dict(job_name="x" * 129), "--job-name must be"),
+    (dict(time="bogus"), "--time must be a Slurm time limit > 0 (MINUTES, MINUTES:SECONDS, HOURS:MINUTES:SECONDS, "
+                         "DAYS-HOURS, DAYS-HOURS:MINUTES or DAYS-HOURS:MINUTES:SECONDS), got 'bogus'"),
+    (dict(time="01:00:00\n#SBATCH --nodes=99"), "--time must be a Slurm time limit"),
+    (dict(time="1:61"), "got '1:61'"),
+    (dict(time="1-24"), "got '1-24'"),
+    (dict(time="0"), "got '0'"),
+    (dict(time="-5"), "got '-5'"),
+    (dict(time="1:2:3:4"), "got '1:2:3:4'"),
+    (dict(partition="gpu\nx"), "--partition must be partition names"),
+    (dict(partition=""), "--partition must be partition names"),
+    (dict(log="out put.log"), "--log must be a file name pattern"),
+    (dict(srun_mpi="pmix; rm"), "--srun-mpi must be a plugin name such as pmix or pmi2, got 'pmix; rm'"),
+    (dict(cpus_per_task=0), "--cpus-per-task must be an integer >= 1, got 0"),
+    (dict(cpus_per_task=-1), "--cpus-per-task must be an integer >= 1, got -1"),
+])
+def test_slurm_values_that_would_break_the_script_are_refused(kwargs, message):
+    with pytest.raises(UsageError) as e:
+        launcher.slurm_script(nodes=1, gpus_per_node=1, command=CMD, **kwargs)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("time", ["30", "30:15", "02:00:00", "1-0", "2-12", "2-12:30", "2-12:30:59", "100:00:00"])
+def test_slurm_time_formats_accepted(time):
+    text = launcher.slurm_script(nodes=1, gpus_per_node=1, command=CMD, time=time, job_name="a.b-c_1+2",
+                                 partition="gpu,debug", log="logs/%x-%j.out", srun_mpi="pmix_v3", cpus_per_task=4)
+    assert f"#SBATCH --time={time}" in text.splitlines()
+
+
+def test_cli_slurm_bad_job_name_is_one_line_and_writes_nothing(tmp_path, capsys):
+    code, out, err = _cli(["launch", "slurm", "--nodes", "1", "--gpus-per-node", "0", "--job-name", "a\nb",
+                           "--output", str(tmp_path / "j.sbatch"), "--", "x"], capsys)
+    assert code == 2 and out == ""
+    assert err == "distbatch: error: --job-name must be letters, digits, '_', '.', '+', '-' (at most 128), got 'a\\nb'\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("hosts, message", [
+    ("a b,c", "--hosts entry 'a b': host must be a host name or IP address"),
+    ("a;rm,c", "--hosts entry 'a;rm': host must be"),
+    ("a\nb,c", "--hosts entry 'a\\nb': host must be"),
+])
+def test_multiworker_hosts_must_be_host_names(hosts, message):
+    with pytest.raises(UsageError) as e:
+        launcher.host_worker_addresses(hosts, 7000)
+    assert str(e.value).startswith(message)
+
+
+def test_cli_multiworker_port_in_use_is_one_line(capsys):
+    import socket
+    blocker = socket.socket()
+    blocker.bind(("", 0))
+    blocker.listen(1)
+    port = blocker.getsockname()[1]
+    try:
+        code, out, err = _cli(["launch", "multiworker", "--workers", "2", "--port", str(port - 1), "--", "x"], capsys)
+    finally:
+        blocker.close()
+    assert code == 2 and out == ""
+    assert err == (f"distbatch: error: --port {port - 1}: port {port} (worker 1) is already in use on this "
+                   "machine; choose another --port or leave it out to use free ports\n")
+
+
+# --------------------------------------------------------------------------- venv not on PATH
+@pytest.mark.parametrize("command, expected", [
+    (["distbatch", "train"], ["{bin}/distbatch", "train"]),
+    (["--", "python", "-c", "1"], ["--", "{bin}/python", "-c", "1"]),
+    (["python3", "t.py"], ["{bin}/python3", "t.py"]),
+    (["pythonista", "t.py"], ["pythonista", "t.py"]),
+    (["/opt/python", "t.py"], ["/opt/python", "t.py"]),
+    (["bash", "distbatch"], ["bash", "distbatch"]),
+    (["python2", "t.py"], ["python2", "t.py"]),
+])
+def test_resolve_worker_command(tmp_path, command, expected):
+    for name in ("distbatch", "python", "python3"):
+        (tmp_path / name).write_text("#!/bin/sh\n")
+        (tmp_path / name).chmod(0o755)
+    assert launcher.resolve_worker_command(command, tmp_path) == [e.format(bin=tmp_path) for e in expected]
+    # nothing there: unchanged
+    assert launcher.resolve_worker_command(command, tmp_path / "none") == command
+
+
+def _no_venv_env():
+    return {**{k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}, "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONUNBUFFERED": "1"}
+
+
+def test_launch_runs_bare_distbatch_without_the_venv_on_path(tmp_path):
+    """`.venv/bin/distbatch launch multiworker -- distbatch ...` with a PATH that lacks the venv."""
+    p = subprocess.run([os.path.join(BIN, "distbatch"), "launch", "multiworker", "--workers", "2", "--",
+                        "distbatch", "--version"], capture_output=True, text=True, timeout=60,
+                       env=_no_venv_env(), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert sorted(p.stdout.splitlines()) == ["[rank 0] distbatch 0.1.0", "[rank 1] distbatch 0.1.0"]
+
+
+def test_real_horovod_bare_distbatch_without_the_venv_on_path(tmp_path):
+    """The issue's command: 'env: distbatch: No such file or directory' before."""
+    pytest.importorskip("horovod.tensorflow")
+    p = subprocess.run([os.path.join(BIN, "distbatch"), "launch", "horovod", "--gloo", "-np", "2", "--",
+                        "distbatch", "--version"], capture_output=True, text=True, timeout=120,
+                       env=_no_venv_env(), cwd=tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert sorted(re.findall(r"^\[\d\]<stdout>:(.*)$", p.stdout, re.M)) == ["distbatch 0.1.0"] * 2, p.stdout
+
+
+def test_launch_scripts_work_without_the_venv_on_path(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    env = {**_no_venv_env(), "DRY_RUN": "1", "WORKERS": "2", "PORT": "23456"}
+    if not (repo / ".venv" / "bin" / "distbatch").exists():  # a checkout without its own venv (worktree)
+        env["DISTBATCH"] = os.path.join(BIN, "distbatch")
+    p = subprocess.run(["bash", str(repo / "launch" / "local_multiworker.sh")], capture_output=True,
+                       text=True, timeout=60, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("TF_CONFIG=")]
+    assert len(lines) == 2
+    distbatch = env.get("DISTBATCH", str(repo / ".venv" / "bin" / "distbatch"))
+    assert all(f"' {distbatch} train --backend multiworker " in ln for ln in lines), lines

@@ -300,10 +300,15 @@ def test_suggested_command_exact():
     assert rec_mod.suggested_command(args, 256, {"warmup": "gradual", "warmup_steps": 50}) == [
         "distbatch", "train", "--dataset", "mnist1d", "--model", "mlp", "--global-batch-size", "256",
         "--optimizer", "momentum", "--base-lr", "0.05", "--base-batch-size", "32",
-        "--scaling", "linear", "--warmup", "gradual", "--warmup-steps", "50", "--steps", "900"]
+        "--scaling", "linear", "--warmup", "gradual", "--warmup-steps", "50", "--steps", "900",
+        "--out", "runs/train-bs256"]
     args.steps, args.epochs = None, 20.0
-    assert rec_mod.suggested_command(args, 32, {"warmup": "none"})[-4:] == [
-        "--warmup", "none", "--epochs", "20"]
+    args.train_size, args.val_size, args.cpu_replicas, args.backend = 1000, 200, 2, "mirrored"
+    args.weight_decay, args.exclude_bias_bn = 1e-4, False
+    assert rec_mod.suggested_command(args, 32, {"warmup": "none"})[-17:] == [
+        "--warmup", "none", "--epochs", "20", "--backend", "mirrored", "--cpu-replicas", "2",
+        "--train-size", "1000", "--val-size", "200", "--weight-decay", "0.0001", "--no-exclude-bias-bn",
+        "--out", "runs/train-bs32"]
 
 
 # -- 5. `distbatch recommend`, end to end -----------------------------------------------------

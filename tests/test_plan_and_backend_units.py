@@ -75,8 +75,8 @@ def test_auto_backend_rule(env, gpus, cpu_replicas, expected):
 
 def test_tf_config_parsing():
     assert parse_tf_config(TF2) == {"workers": ["a:1", "b:2"], "index": 1}
-    chief = json.dumps({"cluster": {"chief": ["c:0"], "worker": ["a:1"]}, "task": {"type": "worker", "index": 0}})
-    assert parse_tf_config(chief) == {"workers": ["c:0", "a:1"], "index": 1}
+    chief = json.dumps({"cluster": {"chief": ["c:9"], "worker": ["a:1"]}, "task": {"type": "worker", "index": 0}})
+    assert parse_tf_config(chief) == {"workers": ["c:9", "a:1"], "index": 1}
 
 
 @pytest.mark.parametrize("raw,message", [

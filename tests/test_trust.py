@@ -150,7 +150,7 @@ def test_sweep_overwrite_with_a_bad_flag_deletes_nothing(swept, tmp_path, capfd)
     (out / "notes.txt").write_text("mine\n")
     before = snapshot(out)
     proc = cli(capfd, *SWEEP, "--overwrite", "--momentum", "1.5", "--out", out)
-    one_line(proc, 2, "--momentum must be in [0, 1), got 1.5")
+    one_line(proc, 2, "--momentum must be a finite number in [0, 1), got 1.5")
     assert snapshot(out) == before
 
 
@@ -192,7 +192,7 @@ def test_round1_run_without_marker_is_recognised_by_its_config(trained, tmp_path
 def test_sweep_that_fails_validation_leaves_nothing_then_a_corrected_rerun_works(tmp_path, capfd,
                                                                                 dataset_cache):
     out = tmp_path / "sweep"
-    for bad, message in ((["--momentum", "1.5"], "--momentum must be in [0, 1), got 1.5"),
+    for bad, message in ((["--momentum", "1.5"], "--momentum must be a finite number in [0, 1), got 1.5"),
                          (["--warmup-steps", "10"], "warmup (10 steps) is longer than training (8 steps)"),
                          (["--model", "resnet"], "--model resnet needs image inputs")):
         one_line(cli(capfd, *SWEEP, *bad, "--out", out), 2, message)

@@ -23,8 +23,11 @@ def choose_backend(env: Mapping[str, str], num_gpus: int, cpu_replicas: int | No
         try:
             cluster = json.loads(raw).get("cluster", {})
             n = len(cluster.get("worker", [])) + len(cluster.get("chief", []))
-        except (ValueError, AttributeError):
-            n = 2  # let the multiworker backend report the malformed TF_CONFIG
+            unsupported = set(cluster) - {"worker", "chief"}
+        except (ValueError, AttributeError, TypeError, RecursionError):
+            n, unsupported = 2, set()  # let the multiworker backend report the malformed TF_CONFIG
+        if unsupported:  # e.g. a "ps" job: the multiworker backend refuses it with one line
+            return "multiworker", f"TF_CONFIG names job(s) {', '.join(sorted(map(str, unsupported)))}"
         if n > 1:
             return "multiworker", f"TF_CONFIG names {n} workers"
     if slurm_task_count(env) > 1:
@@ -37,8 +40,13 @@ def choose_backend(env: Mapping[str, str], num_gpus: int, cpu_replicas: int | No
 
 
 def create_backend(name: str = "auto", *, cpu_replicas: int | None = None,
-                   env: Mapping[str, str] | None = None) -> tuple[Backend, str]:
-    """Create the backend; returns (backend, reason for the choice)."""
+                   env: Mapping[str, str] | None = None,
+                   cluster_timeout: float | None = None) -> tuple[Backend, str]:
+    """Create the backend; returns (backend, reason for the choice).
+
+    ``cluster_timeout``: seconds a multiworker job waits for all its workers
+    (None: $DISTBATCH_CLUSTER_TIMEOUT or 120 s; see distbatch/cluster.py).
+    """
     env = os.environ if env is None else env
     if name not in BACKENDS:
         raise UsageError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
@@ -58,7 +66,7 @@ def create_backend(name: str = "auto", *, cpu_replicas: int | None = None,
         return MirroredBackend(cpu_replicas=cpu_replicas), reason
     if name == "multiworker":
         from distbatch.backends.strategy import MultiWorkerBackend
-        return MultiWorkerBackend(env), reason
+        return MultiWorkerBackend(env, cluster_timeout=cluster_timeout), reason
     from distbatch.backends.horovod import HorovodBackend
     return HorovodBackend(env), reason
 

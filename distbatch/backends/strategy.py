@@ -106,29 +106,70 @@ class MirroredBackend(StrategyBackend):
         super().__init__(strategy)
 
 
+# The jobs MultiWorkerMirroredStrategy runs: every task trains. A "ps" job belongs to
+# ParameterServerStrategy and an "evaluator" to a side-car evaluation loop; neither is
+# something distbatch runs, and TF would wait for (or ignore) them instead of failing.
+MULTIWORKER_JOBS = ("chief", "worker")
+
+
+def check_worker_address(address, where: str) -> tuple[str, int]:
+    """``"host:port"`` -> (host, port); UsageError naming ``where`` for anything else."""
+    if not isinstance(address, str):
+        raise UsageError(f"{where}: worker address must be a 'host:port' string, got {address!r}")
+    host, sep, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1]:port
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535 \
+            or any(c.isspace() for c in address):
+        raise UsageError(f"{where}: worker address must be host:port with a port in 1..65535, "
+                         f"got {address!r}")
+    return host, int(port)
+
+
 def parse_tf_config(raw: str | None) -> dict:
-    """Validate TF_CONFIG; return {"workers": [...], "index": i}. UsageError on anything wrong."""
+    """Validate TF_CONFIG; return {"workers": [...], "index": i}. UsageError on anything wrong.
+
+    Only the jobs MultiWorkerMirroredStrategy uses ("chief", at most one
+    address, and "worker") are accepted; every address must be host:port.
+    """
     if not raw:
         raise UsageError("--backend multiworker needs TF_CONFIG (or a Slurm job with several tasks); "
                          "TF_CONFIG is not set")
     try:
         cfg = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"TF_CONFIG is not valid JSON ({e.msg} at char {e.pos}): {raw[:80]!r}")
+    except (json.JSONDecodeError, RecursionError) as e:
+        detail = f"{e.msg} at char {e.pos}" if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+        raise UsageError(f"TF_CONFIG is not valid JSON ({detail}): {raw[:80]!r}") from None
     if not isinstance(cfg, dict):
         raise UsageError(f"TF_CONFIG must be a JSON object, got {raw[:80]!r}")
     cluster = cfg.get("cluster")
     task = cfg.get("task")
     if not isinstance(cluster, dict) or not isinstance(task, dict):
         raise UsageError(f"TF_CONFIG needs 'cluster' and 'task' objects, got keys {sorted(cfg)}")
+    other = sorted(set(cluster) - set(MULTIWORKER_JOBS))
+    if other:
+        raise UsageError(f"TF_CONFIG cluster has job(s) {', '.join(map(repr, other))}: distbatch runs "
+                         "MultiWorkerMirroredStrategy, whose cluster has only 'worker' (and optionally "
+                         "one 'chief'); parameter servers and evaluators are not supported")
+    for job in MULTIWORKER_JOBS:
+        if job in cluster and not isinstance(cluster[job], list):
+            raise UsageError(f"TF_CONFIG cluster '{job}' must be a list of 'host:port' addresses, "
+                             f"got {cluster[job]!r:.80}")
+    if len(cluster.get("chief", [])) > 1:
+        raise UsageError(f"TF_CONFIG cluster 'chief' must have at most one address, got {cluster['chief']}")
     workers = list(cluster.get("chief", [])) + list(cluster.get("worker", []))
     if not workers:
         raise UsageError(f"TF_CONFIG cluster has no 'worker' list: {json.dumps(cluster)[:80]}")
+    for address in workers:
+        check_worker_address(address, "TF_CONFIG")
+    duplicates = sorted({a for a in workers if workers.count(a) > 1})
+    if duplicates:
+        raise UsageError(f"TF_CONFIG cluster names {duplicates[0]!r} more than once; every task needs "
+                         "its own host:port")
     ttype, index = task.get("type"), task.get("index")
-    if ttype not in ("worker", "chief"):
+    if ttype not in MULTIWORKER_JOBS:
         raise UsageError(f"TF_CONFIG task type must be 'worker' or 'chief', got {ttype!r}")
     names = cluster.get(ttype, [])
-    if not isinstance(index, int) or not 0 <= index < len(names):
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(names):
         raise UsageError(f"TF_CONFIG task index {index!r} is out of range for the {len(names)} "
                          f"'{ttype}' address(es) in the cluster")
     global_index = index + (len(cluster.get("chief", [])) if ttype == "worker" else 0)
@@ -145,18 +186,25 @@ def slurm_task_count(env: Mapping[str, str]) -> int:
 class MultiWorkerBackend(StrategyBackend):
     name = "multiworker"
 
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
-        import tensorflow as tf
+    def __init__(self, env: Mapping[str, str] | None = None, *,
+                 cluster_timeout: float | None = None) -> None:
+        from distbatch.cluster import rendezvous, resolve_cluster_timeout
         env = os.environ if env is None else env
+        timeout = resolve_cluster_timeout(cluster_timeout, env)
         if "TF_CONFIG" not in env and slurm_task_count(env) > 1:
+            import tensorflow as tf
             resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
             workers = resolver.cluster_spec().as_dict().get("worker", [])
             index = resolver.task_id
-            num_workers = len(workers)
         else:
             info = parse_tf_config(env.get("TF_CONFIG"))
+            workers, index = info["workers"], info["index"]
+            import tensorflow as tf
             resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-            num_workers, index = len(info["workers"]), info["index"]
+        num_workers = len(workers)
+        # TensorFlow waits for missing peers in C++ holding the GIL, forever and silently:
+        # meet them first, where a deadline and signals work (distbatch/cluster.py).
+        rendezvous(workers, index, timeout)
         gpus = tf.config.list_physical_devices("GPU")
         for g in gpus:
             tf.config.experimental.set_memory_growth(g, True)
@@ -164,6 +212,8 @@ class MultiWorkerBackend(StrategyBackend):
             implementation=tf.distribute.experimental.CommunicationImplementation.AUTO)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(
             cluster_resolver=resolver, communication_options=options)
+        from distbatch import interrupts
+        interrupts.reclaim()  # the strategy installed TF's own SIGTERM handler, which swallows it
         super().__init__(strategy, num_workers=num_workers, worker_index=index)
 
     def sync_flag(self, flag: bool) -> bool:
