@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from distbatch import __version__
 from distbatch.backends import BACKENDS
@@ -22,6 +23,9 @@ from distbatch.errors import UsageError, require
 from distbatch.fileio import atomic_write_json, json_roundtrip
 from distbatch.models import MODELS
 from distbatch.outdir import check_out_dir, claim_out_dir
+
+if TYPE_CHECKING:
+    from distbatch.plan import BatchPlan
 
 RUN_FILES = ("summary.json", "config.json", "model.keras")
 RUN_OUTPUTS = RUN_FILES + ("tensorboard", "checkpoints")  # all --overwrite removes

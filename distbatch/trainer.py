@@ -22,7 +22,6 @@ import numpy as np
 from distbatch import pipeline
 from distbatch.backends.base import Backend
 from distbatch.checkpoints import newest_intact
-from distbatch.errors import UsageError
 from distbatch.noise import NoiseScaleTracker
 from distbatch.plan import BatchPlan
 from distbatch.step import StepOptions, make_eval_step, make_train_step, noise_splits_for
