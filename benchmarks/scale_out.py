@@ -332,6 +332,42 @@ def cmd_report(args) -> None:
                       f"({(meas - pred) / pred * 100:+.0f}%)")
 
 
+def timeline_overlap(path: str) -> dict:
+    """Read a Horovod timeline (Chrome trace, rank 0): per step, when each tensor was enqueued
+    (start of NEGOTIATE_ALLREDUCE: its gradient exists, backprop produced it) and when its
+    ALLREDUCE ran. Communication that starts before the LAST tensor of the step is enqueued
+    ran while backprop was still computing: that is the overlap."""
+    text = open(path).read().rstrip().rstrip(",")
+    events = json.loads(text if text.endswith("]") else text + "]")
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    per = {}
+    for e in events:
+        if e.get("ph") in ("B", "E") and e.get("pid") in names:
+            per.setdefault(names[e["pid"]], []).append(e)
+    enq, start, end = {}, {}, {}
+    for name, evs in per.items():
+        depth, k_neg, k_ar = 0, 0, 0
+        for e in sorted(evs, key=lambda e: e["ts"]):
+            if e["ph"] == "B":
+                if depth == 0 and e["name"].startswith("NEGOTIATE"):
+                    enq.setdefault(k_neg, []).append(e["ts"]); k_neg += 1
+                elif depth == 0:
+                    start.setdefault(k_ar, []).append(e["ts"])
+                depth += 1
+            else:
+                depth -= 1
+                if depth == 0 and not e.get("name", "").startswith("NEGOTIATE") and k_ar in start:
+                    end.setdefault(k_ar, []).append(e["ts"]); k_ar += 1
+    steps = [k for k in enq if k in start and k in end and len(enq[k]) > 1]
+    if not steps:
+        return {"tensors": len(per), "steps": 0}
+    ahead = [max(0.0, max(enq[k]) - min(start[k])) / 1e3 for k in steps]
+    span = [(max(end[k]) - min(start[k])) / 1e3 for k in steps]
+    return {"tensors": len(per), "steps": len(steps), "comm_ms_median": statistics.median(span),
+            "comm_before_last_grad_ms_median": statistics.median(ahead),
+            "overlap_fraction": statistics.median(a / s for a, s in zip(ahead, span) if s > 0)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -348,6 +384,8 @@ def main() -> None:
     r.add_argument("--timeline-link", default="1gbit")
     rp = sub.add_parser("report")
     rp.add_argument("--out", default="runs/scale_out")
+    tl = sub.add_parser("timeline", help="overlap seen in a Horovod timeline file")
+    tl.add_argument("path")
     for name, nargs in (("_recv", 2), ("_send", 3), ("_rendezvous", 1)):
         q = sub.add_parser(name)
         q.add_argument("a", nargs=nargs)
@@ -356,6 +394,8 @@ def main() -> None:
         cmd_run(a)
     elif a.cmd == "report":
         cmd_report(a)
+    elif a.cmd == "timeline":
+        print(json.dumps(timeline_overlap(a.path), indent=1))
     elif a.cmd == "_recv":
         _recv(a.a[0], int(a.a[1]))
     elif a.cmd == "_send":

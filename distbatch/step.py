@@ -144,6 +144,12 @@ def _all_reduce_buckets(tf, backend: Backend, grads: list, packed, options: Step
         else:
             sent_back = backend.all_reduce_sum(sent)
             packed_sum = backend.all_reduce_sum([packed])[0] if last else None
+            if last:
+                # The update must wait for the metrics' own all-reduce too: otherwise the next
+                # step of a multi-step loop can issue it again while it is still in flight
+                # (Horovod refuses a second tensor of the same name in flight).
+                with tf.control_dependencies([packed_sum]):
+                    sent_back = [tf.identity(t) for t in sent_back]
         for i, r in zip(idx, sent_back):
             out[i] = r if r.dtype == grads[i].dtype else tf.cast(r, grads[i].dtype)
         if last:

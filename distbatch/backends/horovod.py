@@ -71,14 +71,7 @@ class HorovodBackend(Backend):
         return fn(*args)
 
     def all_reduce_sum(self, values):
-        # Horovod matches tensors across ranks by name and refuses two in flight with one name.
-        # Its default name comes from the input tensors' names, which two calls of one step
-        # can share (a bucket and the metrics both named after a while-loop's stack); a
-        # counter in trace order is unique and, since every rank traces the same program in
-        # the same order, the same on every rank.
-        self._calls = getattr(self, "_calls", 0) + 1
-        return self.hvd.grouped_allreduce(list(values), op=self.hvd.Sum,
-                                          name=f"distbatch_allreduce_{self._calls}")
+        return self.hvd.grouped_allreduce(list(values), op=self.hvd.Sum)
 
     def prepare(self, model, optimizer) -> None:
         # Keras 3 variables are not tf.Variables: broadcast their .value.
