@@ -36,7 +36,7 @@ BIN = Path(sys.executable).parent
 NS, DEV, IP = ("dbs17b0", "dbs17b1"), ("dbs17v0", "dbs17v1"), ("10.217.9.1", "10.217.9.2")
 PEER_PY = Path(os.environ.get("DISTBATCH_PEER_VENV", Path.home() / ".cache/distbatch/peer-venv")) / "bin/python"
 PER_WORKER_BATCH = 128
-PARAMS_MLP_WIDE = 40 * 2048 + 2048 + 2 * (2048 * 2048 + 2048) + 2048 * 10 + 10  # 8,515,594
+PARAMS_MLP_WIDE = 40 * 2048 + 2048 + 2 * (2048 * 2048 + 2048) + 2048 * 10 + 10  # 8,497,162 (34.0 MB float32)
 
 # variant -> (launcher kind, extra distbatch flags). "db-*" run `distbatch train`.
 VARIANTS = {
@@ -238,6 +238,9 @@ def cmd_run(args) -> None:
         variants = [v for v in variants if "dgt" not in v]
     baselines = [v for v in variants if v.startswith("1w-")]
     two = [v for v in variants if not v.startswith("1w-")]
+    # rows already measured (an interrupted run continues where it stopped)
+    done = {(r["link"], r["variant"], r["repeat"], r["steps"]) for r in
+            (json.loads(line) for line in open(rows)) if r["kind"] == "time"} if rows.exists() else set()
     make_link()
     try:
         for link in args.links.split(","):
@@ -251,6 +254,8 @@ def cmd_run(args) -> None:
                 todo = two + (baselines if link == args.links.split(",")[0] else [])
                 for name in todo:  # interleaved: every variant once per repeat
                     for s in steps:
+                        if (link, name, r, s) in done:
+                            continue
                         t = time_variant(name, s, out / "runs", args.bucket_mb)
                         row = {"kind": "time", "link": link, "variant": name, "steps": s, "seconds": t,
                                "repeat": r, "per_worker_batch": PER_WORKER_BATCH,
@@ -307,12 +312,17 @@ def cmd_report(args) -> None:
     rows = [json.loads(line) for line in open(Path(args.out) / "rows.jsonl")]
     links = {r["link"]: r["bytes_per_s"] for r in rows if r["kind"] == "link"}
     tp = throughputs(rows)
-    base = {v: s for (link, v), s in tp.items() if v.startswith("1w-")}
+    pooled = {}  # 1-worker runs use no network: pool them over the links they ran beside
+    for (link, v), s in tp.items():
+        if v.startswith("1w-"):
+            pooled.setdefault(v, []).append(s)
+    base = {v: statistics.median(s) for v, s in pooled.items()}
     t_compute = PER_WORKER_BATCH / base["1w-distbatch"]
     print(f"1-worker (one core): " + ", ".join(f"{v} {s:,.0f} samples/s" for v, s in sorted(base.items())))
     print(f"t_compute (distbatch, batch {PER_WORKER_BATCH}) = {t_compute * 1e3:.1f} ms/step; "
           f"gradient {PARAMS_MLP_WIDE * 4 / 1e6:.1f} MB float32")
     variants = sorted({v for (_, v) in tp if not v.startswith("1w-")})
+    links = {l: bw for l, bw in links.items() if any((l, v) in tp for v in variants)}
     print("\n| variant | " + " | ".join(f"{l} ({links[l] * 8 / 1e6:.0f} Mbit/s)" for l in links) + " |")
     print("|---|" + "---|" * len(links))
     for v in variants:
@@ -330,6 +340,9 @@ def cmd_report(args) -> None:
                 meas = tp[(link, v)] / (2 * base["1w-distbatch"])
                 print(f"  {link:9s} {v:13s} predicted {pred:.3f} measured {meas:.3f} "
                       f"({(meas - pred) / pred * 100:+.0f}%)")
+    for name, nbytes in (("float32", 4), ("fp16", 2)):
+        print(f"\npredicted efficiency, {name} gradients, t_compute {t_compute * 1e3:.0f} ms:")
+        print(prediction_table(t_compute, PARAMS_MLP_WIDE * nbytes))
 
 
 def timeline_overlap(path: str) -> dict:
@@ -366,6 +379,18 @@ def timeline_overlap(path: str) -> dict:
     return {"tensors": len(per), "steps": len(steps), "comm_ms_median": statistics.median(span),
             "comm_before_last_grad_ms_median": statistics.median(ahead),
             "overlap_fraction": statistics.median(a / s for a, s in zip(ahead, span) if s > 0)}
+
+
+def prediction_table(t_compute: float, grad_bytes: float, gbits=(1, 10, 25, 100),
+                     workers=(2, 8, 64, 512)) -> str:
+    """Markdown table of predicted_efficiency over link speeds (rows) and worker counts."""
+    lines = ["| link | " + " | ".join(f"N={n}" for n in workers) + " |",
+             "|---|" + "---|" * len(workers)]
+    for g in gbits:
+        bw = g * 1e9 / 8 * 0.97  # tbf delivered 97% of the nominal rate here
+        lines.append(f"| {g} Gbit/s | " + " | ".join(
+            f"{predicted_efficiency(t_compute, grad_bytes, bw, n):.2f}" for n in workers) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
