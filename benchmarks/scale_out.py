@@ -352,24 +352,29 @@ def timeline_overlap(path: str) -> dict:
     ran while backprop was still computing: that is the overlap."""
     text = open(path).read().rstrip().rstrip(",")
     events = json.loads(text if text.endswith("]") else text + "]")
-    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    names = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name" and "name" in e.get("args", {})}
     per = {}
     for e in events:
         if e.get("ph") in ("B", "E") and e.get("pid") in names:
             per.setdefault(names[e["pid"]], []).append(e)
     enq, start, end = {}, {}, {}
     for name, evs in per.items():
-        depth, k_neg, k_ar = 0, 0, 0
-        for e in sorted(evs, key=lambda e: e["ts"]):
+        if "gradient_tape" not in name:
+            continue  # the initial broadcasts, the evaluation's sums
+        depth, top, k_neg, k_ar = 0, None, 0, 0
+        for e in evs:  # in file order: B/E nest per tensor
             if e["ph"] == "B":
-                if depth == 0 and e["name"].startswith("NEGOTIATE"):
-                    enq.setdefault(k_neg, []).append(e["ts"]); k_neg += 1
-                elif depth == 0:
-                    start.setdefault(k_ar, []).append(e["ts"])
+                if depth == 0:
+                    top = e["name"]
+                    if top.startswith("NEGOTIATE"):
+                        enq.setdefault(k_neg, []).append(e["ts"]); k_neg += 1
+                    else:
+                        start.setdefault(k_ar, []).append(e["ts"])
                 depth += 1
             else:
                 depth -= 1
-                if depth == 0 and not e.get("name", "").startswith("NEGOTIATE") and k_ar in start:
+                if depth == 0 and not top.startswith("NEGOTIATE"):
                     end.setdefault(k_ar, []).append(e["ts"]); k_ar += 1
     steps = [k for k in enq if k in start and k in end and len(enq[k]) > 1]
     if not steps:
