@@ -83,7 +83,8 @@ def add_train_args(parser: argparse.ArgumentParser, *, sweep: bool = False) -> N
                    help="evaluations without improvement before stopping (default 5)")
     g.add_argument("--min-delta", type=float, default=0.0, help="minimum improvement (default 0)")
     g.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
-                   help="checkpoint every N steps (default 0: at every evaluation)")
+                   help="checkpoint every N steps (default 0: at evaluations, at most once a "
+                        "minute, and at the end)")
     g.add_argument("--steps-per-execution", type=steps_per_execution_arg, default="auto",
                    metavar="N|auto",
                    help="training steps run inside one tf.function call (default auto: enough "
