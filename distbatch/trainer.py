@@ -19,13 +19,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from distbatch import pipeline
+from distbatch import interrupts, pipeline
 from distbatch.backends.base import Backend
 from distbatch.checkpoints import newest_intact
 from distbatch.early_stopping import EarlyStopping, load_weights, save_weights, weights_file
 from distbatch.errors import UsageError
 from distbatch.noise import NoiseScaleTracker
 from distbatch.plan import BatchPlan
+from distbatch.preemption import CallBoundary, Preempted, broadcast_int
 from distbatch.step import StepOptions, make_eval_step, make_train_step, noise_splits_for
 
 
@@ -42,6 +43,7 @@ class LoopOptions:
     min_delta: float = 0.0
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0                  # steps; 0 = at every evaluation
+    checkpoint_every_seconds: float = 0.0      # also when this long passed (chief's clock); 0 = off
     resume: bool = False
     tensorboard_dir: str | None = None
     verbose: bool = True
@@ -219,6 +221,12 @@ class Trainer:
                     "early_stopping": es.state() if es is not None else None,
                     "stopped": stopped_early}
 
+        # Time-based checkpoints and SIGTERM (distbatch.preemption): decided at call boundaries,
+        # the same on every worker. SIGTERM only sets a flag while the loop runs (CLI only).
+        watch = self._manager is not None and interrupts.arm_preemption()
+        boundary = CallBoundary(b, opt.checkpoint_every_seconds if self._manager is not None else 0.0,
+                                interrupts.preemption_requested if watch else None)
+        self._boundary = boundary
         diverged_step = None
         per_call = 1   # the first call compiles: one step, then steps_per_execution is resolved
         step = start_step
@@ -241,6 +249,8 @@ class Trainer:
                 c["timed_samples"] += n * plan.global_batch_size
                 if per_call == 1 and opt.steps_per_execution == "auto":
                     per_call = resolve_steps_per_execution("auto", (now - t0) / n)
+                    if boundary.sync:  # each worker timed its own call; the chief's count wins
+                        per_call = broadcast_int(b, per_call)
             t_last = now
             diverged_step = self._consume(step, values, sums, window, tracker, writers)
             if ada is not None:
@@ -249,10 +259,13 @@ class Trainer:
             step += n
             if diverged_step is not None:
                 break
+            save, stop = boundary.decide()
             if not self._at_eval(step):
-                if self._at_checkpoint(step):
-                    self._save_checkpoint(step, history, loop_state())
+                if save or self._at_checkpoint(step):
+                    self._save_checkpoint(step, history, loop_state(), preempting=stop)
                     t_last = time.perf_counter()  # checkpoints are not training time
+                if stop:
+                    self._stop_preempted(step)
                 continue
             val_loss, val_acc = self._evaluate(eval_fn)
             train_loss, train_acc = _mean(sums, sums["steps"] * plan.global_batch_size)
@@ -280,11 +293,14 @@ class Trainer:
                 # OR-ing the flag across workers guarantees it (a rank that stopped alone
                 # would leave the others waiting in a collective).
                 stopped_early = b.sync_flag(stopped_early)
-            if self._at_checkpoint(step):
-                self._save_checkpoint(step, history, loop_state())
+            if save or self._at_checkpoint(step):
+                self._save_checkpoint(step, history, loop_state(), preempting=stop)
             if stopped_early:
                 break
+            if stop and step < opt.total_steps and not self._finished:  # else: finish the run
+                self._stop_preempted(step)
             t_last = time.perf_counter()  # evaluation and checkpoints are not training time
+        interrupts.disarm_preemption()
         wall = time.perf_counter() - wall0
         if getattr(self, "_temp_checkpoint_dir", None):
             shutil.rmtree(self._temp_checkpoint_dir, ignore_errors=True)
@@ -342,7 +358,8 @@ class Trainer:
         return RunResult(metrics=metrics, history=history)
 
     # -- pieces ---------------------------------------------------------------------------
-    def _save_checkpoint(self, step: int, history: list, state: dict) -> None:
+    def _save_checkpoint(self, step: int, history: list, state: dict, *,
+                         preempting: bool = False) -> None:
         """Save model, optimizer and step (TF checkpoint) plus history and loop counters (JSON)
         and early stopping's best weights (best-<best step>.npz).
 
@@ -351,6 +368,8 @@ class Trainer:
         the previous checkpoint as the latest, with its own files still there. Files
         of pruned checkpoints go.
         """
+        if preempting:
+            interrupts.hold_watchdog()  # the save may take longer than the hang watchdog's grace
         self._step_var.assign(step)
         es = self._early_stopping
         if self.chief:
@@ -362,6 +381,18 @@ class Trainer:
         self._manager.save(checkpoint_number=step)
         if self.chief:
             _prune_states(self.opt.checkpoint_dir, self._manager.checkpoints)
+        self._boundary.saved()
+
+    def _stop_preempted(self, step: int) -> None:
+        """After the preemption checkpoint of `step`: wait for every worker (the chief's files are
+        complete before anyone exits), then end the run with Preempted (exit 75)."""
+        if self.backend.num_workers > 1:
+            self.backend.sync_flag(False)  # a barrier
+        interrupts.release_watchdog()
+        interrupts.disarm_preemption()
+        if getattr(self, "_temp_checkpoint_dir", None):
+            shutil.rmtree(self._temp_checkpoint_dir, ignore_errors=True)
+        raise Preempted(step, self.opt.checkpoint_dir)
 
     def _epoch_at(self, step: int) -> float:
         """Absolute epoch after `step` global steps (segments of a batch schedule add offsets)."""
