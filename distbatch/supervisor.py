@@ -72,6 +72,8 @@ def describe_exit(returncode: int) -> str:
         except ValueError:
             name = "unknown"
         return f"signal {-returncode} ({name})"
+    if returncode == EXIT_PREEMPTED:
+        return f"exit code {returncode} (saved a checkpoint after SIGTERM)"
     if 128 < returncode < 128 + 65:  # the shell's convention, also distbatch's after SIGTERM/SIGINT
         try:
             return f"exit code {returncode} ({signal.Signals(returncode - 128).name})"

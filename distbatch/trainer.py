@@ -388,8 +388,7 @@ class Trainer:
         complete before anyone exits), then end the run with Preempted (exit 75)."""
         if self.backend.num_workers > 1:
             self.backend.sync_flag(False)  # a barrier
-        interrupts.release_watchdog()
-        interrupts.disarm_preemption()
+        interrupts.release_watchdog()  # (still armed: a late SIGTERM must not cut the exit short)
         if getattr(self, "_temp_checkpoint_dir", None):
             shutil.rmtree(self._temp_checkpoint_dir, ignore_errors=True)
         raise Preempted(step, self.opt.checkpoint_dir)
