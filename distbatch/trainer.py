@@ -244,6 +244,7 @@ class Trainer:
                 # single-step call to choose steps_per_execution.
                 if opt.steps_per_execution != "auto":
                     per_call = resolve_steps_per_execution(opt.steps_per_execution, 0.0)
+                boundary.saved()  # the time cadence counts training, not the compile
             else:
                 c["train_time"] += now - t_last
                 c["timed_samples"] += n * plan.global_batch_size
