@@ -6,6 +6,7 @@ Issue 12, item 4. Every candidate is one whole command, timed from outside:
                    evaluation, --steps-per-execution auto); horovod through
                    `distbatch launch horovod --gloo -np 2 -H localhost:2 --`
   distbatch_spe1   the same with --steps-per-execution 1 (one step per tf.function call)
+  distbatch_xla    the same with --jit-compile on (XLA for the per-replica forward/backward)
   minimal          (a) benchmarks/loop_refs.py minimal / hvd-minimal: a hand-written
                    one-step-per-call tf.function loop under the same strategy
   keras_fit        (b) Keras 3 model.fit, steps_per_execution 1 (Keras's default)
@@ -69,9 +70,9 @@ REFS = str(Path(__file__).resolve().with_name("loop_refs.py"))
 DEFAULT_PEER = Path.home() / ".cache" / "distbatch" / "peer-venv" / "bin" / "python"
 BACKENDS = ("single", "mirrored", "horovod")
 CANDIDATES = {
-    "single": ("distbatch", "distbatch_spe1", "minimal", "keras_fit", "keras_fit_tuned"),
-    "mirrored": ("distbatch", "distbatch_spe1", "minimal", "keras_fit", "keras_fit_tuned"),
-    "horovod": ("distbatch", "distbatch_spe1", "minimal", "hvd_keras"),
+    "single": ("distbatch", "distbatch_spe1", "distbatch_xla", "minimal", "keras_fit", "keras_fit_tuned"),
+    "mirrored": ("distbatch", "distbatch_spe1", "distbatch_xla", "minimal", "keras_fit", "keras_fit_tuned"),
+    "horovod": ("distbatch", "distbatch_spe1", "distbatch_xla", "minimal", "hvd_keras"),
 }
 REFERENCES = ("minimal", "keras_fit", "keras_fit_tuned", "hvd_keras")
 HVD_CALLBACKS = ("broadcast", "metric_average", "lr_warmup", "lr_schedule")  # as in loop_refs
@@ -103,9 +104,10 @@ class Setup:
     hvd_callbacks: tuple[str, ...] = ("broadcast", "metric_average")
 
 
-def candidates(models, backends, *, peer: bool) -> list[Candidate]:
+def candidates(models, backends, *, peer: bool, only=None) -> list[Candidate]:
     return [Candidate(name, backend, model) for model in models for backend in backends
-            for name in CANDIDATES[backend] if peer or name != "hvd_keras"]
+            for name in CANDIDATES[backend] if (peer or name != "hvd_keras")
+            and (only is None or name in only)]
 
 
 def run_dir(c: Candidate, steps: int, s: Setup) -> str:
@@ -127,6 +129,8 @@ def command(c: Candidate, steps: int, s: Setup) -> tuple[list[str], dict[str, st
             argv += ["--cpu-replicas", str(s.ranks)]
         if c.name == "distbatch_spe1":
             argv += ["--steps-per-execution", "1"]
+        if c.name == "distbatch_xla":
+            argv += ["--jit-compile", "on"]
         return (horovod_launch(s, argv) if c.backend == "horovod" else argv), {}
     common = ["--data", s.data, "--model", c.model, "--steps", str(steps),
               "--global-batch-size", str(s.global_batch), "--lr", str(s.lr)]
@@ -347,6 +351,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=lambda s: tuple(int(x) for x in s.split(",")), default=(300, 1300),
                    help="the two lengths S1,S2 (default 300,1300)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--only", type=csv, default=None,
+                   help="candidate names to run (default all), e.g. distbatch,distbatch_xla,minimal")
     p.add_argument("--out", help="output folder (required unless --from-rows)")
     p.add_argument("--peer-python", default=str(DEFAULT_PEER) if DEFAULT_PEER.exists() else None,
                    help=f"the peer venv's python for hvd_keras (default {DEFAULT_PEER} if it exists)")
@@ -465,7 +471,7 @@ def main(argv=None) -> int:
         header["hvd_keras_callbacks"] = {"probe": probe, "used": list(used)}
     append(header)
 
-    cands = candidates(args.models, backends, peer=peer is not None)
+    cands = candidates(args.models, backends, peer=peer is not None, only=args.only)
     print(f"{len(cands)} candidates x {args.repeats} repeats x 2 lengths {args.steps}; rows in {jsonl}",
           flush=True)
     rows = []

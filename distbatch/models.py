@@ -10,7 +10,7 @@ from typing import Sequence
 from distbatch.errors import UsageError
 
 APPLICATIONS = ("ResNet50", "ResNet101", "MobileNetV2", "EfficientNetB0", "VGG16", "DenseNet121")
-MODELS = ("mlp", "convnet", "resnet") + APPLICATIONS
+MODELS = ("mlp", "mlp-wide", "convnet", "resnet") + APPLICATIONS
 
 
 def _logits(keras, x, num_classes):
@@ -100,6 +100,8 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int):
     input_shape = tuple(int(d) for d in input_shape)
     if name == "mlp":
         return mlp(keras, input_shape, num_classes)
+    if name == "mlp-wide":  # 3 x Dense 2048: ~8.5M parameters on MNIST-1D (scale-out benchmark)
+        return mlp(keras, input_shape, num_classes, width=2048, depth=3)
     if name == "convnet":
         return convnet(keras, input_shape, num_classes)
     if name == "resnet":

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from distbatch import __version__
 from distbatch.backends import BACKENDS
@@ -22,6 +23,9 @@ from distbatch.errors import UsageError, require
 from distbatch.fileio import atomic_write_json, json_roundtrip
 from distbatch.models import MODELS
 from distbatch.outdir import check_out_dir, claim_out_dir
+
+if TYPE_CHECKING:
+    from distbatch.plan import BatchPlan
 
 RUN_FILES = ("summary.json", "config.json", "model.keras")
 RUN_OUTPUTS = RUN_FILES + ("tensorboard", "checkpoints")  # all --overwrite removes
@@ -96,12 +100,54 @@ def add_train_args(parser: argparse.ArgumentParser, *, sweep: bool = False) -> N
                    help="multiworker: seconds to wait for every worker of the cluster to start before "
                         "stopping with the addresses that never came (default: "
                         "$DISTBATCH_CLUSTER_TIMEOUT or 120)")
+    add_comm_args(parser)
     g.add_argument("--resume", action="store_true",
                    help="continue from the last checkpoint (or finished points) in --out")
     g.add_argument("--overwrite", action="store_true", help="replace another run's results in --out")
     g.add_argument("--out", required=not sweep, default=None if not sweep else "runs/sweep",
                    help="output directory")
     add_recipe_args(parser)
+
+
+def add_comm_args(parser: argparse.ArgumentParser) -> None:
+    """Gradient communication: buckets, compression, MultiWorkerMirroredStrategy options
+    (Horovod's fusion threshold and cycle time are `distbatch launch horovod` flags)."""
+    from distbatch.step import GRAD_COMPRESSION
+    g = parser.add_argument_group("communication (see docs/scaling.md)")
+    g.add_argument("--bucket-mb", type=nonnegative_float_arg, default=0.0, metavar="MB",
+                   help="all-reduce gradients in buckets of about MB megabytes, last layers first, "
+                        "so communication can overlap the rest of backprop (default 0: one "
+                        "all-reduce of all gradients; measured in docs/scaling.md)")
+    g.add_argument("--grad-compression", choices=GRAD_COMPRESSION, default="none",
+                   help="cast gradients to fp16/bf16 for the all-reduce only (halves the bytes; "
+                        "the noise scale and AdaScale use uncompressed local norms; horovod: no bf16)")
+    g.add_argument("--mwms-implementation", choices=("auto", "ring", "nccl"), default="auto",
+                   help="multiworker collective implementation (default auto)")
+    g.add_argument("--bytes-per-pack", type=int, default=0, metavar="BYTES",
+                   help="multiworker: split all-reduces into packs of about BYTES (default 0: "
+                        "TensorFlow's choice)")
+    g.add_argument("--collective-timeout", type=float, default=None, metavar="SECONDS",
+                   help="multiworker: fail a collective that takes longer than SECONDS "
+                        "(default: wait forever)")
+
+
+def collective_options(args: argparse.Namespace):
+    """The MultiWorkerMirroredStrategy options the flags give (validated; UsageError)."""
+    from distbatch.backends.strategy import CollectiveOptions
+    return CollectiveOptions(implementation=getattr(args, "mwms_implementation", "auto"),
+                             bytes_per_pack=getattr(args, "bytes_per_pack", 0),
+                             timeout_seconds=getattr(args, "collective_timeout", None))
+
+
+def nonnegative_float_arg(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
 
 
 def steps_per_execution_arg(text: str):
@@ -185,6 +231,7 @@ def validate_args(args: argparse.Namespace) -> None:
     seconds = getattr(args, "checkpoint_every_seconds", None)
     require(seconds is None or (math.isfinite(seconds) and seconds >= 0),
             f"--checkpoint-every-seconds must be a finite number of seconds >= 0 (0: off), got {seconds}")
+    collective_options(args)  # --bytes-per-pack, --collective-timeout: one-line errors
     require(args.target_accuracy is None or 0 < args.target_accuracy <= 1,
             f"--target-accuracy must be in (0, 1], got {args.target_accuracy}")
     require(args.cpu_replicas is None or args.cpu_replicas >= 1,
@@ -306,7 +353,8 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
     reason = "given"
     if backend is None:
         backend, reason = create_backend(args.backend, cpu_replicas=args.cpu_replicas,
-                                         cluster_timeout=args.cluster_timeout)
+                                         cluster_timeout=args.cluster_timeout,
+                                         collective=collective_options(args))
     if data is None:
         data = load_data(args)
     rp = plan_run(args, backend, data)
@@ -370,6 +418,8 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
         stop_at_target=getattr(args, "stop_at_target", False),
         steps_per_execution=getattr(args, "steps_per_execution", "auto"),
         jit_compile=getattr(args, "jit_compile", "off") == "on",
+        bucket_mb=getattr(args, "bucket_mb", 0.0),
+        grad_compression=getattr(args, "grad_compression", "none"),
         verbose=getattr(args, "progress", True))
     started = time.time()
     say = chief and getattr(args, "progress", True)  # a sweep's points stay quiet

@@ -20,6 +20,7 @@ B_big = global batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from distbatch.backends.base import Backend
 from distbatch.plan import BatchPlan
@@ -33,6 +34,55 @@ class StepOptions:
     noise_splits: int = 1
     # XLA-compile the per-replica forward/backward pass (tf.function(jit_compile=True)).
     jit_compile: bool = False
+    # Gradient buckets of about this many MB, each all-reduced on its own, in reverse layer
+    # order (the order backprop produces them); 0 = one all-reduce of every gradient.
+    bucket_mb: float = 0.0
+    # Cast gradients to this type for the all-reduce only: "none", "fp16" or "bf16".
+    grad_compression: str = "none"
+
+
+GRAD_COMPRESSION = ("none", "fp16", "bf16")
+
+
+def bucket_partition(nbytes: Sequence[int], bucket_bytes: float) -> list[list[int]]:
+    """Group tensor indices into all-reduce buckets, in the order they are issued.
+
+    Backprop produces the gradients of the LAST layers first, so buckets are
+    filled from the last index down: a bucket closes once it holds at least
+    `bucket_bytes` (one tensor larger than that is a bucket on its own), and
+    its all-reduce can start while earlier layers are still being
+    differentiated (PyTorch DDP's bucket_cap_mb, Horovod's per-tensor
+    all-reduce plus tensor fusion). bucket_bytes <= 0: one bucket holding
+    every index in its original order (one grouped all-reduce, as before).
+    Every index lands in exactly one bucket.
+    """
+    n = len(nbytes)
+    if bucket_bytes <= 0 or n == 0:
+        return [list(range(n))] if n else []
+    buckets, current, size = [], [], 0
+    for i in reversed(range(n)):
+        current.append(i)
+        size += nbytes[i]
+        if size >= bucket_bytes:
+            buckets.append(current)
+            current, size = [], 0
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def check_comm_options(options: "StepOptions", backend: Backend | None = None) -> None:
+    """UsageError for a bucket size or compression this backend cannot do (one line each)."""
+    from distbatch.errors import UsageError
+    if not options.bucket_mb >= 0:
+        raise UsageError(f"--bucket-mb must be >= 0 (0 = one all-reduce), got {options.bucket_mb}")
+    if options.grad_compression not in GRAD_COMPRESSION:
+        raise UsageError(f"--grad-compression must be one of {', '.join(GRAD_COMPRESSION)}, "
+                         f"got {options.grad_compression!r}")
+    allowed = getattr(backend, "grad_compressions", GRAD_COMPRESSION)
+    if backend is not None and options.grad_compression not in allowed:
+        raise UsageError(f"--grad-compression {options.grad_compression} is not supported by the "
+                         f"{backend.name} backend (it supports {', '.join(allowed)})")
 
 
 def noise_splits_for(plan: BatchPlan) -> int:
@@ -65,6 +115,48 @@ def sparse_ce(tf, keras):
         return keras.losses.sparse_categorical_crossentropy(y, tf.cast(logits, tf.float32),
                                                             from_logits=True)
     return loss_fn
+
+
+def _all_reduce_buckets(tf, backend: Backend, grads: list, packed, options: StepOptions) -> tuple:
+    """All-reduce `grads` (each exactly once) and the float32 metrics tensor `packed`.
+
+    Gradients are cast to the compression type just before their all-reduce and
+    back to their own type right after. Each bucket's all-reduce depends only on
+    its own gradients, so inside the tf.function TensorFlow's executor can run it
+    while the backward pass of earlier layers is still computing; on Horovod each
+    grouped_allreduce is enqueued to its background thread as soon as its inputs
+    are ready. The metrics ride in the LAST bucket (the first layers' gradients,
+    produced last): no extra collective when all tensors share one type. Horovod
+    and tf.distribute refuse mixed types in one call, so a compressed bucket
+    sends its float32 metrics as a second call of the same bucket.
+    """
+    wire = {"none": None, "fp16": tf.float16, "bf16": tf.bfloat16}[options.grad_compression]
+    sizes = [int(g.shape.num_elements() or 0) * (2 if wire is not None else g.dtype.size)
+             for g in grads]
+    buckets = bucket_partition(sizes, options.bucket_mb * 2 ** 20)
+    out: list = [None] * len(grads)
+    for k, idx in enumerate(buckets):
+        sent = [grads[i] if wire is None else tf.cast(grads[i], wire) for i in idx]
+        last = k == len(buckets) - 1
+        if last and all(t.dtype == packed.dtype for t in sent):
+            reduced = backend.all_reduce_sum(sent + [packed])
+            sent_back, packed_sum = reduced[:-1], reduced[-1]
+        else:
+            sent_back = backend.all_reduce_sum(sent)
+            packed_sum = backend.all_reduce_sum([packed])[0] if last else None
+            if last:
+                # The update must wait for the metrics' own all-reduce too: otherwise the next
+                # step of a multi-step loop can issue it again while it is still in flight
+                # (Horovod refuses a second tensor of the same name in flight).
+                with tf.control_dependencies([packed_sum]):
+                    sent_back = [tf.identity(t) for t in sent_back]
+        for i, r in zip(idx, sent_back):
+            out[i] = r if r.dtype == grads[i].dtype else tf.cast(r, grads[i].dtype)
+        if last:
+            packed = packed_sum
+    if not buckets:  # a model without trainable variables: only the metrics
+        packed = backend.all_reduce_sum([packed])[0]
+    return out, packed
 
 
 def _learning_rate(tf, optimizer):
@@ -117,6 +209,7 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
                          "comes from the noise-scale statistics")
     if options.noise_scale:
         check_noise_scale(plan, options.noise_splits)
+    check_comm_options(options, backend)
     scale_loss = getattr(optimizer, "scale_loss", None) if hasattr(optimizer, "inner_optimizer") else None
 
     def loss_scale_sq():
@@ -173,9 +266,11 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
         if options.noise_scale:
             # g above is d(sum loss)/dw / global_batch; the micro-batch MEAN gradient is units x it.
             small_sq = small_sq * float(units) ** 2 / loss_scale_sq()
-        # The metric sums ride in the gradients' all-reduce, packed into one tensor.
-        reduced = backend.all_reduce_sum(list(grads) + [tf.stack([loss_sum, correct, small_sq])])
-        grads, packed = reduced[:-1], reduced[-1]
+        # The metric sums ride in the gradients' all-reduce, packed into one float32 tensor.
+        # small_sq above comes from the local, UNcompressed gradients; big_sq below from
+        # the reduced ones, after any compression's round trip (what the optimizer applies).
+        grads, packed = _all_reduce_buckets(tf, backend, list(grads),
+                                            tf.stack([loss_sum, correct, small_sq]), options)
         loss_sum, correct, small_sq = packed[0], packed[1], packed[2]
         # float16: gradients stay loss-scaled up to here; LossScaleOptimizer unscales them,
         # and skips the update (lowering the scale) when they are not finite.

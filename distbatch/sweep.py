@@ -158,11 +158,12 @@ def run_sweep(args: argparse.Namespace) -> int:
     from distbatch.backends import create_backend
     from distbatch.probe import is_out_of_memory
     from distbatch.report import build_report
-    from distbatch.run import (RESUME_MAY_CHANGE, check_resume_matches, load_data, machine_info,
-                               plan_run, run_config, train)
+    from distbatch.run import (RESUME_MAY_CHANGE, check_resume_matches, collective_options,
+                               load_data, machine_info, plan_run, run_config, train)
 
     backend, reason = create_backend(args.backend, cpu_replicas=args.cpu_replicas,
-                                     cluster_timeout=args.cluster_timeout)
+                                     cluster_timeout=args.cluster_timeout,
+                                     collective=collective_options(args))
     data = load_data(args)
     out = args.out
     scalings = args.scaling if len(args.scaling) > 1 else (None,)

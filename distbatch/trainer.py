@@ -23,7 +23,6 @@ from distbatch import interrupts, pipeline
 from distbatch.backends.base import Backend
 from distbatch.checkpoints import newest_intact
 from distbatch.early_stopping import EarlyStopping, load_weights, save_weights, weights_file
-from distbatch.errors import UsageError
 from distbatch.noise import NoiseScaleTracker
 from distbatch.plan import BatchPlan
 from distbatch.preemption import CallBoundary, Preempted, broadcast_int
@@ -53,6 +52,8 @@ class LoopOptions:
     # evaluation, checkpoint or segment boundary, so every result is the same as with 1.
     steps_per_execution: int | str = "auto"
     jit_compile: bool = False                  # XLA for the per-replica forward/backward
+    bucket_mb: float = 0.0                     # gradient all-reduce buckets (MB); 0 = one group
+    grad_compression: str = "none"             # none | fp16 | bf16: gradient type on the wire
     # Batch-size schedules (distbatch.batch_schedule) run one Trainer per fixed-batch
     # segment. step_offset: global steps done before this segment (steps, history and
     # total_steps are absolute); epoch_offset: absolute epoch where the segment starts
@@ -164,7 +165,8 @@ class Trainer:
         ada = self.adascale
         noise = opt.noise_scale or (ada is not None and ada.needs_statistics)
         splits = noise_splits_for(plan) if noise else 1
-        step_options = StepOptions(noise_scale=noise, noise_splits=splits, jit_compile=opt.jit_compile)
+        step_options = StepOptions(noise_scale=noise, noise_splits=splits, jit_compile=opt.jit_compile,
+                                   bucket_mb=opt.bucket_mb, grad_compression=opt.grad_compression)
         key = (plan, step_options)
         if key not in self.step_cache:
             self.log("distbatch: compiling the train step (the first step is slow)")

@@ -65,3 +65,54 @@ def load_summary(out_dir) -> dict:
 def max_weight_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     assert len(a) == len(b)
     return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+
+
+# Runs inside ONE subprocess: every case through distbatch.cli.main, as the console script
+# would (sys.exit(main())), capturing fds 1 and 2 and applying the case's "env" per case.
+CLI_DRIVER = r"""
+import json, os, sys, tempfile, traceback
+from distbatch import cli
+cases = json.load(open(sys.argv[1]))
+results = {}
+for case in cases:
+    saved_env = dict(os.environ)
+    os.environ.update(case.get("env", {}))
+    files = [tempfile.TemporaryFile(mode="w+b") for _ in range(2)]
+    saved = [os.dup(1), os.dup(2)]
+    sys.stdout.flush(); sys.stderr.flush()
+    os.dup2(files[0].fileno(), 1); os.dup2(files[1].fileno(), 2)
+    try:
+        try:
+            code = cli.main(case["argv"])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if not isinstance(e.code, (int, type(None))):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    finally:
+        sys.stdout.flush(); sys.stderr.flush()
+        os.dup2(saved[0], 1); os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        os.environ.clear(); os.environ.update(saved_env)
+    text = []
+    for f in files:
+        f.seek(0)
+        text.append(f.read().decode("utf-8", "replace"))
+        f.close()
+    results[case["id"]] = {"code": code, "stdout": text[0], "stderr": text[1]}
+json.dump(results, open(sys.argv[2], "w"))
+"""
+
+
+def run_cli_cases(cases: list[dict], work, *, env: dict | None = None, timeout: float = 600) -> dict:
+    """Run every case ({"id", "argv", optional "env"}) through the CLI in one process (TensorFlow
+    starts once); {id: {"code", "stdout", "stderr"}}."""
+    (work / "cases.json").write_text(json.dumps(cases))
+    proc = subprocess.run([sys.executable, "-c", CLI_DRIVER, str(work / "cases.json"),
+                           str(work / "out.json")], capture_output=True, text=True,
+                          timeout=timeout, env=env or cli_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((work / "out.json").read_text())

@@ -21,14 +21,13 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import cli_env, load_summary, run_cli
+from conftest import load_summary, run_cli, run_cli_cases
 
 # A tiny valid run; each case overrides some of it.
 BASE = {"--backend": "single", "--dataset": "mnist1d", "--train-size": "256", "--val-size": "64",
@@ -172,44 +171,6 @@ def _case_argv(case_id: str, data: Path, outs: Path) -> tuple[list[str], str]:
     return _argv({**overrides, "--out": out}), out
 
 
-# Runs inside ONE subprocess: every case through distbatch.cli.main, as the
-# console script would (sys.exit(main())), capturing fds 1 and 2 per case.
-DRIVER = r"""
-import json, os, sys, tempfile, traceback
-from distbatch import cli
-cases = json.load(open(sys.argv[1]))
-results = {}
-for case in cases:
-    saved_env = dict(os.environ)
-    os.environ.update(case["env"])
-    files = [tempfile.TemporaryFile(mode="w+b") for _ in range(2)]
-    saved = [os.dup(1), os.dup(2)]
-    sys.stdout.flush(); sys.stderr.flush()
-    os.dup2(files[0].fileno(), 1); os.dup2(files[1].fileno(), 2)
-    try:
-        try:
-            code = cli.main(case["argv"])
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            if not isinstance(e.code, (int, type(None))):
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-    finally:
-        sys.stdout.flush(); sys.stderr.flush()
-        os.dup2(saved[0], 1); os.dup2(saved[1], 2)
-        for fd in saved:
-            os.close(fd)
-        os.environ.clear(); os.environ.update(saved_env)
-    text = []
-    for f in files:
-        f.seek(0)
-        text.append(f.read().decode("utf-8", "replace"))
-        f.close()
-    results[case["id"]] = {"code": code, "stdout": text[0], "stderr": text[1]}
-json.dump(results, open(sys.argv[2], "w"))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -221,11 +182,7 @@ def results(tmp_path_factory, data_dir, dataset_cache):
     for case_id in CASES:
         argv, paths[case_id] = _case_argv(case_id, data_dir, outs)
         cases.append({"id": case_id, "argv": argv, "env": CASES[case_id][1]})
-    (work / "cases.json").write_text(json.dumps(cases))
-    proc = subprocess.run([sys.executable, "-c", DRIVER, str(work / "cases.json"), str(work / "out.json")],
-                          capture_output=True, text=True, timeout=600, env=cli_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    raw = json.loads((work / "out.json").read_text())
+    raw = run_cli_cases(cases, work)
     argvs = {c["id"]: c["argv"] for c in cases}
     return {k: (subprocess.CompletedProcess(argvs[k], r["code"], r["stdout"], r["stderr"]), paths[k])
             for k, r in raw.items()}

@@ -66,9 +66,12 @@ def test_reference_commands():
 
 def test_candidates_per_backend_and_without_peer():
     names = [c.key for c in lo.candidates(["mlp"], ["single", "horovod"], peer=True)]
-    assert names == ["distbatch/single/mlp", "distbatch_spe1/single/mlp", "minimal/single/mlp",
-                     "keras_fit/single/mlp", "keras_fit_tuned/single/mlp", "distbatch/horovod/mlp",
-                     "distbatch_spe1/horovod/mlp", "minimal/horovod/mlp", "hvd_keras/horovod/mlp"]
+    assert names == ["distbatch/single/mlp", "distbatch_spe1/single/mlp", "distbatch_xla/single/mlp",
+                     "minimal/single/mlp", "keras_fit/single/mlp", "keras_fit_tuned/single/mlp",
+                     "distbatch/horovod/mlp", "distbatch_spe1/horovod/mlp", "distbatch_xla/horovod/mlp",
+                     "minimal/horovod/mlp", "hvd_keras/horovod/mlp"]
+    only = lo.candidates(["mlp"], ["single"], peer=True, only=("distbatch", "distbatch_xla"))
+    assert [c.key for c in only] == ["distbatch/single/mlp", "distbatch_xla/single/mlp"]
     assert all(c.name != "hvd_keras" for c in lo.candidates(["mlp", "convnet"], lo.BACKENDS, peer=False))
 
 

@@ -19,11 +19,11 @@ import contextlib
 import io
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_cli_cases
 
 from distbatch import cli, launch_cli
 from distbatch.errors import UsageError
@@ -174,37 +174,6 @@ def test_the_issue_examples(outcomes):
 
 
 # --------------------------------------------------------------------------- real runs (slow)
-DRIVER = r"""
-import json, os, sys, tempfile, traceback
-from distbatch import cli
-cases = json.load(open(sys.argv[1]))
-results = {}
-for case in cases:
-    files = [tempfile.TemporaryFile(mode="w+b") for _ in range(2)]
-    saved = [os.dup(1), os.dup(2)]
-    sys.stdout.flush(); sys.stderr.flush()
-    os.dup2(files[0].fileno(), 1); os.dup2(files[1].fileno(), 2)
-    try:
-        try:
-            code = cli.main(case["argv"])
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-    finally:
-        sys.stdout.flush(); sys.stderr.flush()
-        os.dup2(saved[0], 1); os.dup2(saved[1], 2)
-        for fd in saved:
-            os.close(fd)
-    text = []
-    for f in files:
-        f.seek(0)
-        text.append(f.read().decode("utf-8", "replace"))
-        f.close()
-    results[case["id"]] = {"code": code, "stdout": text[0], "stderr": text[1]}
-json.dump(results, open(sys.argv[2], "w"))
-"""
 
 
 def _report_dir(tmp_path):
@@ -232,13 +201,10 @@ def test_accepted_values_run_normally(outcomes, tmp_path, dataset_cache):
             cases.append({"id": case_id, "argv": case_argv(path, flag, value, out=str(out),
                                                            report_dir=str(report_dir))})
     assert 10 <= len(cases) <= 80, len(cases)  # the table stays fast: most values fail validation
-    (tmp_path / "cases.json").write_text(json.dumps(cases))
-    proc = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path / "cases.json"), str(tmp_path / "r.json")],
-                          capture_output=True, text=True, timeout=1800,
-                          env={**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    raw = run_cli_cases(cases, tmp_path, timeout=1800,
+                        env={**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"})
     bad = {}
-    for case_id, r in json.loads((tmp_path / "r.json").read_text()).items():
+    for case_id, r in raw.items():
         err = r["stderr"]
         if "Traceback" in err or r["code"] not in (0, 1, 2, 3):
             bad[case_id] = (r["code"], err[-600:])
@@ -247,5 +213,5 @@ def test_accepted_values_run_normally(outcomes, tmp_path, dataset_cache):
             if len(last) != 1:
                 bad[case_id] = (r["code"], err[-600:])
     assert not bad, json.dumps(bad, indent=1)
-    for case_id, r in sorted(json.loads((tmp_path / "r.json").read_text()).items()):
+    for case_id, r in sorted(raw.items()):
         print(case_id, r["code"], (r["stderr"].strip().splitlines() or [""])[-1][:160])

@@ -7,7 +7,7 @@ from typing import Mapping
 
 from distbatch.backends.base import Backend
 from distbatch.backends.horovod import launched_by_horovod_or_mpi
-from distbatch.backends.strategy import slurm_task_count
+from distbatch.backends.strategy import CollectiveOptions, slurm_task_count
 from distbatch.errors import UsageError
 
 BACKENDS = ("auto", "single", "mirrored", "multiworker", "horovod")
@@ -41,11 +41,13 @@ def choose_backend(env: Mapping[str, str], num_gpus: int, cpu_replicas: int | No
 
 def create_backend(name: str = "auto", *, cpu_replicas: int | None = None,
                    env: Mapping[str, str] | None = None,
-                   cluster_timeout: float | None = None) -> tuple[Backend, str]:
+                   cluster_timeout: float | None = None,
+                   collective: CollectiveOptions | None = None) -> tuple[Backend, str]:
     """Create the backend; returns (backend, reason for the choice).
 
     ``cluster_timeout``: seconds a multiworker job waits for all its workers
     (None: $DISTBATCH_CLUSTER_TIMEOUT or 120 s; see distbatch/cluster.py).
+    ``collective``: MultiWorkerMirroredStrategy's communication options (multiworker only).
     """
     env = os.environ if env is None else env
     if name not in BACKENDS:
@@ -58,6 +60,10 @@ def create_backend(name: str = "auto", *, cpu_replicas: int | None = None,
     if cpu_replicas is not None and name != "mirrored":
         raise UsageError(f"--cpu-replicas {cpu_replicas} only applies to --backend mirrored, "
                          f"not {name}")
+    if collective is not None and not collective.is_default and name != "multiworker":
+        raise UsageError(f"--mwms-implementation/--bytes-per-pack/--collective-timeout apply to "
+                         f"--backend multiworker, not {name} (Horovod: `distbatch launch horovod "
+                         f"--fusion-threshold-mb/--cycle-time-ms`)")
     if name == "single":
         from distbatch.backends.single import SingleBackend
         return SingleBackend(), reason
@@ -66,9 +72,9 @@ def create_backend(name: str = "auto", *, cpu_replicas: int | None = None,
         return MirroredBackend(cpu_replicas=cpu_replicas), reason
     if name == "multiworker":
         from distbatch.backends.strategy import MultiWorkerBackend
-        return MultiWorkerBackend(env, cluster_timeout=cluster_timeout), reason
+        return MultiWorkerBackend(env, cluster_timeout=cluster_timeout, collective=collective), reason
     from distbatch.backends.horovod import HorovodBackend
     return HorovodBackend(env), reason
 
 
-__all__ = ["Backend", "BACKENDS", "choose_backend", "create_backend"]
+__all__ = ["Backend", "BACKENDS", "CollectiveOptions", "choose_backend", "create_backend"]

@@ -41,6 +41,9 @@ def pin_gpu(local_rank: int, config) -> str | None:
 
 class HorovodBackend(Backend):
     name = "horovod"
+    # Horovod 0.28.1's TensorFlow all-reduce takes uint8/int8/int32/int64/float16/32/64:
+    # no bfloat16.
+    grad_compressions = ("none", "fp16")
 
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         env = os.environ if env is None else env

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Mapping
 
 from distbatch.backends.base import Backend
@@ -183,11 +184,50 @@ def slurm_task_count(env: Mapping[str, str]) -> int:
         return 0
 
 
+MWMS_IMPLEMENTATIONS = ("auto", "ring", "nccl")
+
+
+@dataclass(frozen=True)
+class CollectiveOptions:
+    """MultiWorkerMirroredStrategy's tf.distribute.experimental.CommunicationOptions.
+
+    implementation: auto (TF picks), ring (gRPC ring, CPU and GPU) or nccl (GPUs);
+    bytes_per_pack: 0 lets TF choose (one pack), else collectives of about this size;
+    timeout_seconds: a collective that takes longer fails instead of hanging (None: never).
+    """
+    implementation: str = "auto"
+    bytes_per_pack: int = 0
+    timeout_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.implementation not in MWMS_IMPLEMENTATIONS:
+            raise UsageError(f"--mwms-implementation must be one of {', '.join(MWMS_IMPLEMENTATIONS)}, "
+                             f"got {self.implementation!r}")
+        if isinstance(self.bytes_per_pack, bool) or not isinstance(self.bytes_per_pack, int) \
+                or self.bytes_per_pack < 0:
+            raise UsageError(f"--bytes-per-pack must be a whole number >= 0 (0 = TensorFlow's "
+                             f"choice), got {self.bytes_per_pack!r}")
+        if self.timeout_seconds is not None and not 0 < self.timeout_seconds < float("inf"):
+            raise UsageError(f"--collective-timeout must be a finite number > 0 of seconds, "
+                             f"got {self.timeout_seconds}")
+
+    @property
+    def is_default(self) -> bool:
+        return self == CollectiveOptions()
+
+    def to_tf(self, tf):
+        impl = getattr(tf.distribute.experimental.CommunicationImplementation, self.implementation.upper())
+        return tf.distribute.experimental.CommunicationOptions(
+            bytes_per_pack=self.bytes_per_pack, timeout_seconds=self.timeout_seconds,
+            implementation=impl)
+
+
 class MultiWorkerBackend(StrategyBackend):
     name = "multiworker"
 
     def __init__(self, env: Mapping[str, str] | None = None, *,
-                 cluster_timeout: float | None = None) -> None:
+                 cluster_timeout: float | None = None,
+                 collective: CollectiveOptions | None = None) -> None:
         from distbatch.cluster import rendezvous, resolve_cluster_timeout
         env = os.environ if env is None else env
         timeout = resolve_cluster_timeout(cluster_timeout, env)
@@ -208,8 +248,7 @@ class MultiWorkerBackend(StrategyBackend):
         gpus = tf.config.list_physical_devices("GPU")
         for g in gpus:
             tf.config.experimental.set_memory_growth(g, True)
-        options = tf.distribute.experimental.CommunicationOptions(
-            implementation=tf.distribute.experimental.CommunicationImplementation.AUTO)
+        options = (collective or CollectiveOptions()).to_tf(tf)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(
             cluster_resolver=resolver, communication_options=options)
         from distbatch import interrupts

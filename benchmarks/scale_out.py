@@ -1,0 +1,438 @@
+"""Scale-out on an emulated cluster link: 2 workers in 2 network namespaces (issue 17).
+
+    sudo PYTHONPATH=. .venv/bin/python benchmarks/scale_out.py run --out runs/scale_out
+    .venv/bin/python benchmarks/scale_out.py report --out runs/scale_out
+
+`run` makes two namespaces joined by a veth pair, limits each end with tbf
+(`tc qdisc add dev IF root tbf rate R burst 256kb latency 50ms`) at every rate
+in --links ("unlimited" = no qdisc), measures the link's bandwidth, and times
+the real commands a user runs (`distbatch train ...`, one worker per namespace,
+each pinned to its own core with taskset so the two "machines" do not share a
+core) at two step counts: throughput = global batch x (S_long - S_short) /
+(t_long - t_short) cancels start-up, compilation and the final evaluation.
+Variants are interleaved within each repeat; `report` takes medians.
+
+Scaling efficiency = 2-worker throughput / (2 x 1-worker throughput), the
+1-worker run being the same command on one pinned core at the per-worker batch
+(weak scaling, as Horovod reports it). Each row is appended to rows.jsonl as
+soon as it is measured; `report` reads rows only (and fits the model of
+docs/scaling.md: t_step = t_compute + 2(N-1)/N x bytes / bandwidth).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+NS, DEV, IP = ("dbs17b0", "dbs17b1"), ("dbs17v0", "dbs17v1"), ("10.217.9.1", "10.217.9.2")
+PEER_PY = Path(os.environ.get("DISTBATCH_PEER_VENV", Path.home() / ".cache/distbatch/peer-venv")) / "bin/python"
+PER_WORKER_BATCH = 128
+PARAMS_MLP_WIDE = 40 * 2048 + 2048 + 2 * (2048 * 2048 + 2048) + 2048 * 10 + 10  # 8,497,162 (34.0 MB float32)
+
+# variant -> (launcher kind, extra distbatch flags). "db-*" run `distbatch train`.
+VARIANTS = {
+    "db-hvd":             ("hvd", []),
+    "db-hvd-bucket":      ("hvd", ["--bucket-mb", "BUCKET"]),
+    "db-hvd-fp16":        ("hvd", ["--grad-compression", "fp16"]),
+    "db-hvd-bucket-fp16": ("hvd", ["--bucket-mb", "BUCKET", "--grad-compression", "fp16"]),
+    "db-mw":              ("mw", []),
+    "db-mw-bucket":       ("mw", ["--bucket-mb", "BUCKET"]),
+    "db-mw-fp16":         ("mw", ["--grad-compression", "fp16"]),
+    "db-mw-pack4mb":      ("mw", ["--bytes-per-pack", str(4 << 20)]),
+    "hvd-grouped-loop":   ("loop", ["grouped"]),
+    "hvd-dgt-tf_keras":   ("loop", ["dgt"]),
+}
+# the 1-worker run each 2-worker variant is compared with
+BASELINE = {"loop:grouped": "1w-hvd-grouped-loop", "loop:dgt": "1w-hvd-dgt-tf_keras"}
+
+
+def sh(cmd, check=True, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if check and r.returncode:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed: {r.stderr.strip()}")
+    return r
+
+
+# -- the emulated link -------------------------------------------------------------------------
+def make_link() -> None:
+    delete_link()
+    for ns, ip in zip(NS, IP):
+        sh(["ip", "netns", "add", ns])
+        # Horovod 0.28's process-set Gloo context ignores HOROVOD_GLOO_IFACE and binds to the
+        # address this machine's hostname resolves to (127.0.0.1 here, which is each
+        # namespace's own loopback). `ip netns exec` reads /etc/netns/NS/hosts as /etc/hosts:
+        # there the hostname resolves to the namespace's veth address, as on a real host.
+        Path(f"/etc/netns/{ns}").mkdir(parents=True, exist_ok=True)
+        Path(f"/etc/netns/{ns}/hosts").write_text(f"127.0.0.1 localhost\n{ip} {socket.gethostname()}\n")
+    sh(["ip", "link", "add", DEV[0], "netns", NS[0], "type", "veth", "peer", "name", DEV[1], "netns", NS[1]])
+    for ns, dev, ip in zip(NS, DEV, IP):
+        sh(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev])
+        sh(["ip", "-n", ns, "link", "set", dev, "up"])
+        sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+
+
+def delete_link() -> None:
+    for ns in NS:
+        sh(["ip", "netns", "del", ns], check=False)
+        shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
+
+
+def set_rate(rate: str) -> None:
+    """tbf on both ends' egress (each direction limited); 'unlimited' removes it."""
+    for ns, dev in zip(NS, DEV):
+        sh(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"], check=False)
+        if rate != "unlimited":
+            sh(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                "rate", rate, "burst", "256kb", "latency", "50ms"])
+
+
+def measure_bandwidth(nbytes: int) -> float:
+    """Bytes/s of one TCP stream ns0 -> ns1 (receiver's clock, first to last byte)."""
+    recv = subprocess.Popen(["ip", "netns", "exec", NS[1], sys.executable, __file__, "_recv", IP[1], "5399"],
+                            stdout=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    sh(["ip", "netns", "exec", NS[0], sys.executable, __file__, "_send", IP[1], "5399", str(nbytes)])
+    return float(recv.communicate(timeout=120)[0].split()[-1])
+
+
+def _recv(ip: str, port: int) -> None:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((ip, port))
+    s.listen(1)
+    c, _ = s.accept()
+    buf, total, t0 = bytearray(1 << 20), 0, None
+    while True:
+        n = c.recv_into(buf)
+        if not n:
+            break
+        t0 = t0 or time.perf_counter()
+        total += n
+    print(total / (time.perf_counter() - t0))
+
+
+def _send(ip: str, port: int, nbytes: int) -> None:
+    s = socket.create_connection((ip, port))
+    chunk = b"\0" * (1 << 20)
+    for _ in range(nbytes // len(chunk)):
+        s.sendall(chunk)
+    s.close()
+
+
+def _rendezvous(hosts: str) -> None:
+    """Horovod's Gloo rendezvous server (what horovodrun --gloo starts), for hosts ip:1,..."""
+    from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
+    from horovod.runner.http.http_server import RendezvousServer
+    server = RendezvousServer(False)
+    port = server.start()
+    server.init(get_host_assignments(parse_hosts(hosts), len(hosts.split(","))))
+    print(port, flush=True)
+    sys.stdin.read()  # until the benchmark closes our stdin
+
+
+# -- commands (pure functions) -------------------------------------------------------------------
+def train_argv(backend: str, workers: int, steps: int, extra: list[str], out: str) -> list[str]:
+    """`distbatch train` as the user runs it: mlp-wide on MNIST-1D, one evaluation at the end."""
+    return [str(BIN / "distbatch"), "train", "--backend", backend, "--model", "mlp-wide",
+            "--dataset", "mnist1d", "--train-size", "40000", "--val-size", "512",
+            "--global-batch-size", str(PER_WORKER_BATCH * workers), "--steps", str(steps),
+            "--seed", "1", *extra, "--out", out, "--overwrite"]
+
+
+def loop_argv(tape: str, steps: int) -> list[str]:
+    py = str(PEER_PY) if tape == "dgt" else sys.executable
+    return [py, str(ROOT / "benchmarks/hvd_tape_loop.py"), "--tape", tape, "--steps", str(steps),
+            "--batch", str(PER_WORKER_BATCH)]
+
+
+def hvd_env(rank: int, size: int, port: int, hosts: list[str], dev: str) -> dict:
+    """The variables horovodrun --gloo gives each worker (horovod/runner/gloo_run.py)."""
+    return {"HOROVOD_GLOO_RENDEZVOUS_ADDR": hosts[0], "HOROVOD_GLOO_RENDEZVOUS_PORT": str(port),
+            "HOROVOD_CONTROLLER": "gloo", "HOROVOD_CPU_OPERATIONS": "gloo", "HOROVOD_GLOO_IFACE": dev,
+            "HOROVOD_HOSTNAME": hosts[rank], "HOROVOD_RANK": str(rank), "HOROVOD_SIZE": str(size),
+            "HOROVOD_LOCAL_RANK": "0", "HOROVOD_LOCAL_SIZE": "1", "HOROVOD_CROSS_RANK": str(rank),
+            "HOROVOD_CROSS_SIZE": str(size)}
+
+
+def base_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT), PATH=f"{BIN}:{env.get('PATH', '')}")
+    env.pop("TF_CONFIG", None)
+    return env
+
+
+def run_workers(kind: str, workers: int, argv_of, extra_env=None) -> float:
+    """Start `workers` processes (worker i in namespace i on core i); wall seconds until all exit."""
+    env = {**base_env(), **(extra_env or {})}
+    if kind == "loop" and "dgt" in argv_of(0)[2:]:
+        env["TF_USE_LEGACY_KERAS"] = "1"
+    hosts = list(IP[:workers])
+    rdv = None
+    if kind in ("hvd", "loop"):
+        rdv = subprocess.Popen(["ip", "netns", "exec", NS[0], sys.executable, __file__, "_rendezvous",
+                                ",".join(f"{h}:1" for h in hosts)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        port = int(rdv.stdout.readline())
+    t0 = time.perf_counter()
+    procs = []
+    for i in range(workers):
+        wenv = dict(env)
+        if rdv is not None:
+            wenv.update(hvd_env(i, workers, port, hosts, DEV[i]))
+        launch = []
+        if kind == "mw":
+            launch = [str(BIN / "distbatch"), "launch", "multiworker", "--hosts", ",".join(hosts),
+                      "--port", "23617", "--task-index", str(i), "--"]
+        procs.append(subprocess.Popen(["ip", "netns", "exec", NS[i], "taskset", "-c", str(i), *launch,
+                                       *argv_of(i)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, env=wenv))
+    outs = [p.communicate(timeout=1800)[0] for p in procs]
+    seconds = time.perf_counter() - t0
+    if rdv is not None:
+        rdv.stdin.close()
+        rdv.wait(timeout=30)
+    if any(p.returncode for p in procs):
+        raise RuntimeError("a worker failed:\n" + "\n".join(o[-3000:] for o in outs))
+    return seconds
+
+
+def time_variant(name: str, steps: int, out_dir: Path, bucket_mb: float, extra_env=None) -> float:
+    if name.startswith("1w-"):  # one worker, one core, per-worker batch
+        if name == "1w-distbatch":
+            return run_workers("single", 1, lambda i: train_argv("single", 1, steps, [], str(out_dir / name)))
+        tape = "dgt" if "dgt" in name else "grouped"
+        return run_workers("loop", 1, lambda i: loop_argv(tape, steps))
+    kind, extra = VARIANTS[name]
+    if kind == "loop":
+        return run_workers("loop", 2, lambda i: loop_argv(extra[0], steps), extra_env)
+    extra = [str(bucket_mb) if e == "BUCKET" else e for e in extra]
+    backend = "horovod" if kind == "hvd" else "multiworker"
+    return run_workers(kind, 2, lambda i: train_argv(backend, 2, steps, extra, str(out_dir / f"{name}-{i}")),
+                       extra_env)
+
+
+def append_row(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def cmd_run(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = out / "rows.jsonl"
+    variants = args.variants.split(",")
+    if any("dgt" in v for v in variants) and not PEER_PY.exists():
+        print(f"skipping the tf_keras DistributedGradientTape loop: no peer venv at {PEER_PY} "
+              "(bash scripts/peer_venv.sh makes one)", file=sys.stderr)
+        variants = [v for v in variants if "dgt" not in v]
+    baselines = [v for v in variants if v.startswith("1w-")]
+    two = [v for v in variants if not v.startswith("1w-")]
+    # rows already measured (an interrupted run continues where it stopped)
+    done = {(r["link"], r["variant"], r["repeat"], r["steps"]) for r in
+            (json.loads(line) for line in open(rows)) if r["kind"] == "time"} if rows.exists() else set()
+    make_link()
+    try:
+        for link in args.links.split(","):
+            set_rate(link)
+            nbytes = {"100mbit": 24 << 20}.get(link, 256 << 20)
+            bw = statistics.median(measure_bandwidth(nbytes) for _ in range(3))
+            append_row(rows, {"kind": "link", "link": link, "bytes_per_s": bw})
+            print(f"{link}: measured {bw * 8 / 1e6:.0f} Mbit/s", file=sys.stderr, flush=True)
+            steps = [int(s) for s in (args.steps_slow if link == "100mbit" else args.steps).split(",")]
+            for r in range(args.repeats):
+                todo = two + (baselines if link == args.links.split(",")[0] else [])
+                for name in todo:  # interleaved: every variant once per repeat
+                    for s in steps:
+                        if (link, name, r, s) in done:
+                            continue
+                        t = time_variant(name, s, out / "runs", args.bucket_mb)
+                        row = {"kind": "time", "link": link, "variant": name, "steps": s, "seconds": t,
+                               "repeat": r, "per_worker_batch": PER_WORKER_BATCH,
+                               "workers": 1 if name.startswith("1w-") else 2, "bucket_mb": args.bucket_mb}
+                        append_row(rows, row)
+                        print(json.dumps(row), file=sys.stderr, flush=True)
+        if args.timeline:
+            set_rate(args.timeline_link)
+            tl = out / f"timeline-{args.timeline_link}.json"
+            time_variant("db-hvd-bucket", int(steps[0]), out / "runs", args.bucket_mb,
+                         extra_env={"HOROVOD_TIMELINE": str(tl)})
+            time_variant("db-hvd", int(steps[0]), out / "runs", args.bucket_mb,
+                         extra_env={"HOROVOD_TIMELINE": str(out / f"timeline-{args.timeline_link}-nobucket.json")})
+    finally:
+        delete_link()
+
+
+# -- report (reads rows only) --------------------------------------------------------------------
+def throughputs(rows: list[dict]) -> dict:
+    """(link, variant) -> median samples/s from differential timing, pairing each repeat's runs."""
+    by = {}
+    for r in rows:
+        if r["kind"] == "time":
+            by.setdefault((r["link"], r["variant"], r["repeat"]), {})[r["steps"]] = r
+    out = {}
+    for (link, variant, _), runs in by.items():
+        if len(runs) < 2:
+            continue
+        lo, hi = min(runs), max(runs)
+        dt = runs[hi]["seconds"] - runs[lo]["seconds"]
+        samples = (hi - lo) * runs[hi]["per_worker_batch"] * runs[hi]["workers"]
+        out.setdefault((link, variant), []).append(samples / dt)
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
+def baseline_of(variant: str) -> str:
+    if variant == "hvd-grouped-loop":
+        return "1w-hvd-grouped-loop"
+    if variant == "hvd-dgt-tf_keras":
+        return "1w-hvd-dgt-tf_keras"
+    return "1w-distbatch"
+
+
+def predicted_efficiency(t_compute: float, grad_bytes: float, bandwidth: float, n: int,
+                         overlap: float = 0.0) -> float:
+    """Ring all-reduce model: each worker sends (and receives) 2(N-1)/N x the gradient bytes per
+    step; t_step(N) = t_compute + (1 - overlap) x 2(N-1)/N x bytes / bandwidth; efficiency =
+    t_compute / t_step(N) (weak scaling: every worker keeps its batch)."""
+    t_comm = 2 * (n - 1) / n * grad_bytes / bandwidth if n > 1 else 0.0
+    return t_compute / (t_compute + (1 - overlap) * t_comm)
+
+
+def cmd_report(args) -> None:
+    rows = [json.loads(line) for line in open(Path(args.out) / "rows.jsonl")]
+    links = {r["link"]: r["bytes_per_s"] for r in rows if r["kind"] == "link"}
+    tp = throughputs(rows)
+    pooled = {}  # 1-worker runs use no network: pool them over the links they ran beside
+    for (link, v), s in tp.items():
+        if v.startswith("1w-"):
+            pooled.setdefault(v, []).append(s)
+    base = {v: statistics.median(s) for v, s in pooled.items()}
+    t_compute = PER_WORKER_BATCH / base["1w-distbatch"]
+    print(f"1-worker (one core): " + ", ".join(f"{v} {s:,.0f} samples/s" for v, s in sorted(base.items())))
+    print(f"t_compute (distbatch, batch {PER_WORKER_BATCH}) = {t_compute * 1e3:.1f} ms/step; "
+          f"gradient {PARAMS_MLP_WIDE * 4 / 1e6:.1f} MB float32")
+    variants = sorted({v for (_, v) in tp if not v.startswith("1w-")})
+    links = {l: bw for l, bw in links.items() if any((l, v) in tp for v in variants)}
+    print("\n| variant | " + " | ".join(f"{l} ({links[l] * 8 / 1e6:.0f} Mbit/s)" for l in links) + " |")
+    print("|---|" + "---|" * len(links))
+    for v in variants:
+        cells = []
+        for link in links:
+            s = tp.get((link, v))
+            b = base.get(baseline_of(v))
+            cells.append("-" if s is None or b is None else f"{s:,.0f}/s, eff {s / (2 * b):.2f}")
+        print(f"| {v} | " + " | ".join(cells) + " |")
+    print("\nmodel (no overlap, float32 / fp16 bytes) vs measured efficiency:")
+    for link, bw in links.items():
+        for v, nbytes in (("db-hvd", 4), ("db-mw", 4), ("db-hvd-fp16", 2), ("db-mw-fp16", 2)):
+            if (link, v) in tp:
+                pred = predicted_efficiency(t_compute, PARAMS_MLP_WIDE * nbytes, bw, 2)
+                meas = tp[(link, v)] / (2 * base["1w-distbatch"])
+                print(f"  {link:9s} {v:13s} predicted {pred:.3f} measured {meas:.3f} "
+                      f"({(meas - pred) / pred * 100:+.0f}%)")
+    for name, nbytes in (("float32", 4), ("fp16", 2)):
+        print(f"\npredicted efficiency, {name} gradients, t_compute {t_compute * 1e3:.0f} ms:")
+        print(prediction_table(t_compute, PARAMS_MLP_WIDE * nbytes))
+
+
+def timeline_overlap(path: str) -> dict:
+    """Read a Horovod timeline (Chrome trace, rank 0): per step, when each tensor was enqueued
+    (start of NEGOTIATE_ALLREDUCE: its gradient exists, backprop produced it) and when its
+    ALLREDUCE ran. Communication that starts before the LAST tensor of the step is enqueued
+    ran while backprop was still computing: that is the overlap."""
+    text = open(path).read().rstrip().rstrip(",")
+    events = json.loads(text if text.endswith("]") else text + "]")
+    names = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name" and "name" in e.get("args", {})}
+    per = {}
+    for e in events:
+        if e.get("ph") in ("B", "E") and e.get("pid") in names:
+            per.setdefault(names[e["pid"]], []).append(e)
+    enq, start, end = {}, {}, {}
+    for name, evs in per.items():
+        if "gradient_tape" not in name:
+            continue  # the initial broadcasts, the evaluation's sums
+        depth, top, k_neg, k_ar = 0, None, 0, 0
+        for e in evs:  # in file order: B/E nest per tensor
+            if e["ph"] == "B":
+                if depth == 0:
+                    top = e["name"]
+                    if top.startswith("NEGOTIATE"):
+                        enq.setdefault(k_neg, []).append(e["ts"]); k_neg += 1
+                    else:
+                        start.setdefault(k_ar, []).append(e["ts"])
+                depth += 1
+            else:
+                depth -= 1
+                if depth == 0 and not top.startswith("NEGOTIATE"):
+                    end.setdefault(k_ar, []).append(e["ts"]); k_ar += 1
+    steps = [k for k in enq if k in start and k in end and len(enq[k]) > 1]
+    if not steps:
+        return {"tensors": len(per), "steps": 0}
+    ahead = [max(0.0, max(enq[k]) - min(start[k])) / 1e3 for k in steps]
+    span = [(max(end[k]) - min(start[k])) / 1e3 for k in steps]
+    return {"tensors": len(per), "steps": len(steps), "comm_ms_median": statistics.median(span),
+            "comm_before_last_grad_ms_median": statistics.median(ahead),
+            "overlap_fraction": statistics.median(a / s for a, s in zip(ahead, span) if s > 0)}
+
+
+def prediction_table(t_compute: float, grad_bytes: float, gbits=(1, 10, 25, 100),
+                     workers=(2, 8, 64, 512)) -> str:
+    """Markdown table of predicted_efficiency over link speeds (rows) and worker counts."""
+    lines = ["| link | " + " | ".join(f"N={n}" for n in workers) + " |",
+             "|---|" + "---|" * len(workers)]
+    for g in gbits:
+        bw = g * 1e9 / 8 * 0.97  # tbf delivered 97% of the nominal rate here
+        lines.append(f"| {g} Gbit/s | " + " | ".join(
+            f"{predicted_efficiency(t_compute, grad_bytes, bw, n):.2f}" for n in workers) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--out", default="runs/scale_out")
+    r.add_argument("--links", default="100mbit,1gbit,unlimited")
+    r.add_argument("--variants", default="1w-distbatch,1w-hvd-grouped-loop,1w-hvd-dgt-tf_keras,"
+                                         + ",".join(VARIANTS))
+    r.add_argument("--steps", default="4,12", help="two step counts (differential timing)")
+    r.add_argument("--steps-slow", default="2,5", help="step counts on the 100mbit link")
+    r.add_argument("--repeats", type=int, default=3)
+    r.add_argument("--bucket-mb", type=float, default=4.0)
+    r.add_argument("--timeline", action="store_true", help="also one Horovod timeline run")
+    r.add_argument("--timeline-link", default="1gbit")
+    rp = sub.add_parser("report")
+    rp.add_argument("--out", default="runs/scale_out")
+    tl = sub.add_parser("timeline", help="overlap seen in a Horovod timeline file")
+    tl.add_argument("path")
+    for name, nargs in (("_recv", 2), ("_send", 3), ("_rendezvous", 1)):
+        q = sub.add_parser(name)
+        q.add_argument("a", nargs=nargs)
+    a = p.parse_args()
+    if a.cmd == "run":
+        cmd_run(a)
+    elif a.cmd == "report":
+        cmd_report(a)
+    elif a.cmd == "timeline":
+        print(json.dumps(timeline_overlap(a.path), indent=1))
+    elif a.cmd == "_recv":
+        _recv(a.a[0], int(a.a[1]))
+    elif a.cmd == "_send":
+        _send(a.a[0], int(a.a[1]), int(a.a[2]))
+    else:
+        _rendezvous(a.a[0])
+
+
+if __name__ == "__main__":
+    main()
