@@ -9,7 +9,9 @@ newest first, and one counts only if
 * every tensor of its .index/.data files reads back (the bundle's CRCs), and
 * its `state-<step>.json` (history and loop counters, written just before it)
   is there and names the same step; runs older than state files have a
-  `history.json` instead, which is accepted.
+  `history.json` instead, which is accepted;
+* with early stopping, the best weights that state names (`best-<step>.npz`)
+  read back.
 
 Each damaged one is skipped with a one-line warning. If checkpoints exist
 but none is intact, resume is refused (UsageError) rather than silently
@@ -59,8 +61,16 @@ def damage(directory: str, step: int, prefix: str) -> str | None:
             saved = json.load(f)
         if saved.get("step") != step or not isinstance(saved.get("history"), list):
             raise ValueError(f"it holds step {saved.get('step')!r}")
+        best = ((saved.get("loop") or {}).get("early_stopping") or {}).get("best_step")
     except (OSError, ValueError, AttributeError) as e:
         return f"its state-{step}.json is unreadable ({type(e).__name__}: {str(e)[:100]})"
+    if best is not None:
+        from distbatch.early_stopping import load_weights, weights_file
+        try:
+            load_weights(os.path.join(directory, weights_file(best)))
+        except Exception as e:  # noqa: BLE001 - OSError, BadZipFile, ValueError, ...
+            return (f"its early-stopping best weights {weights_file(best)} are unreadable "
+                    f"({type(e).__name__}: {str(e)[:100]})")
     return None
 
 

@@ -8,6 +8,7 @@ import sys
 
 from distbatch import __version__
 from distbatch.errors import ClusterSetupError, UsageError
+from distbatch.preemption import EXIT_PREEMPTED, Preempted
 
 QUIET_ENV = {
     "TF_CPP_MIN_LOG_LEVEL": "3",        # C++ INFO/WARNING (oneDNN notices, CUDA probing)
@@ -137,6 +138,9 @@ def _run(argv: list[str]) -> tuple[int, bool]:
     except ClusterSetupError as e:
         print(f"distbatch: error: {e}", file=sys.stderr)
         return 1, False
+    except Preempted as e:  # every worker saved at the same step (distbatch/preemption.py)
+        print(f"distbatch: {e.message()}", file=sys.stderr)
+        return EXIT_PREEMPTED, True
     except KeyboardInterrupt as e:
         from distbatch.interrupts import Terminated
         signum = e.signum if isinstance(e, Terminated) else 2

@@ -21,6 +21,15 @@ So:
    ``grace_seconds`` after the signal, it prints one line and SIGKILLs it.
    The watchdog exits by itself when distbatch does (the pipe closes).
 3. :func:`reclaim` re-installs the handlers after TensorFlow replaced them.
+4. Preemption (:mod:`distbatch.preemption`): while the training loop runs
+   (:func:`arm_preemption`), SIGTERM only sets a flag that the loop reads at
+   its next call boundary, where every worker saves and exits 75. The
+   handler running at all proves Python is not stuck in C++, so it also
+   tells the watchdog to HOLD for ``HOLD_SECONDS`` (reach the boundary,
+   agree, save); after the save :func:`release_watchdog` restarts the normal
+   ``grace_seconds`` for the exit. A process stuck in C++ never runs the
+   handler, sends no hold, and is killed ``grace_seconds`` after the signal
+   as before.
 """
 from __future__ import annotations
 
@@ -31,7 +40,12 @@ import sys
 import threading
 
 GRACE_SECONDS = 4.0
+# Preemption: seconds the watchdog waits, once the Python handler ran, for the loop to reach
+# its next call boundary and save (and again from the start of the save). Kubernetes and
+# Slurm give 30 s between SIGTERM and SIGKILL by default.
+HOLD_SECONDS = 30.0
 HANDLED = (signal.SIGTERM, signal.SIGINT)
+HOLD, RELEASE = b"H", b"R"  # control bytes for the watchdog (signal numbers are < 65)
 
 
 class Terminated(KeyboardInterrupt):
@@ -46,30 +60,40 @@ def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
     raise Terminated(signum)
 
 
-# The watchdog, run as `python -I -S -c WATCHDOG fd pid grace`: stdlib only, starts in ~20 ms.
+# The watchdog, run as `python -I -S -c WATCHDOG fd pid grace hold`: stdlib only, starts in
+# ~20 ms. Bytes on fd: signal numbers (CPython's wakeup fd), HOLD and RELEASE (this module).
 WATCHDOG = r"""
 import os, select, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)   # a terminal Ctrl-C reaches the whole group;
 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only distbatch decides what it means
-fd, pid, grace = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+fd, pid, grace, hold = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 names = {int(signal.SIGTERM): "SIGTERM", int(signal.SIGINT): "SIGINT"}
-got = None
-while got is None:
+got, deadline, allowed = None, None, grace
+while deadline is None or time.monotonic() < deadline:
+    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+    if not select.select([fd], [], [], left)[0]:
+        continue
     data = os.read(fd, 64)
     if not data:
-        sys.exit(0)                            # distbatch exited
-    got = next((b for b in data if b in names), None)
-deadline = time.monotonic() + grace
-while True:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        break
-    if select.select([fd], [], [], left)[0] and not os.read(fd, 64):
-        sys.exit(0)                            # distbatch exited in time
+        sys.exit(0)                            # distbatch exited (in time)
+    for b in data:
+        if got is None and b in names:
+            got = b
+        elif got is None:
+            continue                           # nothing to watch before a signal
+        elif b == ord("H"):
+            allowed = hold                     # the handler ran: a preemption save is on its way
+        elif b == ord("R"):
+            allowed = grace                    # saved: now exit
+        else:
+            continue
+        deadline = time.monotonic() + allowed
 try:
-    os.write(2, ("distbatch: %s received but TensorFlow did not return within %g s (blocked in "
+    what = ("did not finish its preemption checkpoint" if allowed != grace else
+            "TensorFlow did not return")
+    os.write(2, ("distbatch: %s received but %s within %g s (blocked in "
                  "C++ code, e.g. waiting for another worker); killing process %d\n"
-                 % (names[got], grace, pid)).encode())
+                 % (names[got], what, allowed, pid)).encode())
     os.kill(pid, signal.SIGKILL)
 except OSError:
     pass
@@ -77,18 +101,21 @@ except OSError:
 
 _installed = False
 _watchdog: subprocess.Popen | None = None  # kept referenced: it lives as long as this process
+_wakeup_fd = -1            # write end of the watchdog's pipe
+_armed = False             # SIGTERM sets _preempt_requested instead of raising
+_preempt_requested = False
 
 
-def install(grace_seconds: float = GRACE_SECONDS) -> bool:
+def install(grace_seconds: float = GRACE_SECONDS, hold_seconds: float = HOLD_SECONDS) -> bool:
     """Install the handlers and start the watchdog (main thread only; once). True if installed."""
-    global _installed, _watchdog
+    global _installed, _watchdog, _wakeup_fd
     if _installed or threading.current_thread() is not threading.main_thread():
         return _installed
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     try:
         _watchdog = subprocess.Popen([sys.executable, "-I", "-S", "-c", WATCHDOG, str(read_fd), str(os.getpid()),
-                          repr(float(grace_seconds))],
+                          repr(float(grace_seconds)), repr(float(hold_seconds))],
                          pass_fds=(read_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     except OSError:
         os.close(write_fd)
@@ -98,6 +125,7 @@ def install(grace_seconds: float = GRACE_SECONDS) -> bool:
     if write_fd >= 0:
         os.set_inheritable(write_fd, False)
         signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    _wakeup_fd = write_fd
     _installed = True
     reclaim()
     return True
@@ -110,8 +138,58 @@ def reclaim() -> None:
     Python API keeps its own handlers)."""
     if not _installed or threading.current_thread() is not threading.main_thread():
         return
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, _on_sigterm_preempt if _armed else _on_sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _tell_watchdog(byte: bytes) -> None:
+    if _wakeup_fd >= 0:
+        try:
+            os.write(_wakeup_fd, byte)
+        except OSError:
+            pass  # no watchdog (or its pipe is full): nothing to tell
+
+
+def _on_sigterm_preempt(signum, frame):  # noqa: ARG001 - signal handler signature
+    global _preempt_requested
+    _preempt_requested = True
+    _tell_watchdog(HOLD)
+
+
+def arm_preemption() -> bool:
+    """From now on SIGTERM asks the training loop to save and stop at its next call boundary
+    (see distbatch.preemption) instead of unwinding at once. Only in a process that called
+    :func:`install` (the CLI); True if armed. Undone by :func:`disarm_preemption`."""
+    global _armed
+    if not _installed or threading.current_thread() is not threading.main_thread():
+        return False
+    _armed = True
+    reclaim()
+    return True
+
+
+def disarm_preemption() -> None:
+    """SIGTERM unwinds again (exit 143). A SIGTERM that arrived while armed stays requested:
+    the next armed loop (a sweep's next point) stops at its first boundary."""
+    global _armed
+    if _armed:
+        _armed = False
+        reclaim()
+
+
+def preemption_requested() -> bool:
+    """True once SIGTERM arrived while the loop was armed."""
+    return _preempt_requested
+
+
+def hold_watchdog() -> None:
+    """A preemption save starts: the watchdog allows HOLD_SECONDS from now."""
+    _tell_watchdog(HOLD)
+
+
+def release_watchdog() -> None:
+    """The preemption save is done: the watchdog allows grace_seconds from now for the exit."""
+    _tell_watchdog(RELEASE)
 
 
 def exit_now_if_installed(code: int) -> None:

@@ -17,8 +17,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from distbatch import launcher, supervisor
+from distbatch import launcher, restarts, supervisor
 from distbatch.errors import UsageError
+from distbatch.preemption import CHECKPOINT_SECONDS_ENV, LAUNCH_CHECKPOINT_SECONDS
 
 
 def _print(*lines: str) -> None:
@@ -55,14 +56,31 @@ def _path_env() -> dict[str, str]:
     return {} if BIN_DIR in path.split(os.pathsep) else {"PATH": os.pathsep.join(filter(None, (BIN_DIR, path)))}
 
 
-def _run_or_show(argv: list[str], args: argparse.Namespace, unset: Sequence[str] = ()) -> int:
+def _prepare_restarts(args: argparse.Namespace, command: list[str]) -> None:
+    """--max-restarts: check it and the worker command; workers checkpoint by time by default."""
+    restarts.check_max_restarts(args.max_restarts)
+    if args.max_restarts:
+        restarts.check_resumable(command)
+        # Before commands are built: mpirun forwards DISTBATCH_* variables set here (-x).
+        os.environ.setdefault(CHECKPOINT_SECONDS_ENV, f"{LAUNCH_CHECKPOINT_SECONDS:g}")
+
+
+def _run_or_show(build, args: argparse.Namespace, unset: Sequence[str] = ()) -> int:
+    """`build(worker command)` -> launcher argv; show it, or run it (restarting on failures)."""
+    command = _worker_command(args)
+    build(command)  # every check (and a missing horovodrun) before anything runs
+    _prepare_restarts(args, command)
     if args.dry_run:
         removed = [f"# removed for the ranks: {n} (MPI output tagging splits unbuffered lines)"
                    for n in unset if n in os.environ]
-        _print(shlex.join(argv), *_env_lines(os.environ), *removed)
+        _print(shlex.join(build(command)), *_env_lines(os.environ), *removed)
         return 0
-    return supervisor.run_launcher(argv, env=_path_env(), unset_env=unset,
-                                   grace_seconds=args.grace_seconds)
+
+    def once(cmd: list[str], failures: list) -> int:
+        return supervisor.run_launcher(build(cmd), env=_path_env(), unset_env=unset,
+                                       grace_seconds=args.grace_seconds, failures=failures)
+
+    return restarts.run_with_restarts(once, command, max_restarts=args.max_restarts, workers=args.np)
 
 
 def _write(path: Path, text: str, flag: str) -> None:
@@ -82,31 +100,60 @@ def _check_grace(args: argparse.Namespace) -> None:
 
 def _horovod(args: argparse.Namespace) -> int:
     _check_grace(args)
-    argv = launcher.horovod_command(
-        np=args.np, command=_worker_command(args), hosts=args.hosts, hostfile=args.hostfile,
-        gloo=args.gloo, mpi=args.mpi, network_interface=args.network_interface,
-        fusion_threshold_mb=args.fusion_threshold_mb, cycle_time_ms=args.cycle_time_ms,
-        timeline_filename=args.timeline_filename, autotune=args.autotune,
-        start_timeout=args.start_timeout, output_filename=args.output_filename,
-        executable="horovodrun")
-    # Resolved after validation so a bad flag is reported before a missing tool.
-    argv[0] = args.horovodrun or launcher.resolve_executable("horovodrun", required=not args.dry_run)
+
+    def build(command: list[str]) -> list[str]:
+        argv = launcher.horovod_command(
+            np=args.np, command=command, hosts=args.hosts, hostfile=args.hostfile,
+            gloo=args.gloo, mpi=args.mpi, network_interface=args.network_interface,
+            fusion_threshold_mb=args.fusion_threshold_mb, cycle_time_ms=args.cycle_time_ms,
+            timeline_filename=args.timeline_filename, autotune=args.autotune,
+            start_timeout=args.start_timeout, output_filename=args.output_filename,
+            executable="horovodrun")
+        # Resolved after validation so a bad flag is reported before a missing tool.
+        argv[0] = args.horovodrun or launcher.resolve_executable("horovodrun", required=not args.dry_run)
+        return argv
+
     # Without --gloo horovodrun uses mpirun (with --tag-output) whenever MPI is available.
-    return _run_or_show(argv, args, unset=() if args.gloo else MPI_UNSET)
+    return _run_or_show(build, args, unset=() if args.gloo else MPI_UNSET)
 
 
 def _mpirun(args: argparse.Namespace) -> int:
     _check_grace(args)
-    argv = launcher.mpirun_command(
-        np=args.np, command=_worker_command(args), hosts=args.hosts, hostfile=args.hostfile,
-        is_root=os.geteuid() == 0, local_cores=os.cpu_count(), env=os.environ,
-        export=args.export or (), bind_to_none=not args.keep_binding)
-    argv[0] = args.mpirun or launcher.resolve_executable("mpirun", required=not args.dry_run)
-    return _run_or_show(argv, args, unset=MPI_UNSET)
+
+    def build(command: list[str]) -> list[str]:
+        argv = launcher.mpirun_command(
+            np=args.np, command=command, hosts=args.hosts, hostfile=args.hostfile,
+            is_root=os.geteuid() == 0, local_cores=os.cpu_count(), env=os.environ,
+            export=args.export or (), bind_to_none=not args.keep_binding)
+        argv[0] = args.mpirun or launcher.resolve_executable("mpirun", required=not args.dry_run)
+        return argv
+
+    return _run_or_show(build, args, unset=MPI_UNSET)
 
 
 def _multiworker(args: argparse.Namespace) -> int:
     _check_grace(args)
+    if args.max_restarts and args.hosts:
+        raise UsageError(f"--max-restarts {args.max_restarts} restarts the workers of a local job; with "
+                         f"--hosts each host runs its own worker (restart them with --resume)")
+    _prepare_restarts(args, _worker_command(args))
+
+    starts = []
+
+    def once(command: list[str], failures: list) -> int:
+        starts.append(command)
+        return _multiworker_once(args, command, failures, check_ports=len(starts) == 1)
+
+    if args.max_restarts and not (args.dry_run or args.write_scripts):
+        return restarts.run_with_restarts(once, _worker_command(args), max_restarts=args.max_restarts,
+                                          workers=args.workers)
+    return _multiworker_once(args, _worker_command(args), None)
+
+
+def _multiworker_once(args: argparse.Namespace, command: list[str], failures: list | None,
+                      check_ports: bool = True) -> int:
+    """One start of the multiworker job (free ports are chosen anew each time; a given --port
+    is checked only at the first start: the previous workers' sockets may linger in TIME_WAIT)."""
     if args.hosts:
         addresses = launcher.host_worker_addresses(args.hosts, args.port or 12345, args.workers)
     else:
@@ -115,11 +162,11 @@ def _multiworker(args: argparse.Namespace) -> int:
         launcher.check_np(args.workers, "--workers")
         if args.port is not None:
             addresses = launcher.local_worker_addresses(args.workers, args.port)
-            if not args.dry_run:
+            if not args.dry_run and check_ports:
                 launcher.check_ports_free([args.port + i for i in range(args.workers)])
         else:
             addresses = [f"localhost:{p}" for p in launcher.find_free_ports(args.workers)]
-    specs = launcher.multiworker_specs(addresses, _worker_command(args))
+    specs = launcher.multiworker_specs(addresses, command)
     if args.task_index is not None and not 0 <= args.task_index < len(specs):
         raise UsageError(f"--task-index must be in 0..{len(specs) - 1}, got {args.task_index}")
 
@@ -139,7 +186,7 @@ def _multiworker(args: argparse.Namespace) -> int:
     worker_specs = supervisor.rank_specs([({**_path_env(), **env}, argv) for env, argv in specs])
     if args.task_index is not None:
         worker_specs = [worker_specs[args.task_index]]
-    return supervisor.run_workers(worker_specs, grace_seconds=args.grace_seconds)
+    return supervisor.run_workers(worker_specs, grace_seconds=args.grace_seconds, failures=failures)
 
 
 def _slurm(args: argparse.Namespace) -> int:
@@ -163,6 +210,12 @@ def _common(p: argparse.ArgumentParser, *, local: bool = True) -> None:
     if local:
         p.add_argument("--grace-seconds", type=float, default=5.0,
                        help="after a failure or Ctrl-C: seconds between SIGTERM and SIGKILL (default 5)")
+        p.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                       help="when any worker fails, stop all and start all again with --resume "
+                            "added to the `distbatch train`/`sweep` command, up to N times "
+                            "(default 0); workers then also checkpoint every "
+                            f"{LAUNCH_CHECKPOINT_SECONDS:g} s unless --checkpoint-every-seconds "
+                            "says otherwise (see docs/reliability.md)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND... (the worker command)")
 
 

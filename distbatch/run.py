@@ -85,6 +85,10 @@ def add_train_args(parser: argparse.ArgumentParser, *, sweep: bool = False) -> N
     g.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                    help="checkpoint every N steps (default 0: at evaluations, at most once a "
                         "minute, and at the end)")
+    g.add_argument("--checkpoint-every-seconds", type=float, default=None, metavar="SECONDS",
+                   help="also checkpoint when this many seconds passed since the last one (the "
+                        "chief's clock, agreed by all workers at a step boundary); default 0 (off), "
+                        "300 under `distbatch launch ... --max-restarts N`")
     g.add_argument("--steps-per-execution", type=steps_per_execution_arg, default="auto",
                    metavar="N|auto",
                    help="training steps run inside one tf.function call (default auto: enough "
@@ -225,6 +229,9 @@ def validate_args(args: argparse.Namespace) -> None:
     require(args.early_stopping_patience >= 1,
             f"--early-stopping-patience must be >= 1, got {args.early_stopping_patience}")
     require(args.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    seconds = getattr(args, "checkpoint_every_seconds", None)
+    require(seconds is None or (math.isfinite(seconds) and seconds >= 0),
+            f"--checkpoint-every-seconds must be a finite number of seconds >= 0 (0: off), got {seconds}")
     collective_options(args)  # --bytes-per-pack, --collective-timeout: one-line errors
     require(args.target_accuracy is None or 0 < args.target_accuracy <= 1,
             f"--target-accuracy must be in (0, 1], got {args.target_accuracy}")
@@ -340,6 +347,7 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
 
     from distbatch.backends import create_backend
     from distbatch.models import build_model
+    from distbatch.preemption import checkpoint_seconds
     from distbatch.recipe_args import build_recipe
     from distbatch.trainer import LoopOptions, Trainer
 
@@ -405,6 +413,7 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
         early_stopping_metric=args.early_stopping_metric,
         early_stopping_patience=args.early_stopping_patience, min_delta=args.min_delta,
         checkpoint_dir=os.path.join(args.out, "checkpoints"), checkpoint_every=args.checkpoint_every,
+        checkpoint_every_seconds=checkpoint_seconds(getattr(args, "checkpoint_every_seconds", None)),
         resume=args.resume,
         tensorboard_dir=getattr(args, "tensorboard_dir", None) or os.path.join(args.out, "tensorboard"),
         stop_at_target=getattr(args, "stop_at_target", False),
@@ -504,7 +513,8 @@ def write_rank_report(backend, metrics: dict, model) -> None:
 # or checkpointed. Every other key of config.json (flags and derived values such as the
 # batch plan and the recipe) changes the result, so it must match.
 RESUME_MAY_CHANGE = frozenset({"out", "resume", "overwrite", "progress", "verbose",
-                               "tensorboard_dir", "checkpoint_every", "backend_reason", "machine",
+                               "tensorboard_dir", "checkpoint_every", "checkpoint_every_seconds",
+                               "backend_reason", "machine",
                                "batch_sizes", "seeds"})
 
 

@@ -16,25 +16,32 @@ hang). So the supervisor:
    failed: :func:`root_cause`), sends SIGTERM to every other
    group, waits ``grace_seconds``, then SIGKILLs what is left. The job ends
    within about ``grace_seconds`` + a second of the failure;
-4. treats Ctrl-C (SIGINT) and SIGTERM on the launcher the same way.
+4. treats Ctrl-C (SIGINT) and SIGTERM on the launcher the same way, except
+   that after SIGTERM it waits up to ``PREEMPT_WAIT_SECONDS`` (not
+   ``grace_seconds``) before SIGKILL: distbatch workers answer SIGTERM by
+   saving a checkpoint at the next step boundary (distbatch/preemption.py).
 
 Exit code: 0 when all workers exit 0; the failed worker's code, or
 128 + signal number when it was killed by a signal (the shell's convention);
-130 after Ctrl-C.
+130 after Ctrl-C; after SIGTERM on the launcher 75 when every worker saved a
+checkpoint and exited 75, else 143.
 """
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
 PREFIX_FORMAT = "[rank {rank}] "
+EXIT_PREEMPTED = 75          # distbatch.preemption.EXIT_PREEMPTED (no TensorFlow import here)
+PREEMPT_WAIT_SECONDS = 35.0  # a worker's watchdog allows 30 s for its preemption save
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,8 @@ def describe_exit(returncode: int) -> str:
         except ValueError:
             name = "unknown"
         return f"signal {-returncode} ({name})"
+    if returncode == EXIT_PREEMPTED:
+        return f"exit code {returncode} (saved a checkpoint after SIGTERM)"
     if 128 < returncode < 128 + 65:  # the shell's convention, also distbatch's after SIGTERM/SIGINT
         try:
             return f"exit code {returncode} ({signal.Signals(returncode - 128).name})"
@@ -105,7 +114,8 @@ def root_cause(codes: Sequence[int | None], states: Sequence[str | None], failed
     return failed, f"failed with {describe_exit(codes[failed])}"
 
 
-def _pump(pipe: IO[bytes], stream: IO[str], prefix: str, lock: threading.Lock) -> None:
+def _pump(pipe: IO[bytes], stream: IO[str], prefix: str, lock: threading.Lock,
+          on_line: Callable[[str], None] | None = None) -> None:
     """Copy lines from a child's pipe to ``stream`` with ``prefix``, until EOF."""
     with pipe:
         for raw in iter(pipe.readline, b""):
@@ -115,6 +125,8 @@ def _pump(pipe: IO[bytes], stream: IO[str], prefix: str, lock: threading.Lock) -
             with lock:
                 stream.write(prefix + line)
                 stream.flush()
+                if on_line is not None:
+                    on_line(line)
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -149,8 +161,16 @@ def stop_all(procs: Sequence[subprocess.Popen], grace_seconds: float) -> None:
 def run_workers(specs: Sequence[WorkerSpec], *, grace_seconds: float = 5.0,
                 poll_interval: float = 0.05, stdout: IO[str] | None = None,
                 stderr: IO[str] | None = None, name: str = "distbatch launch",
-                unbuffered: bool = True) -> int:
+                unbuffered: bool = True, failures: list | None = None,
+                on_line: Callable[[str], None] | None = None,
+                stop_wait_seconds: float | None = None) -> int:
     """Run ``specs`` concurrently and return the job's exit code (see module docstring).
+
+    ``failures`` (a list) receives ``(who, how)`` of the worker that caused a failure, e.g.
+    ``("rank 1", "failed with signal 9 (SIGKILL)")``; nothing when all succeeded or the
+    launcher itself was stopped. ``on_line`` sees every output line. ``stop_wait_seconds``:
+    how long to wait after forwarding the launcher's SIGTERM (default
+    max(grace_seconds, PREEMPT_WAIT_SECONDS)).
 
     Each worker's environment is ``os.environ`` updated with ``spec.env``.
     With ``unbuffered`` it also gets ``PYTHONUNBUFFERED=1`` (unless set), so
@@ -175,6 +195,7 @@ def run_workers(specs: Sequence[WorkerSpec], *, grace_seconds: float = 5.0,
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main else None
     code = 0
+    stopped = False
     try:
         for rank, spec in enumerate(specs):
             env = {**({"PYTHONUNBUFFERED": "1"} if unbuffered else {}), **os.environ, **spec.env}
@@ -190,7 +211,8 @@ def run_workers(specs: Sequence[WorkerSpec], *, grace_seconds: float = 5.0,
                 return 127
             procs.append(p)
             for pipe, stream in ((p.stdout, stdout), (p.stderr, stderr)):
-                t = threading.Thread(target=_pump, args=(pipe, stream, spec.prefix, lock), daemon=True)
+                t = threading.Thread(target=_pump, args=(pipe, stream, spec.prefix, lock, on_line),
+                                     daemon=True)
                 t.start()
                 pumps.append(t)
         while True:
@@ -206,6 +228,8 @@ def run_workers(specs: Sequence[WorkerSpec], *, grace_seconds: float = 5.0,
                             f"{describe_exit(codes[failed])}")
                 note(msg + (f"; stopping the other {others} worker(s)" if others else ""))
                 code = shell_exit_code(codes[cause] if codes[cause] is not None else codes[failed])
+                if failures is not None:
+                    failures.append((_label(specs[cause], cause), how))
                 break
             if all(c == 0 for c in codes):
                 break
@@ -214,8 +238,9 @@ def run_workers(specs: Sequence[WorkerSpec], *, grace_seconds: float = 5.0,
         note("interrupted; stopping all workers")
         code = 130
     except _Stop:
-        note("received SIGTERM; stopping all workers")
+        note("received SIGTERM; stopping all workers (distbatch workers save a checkpoint first)")
         code = 128 + signal.SIGTERM
+        stopped = True
     finally:
         # Cleanup must not be cut short by a second Ctrl-C or SIGTERM, or
         # workers would be left running.
@@ -224,9 +249,15 @@ def run_workers(specs: Sequence[WorkerSpec], *, grace_seconds: float = 5.0,
             shielded = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
             shielded[signal.SIGTERM] = previous if previous is not None else signal.SIG_DFL
         try:
-            stop_all(procs, grace_seconds)
+            wait = grace_seconds
+            if stopped:
+                wait = stop_wait_seconds if stop_wait_seconds is not None else max(
+                    grace_seconds, PREEMPT_WAIT_SECONDS)
+            stop_all(procs, wait)
             for t in pumps:
                 t.join(timeout=2.0)
+            if stopped and procs and all(p.returncode == EXIT_PREEMPTED for p in procs):
+                code = EXIT_PREEMPTED
         finally:
             for s, handler in shielded.items():
                 signal.signal(s, handler)
@@ -291,22 +322,60 @@ def first_failed_rank(directory: str) -> tuple[int, int] | None:
     return rank, code
 
 
+# How horovodrun (Gloo) and Open MPI's mpirun name the rank that failed; the first such line
+# is the rank that failed first (a rank killed by a signal records no status of its own).
+_RANK_EXIT_LINES = (
+    re.compile(r"Process (\d+) exit with status code (-?\d+)\."),                       # horovodrun
+    re.compile(r"process rank (\d+) with PID \d+ on node \S+ exited on signal (\d+)"),  # mpirun
+)
+
+
+def rank_exit_from_line(line: str) -> tuple[int, int] | None:
+    """(rank, shell exit status) from a launcher's line reporting a failed rank, else None.
+
+    >>> rank_exit_from_line("Process 1 exit with status code 137.")
+    (1, 137)
+    """
+    for i, pattern in enumerate(_RANK_EXIT_LINES):
+        m = pattern.search(line)
+        if m:
+            rank, value = int(m.group(1)), int(m.group(2))
+            return rank, (128 + value if i == 1 else shell_exit_code(value))
+    return None
+
+
 def run_launcher(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                  unset_env: Sequence[str] = (), grace_seconds: float = 10.0,
-                 stderr: IO[str] | None = None, **kwargs) -> int:
+                 stderr: IO[str] | None = None, failures: list | None = None, **kwargs) -> int:
     """run_single for horovodrun/mpirun, returning the failed rank's own exit status.
 
     When the launcher fails and a distbatch rank recorded a non-zero status
     (see :data:`EXIT_DIR_ENV`), that status is returned (e.g. 3 for a diverged
     run) with one line naming the rank; otherwise the launcher's own status.
+    ``failures`` receives ``("rank R", how)`` of the rank that failed first: from the
+    launcher's own report of it (its line for a rank killed by a signal), else from
+    the ranks' recorded statuses.
     """
     import shutil
     import tempfile
     directory = tempfile.mkdtemp(prefix="distbatch-exit-")
+    reported: list[tuple[int, int]] = []
+
+    def watch(line: str) -> None:
+        found = rank_exit_from_line(line)
+        if found is not None:
+            reported.append(found)
+
     try:
+        mine: list = []
         code = run_single(argv, env={**(env or {}), EXIT_DIR_ENV: directory}, unset_env=unset_env,
-                          grace_seconds=grace_seconds, stderr=stderr, **kwargs)
+                          grace_seconds=grace_seconds, stderr=stderr, failures=mine, on_line=watch,
+                          **kwargs)
         first = first_failed_rank(directory) if code != 0 else None
+        if failures is not None and mine:  # the launcher failed (not stopped by us)
+            rank, rank_code = reported[0] if reported else (first or (None, None))
+            failures.append((f"rank {rank}", f"failed with {describe_exit(rank_code)}")
+                            if rank is not None else mine[0])
         if first is not None and first[1] != code:
             rank, rank_code = first
             (stderr or sys.stderr).write(

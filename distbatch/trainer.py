@@ -19,11 +19,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from distbatch import pipeline
+from distbatch import interrupts, pipeline
 from distbatch.backends.base import Backend
 from distbatch.checkpoints import newest_intact
+from distbatch.early_stopping import EarlyStopping, load_weights, save_weights, weights_file
 from distbatch.noise import NoiseScaleTracker
 from distbatch.plan import BatchPlan
+from distbatch.preemption import CallBoundary, Preempted, broadcast_int
 from distbatch.step import StepOptions, make_eval_step, make_train_step, noise_splits_for
 
 
@@ -45,6 +47,7 @@ class LoopOptions:
     # model and optimizer costs ~60 ms for a small MLP: at every epoch of a tiny epoch that
     # was a quarter of the run time.
     checkpoint_min_seconds: float = 60.0
+    checkpoint_every_seconds: float = 0.0      # also when this long passed (chief's clock); 0 = off
     resume: bool = False
     tensorboard_dir: str | None = None
     verbose: bool = True
@@ -199,10 +202,17 @@ class Trainer:
         # Every worker restores the CHIEF's checkpoint (non-chief workers save to temp dirs),
         # the newest intact one: damaged ones are skipped with a warning (distbatch/checkpoints.py).
         latest = newest_intact(opt.checkpoint_dir, warn=self.chief) if ckpt is not None and opt.resume else None
+        es = (EarlyStopping(opt.early_stopping_metric, opt.early_stopping_patience, opt.min_delta)
+              if opt.early_stopping_metric else None)
+        self._early_stopping = es
+        stopped_early = False
         if latest:
             ckpt.restore(latest)
             start_step = int(self._step_var.numpy())
             history, state = _load_state(opt.checkpoint_dir, start_step)
+            stopped_early = _restore_early_stopping(es, state, opt.checkpoint_dir)
+            if ada is not None:  # a run resumed at its end must not take more steps
+                self._finished = float(ada.tau.numpy()) >= ada.total_base_steps
             self.log(f"resumed from {latest} at step {start_step}")
 
         make_train = lambda w, L: pipeline.train_dataset(  # noqa: E731
@@ -226,17 +236,22 @@ class Trainer:
         def loop_state() -> dict:
             s = {k: sums[k] for k in ("loss_sum", "correct")}
             return {"sums": s, "window_count": sums["steps"], "window": dict(window), **c,
-                    "noise": tracker.state() if tracker is not None else None}
+                    "noise": tracker.state() if tracker is not None else None,
+                    "early_stopping": es.state() if es is not None else None,
+                    "stopped": stopped_early}
 
-        best = None  # (value, step, epoch, weights)
-        bad_evals = 0
+        # Time-based checkpoints and SIGTERM (distbatch.preemption): decided at call boundaries,
+        # the same on every worker. SIGTERM only sets a flag while the loop runs (CLI only).
+        watch = self._manager is not None and interrupts.arm_preemption()
+        boundary = CallBoundary(b, opt.checkpoint_every_seconds if self._manager is not None else 0.0,
+                                interrupts.preemption_requested if watch else None)
+        self._boundary = boundary
         diverged_step = None
-        stopped_early = False
         per_call = 1   # the first call compiles: one step, then steps_per_execution is resolved
         step = start_step
         wall0 = time.perf_counter()
         t_last = None
-        while step < opt.total_steps and not self._finished:
+        while step < opt.total_steps and not self._finished and not stopped_early:
             n = self._steps_until_boundary(step, per_call)
             t0 = time.perf_counter()
             out = step_fn.multi(iterator, tf.constant(n, tf.int32))
@@ -248,11 +263,14 @@ class Trainer:
                 # single-step call to choose steps_per_execution.
                 if opt.steps_per_execution != "auto":
                     per_call = resolve_steps_per_execution(opt.steps_per_execution, 0.0)
+                boundary.saved()  # the time cadence counts training, not the compile
             else:
                 c["train_time"] += now - t_last
                 c["timed_samples"] += n * plan.global_batch_size
                 if per_call == 1 and opt.steps_per_execution == "auto":
                     per_call = resolve_steps_per_execution("auto", (now - t0) / n)
+                    if boundary.sync:  # each worker timed its own call; the chief's count wins
+                        per_call = broadcast_int(b, per_call)
             t_last = now
             diverged_step = self._consume(step, values, sums, window, tracker, writers)
             if ada is not None:
@@ -261,10 +279,13 @@ class Trainer:
             step += n
             if diverged_step is not None:
                 break
+            save, stop = boundary.decide()
             if not self._at_eval(step):
-                if self._at_checkpoint(step):
-                    self._save_checkpoint(step, history, loop_state())
+                if save or self._at_checkpoint(step):
+                    self._save_checkpoint(step, history, loop_state(), preempting=stop)
                     t_last = time.perf_counter()  # checkpoints are not training time
+                if stop:
+                    self._stop_preempted(step)
                 continue
             val_loss, val_acc = self._evaluate(eval_fn)
             train_loss, train_acc = _mean(sums, sums["steps"] * plan.global_batch_size)
@@ -285,25 +306,21 @@ class Trainer:
                      f"acc {train_acc:.4f}  val_loss {val_loss:.4f} val_acc {val_acc:.4f}  "
                      f"{speed:,.0f} samples/s  ETA {_fmt_eta(eta)}")
             # Early stopping on the GLOBAL metric: every rank takes the same decision.
-            if opt.early_stopping_metric:
-                value = rec[opt.early_stopping_metric]
-                sign = -1.0 if opt.early_stopping_metric.endswith("loss") else 1.0
-                if best is None or sign * (value - best[0]) > opt.min_delta:
-                    best = (value, step, epoch, [w.copy() for w in self.model.get_weights()])
-                    bad_evals = 0
-                else:
-                    bad_evals += 1
-                    if bad_evals >= opt.early_stopping_patience:
-                        stopped_early = True
+            if es is not None:
+                if es.update(rec[opt.early_stopping_metric], step, epoch, self.model.get_weights):
+                    stopped_early = True
                 # The metrics are all-reduced sums, so every rank should agree already;
                 # OR-ing the flag across workers guarantees it (a rank that stopped alone
                 # would leave the others waiting in a collective).
                 stopped_early = b.sync_flag(stopped_early)
-            if self._at_checkpoint(step) and self._checkpoint_due(step):
-                self._save_checkpoint(step, history, loop_state())
+            if save or (self._at_checkpoint(step) and self._checkpoint_due(step)):
+                self._save_checkpoint(step, history, loop_state(), preempting=stop)
             if stopped_early:
                 break
+            if stop and step < opt.total_steps and not self._finished:  # else: finish the run
+                self._stop_preempted(step)
             t_last = time.perf_counter()  # evaluation and checkpoints are not training time
+        interrupts.disarm_preemption()
         wall = time.perf_counter() - wall0
         if getattr(self, "_temp_checkpoint_dir", None):
             shutil.rmtree(self._temp_checkpoint_dir, ignore_errors=True)
@@ -333,18 +350,18 @@ class Trainer:
         if tracker is not None:
             metrics["b_simple"] = tracker.b_simple
             metrics["b_simple_trajectory"] = tracker.trajectory[:: max(1, len(tracker.trajectory) // 50)]
-        if opt.early_stopping_metric and best is not None:
-            self.model.set_weights(best[3])
+        if es is not None and es.best_weights is not None:
+            self.model.set_weights(es.best_weights)
             val_loss, val_acc = self._evaluate(eval_fn)
             # Train metrics of the restored point too, so the generalization gap compares
             # train and validation of the SAME weights (not last train vs best val).
-            at_best = next((r for r in history if r["step"] == best[1]), {})
+            at_best = next((r for r in history if r["step"] == es.best_step), {})
             metrics.update(train_loss=at_best.get("train_loss", metrics["train_loss"]),
                            train_accuracy=at_best.get("train_accuracy", metrics["train_accuracy"]))
-            metrics.update(best_step=best[1], best_epoch=round(best[2], 4),
+            metrics.update(best_step=es.best_step, best_epoch=round(es.best_epoch, 4),
                            stopped_epoch=round(self._epoch_at(step), 4), stopped_early=stopped_early,
                            restored_metric=opt.early_stopping_metric,
-                           restored_value=best[0], val_loss=val_loss, val_accuracy=val_acc)
+                           restored_value=es.best_value, val_loss=val_loss, val_accuracy=val_acc)
         if diverged_step is None:
             # The generalization gap needs train metrics of the FINAL weights, evaluated like
             # validation (the per-window running averages lag behind a model that improves).
@@ -361,20 +378,41 @@ class Trainer:
         return RunResult(metrics=metrics, history=history)
 
     # -- pieces ---------------------------------------------------------------------------
-    def _save_checkpoint(self, step: int, history: list, state: dict) -> None:
-        """Save model, optimizer and step (TF checkpoint) plus history and loop counters (JSON).
+    def _save_checkpoint(self, step: int, history: list, state: dict, *,
+                         preempting: bool = False) -> None:
+        """Save model, optimizer and step (TF checkpoint) plus history and loop counters (JSON)
+        and early stopping's best weights (best-<best step>.npz).
 
-        The JSON (state-<step>.json) is written BEFORE the checkpoint: a kill
-        between the two leaves the previous checkpoint as the latest, and its
-        own state file is still there. State files of pruned checkpoints go.
+        The best weights and the JSON (state-<step>.json) are written BEFORE the
+        checkpoint, each atomically: a kill before the checkpoint is complete leaves
+        the previous checkpoint as the latest, with its own files still there. Files
+        of pruned checkpoints go.
         """
         self._last_checkpoint_time = time.perf_counter()
+        if preempting:
+            interrupts.hold_watchdog()  # the save may take longer than the hang watchdog's grace
         self._step_var.assign(step)
+        es = self._early_stopping
         if self.chief:
+            if es is not None and es.best_weights is not None:
+                path = os.path.join(self.opt.checkpoint_dir, weights_file(es.best_step))
+                if not os.path.exists(path):  # written once per new best
+                    save_weights(path, es.best_weights)
             _save_state(self.opt.checkpoint_dir, step, history, state)
         self._manager.save(checkpoint_number=step)
         if self.chief:
             _prune_states(self.opt.checkpoint_dir, self._manager.checkpoints)
+        self._boundary.saved()
+
+    def _stop_preempted(self, step: int) -> None:
+        """After the preemption checkpoint of `step`: wait for every worker (the chief's files are
+        complete before anyone exits), then end the run with Preempted (exit 75)."""
+        if self.backend.num_workers > 1:
+            self.backend.sync_flag(False)  # a barrier
+        interrupts.release_watchdog()  # (still armed: a late SIGTERM must not cut the exit short)
+        if getattr(self, "_temp_checkpoint_dir", None):
+            shutil.rmtree(self._temp_checkpoint_dir, ignore_errors=True)
+        raise Preempted(step, self.opt.checkpoint_dir)
 
     def _epoch_at(self, step: int) -> float:
         """Absolute epoch after `step` global steps (segments of a batch schedule add offsets)."""
@@ -467,10 +505,31 @@ def _save_state(directory: str, step: int, history: list, state: dict) -> None:
 
 
 def _prune_states(directory: str, kept_checkpoints: list) -> None:
+    """Remove the state files of pruned checkpoints, and best weights no kept state names."""
+    import json
     keep = {f"state-{p.rsplit('-', 1)[-1]}.json" for p in kept_checkpoints}
+    for name in list(keep):
+        try:
+            with open(os.path.join(directory, name)) as f:
+                best = ((json.load(f).get("loop") or {}).get("early_stopping") or {}).get("best_step")
+        except (OSError, ValueError):
+            continue
+        if best is not None:
+            keep.add(weights_file(best))
     for name in os.listdir(directory):
-        if name.startswith("state-") and name.endswith(".json") and name not in keep:
+        if ((name.startswith("state-") and name.endswith(".json"))
+                or (name.startswith("best-") and name.endswith(".npz"))) and name not in keep:
             os.remove(os.path.join(directory, name))
+
+
+def _restore_early_stopping(es: EarlyStopping | None, state: dict, directory: str) -> bool:
+    """Early stopping's state from a checkpoint's loop state; True if the run had stopped."""
+    saved = state.get("early_stopping")
+    if es is not None and saved:
+        best = saved["best_step"]
+        es.restore(saved, load_weights(os.path.join(directory, weights_file(best)))
+                   if best is not None else None)
+    return bool(state.get("stopped", False))
 
 
 def _load_state(directory: str, step: int) -> tuple[list, dict]:

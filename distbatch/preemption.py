@@ -1,0 +1,106 @@
+"""Decisions every worker must take at the same step: save now (by time), stop now (preempted).
+
+A cluster preempts a job by sending SIGTERM (Slurm, Kubernetes), usually to
+one process first, then SIGKILL some 30 s later. TensorFlow's
+PreemptionCheckpointHandler answers by having every worker save at the same
+step and exit; distbatch does the same with its own pieces:
+
+1. While the training loop runs, SIGTERM only sets a flag
+   (:func:`distbatch.interrupts.arm_preemption`).
+2. At every call boundary (a call runs ~0.2 s of steps) the Trainer asks
+   :class:`CallBoundary` whether to save and whether to stop. With several
+   workers the answer is agreed with ``backend.sync_flag`` (an all-reduced
+   OR): a SIGTERM to ANY worker stops ALL of them at the same step, and the
+   time-based checkpoint cadence follows the chief's clock.
+3. Every worker saves the checkpoint of that step, waits for the others (a
+   barrier, so the chief's files are complete before anyone exits) and exits
+   with :data:`EXIT_PREEMPTED`. ``--resume`` (or a launcher restart)
+   continues from there exactly.
+
+Exit status 75 (EX_TEMPFAIL in sysexits.h, "temporary failure, try again")
+means "stopped on SIGTERM after saving a checkpoint at a step boundary";
+143 (128 + SIGTERM) stays "stopped by SIGTERM without a new checkpoint"
+(before training started, or through the hang watchdog).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Callable
+
+EXIT_PREEMPTED = 75
+# Set by `distbatch launch ... --max-restarts N` in every worker's environment: the default of
+# `train --checkpoint-every-seconds` (a restart repeats at most this much training).
+CHECKPOINT_SECONDS_ENV = "DISTBATCH_CHECKPOINT_EVERY_SECONDS"
+LAUNCH_CHECKPOINT_SECONDS = 300.0
+
+
+class Preempted(Exception):
+    """Every worker saved a checkpoint at `step` after a SIGTERM; the command exits 75."""
+
+    def __init__(self, step: int, checkpoint_dir: str | None) -> None:
+        super().__init__(f"step {step}")
+        self.step, self.checkpoint_dir = step, checkpoint_dir
+
+    def message(self) -> str:
+        where = f" in {self.checkpoint_dir}" if self.checkpoint_dir else ""
+        return (f"preempted by SIGTERM: every worker saved a checkpoint at step {self.step}{where}; "
+                f"continue with --resume")
+
+
+def checkpoint_seconds(flag: float | None, env: dict | None = None) -> float:
+    """--checkpoint-every-seconds as given, else the launcher's default from the environment,
+    else 0 (off). A bad environment value counts as off: it is not the user's flag."""
+    if flag is not None:
+        return float(flag)
+    raw = (os.environ if env is None else env).get(CHECKPOINT_SECONDS_ENV, "")
+    try:
+        value = float(raw)
+    except ValueError:
+        return 0.0
+    return value if math.isfinite(value) and value > 0 else 0.0
+
+
+def time_due(now: float, last_save: float, every_seconds: float) -> bool:
+    """True when a time-based checkpoint is due: `every_seconds` > 0 have passed since the last."""
+    return every_seconds > 0 and now - last_save >= every_seconds
+
+
+class CallBoundary:
+    """At each call boundary: (save now, stop after saving), the same on every worker.
+
+    One all-reduce per call when the job has several workers and something can
+    ask for a save (a SIGTERM being watched, or a time cadence); none otherwise.
+    `requested()` says whether SIGTERM arrived here; `clock` is injectable for tests.
+    """
+
+    def __init__(self, backend, every_seconds: float, requested: Callable[[], bool] | None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.backend, self.every, self.requested, self.clock = backend, every_seconds, requested, clock
+        self.sync = backend.num_workers > 1 and (every_seconds > 0 or requested is not None)
+        self.last = clock()
+
+    def decide(self) -> tuple[bool, bool]:
+        stop = bool(self.requested and self.requested())
+        # Only the chief's clock counts: workers started at different moments.
+        due = self.backend.is_chief and time_due(self.clock(), self.last, self.every)
+        if not self.sync:
+            return stop or due, stop
+        save = self.backend.sync_flag(stop or due)
+        return save, (self.backend.sync_flag(stop) if save else False)
+
+    def saved(self) -> None:
+        self.last = self.clock()
+
+
+def broadcast_int(backend, value: int, bits: int = 16) -> int:
+    """The chief's `value` (0 <= value < 2**bits) on every worker, one OR-ed bit at a time.
+
+    Used once per run for steps_per_execution="auto": each worker times its own
+    calls, but the per-call all-reduce above needs the same call boundaries everywhere.
+    """
+    if backend.num_workers == 1:
+        return value
+    mine = value if backend.is_chief else 0
+    return sum(1 << i for i in range(bits) if backend.sync_flag(bool(mine >> i & 1)))
