@@ -95,8 +95,9 @@ def add_train_args(parser: argparse.ArgumentParser, *, sweep: bool = False) -> N
                         "that a call takes ~0.2 s); evaluations and checkpoints land on the "
                         "same steps whatever N is")
     g.add_argument("--jit-compile", choices=("off", "on"), default="off",
-                   help="XLA-compile the per-replica forward/backward pass (default off: "
-                        "slower on the measured CPU runs, see docs/benchmarks.md)")
+                   help="XLA-compile the per-replica forward/backward pass (default off; "
+                        "measured faster on one device, slower on mirrored and horovod: "
+                        "docs/benchmarks.md)")
     g.add_argument("--cluster-timeout", type=float, default=None, metavar="SECONDS",
                    help="multiworker: seconds to wait for every worker of the cluster to start before "
                         "stopping with the addresses that never came (default: "
