@@ -417,7 +417,8 @@ def test_sigterm_to_one_worker_saves_everywhere_at_one_step_then_resume_matches(
 
 ES = ["train", "--backend", "single", "--dataset", "mnist1d", "--train-size", "256", "--val-size", "200",
       "--global-batch-size", "32", "--epochs", "60", "--base-lr", "0.05", "--warmup", "none",
-      "--decay", "constant", "--early-stopping-metric", "val_loss", "--early-stopping-patience", "3"]
+      "--decay", "constant", "--early-stopping-metric", "val_loss", "--early-stopping-patience", "3",
+      "--checkpoint-every", "8"]  # at every evaluation (8 steps/epoch; the default is once a minute)
 
 
 def _kill_after(argv: list[str], ckpt_dir: Path, step: int) -> None:
