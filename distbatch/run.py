@@ -425,9 +425,6 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
         verbose=getattr(args, "progress", True))
     started = time.time()
     say = chief and getattr(args, "progress", True)  # a sweep's points stay quiet
-    if say:  # TensorFlow traces and compiles the step first: many seconds of silence otherwise
-        print("distbatch: compiling the train step (the first step takes longer)...",
-              file=sys.stderr, flush=True)
     try:
         if adaptive:
             from distbatch.goodput import probe_step_seconds, run_adaptive

@@ -186,7 +186,8 @@ class Trainer:
                                    bucket_mb=opt.bucket_mb, grad_compression=opt.grad_compression)
         key = (plan, step_options)
         if key not in self.step_cache:
-            self.log("distbatch: compiling the train step (the first step is slow)")
+            # TensorFlow traces and compiles the step first: many seconds of silence otherwise.
+            self.log("distbatch: compiling the train step (the first step takes longer)...")
             self.step_cache[key] = make_train_step(b, self.model, self.optimizer, plan, self.loss_fn,
                                                    step_options, adascale=ada)
         step_fn = self.step_cache[key]
