@@ -8,7 +8,7 @@ error); no warmup (24.84), constant warmup (25.88), no scaling (41.67) and
 sqrt scaling (26.22) do not. This script reruns that comparison at small
 scale -- base batch 32 vs 32x (1024) and 64x (2048), plus LARS (You et al.
 2017, arXiv:1708.03888) -- with several seeds, through the real
-``distbatch train`` code path (``distbatch.run.train`` with argparse
+``distbatch train`` code path (``distbatch.cli.train.train`` with argparse
 Namespaces built by the CLI's own parser, in one process that reuses one
 backend and one dataset: TensorFlow starts once).
 
@@ -18,7 +18,7 @@ the base lr, on a seed the table does not use) and ``rows`` (one table row
 each: id, label, global batch, flags overriding ``common``).
 
 Each finished run is appended as one row to ``<out>/results.jsonl`` (and
-``results.csv``) with ``distbatch.results.append_row`` (atomic). Rerunning
+``results.csv``) with ``distbatch.measure.results.append_row`` (atomic). Rerunning
 skips runs already present, so a killed benchmark resumes where it stopped.
 The markdown table (``<out>/table.md``) is rebuilt from the rows only; it
 never reruns anything (``--table-only``).
@@ -120,7 +120,7 @@ def run_args(parser: argparse.ArgumentParser, run: dict, out_dir: str) -> argpar
 # ---------------------------------------------------------------- running
 
 def train_parser() -> argparse.ArgumentParser:
-    from distbatch.run import add_train_args
+    from distbatch.cli.train import add_train_args
     p = argparse.ArgumentParser(prog="distbatch train")
     add_train_args(p)
     return p
@@ -128,8 +128,8 @@ def train_parser() -> argparse.ArgumentParser:
 
 def run_all(cfg: dict, out_dir: str) -> int:
     """Train every run not yet in ``out_dir/results.jsonl``; returns runs trained."""
-    from distbatch import results
-    from distbatch.sweep import summary_to_row
+    from distbatch.measure import results
+    from distbatch.cli.sweep import summary_to_row
 
     runs = plan_runs(cfg)
     done = results.done_point_ids(out_dir)
@@ -143,8 +143,8 @@ def run_all(cfg: dict, out_dir: str) -> int:
         run_args(parser, r, out_dir)
 
     from distbatch.backends import create_backend
-    from distbatch.data import load_dataset
-    from distbatch.run import train
+    from distbatch.data.datasets import load_dataset
+    from distbatch.cli.train import train
     common = cfg["common"]
     backend, _ = create_backend(common.get("backend", "single"), cpu_replicas=common.get("cpu-replicas"))
     data = load_dataset(common.get("dataset", "mnist1d"), seed=common.get("data-seed", 0),
@@ -242,8 +242,8 @@ def make_table(cfg: dict, rows: list[dict]) -> str:
 
 
 def write_table(cfg: dict, out_dir: str, wall_s: float | None) -> str:
-    from distbatch import results
-    from distbatch.run import atomic_write_json
+    from distbatch.measure import results
+    from distbatch.cli.train import atomic_write_json
     rows = results.read_rows(out_dir)
     text = make_table(cfg, rows)
     path = os.path.join(out_dir, "table.md")

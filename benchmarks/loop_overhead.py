@@ -335,7 +335,7 @@ def versions(python: str) -> dict:
 def write_data(path: str, train_size: int, val_size: int) -> None:
     import numpy as np
 
-    from distbatch.data import load_dataset
+    from distbatch.data.datasets import load_dataset
     d = load_dataset("mnist1d", train_size=train_size, val_size=val_size)
     tmp = path + ".tmp.npz"
     np.savez(tmp, x_train=d.x_train, y_train=d.y_train, x_val=d.x_val, y_val=d.y_val)

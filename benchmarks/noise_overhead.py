@@ -1,7 +1,7 @@
 """Overhead of the gradient noise scale: step time with and without --noise-scale.
 
 For each backend (single; mirrored on 2 logical CPUs) one subprocess builds the
-model once and compiles TWO train steps from distbatch.step.make_train_step on
+model once and compiles TWO train steps from distbatch.training.step.make_train_step on
 the same model, data pipeline and global batch: noise_scale off and on, exactly
 as the Trainer configures them (several replicas: every step measures, the
 per-replica gradient is the small batch; one replica: every --noise-every-th
@@ -33,11 +33,11 @@ def measure(backend_name: str, args: argparse.Namespace) -> dict:
     backend, _ = create_backend(backend_name, cpu_replicas=2 if backend_name == "mirrored" else None)
     import keras
 
-    from distbatch import pipeline
-    from distbatch.data import load_dataset
+    from distbatch.training import pipeline
+    from distbatch.data.datasets import load_dataset
     from distbatch.models import build_model
-    from distbatch.plan import BatchPlan
-    from distbatch.step import StepOptions, make_train_step
+    from distbatch.training.plan import BatchPlan
+    from distbatch.training.step import StepOptions, make_train_step
 
     data = load_dataset(args.dataset, train_size=args.train_size, val_size=256)
     plan = BatchPlan.derive(global_batch_size=args.global_batch_size, replicas=backend.num_replicas,
@@ -48,7 +48,7 @@ def measure(backend_name: str, args: argparse.Namespace) -> dict:
         optimizer = keras.optimizers.SGD(learning_rate=0.01, momentum=0.9)
         optimizer.build(model.trainable_variables)
     backend.prepare(model, optimizer)
-    # As distbatch.trainer.Trainer does: several replicas measure on every step; one replica
+    # As distbatch.training.trainer.Trainer does: several replicas measure on every step; one replica
     # splits the batch in 2 (a second, slower step function) on every `noise_every`-th step.
     splits = 2 if plan.replicas == 1 else 1
     every = args.noise_every if plan.replicas == 1 else 1

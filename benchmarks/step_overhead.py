@@ -1,7 +1,7 @@
 """Step overhead: the distbatch train step against a minimal hand-written loop.
 
 Issue 3's performance item: at the same model, batch and strategy, the
-distbatch step (distbatch.step.make_train_step) should reach >= 0.97x the
+distbatch step (distbatch.training.step.make_train_step) should reach >= 0.97x the
 throughput of the smallest loop a user would write by hand:
 
   single / mirrored:  @tf.function: strategy.run(step) where step does
@@ -153,8 +153,8 @@ def main(argv=None) -> int:
     import tensorflow as tf
 
     from distbatch.backends import create_backend
-    from distbatch.plan import BatchPlan
-    from distbatch.step import make_train_step
+    from distbatch.training.plan import BatchPlan
+    from distbatch.training.step import make_train_step
 
     backend, _ = create_backend(args.backend, cpu_replicas=args.cpu_replicas)
     B = args.global_batch_size

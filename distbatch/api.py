@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from distbatch.trainer import LoopOptions, RunResult
+from distbatch.training.trainer import LoopOptions, RunResult
 
 
 def fit(*, model_fn: Callable, optimizer_fn: Callable, data, global_batch_size: int,
@@ -34,8 +34,8 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable, data, global_batch_size: 
     import keras
 
     from distbatch.backends import create_backend
-    from distbatch.plan import BatchPlan
-    from distbatch.trainer import Trainer
+    from distbatch.training.plan import BatchPlan
+    from distbatch.training.trainer import Trainer
 
     if isinstance(backend, str):
         backend, _ = create_backend(backend, cpu_replicas=cpu_replicas)

@@ -1,7 +1,7 @@
 """The names the CLI offers as flag choices, in a module without TensorFlow.
 
 Building the argument parser (and so `distbatch --help`) imports only this;
-the implementations (distbatch/optimizers.py, distbatch/schedules.py) import
+the implementations (distbatch/recipes/optimizers.py, distbatch/recipes/schedules.py) import
 their names from here, so the two cannot drift apart.
 """
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "lamb", "lars")

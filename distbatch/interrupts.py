@@ -21,7 +21,7 @@ So:
    ``grace_seconds`` after the signal, it prints one line and SIGKILLs it.
    The watchdog exits by itself when distbatch does (the pipe closes).
 3. :func:`reclaim` re-installs the handlers after TensorFlow replaced them.
-4. Preemption (:mod:`distbatch.preemption`): while the training loop runs
+4. Preemption (:mod:`distbatch.training.preemption`): while the training loop runs
    (:func:`arm_preemption`), SIGTERM only sets a flag that the loop reads at
    its next call boundary, where every worker saves and exits 75. The
    handler running at all proves Python is not stuck in C++, so it also
@@ -158,7 +158,7 @@ def _on_sigterm_preempt(signum, frame):  # noqa: ARG001 - signal handler signatu
 
 def arm_preemption() -> bool:
     """From now on SIGTERM asks the training loop to save and stop at its next call boundary
-    (see distbatch.preemption) instead of unwinding at once. Only in a process that called
+    (see distbatch.training.preemption) instead of unwinding at once. Only in a process that called
     :func:`install` (the CLI); True if armed. Undone by :func:`disarm_preemption`."""
     global _armed
     if not _installed or threading.current_thread() is not threading.main_thread():

@@ -1,4 +1,4 @@
-"""AdaScale SGD (distbatch.adascale): the gain in closed form, tau, S = 1 equal to the plain
+"""AdaScale SGD (distbatch.recipes.adascale): the gain in closed form, tau, S = 1 equal to the plain
 schedule exactly, the same run on 2 replicas, and an exact resume of tau and the averages."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from conftest import load_summary, load_weights, max_weight_diff, run_cli
 
-from distbatch.adascale import default_theta, gain
+from distbatch.recipes.adascale import default_theta, gain
 
 
 @pytest.mark.parametrize("sigma2,mu2,scale,expected", [
@@ -30,14 +30,14 @@ def test_theta_is_the_papers():
 
 
 def _state(scale, b0=8, total=100):
-    from distbatch.adascale import AdaScaleState
+    from distbatch.recipes.adascale import AdaScaleState
     return AdaScaleState(scale=scale, base_batch_size=b0, total_base_steps=total)
 
 
 def test_state_gain_and_tau_from_norms():
     """Known squared norms at b_small = 16 and b_big = 64 (S = 8 at b0 = 8): the state's gain
     equals the closed form of McCandlish's unbiased estimates, and tau adds the gains."""
-    from distbatch.noise import unbiased_estimates
+    from distbatch.measure.noise import unbiased_estimates
     st = _state(8.0)
     small, big = 0.5, 0.2
     g2, tr = unbiased_estimates(small, big, 16, 64)
@@ -104,13 +104,13 @@ def test_resume_restores_tau_and_averages(tmp_path, dataset_cache):
     """Stop after k steps (a cap), resume to the end: equal to the uninterrupted run."""
     import keras
 
-    from distbatch.adascale import AdaScaleState
+    from distbatch.recipes.adascale import AdaScaleState
     from distbatch.backends.single import SingleBackend
-    from distbatch.data import load_dataset
-    from distbatch.plan import BatchPlan
-    from distbatch.recipe_args import build_recipe
+    from distbatch.data.datasets import load_dataset
+    from distbatch.training.plan import BatchPlan
+    from distbatch.recipes.recipe_args import build_recipe
     from distbatch.cli import build_parser
-    from distbatch.trainer import LoopOptions, Trainer
+    from distbatch.training.trainer import LoopOptions, Trainer
 
     data = load_dataset("mnist1d", seed=0, train_size=640, val_size=160)
     args = build_parser("train").parse_args(["train", *TINY, "--global-batch-size", "128",

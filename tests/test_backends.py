@@ -60,7 +60,7 @@ def test_validation_metrics_are_exact_global_values(reference):
     """val_loss/val_accuracy equal a plain Keras evaluation of the saved model on ALL 203 examples."""
     import keras
 
-    from distbatch.data import load_dataset
+    from distbatch.data.datasets import load_dataset
     data = load_dataset("mnist1d", seed=0, train_size=520, val_size=203)
     model = keras.models.load_model(reference / "model.keras", compile=False)
     logits = model.predict(data.x_val, verbose=0)

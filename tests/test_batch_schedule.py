@@ -7,7 +7,7 @@ import argparse
 import numpy as np
 import pytest
 
-from distbatch.batch_schedule import (parse_batch_schedule, plan_schedule, schedule_from_args,
+from distbatch.training.batch_schedule import (parse_batch_schedule, plan_schedule, schedule_from_args,
                                       schedule_recipe_args)
 from distbatch.errors import UsageError
 
@@ -99,11 +99,11 @@ def test_schedule_run_equals_fixed_batch_segments_by_hand(dataset_cache):
     import tensorflow as tf
 
     from distbatch.backends.single import SingleBackend
-    from distbatch.data import load_dataset
-    from distbatch.pipeline import epoch_permutation
-    from distbatch.schedules import build_lr_schedule
-    from distbatch.batch_schedule import run_schedule
-    from distbatch.trainer import LoopOptions
+    from distbatch.data.datasets import load_dataset
+    from distbatch.training.pipeline import epoch_permutation
+    from distbatch.recipes.schedules import build_lr_schedule
+    from distbatch.training.batch_schedule import run_schedule
+    from distbatch.training.trainer import LoopOptions
 
     data = load_dataset("mnist1d", seed=0, train_size=240, val_size=60)
     sched = plan_schedule([(0, 16), (2, 48)], epochs=3, replicas=1, num_train_examples=240)

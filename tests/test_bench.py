@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from distbatch import bench
+from distbatch.measure import bench
 from distbatch.errors import UsageError
 
 

@@ -21,7 +21,7 @@ import pytest
 from conftest import DISTBATCH, VENV_BIN, cli_env, load_summary, load_weights, max_weight_diff, run_cli
 
 from distbatch.errors import UsageError
-from distbatch.step import StepOptions, bucket_partition, check_comm_options
+from distbatch.training.step import StepOptions, bucket_partition, check_comm_options
 
 MB = 2 ** 20
 
@@ -90,7 +90,7 @@ def test_collective_options_only_for_multiworker():
 
 
 def test_cli_flags_parse_and_refuse():
-    from distbatch.run import add_train_args, collective_options
+    from distbatch.cli.train import add_train_args, collective_options
     p = argparse.ArgumentParser()
     add_train_args(p)
     a = p.parse_args(["--out", "x", "--bucket-mb", "2.5", "--grad-compression", "fp16",
@@ -126,8 +126,8 @@ def _traced_calls(options: StepOptions):
     import keras
     import tensorflow as tf
 
-    from distbatch.plan import BatchPlan
-    from distbatch.step import make_train_step
+    from distbatch.training.plan import BatchPlan
+    from distbatch.training.step import make_train_step
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(256), keras.layers.Dense(256),
                               keras.layers.Dense(4)])

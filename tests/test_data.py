@@ -6,8 +6,8 @@ import random
 import numpy as np
 import pytest
 
-from distbatch import data
-from distbatch.data import ArrayDataset, load_dataset
+from distbatch.data import datasets as data
+from distbatch.data.datasets import ArrayDataset, load_dataset
 from distbatch.errors import UsageError
 
 

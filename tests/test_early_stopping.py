@@ -55,7 +55,7 @@ def check_summary(s: dict) -> None:
 def check_saved_model(out_dir, s: dict) -> None:
     import keras
 
-    from distbatch.data import load_dataset
+    from distbatch.data.datasets import load_dataset
     data = load_dataset("mnist1d", seed=0, train_size=256, val_size=200)
     model = keras.models.load_model(os.path.join(out_dir, "model.keras"), compile=False)
     assert numpy_val_loss(model, data) == pytest.approx(s["restored_value"], rel=1e-4)
@@ -72,9 +72,9 @@ def test_stop_rule_in_process_single(dataset_cache):
     import keras
 
     from distbatch.backends.single import SingleBackend
-    from distbatch.data import load_dataset
-    from distbatch.plan import BatchPlan
-    from distbatch.trainer import LoopOptions, Trainer
+    from distbatch.data.datasets import load_dataset
+    from distbatch.training.plan import BatchPlan
+    from distbatch.training.trainer import LoopOptions, Trainer
 
     data = load_dataset("mnist1d", seed=0, train_size=256, val_size=200)
     keras.utils.set_random_seed(0)

@@ -40,8 +40,8 @@ def test_help_imports_no_tensorflow():
 def test_recommend_command_pastes_into_train_with_every_flag_carried_over():
     """The printed command lacked --out and the dataset sizes, so pasting it failed."""
     from distbatch.cli import build_parser
-    from distbatch.recommend import _NOT_COPIED, suggested_command, warmup_for
-    from distbatch.run import validate_args
+    from distbatch.measure.recommend import _NOT_COPIED, suggested_command, warmup_for
+    from distbatch.cli.train import validate_args
 
     rec = build_parser("recommend").parse_args([
         "recommend", "--dataset", "digits", "--train-size", "500", "--val-size", "100", "--data-seed", "4",
@@ -81,15 +81,15 @@ def test_train_announces_the_compile_and_says_where_it_wrote(tmp_path):
 def _sweep_recipe(argv):
     import argparse
 
-    from distbatch.recipe_args import build_recipe
-    from distbatch.sweep import add_sweep_parser
+    from distbatch.recipes.recipe_args import build_recipe
+    from distbatch.cli.sweep import add_sweep_parser
     parser = argparse.ArgumentParser()
     add_sweep_parser(parser.add_subparsers())
     args = parser.parse_args(["sweep", *argv])
     if args.warmup_epochs is None and args.warmup_steps is None:  # as run_sweep does
-        from distbatch.sweep import DEFAULT_WARMUP_CAP, DEFAULT_WARMUP_EPOCHS
+        from distbatch.cli.sweep import DEFAULT_WARMUP_CAP, DEFAULT_WARMUP_EPOCHS
         args.warmup_epochs, args.warmup_cap = DEFAULT_WARMUP_EPOCHS, DEFAULT_WARMUP_CAP
-    from distbatch.sweep import point_args
+    from distbatch.cli.sweep import point_args
     return point_args(args, 64, 0, "sw"), build_recipe  # one point's flags, as run_sweep builds them
 
 

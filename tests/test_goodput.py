@@ -1,4 +1,4 @@
-"""Goodput-adaptive global batch (distbatch.goodput; Pollux, Qiao et al. 2021)."""
+"""Goodput-adaptive global batch (distbatch.training.goodput; Pollux, Qiao et al. 2021)."""
 from __future__ import annotations
 
 import subprocess
@@ -8,7 +8,7 @@ import pytest
 
 from conftest import VENV_BIN, cli_env, load_summary, run_cli
 
-from distbatch.goodput import (ThroughputModel, candidate_batches, choose_batch, efficiency,
+from distbatch.training.goodput import (ThroughputModel, candidate_batches, choose_batch, efficiency,
                                goodput)
 
 

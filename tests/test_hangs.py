@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from distbatch import supervisor
+from distbatch.launch import supervisor
 from distbatch.backends import choose_backend
 from distbatch.backends.strategy import parse_tf_config
-from distbatch.cluster import DEFAULT_CLUSTER_TIMEOUT, rendezvous, resolve_cluster_timeout
+from distbatch.backends.cluster import DEFAULT_CLUSTER_TIMEOUT, rendezvous, resolve_cluster_timeout
 from distbatch.errors import ClusterSetupError, UsageError
 
 PY = sys.executable
@@ -186,7 +186,7 @@ def test_rendezvous_port_in_use_is_one_line():
 def test_rendezvous_says_what_it_waits_for():
     p0, p1 = free_ports(2)
     said = []
-    import distbatch.cluster as cluster
+    import distbatch.backends.cluster as cluster
     old, cluster.WAITING_NOTICE_AFTER = cluster.WAITING_NOTICE_AFTER, 0.3
     try:
         with pytest.raises(ClusterSetupError):
@@ -296,7 +296,7 @@ def test_launcher_returns_the_first_failed_ranks_own_status():
     """horovodrun exits 1 whatever its ranks did; the ranks' recorded statuses win."""
     fake = textwrap.dedent("""
         import os, sys, time
-        from distbatch.supervisor import record_exit_code
+        from distbatch.launch.supervisor import record_exit_code
         d = os.environ["DISTBATCH_EXIT_DIR"]
         record_exit_code(0, {"DISTBATCH_EXIT_DIR": d, "HOROVOD_RANK": "0"})
         record_exit_code(3, {"DISTBATCH_EXIT_DIR": d, "HOROVOD_RANK": "1"})

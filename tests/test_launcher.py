@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from distbatch import launch_cli, launcher
+from distbatch.cli import launch as launch_cli
+from distbatch.launch import launcher
 from distbatch.errors import UsageError
 
 HVD = "/v/bin/horovodrun"
@@ -384,7 +385,7 @@ def _run_cli_subprocess(args, tmp_path, timeout=240):
     # PYTHONUNBUFFERED=1 on purpose: the launcher must keep MPI-tagged lines whole anyway
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
            "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "distbatch.launch_cli", *args], cwd=tmp_path, env=env,
+    return subprocess.run([sys.executable, "-m", "distbatch.cli.launch", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -462,7 +463,7 @@ def test_real_horovod_ctrl_c_stops_every_rank(tmp_path):
     script = tmp_path / "sleeper.py"
     script.write_text("import os, time\nprint('PID', os.getpid(), flush=True)\ntime.sleep(1000)\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "distbatch.launch_cli", "launch", "horovod", "--gloo",
+    p = subprocess.Popen([sys.executable, "-m", "distbatch.cli.launch", "launch", "horovod", "--gloo",
                           "-np", "2", "--", sys.executable, str(script)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     pids, deadline = [], time.monotonic() + 90

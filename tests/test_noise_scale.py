@@ -11,7 +11,7 @@ the per-example loss l(w) = (w.x - y)^2 at FIXED weights w = w* + u:
     B_simple  = tr(Sigma) / |G|^2 = d + 1 + d sigma^2 / |u|^2
 
 The derivation is checked by Monte Carlo, then the REAL train step
-(distbatch.step.make_train_step with noise_scale=True, learning rate 0 so the
+(distbatch.training.step.make_train_step with noise_scale=True, learning rate 0 so the
 weights stay at w) is run on fresh samples for many steps, its small_sq/big_sq
 are fed to NoiseScaleTracker, and the estimate must land within 10% of the
 closed form: on 1 replica (noise_splits=2) and on 2 mirrored replicas (2
@@ -28,9 +28,9 @@ import sys
 import numpy as np
 import pytest
 
-from distbatch import recommend as rec_mod
+from distbatch.measure import recommend as rec_mod
 from distbatch.errors import UsageError
-from distbatch.noise import NoiseScaleTracker, unbiased_estimates
+from distbatch.measure.noise import NoiseScaleTracker, unbiased_estimates
 
 D, SIGMA = 8, 1.0
 
@@ -148,8 +148,8 @@ def measure_b_simple(backend_name: str, cpu_replicas: int | None, noise_splits: 
     import keras
     import tensorflow as tf
 
-    from distbatch.plan import BatchPlan
-    from distbatch.step import StepOptions, make_train_step
+    from distbatch.training.plan import BatchPlan
+    from distbatch.training.step import StepOptions, make_train_step
 
     w_star, u = problem()
     x, y = samples(steps * global_batch, w_star, seed=1)
@@ -317,7 +317,7 @@ def test_suggested_command_exact():
 def test_recommend_cli_end_to_end(tmp_path, dataset_cache):
     from conftest import load_summary, run_cli
 
-    from distbatch.schedules import scaled_learning_rate
+    from distbatch.recipes.schedules import scaled_learning_rate
     out = tmp_path / "rec"
     proc = run_cli(["recommend", "--dataset", "mnist1d", "--train-size", "1000", "--val-size", "200",
                     "--noise-batch-size", "64", "--noise-steps", "96", "--batch-sizes", "32,64,128",
@@ -378,8 +378,8 @@ def test_train_step_rejects_unsplittable_batch(gb, splits, message):
     import keras
 
     from distbatch.backends.single import SingleBackend
-    from distbatch.plan import BatchPlan
-    from distbatch.step import StepOptions, make_train_step
+    from distbatch.training.plan import BatchPlan
+    from distbatch.training.step import StepOptions, make_train_step
     model = keras.Sequential([keras.Input((D,)), keras.layers.Dense(1, use_bias=False)])
     plan = BatchPlan.derive(global_batch_size=gb, replicas=1, num_train_examples=100)
     with pytest.raises(UsageError, match=re.escape(message)):

@@ -25,7 +25,8 @@ import pytest
 
 from conftest import run_cli_cases
 
-from distbatch import cli, launch_cli
+from distbatch import cli
+from distbatch.cli import launch as launch_cli
 from distbatch.errors import UsageError
 
 VALUES = ("-1", "0", "nan", "inf", "1e30", "abc")
@@ -103,12 +104,12 @@ def test_every_command_and_its_numeric_flags_are_covered():
 
 
 VALIDATORS = {
-    ("train",): lambda a: __import__("distbatch.run", fromlist=["x"]).validate_args(a),
-    ("sweep",): lambda a: __import__("distbatch.sweep", fromlist=["x"]).validate_sweep_args(a),
-    ("recommend",): lambda a: __import__("distbatch.recommend", fromlist=["x"]).validate_recommend_args(a),
-    ("bench",): lambda a: __import__("distbatch.bench", fromlist=["x"]).validate(a),
-    ("probe-batch",): lambda a: __import__("distbatch.probe", fromlist=["x"]).validate_probe_args(a),
-    ("report",): lambda a: __import__("distbatch.report", fromlist=["x"]).validate_report_args(a),
+    ("train",): lambda a: __import__("distbatch.cli.train", fromlist=["x"]).validate_args(a),
+    ("sweep",): lambda a: __import__("distbatch.cli.sweep", fromlist=["x"]).validate_sweep_args(a),
+    ("recommend",): lambda a: __import__("distbatch.measure.recommend", fromlist=["x"]).validate_recommend_args(a),
+    ("bench",): lambda a: __import__("distbatch.measure.bench", fromlist=["x"]).validate(a),
+    ("probe-batch",): lambda a: __import__("distbatch.measure.probe", fromlist=["x"]).validate_probe_args(a),
+    ("report",): lambda a: __import__("distbatch.measure.report", fromlist=["x"]).validate_report_args(a),
 }
 
 
@@ -177,7 +178,7 @@ def test_the_issue_examples(outcomes):
 
 
 def _report_dir(tmp_path):
-    from distbatch import results
+    from distbatch.measure import results
     d = tmp_path / "report-dir"
     d.mkdir()
     for b, acc in ((16, 0.8), (32, 0.7)):

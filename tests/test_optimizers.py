@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from distbatch.errors import UsageError
-from distbatch.optimizers import (
+from distbatch.recipes.optimizers import (
     LARS,
     OPTIMIZERS,
     AdamW,
@@ -174,7 +174,7 @@ def test_lars_inside_tf_function_custom_loop():
 
 @pytest.mark.parametrize("name", ["lars", "momentum", "lamb"])  # AdamW shares Lamb's mixin
 def test_optimizer_survives_keras_save_and_load(tmp_path, name):
-    from distbatch.schedules import build_lr_schedule
+    from distbatch.recipes.schedules import build_lr_schedule
 
     schedule = build_lr_schedule(peak_lr=0.5, start_lr=0.05, total_steps=20, warmup_steps=4, decay="cosine")
     opt = build_optimizer(name, schedule, weight_decay=1e-3, momentum_correction=name == "momentum")

@@ -11,7 +11,7 @@ from distbatch.backends import choose_backend
 from distbatch.backends.horovod import pin_gpu
 from distbatch.backends.strategy import parse_tf_config
 from distbatch.errors import UsageError
-from distbatch.plan import BatchPlan
+from distbatch.training.plan import BatchPlan
 
 
 @pytest.mark.parametrize("gb,replicas,accum,n,per_replica,steps", [

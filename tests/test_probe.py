@@ -8,8 +8,8 @@ import math
 import pytest
 
 from distbatch.errors import UsageError
-from distbatch.plan import BatchPlan
-from distbatch.probe import (OutOfMemory, estimate_step_bytes, find_max_batch, is_out_of_memory,
+from distbatch.training.plan import BatchPlan
+from distbatch.measure.probe import (OutOfMemory, estimate_step_bytes, find_max_batch, is_out_of_memory,
                              oom_message)
 
 
@@ -98,7 +98,7 @@ def test_estimate_matches_closed_form():
 
 def test_probe_with_simulated_memory_limit(dataset_cache):
     """Real trial steps on one device; the simulated limit puts the answer at exactly 37."""
-    from distbatch.probe import probe
+    from distbatch.measure.probe import probe
     limit_mb = (mlp_closed_form(37) + mlp_closed_form(38)) / 2 / 2**20
     r = probe(model_name="mlp", input_shape=(40,), num_classes=10, backend_name="single",
               accumulation_steps=4, start=16, max_batch=4096, memory_limit_mb=limit_mb)
@@ -113,8 +113,8 @@ def test_train_out_of_memory_becomes_one_line(monkeypatch, tmp_path, dataset_cac
     import tensorflow as tf
 
     from distbatch.cli import build_parser
-    from distbatch.run import train
-    from distbatch.trainer import Trainer
+    from distbatch.cli.train import train
+    from distbatch.training.trainer import Trainer
 
     def boom(self):
         raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")

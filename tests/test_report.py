@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from distbatch.errors import UsageError
-from distbatch.report import (add_report_parser, best_batch_sentence, build_report, summarize,
+from distbatch.measure.report import (add_report_parser, best_batch_sentence, build_report, summarize,
                               table_lines)
-from distbatch.results import ROW_FIELDS, append_row, make_point_id
+from distbatch.measure.results import ROW_FIELDS, append_row, make_point_id
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -23,8 +23,10 @@ from pathlib import Path
 import pytest
 
 from conftest import DISTBATCH, cli_env, load_summary, load_weights, max_weight_diff, run_cli
-from distbatch import preemption, restarts, supervisor
-from distbatch.checkpoints import candidates
+from distbatch.training import preemption
+from distbatch.launch import restarts
+from distbatch.launch import supervisor
+from distbatch.training.checkpoints import candidates
 from distbatch.errors import UsageError
 
 PY = sys.executable
@@ -260,7 +262,7 @@ def test_watchdog_hold_is_bounded():
      "--max-restarts needs a `distbatch train ...`"),
 ])
 def test_bad_max_restarts_is_one_line_exit_2(argv, message):
-    p = subprocess.run([PY, "-m", "distbatch.launch_cli", "launch", *argv], capture_output=True, text=True,
+    p = subprocess.run([PY, "-m", "distbatch.cli.launch", "launch", *argv], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": REPO})
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
     assert p.stderr.startswith(f"distbatch: error: {message}"), p.stderr
@@ -268,7 +270,7 @@ def test_bad_max_restarts_is_one_line_exit_2(argv, message):
 
 def test_dry_run_with_restarts_shows_the_checkpoint_cadence():
     env = {k: v for k, v in os.environ.items() if k != "DISTBATCH_CHECKPOINT_EVERY_SECONDS"}
-    p = subprocess.run([PY, "-m", "distbatch.launch_cli", "launch", "horovod", "--gloo", "-np", "2",
+    p = subprocess.run([PY, "-m", "distbatch.cli.launch", "launch", "horovod", "--gloo", "-np", "2",
                         "--max-restarts", "2", "--dry-run", "--", "distbatch", "train", "--out", "o"],
                        capture_output=True, text=True, env={**env, "PYTHONPATH": REPO})
     assert p.returncode == 0, p.stderr
@@ -463,7 +465,7 @@ SLOW_SAVE = textwrap.dedent("""
     # Test-only: make the checkpoint of step $SLOW_SAVE_STEP stop for 60 s after its state file
     # and best weights are written and before TensorFlow writes the checkpoint itself.
     import os, time
-    import distbatch.trainer as t
+    import distbatch.training.trainer as t
     _orig = t.Trainer._save_checkpoint
     def _slow(self, step, *a, **k):
         if step == int(os.environ["SLOW_SAVE_STEP"]):

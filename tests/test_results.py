@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distbatch import results
+from distbatch.measure import results
 from distbatch.errors import UsageError
-from distbatch.results import (ROW_FIELDS, append_row, done_point_ids, make_point_id, read_rows,
+from distbatch.measure.results import (ROW_FIELDS, append_row, done_point_ids, make_point_id, read_rows,
                                sync_csv, validate_row)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def test_read_rows_drops_trailing_partial_line_only(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys
-    from distbatch.results import ROW_FIELDS, append_row, done_point_ids, make_point_id, sync_csv
+    from distbatch.measure.results import ROW_FIELDS, append_row, done_point_ids, make_point_id, sync_csv
     out = sys.argv[1]
     sync_csv(out)                      # what `sweep --resume` does first
     done = done_point_ids(out)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from distbatch.errors import UsageError
-from distbatch.schedules import (
+from distbatch.recipes.schedules import (
     ConstantSchedule,
     WarmupSchedule,
     build_lr_schedule,
@@ -75,7 +75,7 @@ MILESTONES = [60, 120, 180]
 
 
 def reference_lr(t, *, warmup, decay, power=1.0, factor=0.1, start=START, warm=WARM):
-    """Closed-form lr(t) for the conventions documented in distbatch.schedules."""
+    """Closed-form lr(t) for the conventions documented in distbatch.recipes.schedules."""
 
     def inner(s):
         if decay == "constant":
@@ -211,7 +211,7 @@ def test_registered_names():
 
 
 def test_schedule_survives_keras_model_save_and_load(tmp_path):
-    from distbatch.optimizers import MomentumSGD
+    from distbatch.recipes.optimizers import MomentumSGD
 
     schedule = all_schedules()[2]  # gradual warmup wrapping PiecewiseConstantDecay
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
@@ -232,7 +232,7 @@ def test_schedule_survives_keras_model_save_and_load(tmp_path):
 def parse(*flags):
     import argparse
 
-    from distbatch.recipe_args import add_recipe_args
+    from distbatch.recipes.recipe_args import add_recipe_args
 
     parser = argparse.ArgumentParser()
     add_recipe_args(parser)
@@ -240,8 +240,8 @@ def parse(*flags):
 
 
 def test_build_recipe_goyal_defaults():
-    from distbatch.optimizers import MomentumSGD
-    from distbatch.recipe_args import build_recipe
+    from distbatch.recipes.optimizers import MomentumSGD
+    from distbatch.recipes.recipe_args import build_recipe
 
     args = parse()  # momentum, base 0.05 @ 32, linear, gradual from base, step decay
     opt, schedule, summary = build_recipe(args, global_batch_size=1024, steps_per_epoch=10, total_steps=900)
@@ -270,7 +270,7 @@ def test_build_recipe_goyal_defaults():
     ],
 )
 def test_build_recipe_closed_form(flags, gbs, spe, total, peak, warmup_steps):
-    from distbatch.recipe_args import build_recipe
+    from distbatch.recipes.recipe_args import build_recipe
 
     _, schedule, summary = build_recipe(parse(*flags), global_batch_size=gbs, steps_per_epoch=spe, total_steps=total)
     assert summary["peak_lr"] == pytest.approx(peak, rel=1e-12)
@@ -283,8 +283,8 @@ def test_build_recipe_closed_form(flags, gbs, spe, total, peak, warmup_steps):
 
 
 def test_build_recipe_explicit_milestones_lars_and_zero_start():
-    from distbatch.optimizers import LARS
-    from distbatch.recipe_args import build_recipe
+    from distbatch.recipes.optimizers import LARS
+    from distbatch.recipes.recipe_args import build_recipe
 
     args = parse("--optimizer", "lars", "--decay-epochs", "3,6", "--warmup-from", "zero",
                  "--warmup-epochs", "1", "--weight-decay", "5e-4", "--lars-eta", "0.02")
@@ -308,7 +308,7 @@ def test_build_recipe_explicit_milestones_lars_and_zero_start():
     ],
 )
 def test_build_recipe_errors(flags, fragment):
-    from distbatch.recipe_args import build_recipe
+    from distbatch.recipes.recipe_args import build_recipe
 
     with pytest.raises(UsageError) as err:
         build_recipe(parse(*flags), global_batch_size=256, steps_per_epoch=10, total_steps=100)

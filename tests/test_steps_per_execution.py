@@ -29,7 +29,7 @@ BASE = ["train", "--backend", "single", "--dataset", "mnist1d", "--train-size", 
 
 def train_in_process(argv: list[str]) -> dict:
     from distbatch.cli import build_parser
-    from distbatch.run import train
+    from distbatch.cli.train import train
     args = build_parser("train").parse_args(argv)
     args.progress = False
     summary, code = train(args)
@@ -93,7 +93,7 @@ def test_tensorboard_points_at_the_right_steps(one_step_run, tmp_path):
     assert [s for s, _ in got["loss"]] == [6, 12, 18, 24, 30, 36]
     # The learning rate logged is the one the optimizer applied: warmup then cosine, the same
     # function of the step as the recipe's schedule.
-    from distbatch.schedules import build_lr_schedule  # noqa: F401  (the recipe's own schedule)
+    from distbatch.recipes.schedules import build_lr_schedule  # noqa: F401  (the recipe's own schedule)
     summary = load_summary(out)
     history_lr = {r["step"]: r["lr"] for r in summary["history"]}
     for step, value in got["learning_rate"]:
@@ -114,7 +114,7 @@ def test_learning_rate_is_the_schedule(one_step_run):
     assert cfg["recipe"]["warmup_steps"] == 7
     model = keras.models.load_model(one_step_run / "model.keras", compile=False)  # noqa: F841
     from distbatch.cli import build_parser
-    from distbatch.recipe_args import build_recipe
+    from distbatch.recipes.recipe_args import build_recipe
     args = build_parser("train").parse_args([*BASE, "--out", "x"])
     args.epochs = 2.0
     _, schedule, _ = build_recipe(args, global_batch_size=32, steps_per_epoch=18, total_steps=36)
@@ -141,7 +141,7 @@ def test_divergence_inside_a_call_names_the_exact_step(tmp_path, dataset_cache):
     steps = {}
     for n in ("1", "25"):
         from distbatch.cli import build_parser
-        from distbatch.run import train
+        from distbatch.cli.train import train
         args = build_parser("train").parse_args([*diverge, "--steps-per-execution", n,
                                                  "--out", str(tmp_path / n)])
         args.progress = False

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from distbatch import supervisor
-from distbatch.supervisor import rank_specs, run_single, run_workers
+from distbatch.launch import supervisor
+from distbatch.launch.supervisor import rank_specs, run_single, run_workers
 
 PY = sys.executable
 REPO = str(Path(__file__).resolve().parents[1])
@@ -161,7 +161,7 @@ def _launcher_env():
 def test_cli_multiworker_local_gives_each_rank_its_tf_config():
     worker = ("import json, os; c = json.loads(os.environ['TF_CONFIG']); "
               "print('CFG', json.dumps(c, sort_keys=True))")
-    p = subprocess.run([PY, "-m", "distbatch.launch_cli", "launch", "multiworker", "--workers", "2",
+    p = subprocess.run([PY, "-m", "distbatch.cli.launch", "launch", "multiworker", "--workers", "2",
                         "--port", "31000", "--", PY, "-c", worker],
                        capture_output=True, text=True, env=_launcher_env(), timeout=60)
     assert p.returncode == 0, p.stderr
@@ -177,7 +177,7 @@ def test_cli_multiworker_local_gives_each_rank_its_tf_config():
 @pytest.mark.parametrize("sig, expected", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_or_sigterm_on_launcher_stops_all_workers(sig, expected):
     worker = "import os, time; print('PID', os.getpid(), flush=True); time.sleep(1000)"
-    p = subprocess.Popen([PY, "-m", "distbatch.launch_cli", "launch", "multiworker", "--workers", "2",
+    p = subprocess.Popen([PY, "-m", "distbatch.cli.launch", "launch", "multiworker", "--workers", "2",
                           "--grace-seconds", "2", "--", PY, "-c", worker],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_launcher_env())
     pids = []
@@ -221,7 +221,7 @@ def test_real_multiworker_allreduce_two_local_workers(tmp_path):
     pytest.importorskip("tensorflow")
     script = tmp_path / "mwms.py"
     script.write_text(MWMS_SCRIPT)
-    p = subprocess.run([PY, "-m", "distbatch.launch_cli", "launch", "multiworker", "--workers", "2",
+    p = subprocess.run([PY, "-m", "distbatch.cli.launch", "launch", "multiworker", "--workers", "2",
                         "--", PY, str(script)], capture_output=True, text=True, timeout=240,
                        env={**_launcher_env(), "TF_CPP_MIN_LOG_LEVEL": "3"}, cwd=tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -281,7 +281,7 @@ def test_real_multiworker_across_two_network_namespaces(tmp_path, netns_pair):
     script.write_text(MWMS_SCRIPT)
     env = {k: v for k, v in _launcher_env().items() if "proxy" not in k.lower()}
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    launch = [PY, "-m", "distbatch.launch_cli", "launch", "multiworker", "--hosts", f"{ip0},{ip1}",
+    launch = [PY, "-m", "distbatch.cli.launch", "launch", "multiworker", "--hosts", f"{ip0},{ip1}",
               "--port", "23456"]
     subprocess.run(launch + ["--write-scripts", str(tmp_path / "hosts"), "--", PY, str(script)],
                    check=True, capture_output=True, env=env)

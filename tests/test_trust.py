@@ -209,7 +209,7 @@ def test_io_errors_are_classified_by_their_os_text_not_as_out_of_memory():
     import tensorflow as tf
 
     from distbatch.errors import io_failure_message
-    from distbatch.probe import is_out_of_memory
+    from distbatch.measure.probe import is_out_of_memory
     cases = [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "out/x"),
              OSError(errno.EROFS, os.strerror(errno.EROFS), "out/x"),
              OSError(errno.EACCES, os.strerror(errno.EACCES), "out/x"),
@@ -481,11 +481,11 @@ def test_report_with_a_bad_row_names_the_line(swept, tmp_path, capfd):
 
 @pytest.mark.parametrize("target", ["/proc/bench.json", "{d}/a_file/bench.json", "{d}"])
 def test_bench_json_to_an_unwritable_path_is_refused_before_measuring(files, capfd, monkeypatch, target):
-    import distbatch.bench
+    import distbatch.measure.bench
 
     def measured(args):
         raise AssertionError("bench measured before checking --json")
-    monkeypatch.setattr(distbatch.bench, "measure", measured)
+    monkeypatch.setattr(distbatch.measure.bench, "measure", measured)
     target = target.replace("{d}", str(files))
     one_line(cli(capfd, "bench", "--backend", "single", "--iters", "1", "--json", target), 2,
              f"--json {target!r}")

@@ -46,7 +46,7 @@ def create_backend(name: str = "auto", *, cpu_replicas: int | None = None,
     """Create the backend; returns (backend, reason for the choice).
 
     ``cluster_timeout``: seconds a multiworker job waits for all its workers
-    (None: $DISTBATCH_CLUSTER_TIMEOUT or 120 s; see distbatch/cluster.py).
+    (None: $DISTBATCH_CLUSTER_TIMEOUT or 120 s; see distbatch/backends/cluster.py).
     ``collective``: MultiWorkerMirroredStrategy's communication options (multiworker only).
     """
     env = os.environ if env is None else env

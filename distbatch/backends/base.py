@@ -1,6 +1,6 @@
 """The backend interface: what the shared train step needs from a runtime.
 
-One training step (distbatch.step) runs unchanged on every backend. A backend
+One training step (distbatch.training.step) runs unchanged on every backend. A backend
 only says how many replicas there are, how a per-worker dataset is fed to
 them, how a function runs on each replica, and how tensors are summed across
 replicas. Implementations stay small: single.py, strategy.py (mirrored and

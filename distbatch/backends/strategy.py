@@ -228,7 +228,7 @@ class MultiWorkerBackend(StrategyBackend):
     def __init__(self, env: Mapping[str, str] | None = None, *,
                  cluster_timeout: float | None = None,
                  collective: CollectiveOptions | None = None) -> None:
-        from distbatch.cluster import rendezvous, resolve_cluster_timeout
+        from distbatch.backends.cluster import rendezvous, resolve_cluster_timeout
         env = os.environ if env is None else env
         timeout = resolve_cluster_timeout(cluster_timeout, env)
         if "TF_CONFIG" not in env and slurm_task_count(env) > 1:
@@ -243,7 +243,7 @@ class MultiWorkerBackend(StrategyBackend):
             resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
         num_workers = len(workers)
         # TensorFlow waits for missing peers in C++ holding the GIL, forever and silently:
-        # meet them first, where a deadline and signals work (distbatch/cluster.py).
+        # meet them first, where a deadline and signals work (distbatch/backends/cluster.py).
         rendezvous(workers, index, timeout)
         gpus = tf.config.list_physical_devices("GPU")
         for g in gpus:

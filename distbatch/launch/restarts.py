@@ -1,7 +1,7 @@
 """`distbatch launch ... --max-restarts N`: restart every worker from the newest checkpoint.
 
 Like torchrun's --max-restarts: when any worker fails, the supervisor stops
-all of them (distbatch.supervisor); then, up to N times, every worker starts
+all of them (distbatch.launch.supervisor); then, up to N times, every worker starts
 again with ``--resume`` added to its `distbatch train` (or `sweep`) command, so
 the job continues from the newest checkpoint in its ``--out``. One line per
 restart names the failed rank, how it failed and the step it resumes from.
@@ -72,8 +72,8 @@ def newest_checkpoint(out: str) -> tuple[int, str] | None:
     """(step, directory) of the newest complete-looking checkpoint under `out`: a `ckpt-N.index`
     with its `state-N.json` (written before it) in OUT/checkpoints, or in the most recently
     changed OUT/points/*/checkpoints of a sweep. No TensorFlow here; the restarted worker itself
-    checks every tensor and falls back further if needed (distbatch/checkpoints.py)."""
-    from distbatch.checkpoints import candidates
+    checks every tensor and falls back further if needed (distbatch/training/checkpoints.py)."""
+    from distbatch.training.checkpoints import candidates
     dirs = [os.path.join(out, "checkpoints")]
     points = os.path.join(out, "points")
     if os.path.isdir(points):

@@ -133,10 +133,10 @@ def build_recipe(
     ``adascale`` (an AdaScaleState, with ``args.scaling == "adascale"``): the
     arguments describe the BASE batch's run (global_batch_size = base batch,
     its steps per epoch and step budget); the optimizer then follows
-    ``gain x schedule(tau)`` (distbatch.adascale).
+    ``gain x schedule(tau)`` (distbatch.recipes.adascale).
     """
-    from distbatch.optimizers import build_optimizer
-    from distbatch.schedules import build_lr_schedule, epochs_to_steps, scaled_learning_rate
+    from distbatch.recipes.optimizers import build_optimizer
+    from distbatch.recipes.schedules import build_lr_schedule, epochs_to_steps, scaled_learning_rate
 
     rule = "none" if args.scaling == "adascale" else args.scaling
     if (adascale is None) != (rule == args.scaling):
@@ -187,7 +187,7 @@ def build_recipe(
         power=args.decay_power,
     )
     if adascale is not None:
-        from distbatch.adascale import AdaScaleSchedule
+        from distbatch.recipes.adascale import AdaScaleSchedule
         schedule = AdaScaleSchedule(schedule, adascale)
     optimizer = build_optimizer(
         args.optimizer,

@@ -25,7 +25,7 @@ from distbatch.models import MODELS
 from distbatch.outdir import check_out_dir, claim_out_dir
 
 if TYPE_CHECKING:
-    from distbatch.plan import BatchPlan
+    from distbatch.training.plan import BatchPlan
 
 RUN_FILES = ("summary.json", "config.json", "model.keras")
 RUN_OUTPUTS = RUN_FILES + ("tensorboard", "checkpoints")  # all --overwrite removes
@@ -35,7 +35,7 @@ EXIT_DIVERGED = 3
 
 def add_train_args(parser: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     """Flags shared by `train` and `sweep` (the sweep sets the batch size per point)."""
-    from distbatch.recipe_args import add_recipe_args
+    from distbatch.recipes.recipe_args import add_recipe_args
     g = parser.add_argument_group("run")
     g.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="auto (default): horovod under horovodrun/mpirun, multiworker with "
@@ -60,7 +60,7 @@ def add_train_args(parser: argparse.ArgumentParser, *, sweep: bool = False) -> N
                             "--max-global-batch-size, with --scaling adascale")
         g.add_argument("--max-global-batch-size", type=int, default=None, metavar="M",
                        help="largest batch --global-batch-size auto may choose")
-        from distbatch.batch_schedule import add_batch_schedule_args
+        from distbatch.training.batch_schedule import add_batch_schedule_args
         add_batch_schedule_args(g)
     length = g.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, default=None, help="training length in epochs")
@@ -114,7 +114,7 @@ def add_train_args(parser: argparse.ArgumentParser, *, sweep: bool = False) -> N
 def add_comm_args(parser: argparse.ArgumentParser) -> None:
     """Gradient communication: buckets, compression, MultiWorkerMirroredStrategy options
     (Horovod's fusion threshold and cycle time are `distbatch launch horovod` flags)."""
-    from distbatch.step import GRAD_COMPRESSION
+    from distbatch.training.step import GRAD_COMPRESSION
     g = parser.add_argument_group("communication (see docs/scaling.md)")
     g.add_argument("--bucket-mb", type=nonnegative_float_arg, default=0.0, metavar="MB",
                    help="all-reduce gradients in buckets of about MB megabytes, last layers first, "
@@ -201,7 +201,7 @@ def validate_args(args: argparse.Namespace) -> None:
             and not args.batch_size_schedule):
         raise UsageError("--global-batch-size is required (or give --batch-size-schedule)")
     if getattr(args, "batch_size_schedule", None):
-        from distbatch.batch_schedule import parse_batch_schedule
+        from distbatch.training.batch_schedule import parse_batch_schedule
         last = parse_batch_schedule(args.batch_size_schedule)[-1][0]
         require(args.steps is None, f"--batch-size-schedule needs the length in --epochs (the "
                                     f"batch changes at epochs), got --steps {args.steps}")
@@ -224,7 +224,7 @@ def validate_args(args: argparse.Namespace) -> None:
         require(size is None or size >= 1, f"{flag} must be >= 1 examples, got {size}")
     require(math.isfinite(args.min_delta) and args.min_delta >= 0,
             f"--min-delta must be a finite number >= 0, got {args.min_delta}")
-    from distbatch.recipe_args import validate_recipe_args
+    from distbatch.recipes.recipe_args import validate_recipe_args
     validate_recipe_args(args)
     require(args.evals_per_epoch >= 1, f"--evals-per-epoch must be >= 1, got {args.evals_per_epoch}")
     require(args.early_stopping_patience >= 1,
@@ -241,7 +241,7 @@ def validate_args(args: argparse.Namespace) -> None:
     require(args.num_classes is None or args.num_classes >= 2,
             f"--num-classes must be >= 2, got {args.num_classes}")
     require(not (args.resume and args.overwrite), "--resume and --overwrite exclude each other")
-    from distbatch.cluster import resolve_cluster_timeout
+    from distbatch.backends.cluster import resolve_cluster_timeout
     resolve_cluster_timeout(getattr(args, "cluster_timeout", None))
 
 
@@ -260,7 +260,7 @@ def set_precision(policy: str) -> None:
 
 
 def load_data(args: argparse.Namespace):
-    from distbatch.data import load_dataset
+    from distbatch.data.datasets import load_dataset
     extra = {} if args.num_classes is None else {"num_classes": args.num_classes}
     return load_dataset(args.dataset, seed=args.data_seed, train_size=args.train_size,
                         val_size=args.val_size, **extra)
@@ -284,12 +284,12 @@ def plan_run(args: argparse.Namespace, backend, data, *, flag: str = "--global-b
     Returns a RunPlan. A sweep calls it for every point before it writes anything.
     """
     from distbatch.models import check_model
-    from distbatch.plan import BatchPlan
-    from distbatch.recipe_args import build_recipe
+    from distbatch.training.plan import BatchPlan
+    from distbatch.recipes.recipe_args import build_recipe
 
     batch_schedule = recipe_args = None
     if getattr(args, "batch_size_schedule", None):
-        from distbatch.batch_schedule import schedule_from_args, schedule_recipe_args
+        from distbatch.training.batch_schedule import schedule_from_args, schedule_recipe_args
         batch_schedule = schedule_from_args(args, replicas=backend.num_replicas,
                                             num_train_examples=len(data.x_train))
         args.global_batch_size = batch_schedule.first_plan.global_batch_size
@@ -297,7 +297,7 @@ def plan_run(args: argparse.Namespace, backend, data, *, flag: str = "--global-b
     adaptive = args.global_batch_size == "auto"
     candidates = None
     if adaptive:  # the goodput-adaptive batch starts at the smallest candidate
-        from distbatch.goodput import candidate_batches
+        from distbatch.training.goodput import candidate_batches
         try:
             candidates = candidate_batches(args.base_batch_size, args.max_global_batch_size,
                                            units=backend.num_replicas * args.accumulation_steps,
@@ -323,7 +323,7 @@ def plan_run(args: argparse.Namespace, backend, data, *, flag: str = "--global-b
         total_steps = recipe_plan.total_steps(epochs=args.epochs, steps=args.steps)
         adascale_scale = plan.global_batch_size / args.base_batch_size
     if args.noise_scale or (adascale_scale or 1) > 1:
-        from distbatch.step import check_noise_scale, noise_splits_for
+        from distbatch.training.step import check_noise_scale, noise_splits_for
         check_noise_scale(plan, noise_splits_for(plan))
     check_model(args.model, data.input_shape)
     # Only to validate the recipe flags (e.g. --momentum 1.5); train builds the real
@@ -348,9 +348,9 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
 
     from distbatch.backends import create_backend
     from distbatch.models import build_model
-    from distbatch.preemption import checkpoint_seconds
-    from distbatch.recipe_args import build_recipe
-    from distbatch.trainer import LoopOptions, Trainer
+    from distbatch.training.preemption import checkpoint_seconds
+    from distbatch.recipes.recipe_args import build_recipe
+    from distbatch.training.trainer import LoopOptions, Trainer
 
     reason = "given"
     if backend is None:
@@ -371,7 +371,7 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
         model = build_model(args.model, data.input_shape, data.num_classes)
         adascale = None
         if adascale_scale is not None:
-            from distbatch.adascale import AdaScaleState
+            from distbatch.recipes.adascale import AdaScaleState
             adascale = AdaScaleState(scale=adascale_scale, base_batch_size=args.base_batch_size,
                                      total_base_steps=total_steps, always_measure=adaptive)
         optimizer, schedule, recipe = build_recipe(
@@ -388,7 +388,7 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
                         total_steps=total_steps, recipe=recipe)
     if args.resume:  # refused here, before anything is written
         check_resume_matches(config, args.out)
-        from distbatch.checkpoints import newest_intact
+        from distbatch.training.checkpoints import newest_intact
         newest_intact(os.path.join(args.out, "checkpoints"))
     if chief:
         claim_out_dir(args.out, "train", remove=RUN_OUTPUTS if args.overwrite else ())
@@ -427,7 +427,7 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
     say = chief and getattr(args, "progress", True)  # a sweep's points stay quiet
     try:
         if adaptive:
-            from distbatch.goodput import probe_step_seconds, run_adaptive
+            from distbatch.training.goodput import probe_step_seconds, run_adaptive
 
             def probe(batch: int) -> float:
                 return probe_step_seconds(
@@ -441,13 +441,13 @@ def train(args: argparse.Namespace, *, backend=None, data=None) -> tuple[dict, i
                                   log=lambda m: print(m, file=sys.stderr, flush=True)
                                   if chief and options.verbose else None)
         elif batch_schedule is not None:
-            from distbatch.batch_schedule import run_schedule
+            from distbatch.training.batch_schedule import run_schedule
             result = run_schedule(backend, model, optimizer, batch_schedule, data, options,
                                   learning_rate_fn=lambda s: float(schedule(s)))
         else:
             result = Trainer(backend, model, optimizer, plan, data, options, adascale=adascale).run()
     except Exception as e:  # out of memory -> one line with the failing batch and what to try
-        from distbatch.probe import OutOfMemory, is_out_of_memory, oom_message
+        from distbatch.measure.probe import OutOfMemory, is_out_of_memory, oom_message
         if not is_out_of_memory(e):
             raise
         raise OutOfMemory(oom_message(plan)) from e

@@ -25,7 +25,7 @@ import time
 
 from distbatch.errors import UsageError, require
 from distbatch.outdir import check_out_dir, claim_out_dir
-from distbatch.run import add_train_args, atomic_write_json, validate_args
+from distbatch.cli.train import add_train_args, atomic_write_json, validate_args
 
 DEFAULT_BATCHES = "32,64,128,256,512,1024"
 # The sweep's default warmup: 1 epoch, but at most this fraction of each point's training,
@@ -114,7 +114,7 @@ def point_args(args: argparse.Namespace, batch: int, seed: int, out_dir: str,
 
 
 def summary_to_row(summary: dict, point_id: str, status: str) -> dict:
-    from distbatch.results import ROW_FIELDS
+    from distbatch.measure.results import ROW_FIELDS
     row = {k: summary.get(k) for k in ROW_FIELDS}
     row.update(point_id=point_id, status=status, diverged=status == "diverged",
                history=summary.get("history"), target_accuracy=summary.get("target_accuracy"),
@@ -126,7 +126,7 @@ def summary_to_row(summary: dict, point_id: str, status: str) -> dict:
 
 
 def oom_row(args, batch: int, seed: int, point_id: str, backend) -> dict:
-    from distbatch.results import ROW_FIELDS
+    from distbatch.measure.results import ROW_FIELDS
     row = dict.fromkeys(ROW_FIELDS)
     row.update(point_id=point_id, status="oom", diverged=False, global_batch_size=batch, seed=seed,
                replicas=backend.num_replicas, backend=backend.name,
@@ -154,11 +154,11 @@ def run_sweep(args: argparse.Namespace) -> int:
     batches = validate_sweep_args(args)
     check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite, holds=SWEEP_MARKERS)
 
-    from distbatch import results
+    from distbatch.measure import results
     from distbatch.backends import create_backend
-    from distbatch.probe import is_out_of_memory
-    from distbatch.report import build_report
-    from distbatch.run import (RESUME_MAY_CHANGE, check_resume_matches, collective_options,
+    from distbatch.measure.probe import is_out_of_memory
+    from distbatch.measure.report import build_report
+    from distbatch.cli.train import (RESUME_MAY_CHANGE, check_resume_matches, collective_options,
                                load_data, machine_info, plan_run, run_config, train)
 
     backend, reason = create_backend(args.backend, cpu_replicas=args.cpu_replicas,

@@ -12,7 +12,7 @@ At B = B_crit a run needs 2x the minimum number of steps AND 2x the minimum
 number of examples: below it, doubling the batch nearly halves the steps
 (perfect scaling, Shallue et al. 2019); above it, extra examples buy few
 steps. B_noise is estimated by the simple noise scale B_simple = tr(Sigma)/|G|^2
-(distbatch.noise), measured during a short real training run.
+(distbatch.measure.noise), measured during a short real training run.
 
 With the measured throughput T(B) (samples/s on this machine), the predicted
 time to the same loss is S(B) * B / T(B) = S_min (B + B_noise) / T(B); the
@@ -31,7 +31,7 @@ from typing import Mapping
 
 from distbatch.errors import UsageError, require
 from distbatch.outdir import check_out_dir, claim_out_dir
-from distbatch.run import add_train_args, atomic_write_json, validate_args
+from distbatch.cli.train import add_train_args, atomic_write_json, validate_args
 
 DEFAULT_BATCHES = "32,64,128,256,512"
 RECOMMENDATION_NAME = "recommendation.json"
@@ -152,7 +152,7 @@ def suggested_command(args: argparse.Namespace, batch: int, warmup: dict) -> lis
     carried over (enumerated from train's own parser, so new flags are covered), plus
     the recommended batch, warmup, the planned length, and an --out directory.
     """
-    from distbatch.run import add_train_args
+    from distbatch.cli.train import add_train_args
     train_parser = argparse.ArgumentParser(add_help=False)
     add_train_args(train_parser)
     cmd = ["distbatch", "train", "--dataset", str(args.dataset), "--model", str(args.model),
@@ -218,7 +218,7 @@ def _sub_args(args: argparse.Namespace, batch: int, steps: int, out: str, noise:
 
 def validate_recommend_args(args: argparse.Namespace) -> list[int]:
     """Every check of recommend's flags that needs no TensorFlow; returns the batch sizes."""
-    from distbatch.sweep import parse_batch_sizes
+    from distbatch.cli.sweep import parse_batch_sizes
     batches = parse_batch_sizes(args.batch_sizes)
     require(args.noise_batch_size >= 2, f"--noise-batch-size must be >= 2, got {args.noise_batch_size}")
     require(args.noise_steps >= 10, f"--noise-steps must be >= 10, got {args.noise_steps}")
@@ -237,10 +237,10 @@ def run_recommend(args: argparse.Namespace) -> int:
     require(not args.resume, "--resume does not apply to recommend (its runs are short)")
 
     from distbatch.backends import create_backend
-    from distbatch.plan import BatchPlan
-    from distbatch.probe import OutOfMemory
-    from distbatch.run import EXIT_DIVERGED, load_data, train
-    from distbatch.schedules import scaled_learning_rate
+    from distbatch.training.plan import BatchPlan
+    from distbatch.measure.probe import OutOfMemory
+    from distbatch.cli.train import EXIT_DIVERGED, load_data, train
+    from distbatch.recipes.schedules import scaled_learning_rate
 
     backend, _ = create_backend(args.backend, cpu_replicas=args.cpu_replicas,
                                 cluster_timeout=args.cluster_timeout)

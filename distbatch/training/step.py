@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from distbatch.backends.base import Backend
-from distbatch.plan import BatchPlan
+from distbatch.training.plan import BatchPlan
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,7 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
     stacked over the n steps; `step.keys` names the outputs. Outputs:
     loss_sum, correct (global sums), lr (the learning rate this step applied)
     and, with the noise scale on, small_sq and big_sq; with `adascale`
-    (distbatch.adascale.AdaScaleState) also its gain and tau after the step.
+    (distbatch.recipes.adascale.AdaScaleState) also its gain and tau after the step.
     """
     import keras
     import tensorflow as tf

@@ -109,9 +109,9 @@ def run_adaptive(backend, model, optimizer, data, options, *, adascale, candidat
     """
     import dataclasses
 
-    from distbatch.batch_schedule import merge_metrics
-    from distbatch.plan import BatchPlan
-    from distbatch.trainer import RunResult, Trainer
+    from distbatch.training.batch_schedule import merge_metrics
+    from distbatch.training.plan import BatchPlan
+    from distbatch.training.trainer import RunResult, Trainer
 
     base = adascale.base_batch_size
     measured = {b: probe(b) for b in candidates}
@@ -158,7 +158,7 @@ def backend_slowest(backend, seconds: float) -> float:
     """The slowest rank's value, identical everywhere (so every rank makes the same choice)."""
     if backend.num_workers == 1:
         return seconds
-    from distbatch.bench import _slowest_worker_times
+    from distbatch.measure.bench import _slowest_worker_times
     return _slowest_worker_times(backend, [seconds])[0]
 
 
@@ -180,8 +180,8 @@ def probe_step_seconds(backend, make_model: Callable, optimizer_fn: Callable, in
     import numpy as np
     import tensorflow as tf
 
-    from distbatch.plan import BatchPlan
-    from distbatch.step import StepOptions, make_train_step, noise_splits_for
+    from distbatch.training.plan import BatchPlan
+    from distbatch.training.step import StepOptions, make_train_step, noise_splits_for
 
     plan = BatchPlan.derive(global_batch_size=batch, replicas=backend.num_replicas,
                             accumulation_steps=accumulation_steps, num_train_examples=batch)

@@ -3,7 +3,7 @@
 Every function here returns data (an argument list, a JSON string, a script
 text) and runs nothing, so each launcher is tested as an exact argument list
 and ``--dry-run`` prints exactly what would run. Executing is one call into
-:mod:`distbatch.supervisor`.
+:mod:`distbatch.launch.supervisor`.
 
 Conventions shared by all launchers:
 

@@ -4,7 +4,7 @@ Like Horovod's synthetic benchmark (tensorflow2_synthetic_benchmark.py), but
 measured honestly:
 
 - Each timed iteration is --steps-per-iter steps of the REAL distbatch step
-  (distbatch.step.make_train_step, forward + backward + all-reduce + update) on
+  (distbatch.training.step.make_train_step, forward + backward + all-reduce + update) on
   fixed random inputs of the model's shape, ended by fetching a result (so the
   device work is finished). One compiling step and --warmup-iters warm-up
   iterations run first and are not timed.
@@ -201,8 +201,8 @@ def measure(args: argparse.Namespace) -> dict:
     import distbatch
     from distbatch.backends import create_backend
     from distbatch.models import build_model
-    from distbatch.plan import BatchPlan
-    from distbatch.step import make_train_step
+    from distbatch.training.plan import BatchPlan
+    from distbatch.training.step import make_train_step
 
     shape = parse_input_shape(args.input_shape)
     backend, reason = create_backend(args.backend, cpu_replicas=args.cpu_replicas)
@@ -290,7 +290,7 @@ def _print_result(r: dict) -> None:
 
 def _write_json(path: str | None, obj: dict) -> None:
     if path:
-        from distbatch.run import atomic_write_json
+        from distbatch.cli.train import atomic_write_json
         atomic_write_json(path, obj)
 
 

@@ -1,8 +1,8 @@
 """``distbatch launch {horovod,mpirun,multiworker,slurm} [options] -- COMMAND...``
 
-Thin front door: parse flags, call a pure builder in :mod:`distbatch.launcher`,
+Thin front door: parse flags, call a pure builder in :mod:`distbatch.launch.launcher`,
 then either print the result (``--dry-run``, multi-host commands, sbatch
-scripts) or run it under :mod:`distbatch.supervisor`. Handlers return an int
+scripts) or run it under :mod:`distbatch.launch.supervisor`. Handlers return an int
 exit code and raise :class:`~distbatch.errors.UsageError` for bad input.
 
 Everything after ``--`` is the worker command, passed through untouched.
@@ -17,9 +17,11 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from distbatch import launcher, restarts, supervisor
+from distbatch.launch import launcher
+from distbatch.launch import restarts
+from distbatch.launch import supervisor
 from distbatch.errors import UsageError
-from distbatch.preemption import CHECKPOINT_SECONDS_ENV, LAUNCH_CHECKPOINT_SECONDS
+from distbatch.training.preemption import CHECKPOINT_SECONDS_ENV, LAUNCH_CHECKPOINT_SECONDS
 
 
 def _print(*lines: str) -> None:
@@ -286,7 +288,7 @@ def add_launch_parser(subparsers) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry: ``python -m distbatch.launch_cli launch horovod ...`` (same as ``distbatch launch``)."""
+    """Standalone entry: ``python -m distbatch.cli.launch launch horovod ...`` (same as ``distbatch launch``)."""
     parser = argparse.ArgumentParser(prog="distbatch")
     sub = parser.add_subparsers(dest="cmd", required=True)
     add_launch_parser(sub)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from distbatch.errors import UsageError, require
-from distbatch.plan import BatchPlan
+from distbatch.training.plan import BatchPlan
 
 
 def add_batch_schedule_args(group) -> None:
@@ -187,7 +187,7 @@ def run_schedule(backend, model, optimizer, schedule: BatchSchedule, data, optio
     each segment gets its absolute end step, step_offset and epoch_offset).
     Returns a trainer.RunResult whose metrics also hold "segments".
     """
-    from distbatch.trainer import RunResult, Trainer
+    from distbatch.training.trainer import RunResult, Trainer
 
     results, seg_info = [], []
     for seg in schedule.segments:

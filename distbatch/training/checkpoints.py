@@ -65,7 +65,7 @@ def damage(directory: str, step: int, prefix: str) -> str | None:
     except (OSError, ValueError, AttributeError) as e:
         return f"its state-{step}.json is unreadable ({type(e).__name__}: {str(e)[:100]})"
     if best is not None:
-        from distbatch.early_stopping import load_weights, weights_file
+        from distbatch.training.early_stopping import load_weights, weights_file
         try:
             load_weights(os.path.join(directory, weights_file(best)))
         except Exception as e:  # noqa: BLE001 - OSError, BadZipFile, ValueError, ...

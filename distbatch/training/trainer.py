@@ -19,14 +19,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from distbatch import interrupts, pipeline
+from distbatch import interrupts
+from distbatch.training import pipeline
 from distbatch.backends.base import Backend
-from distbatch.checkpoints import newest_intact
-from distbatch.early_stopping import EarlyStopping, load_weights, save_weights, weights_file
-from distbatch.noise import NoiseScaleTracker
-from distbatch.plan import BatchPlan
-from distbatch.preemption import CallBoundary, Preempted, broadcast_int
-from distbatch.step import StepOptions, make_eval_step, make_train_step, noise_splits_for
+from distbatch.training.checkpoints import newest_intact
+from distbatch.training.early_stopping import EarlyStopping, load_weights, save_weights, weights_file
+from distbatch.measure.noise import NoiseScaleTracker
+from distbatch.training.plan import BatchPlan
+from distbatch.training.preemption import CallBoundary, Preempted, broadcast_int
+from distbatch.training.step import StepOptions, make_eval_step, make_train_step, noise_splits_for
 
 
 @dataclass
@@ -59,7 +60,7 @@ class LoopOptions:
     jit_compile: bool = False                  # XLA for the per-replica forward/backward
     bucket_mb: float = 0.0                     # gradient all-reduce buckets (MB); 0 = one group
     grad_compression: str = "none"             # none | fp16 | bf16: gradient type on the wire
-    # Batch-size schedules (distbatch.batch_schedule) run one Trainer per fixed-batch
+    # Batch-size schedules (distbatch.training.batch_schedule) run one Trainer per fixed-batch
     # segment. step_offset: global steps done before this segment (steps, history and
     # total_steps are absolute); epoch_offset: absolute epoch where the segment starts
     # (the data order is a function of (seed, absolute epoch)). Default 0: one segment.
@@ -102,7 +103,7 @@ class Trainer:
     def __init__(self, backend: Backend, model, optimizer, plan: BatchPlan, data,
                  options: LoopOptions, loss_fn: Callable | None = None, adascale=None,
                  step_cache: dict | None = None) -> None:
-        """`adascale`: a distbatch.adascale.AdaScaleState whose schedule the optimizer uses;
+        """`adascale`: a distbatch.recipes.adascale.AdaScaleState whose schedule the optimizer uses;
         the run then ends when its tau reaches the base-batch budget (or at total_steps).
         `step_cache`: a dict shared by Trainers of one model and optimizer (segments of a
         changing batch) so a batch seen before does not compile its step again."""
@@ -201,7 +202,7 @@ class Trainer:
         ckpt, self._manager = self._checkpoint()
         start_step, history, state = opt.step_offset, [], {}
         # Every worker restores the CHIEF's checkpoint (non-chief workers save to temp dirs),
-        # the newest intact one: damaged ones are skipped with a warning (distbatch/checkpoints.py).
+        # the newest intact one: damaged ones are skipped with a warning (distbatch/training/checkpoints.py).
         latest = newest_intact(opt.checkpoint_dir, warn=self.chief) if ckpt is not None and opt.resume else None
         es = (EarlyStopping(opt.early_stopping_metric, opt.early_stopping_patience, opt.min_delta)
               if opt.early_stopping_metric else None)
@@ -241,7 +242,7 @@ class Trainer:
                     "early_stopping": es.state() if es is not None else None,
                     "stopped": stopped_early}
 
-        # Time-based checkpoints and SIGTERM (distbatch.preemption): decided at call boundaries,
+        # Time-based checkpoints and SIGTERM (distbatch.training.preemption): decided at call boundaries,
         # the same on every worker. SIGTERM only sets a flag while the loop runs (CLI only).
         watch = self._manager is not None and interrupts.arm_preemption()
         boundary = CallBoundary(b, opt.checkpoint_every_seconds if self._manager is not None else 0.0,

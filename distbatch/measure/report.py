@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from distbatch.errors import UsageError
 from distbatch.fileio import atomic_write
-from distbatch.results import JSONL_NAME, STATUSES, read_rows
+from distbatch.measure.results import JSONL_NAME, STATUSES, read_rows
 
 REPORT_NAME = "report.md"
 PLOT_NAMES = {

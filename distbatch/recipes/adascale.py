@@ -15,7 +15,7 @@ T/S and T optimizer steps). Early in training mu^2 dominates and r ~ 1 (no
 warmup needed); as the gradient gets noisy r grows towards S (linear scaling).
 
 tr(Sigma) and |G|^2 come from the same per-step statistics as the gradient
-noise scale (distbatch.noise: squared gradient norms at the micro-batch and at
+noise scale (distbatch.measure.noise: squared gradient norms at the micro-batch and at
 the global batch, McCandlish et al. 2018's unbiased estimators), averaged by
 bias-corrected exponential moving averages with theta = max(1 - S/1000, 0)
 (the paper's choice); sigma^2 is clipped at >= 1e-6 and mu^2 at >= 0 before

@@ -8,7 +8,7 @@ import sys
 
 from distbatch import __version__
 from distbatch.errors import ClusterSetupError, UsageError
-from distbatch.preemption import EXIT_PREEMPTED, Preempted
+from distbatch.training.preemption import EXIT_PREEMPTED, Preempted
 
 QUIET_ENV = {
     "TF_CPP_MIN_LOG_LEVEL": "3",        # C++ INFO/WARNING (oneDNN notices, CUDA probing)
@@ -44,7 +44,7 @@ def quiet_tensorflow(import_now: bool = True) -> None:
 
 
 def _train(args) -> int:
-    from distbatch.run import train
+    from distbatch.cli.train import train
     return train(args)[1]
 
 
@@ -62,12 +62,12 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 
 SUBCOMMANDS = (  # (name, module, function adding its parser)
-    ("sweep", "distbatch.sweep", "add_sweep_parser"),
-    ("bench", "distbatch.bench", "add_bench_parser"),
-    ("report", "distbatch.report", "add_report_parser"),
-    ("recommend", "distbatch.recommend", "add_recommend_parser"),
-    ("probe-batch", "distbatch.probe", "add_probe_parser"),
-    ("launch", "distbatch.launch_cli", "add_launch_parser"),
+    ("sweep", "distbatch.cli.sweep", "add_sweep_parser"),
+    ("bench", "distbatch.measure.bench", "add_bench_parser"),
+    ("report", "distbatch.measure.report", "add_report_parser"),
+    ("recommend", "distbatch.measure.recommend", "add_recommend_parser"),
+    ("probe-batch", "distbatch.measure.probe", "add_probe_parser"),
+    ("launch", "distbatch.cli.launch", "add_launch_parser"),
 )
 # Subcommands whose process never needs TensorFlow (the launcher only starts workers).
 NO_TENSORFLOW = {"launch", "report"}
@@ -85,7 +85,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     if command in (None, "train"):
-        from distbatch.run import add_train_args
+        from distbatch.cli.train import add_train_args
         p = sub.add_parser("train", help="train one model at one global batch size")
         add_train_args(p)
         p.set_defaults(func=_train)
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         # Under horovodrun/mpirun: tell the launcher this rank's own status (horovodrun
         # reports any failure as 1).
-        from distbatch.supervisor import record_exit_code
+        from distbatch.launch.supervisor import record_exit_code
         record_exit_code(code)
         if stop_now:
             from distbatch import interrupts
@@ -138,7 +138,7 @@ def _run(argv: list[str]) -> tuple[int, bool]:
     except ClusterSetupError as e:
         print(f"distbatch: error: {e}", file=sys.stderr)
         return 1, False
-    except Preempted as e:  # every worker saved at the same step (distbatch/preemption.py)
+    except Preempted as e:  # every worker saved at the same step (distbatch/training/preemption.py)
         print(f"distbatch: {e.message()}", file=sys.stderr)
         return EXIT_PREEMPTED, True
     except KeyboardInterrupt as e:

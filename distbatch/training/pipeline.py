@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from distbatch.plan import BatchPlan
+from distbatch.training.plan import BatchPlan
 
 
 def epoch_permutation(tf, n: int, seed: int, epoch):

@@ -19,7 +19,7 @@ hang). So the supervisor:
 4. treats Ctrl-C (SIGINT) and SIGTERM on the launcher the same way, except
    that after SIGTERM it waits up to ``PREEMPT_WAIT_SECONDS`` (not
    ``grace_seconds``) before SIGKILL: distbatch workers answer SIGTERM by
-   saving a checkpoint at the next step boundary (distbatch/preemption.py).
+   saving a checkpoint at the next step boundary (distbatch/training/preemption.py).
 
 Exit code: 0 when all workers exit 0; the failed worker's code, or
 128 + signal number when it was killed by a signal (the shell's convention);
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 PREFIX_FORMAT = "[rank {rank}] "
-EXIT_PREEMPTED = 75          # distbatch.preemption.EXIT_PREEMPTED (no TensorFlow import here)
+EXIT_PREEMPTED = 75          # distbatch.training.preemption.EXIT_PREEMPTED (no TensorFlow import here)
 PREEMPT_WAIT_SECONDS = 35.0  # a worker's watchdog allows 30 s for its preemption save
 
 

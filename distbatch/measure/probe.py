@@ -198,7 +198,7 @@ def validate_probe_args(args: argparse.Namespace) -> None:
 def probe_main(args: argparse.Namespace) -> int:
     validate_probe_args(args)
     if args.dataset:
-        from distbatch.data import load_dataset
+        from distbatch.data.datasets import load_dataset
         data = load_dataset(args.dataset)
         shape, classes = data.input_shape, data.num_classes
     else:
@@ -233,10 +233,10 @@ def probe(*, model_name: str, input_shape: Sequence[int], num_classes: int,
 
     from distbatch.backends import create_backend
     from distbatch.models import build_model
-    from distbatch.optimizers import build_optimizer
-    from distbatch.plan import BatchPlan
-    from distbatch.run import set_precision
-    from distbatch.step import make_train_step
+    from distbatch.recipes.optimizers import build_optimizer
+    from distbatch.training.plan import BatchPlan
+    from distbatch.cli.train import set_precision
+    from distbatch.training.step import make_train_step
 
     backend, _ = create_backend(backend_name, cpu_replicas=cpu_replicas)
     R, K = backend.num_replicas, 1  # K=1: accumulation runs one micro-batch at a time

@@ -1,0 +1,1 @@
+"""Launching processes: horovodrun/mpirun/TF_CONFIG command lines, the supervisor, restarts."""

@@ -1,0 +1,1 @@
+"""Measurement: gradient noise scale, probes, benchmarks, results, reports, recommendations."""

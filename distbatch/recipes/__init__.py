@@ -1,0 +1,1 @@
+"""Large-batch recipes: lr schedules and scaling rules, optimizers (LARS, LAMB), AdaScale."""
