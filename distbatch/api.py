@@ -1,56 +1,241 @@
-"""The Python front door: plug in any Keras 3 model, loss and optimizer.
+"""The Python front door: your model, data, loss, metrics and callbacks, at a GLOBAL batch.
 
     import distbatch, keras
     result = distbatch.fit(
-        model_fn=lambda: keras.Sequential([...]),
-        optimizer_fn=lambda: keras.optimizers.SGD(0.1, momentum=0.9),
-        data=distbatch.load_dataset("mnist1d"),
+        model_fn=lambda: keras.Sequential([...]),        # called inside the backend's scope
+        recipe=distbatch.Recipe(optimizer="momentum", base_lr=0.1, base_batch_size=256,
+                                scaling="linear", warmup="gradual", warmup_epochs=5,
+                                decay="cosine"),           # or optimizer_fn=lambda: keras.optimizers.SGD(...)
+        data=(x_train, y_train),                         # or a tf.data.Dataset of single examples,
+        validation_data=(x_val, y_val),                  #    dataset_fn(ctx), distbatch.data.files(...)
+        loss="mse", metrics=["mae"], callbacks=[keras.callbacks.CSVLogger("log.csv")],
         global_batch_size=256, epochs=5, backend="auto")
+    result.history["val_mae"]; result.model.save("model.keras"); result.metrics
 
-model_fn and optimizer_fn are called inside the backend's scope, so variables
-are mirrored where they must be; the optimizer's slots are built before the
-first step; Horovod broadcasts the initial state from rank 0. loss_fn(y, out)
-must return PER-EXAMPLE losses (e.g. keras.losses.SparseCategoricalCrossentropy(
-from_logits=True, reduction=None)); distbatch averages over the global batch.
+model_fn and optimizer_fn are called inside the backend's scope, so variables are
+mirrored where they must be; the optimizer's slots are built before the first step;
+Horovod broadcasts the initial state from rank 0. The loss is divided by the GLOBAL
+batch (sample weights multiply the per-example losses); metrics are aggregated exactly
+across replicas and workers (distbatch/training/task.py). Callbacks run on the chief
+with global metrics (distbatch/training/trainer.py, CallbackHooks).
 """
 from __future__ import annotations
 
-from typing import Callable
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from distbatch.training.trainer import LoopOptions, RunResult
 
 
-def fit(*, model_fn: Callable, optimizer_fn: Callable, data, global_batch_size: int,
-        epochs: float | None = None, steps: int | None = None, backend="auto",
-        cpu_replicas: int | None = None, loss_fn: Callable | None = None, seed: int = 0,
-        accumulation_steps: int = 1, **loop_options) -> RunResult:
-    """Train model_fn() with optimizer_fn() on data at a GLOBAL batch size; return the result.
+@dataclass
+class FitResult:
+    """What distbatch.fit returns.
 
-    `backend` is a name (see distbatch.backends.BACKENDS) or a Backend instance.
-    Extra keyword arguments go to LoopOptions (evals_per_epoch, noise_scale,
-    target_accuracy, early_stopping_metric, checkpoint_dir, tensorboard_dir, ...).
-    The trained model is result.model.
+    history: dict of lists like keras History.history (loss, <metric>, val_loss,
+    val_<metric>, lr, plus step and epoch), one entry per evaluation.
+    model: the trained model, compiled (optimizer with its schedule, loss, metrics):
+    model.save("model.keras"), keras.models.load_model(...).fit(...) continues.
+    metrics: the final summary (what summary.json holds).
+    records: the history as one dict per evaluation (distbatch's own names).
+    """
+    history: dict
+    model: Any
+    metrics: dict
+    records: list = field(default_factory=list)
+
+
+def history_dict(records: list) -> dict:
+    """[{step, epoch, train_loss, train_<m>, val_<m>, lr}, ...] -> {loss: [...], <m>: [...], ...}."""
+    out: dict = {}
+    for rec in records:
+        for k, v in rec.items():
+            name = k[len("train_"):] if k.startswith("train_") else k
+            out.setdefault(name, []).append(v)
+    return out
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _check_length(epochs, steps) -> None:
+    if (epochs is None) == (steps is None):
+        raise ValueError(f"give exactly one of epochs or steps, got epochs={epochs!r}, steps={steps!r}")
+    if steps is not None:
+        _check_positive_int("steps", steps)
+    elif isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not (
+            math.isfinite(epochs) and epochs > 0):
+        raise ValueError(f"epochs must be a finite number > 0, got {epochs!r}")
+
+
+def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None, data,
+        validation_data=None, loss=None, metrics=None, callbacks=None, global_batch_size: int,
+        epochs: float | None = None, steps: int | None = None, backend="auto",
+        cpu_replicas: int | None = None, seed: int = 0, accumulation_steps: int = 1,
+        steps_per_epoch: int | None = None, shuffle_buffer: int = 10_000,
+        loss_fn: Callable | None = None, **loop_options) -> FitResult:
+    """Train model_fn() on `data` at a GLOBAL batch size; return a FitResult.
+
+    data / validation_data: (x, y) or (x, y, sample_weight) NumPy arrays (x, y may be
+    dicts/tuples for several inputs/outputs); a tf.data.Dataset of SINGLE examples (x, y)
+    or (x, y, sample_weight), batched and sharded by distbatch (seeded shuffle buffer of
+    `shuffle_buffer`); dataset_fn(ctx: tf.distribute.InputContext) returning the per-worker
+    dataset batched to ctx.get_per_replica_batch_size(global_batch_size) (its batches per
+    epoch, or `steps_per_epoch`, set the epoch); distbatch.data.files(pattern, parse_fn);
+    or a distbatch ArrayDataset (validation included).
+    loss: a Keras loss object or name (any reduction: distbatch takes per-example values),
+    a per-example function, or one per output; default: sparse categorical cross-entropy
+    from logits, with an "accuracy" metric. metrics: Keras metrics or names.
+    callbacks: keras.callbacks.Callback objects (EarlyStopping, ModelCheckpoint, CSVLogger,
+    TerminateOnNaN, TensorBoard, your own).
+    Exactly one of optimizer_fn (() -> keras optimizer) and recipe (distbatch.Recipe).
+    `backend` is a name (see distbatch.backends.BACKENDS) or a Backend instance. Extra
+    keyword arguments go to LoopOptions (evals_per_epoch, noise_scale, steps_per_execution,
+    early_stopping_metric, checkpoint_dir, resume, tensorboard_dir, verbose, ...).
     """
     import keras
 
     from distbatch.backends import create_backend
+    from distbatch.data.inputs import FnSource, array_sources, as_source
     from distbatch.training.plan import BatchPlan
     from distbatch.training.trainer import Trainer
 
+    if not callable(model_fn):
+        raise TypeError(f"model_fn must be a function returning a keras.Model, got {type(model_fn).__name__}")
+    if (optimizer_fn is None) == (recipe is None):
+        raise ValueError("give exactly one of optimizer_fn and recipe")
+    if optimizer_fn is not None and not callable(optimizer_fn):
+        raise TypeError(f"optimizer_fn must be a function returning a keras optimizer, got "
+                        f"{type(optimizer_fn).__name__}")
+    if loss is not None and loss_fn is not None:
+        raise ValueError("give loss or loss_fn (its older name), not both")
+    loss = loss if loss is not None else loss_fn
+    _check_positive_int("global_batch_size", global_batch_size)
+    _check_positive_int("accumulation_steps", accumulation_steps)
+    _check_length(epochs, steps)
+    unknown = sorted(set(loop_options) - set(LoopOptions.__dataclass_fields__) | (
+        set(loop_options) & {"total_steps", "seed"}))
+    if unknown:
+        raise TypeError(f"fit() got unexpected keyword arguments {unknown}")
+    if callbacks is not None and not all(isinstance(c, keras.callbacks.Callback) for c in callbacks):
+        raise TypeError("callbacks must be a list of keras.callbacks.Callback objects")
+
     if isinstance(backend, str):
         backend, _ = create_backend(backend, cpu_replicas=cpu_replicas)
+    if hasattr(data, "x_train"):  # an ArrayDataset: training and validation arrays
+        train_src, val_src = array_sources(data)
+        if validation_data is not None:
+            val_src = as_source(validation_data, "validation_data", shuffle_buffer=shuffle_buffer)
+    else:
+        train_src = as_source(data, "data", shuffle_buffer=shuffle_buffer)
+        val_src = as_source(validation_data, "validation_data", shuffle_buffer=shuffle_buffer)
+    if isinstance(train_src, FnSource):
+        if steps_per_epoch is not None:
+            _check_positive_int("steps_per_epoch", steps_per_epoch)
+            per_epoch = steps_per_epoch
+        else:
+            per_epoch = train_src.batches_per_epoch(
+                worker_index=backend.worker_index, num_workers=backend.num_workers,
+                num_replicas=backend.num_replicas, global_batch=global_batch_size
+            ) // backend.local_replicas
+        if per_epoch < 1:
+            raise ValueError("data: dataset_fn(ctx) gave fewer batches than local replicas")
+        num_examples = per_epoch * global_batch_size
+    else:
+        num_examples = train_src.num_examples(backend.num_workers)
     plan = BatchPlan.derive(global_batch_size=global_batch_size, replicas=backend.num_replicas,
                             accumulation_steps=accumulation_steps,
-                            num_train_examples=len(data.x_train))
+                            num_train_examples=num_examples, flag="global_batch_size")
     total = plan.total_steps(epochs=epochs, steps=steps)
+    adascale_scale = None
+    if recipe is not None and getattr(recipe, "scaling", None) == "adascale":
+        if global_batch_size < recipe.base_batch_size:
+            raise ValueError(f"global_batch_size must be >= recipe.base_batch_size "
+                             f"({recipe.base_batch_size}) with scaling='adascale', got {global_batch_size}")
+        base_plan = BatchPlan.derive(global_batch_size=recipe.base_batch_size, replicas=1,
+                                     num_train_examples=num_examples, flag="recipe.base_batch_size")
+        total = base_plan.total_steps(epochs=epochs, steps=steps)
+        adascale_scale = global_batch_size / recipe.base_batch_size
+    else:
+        base_plan = plan
+
     keras.utils.set_random_seed(seed)
     with backend.scope():
         model = model_fn()
-        optimizer = optimizer_fn()
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"model_fn must return a keras.Model, got {type(model).__name__}")
+        task, example = _task(keras, model, loss, metrics, train_src, plan)
+        adascale = None
+        if recipe is not None:
+            if adascale_scale is not None:
+                from distbatch.recipes.adascale import AdaScaleState
+                adascale = AdaScaleState(scale=adascale_scale, base_batch_size=recipe.base_batch_size,
+                                         total_base_steps=total)
+            optimizer, _, _ = recipe.build(global_batch_size=base_plan.global_batch_size,
+                                           steps_per_epoch=base_plan.steps_per_epoch,
+                                           total_steps=total, adascale=adascale)
+        else:
+            optimizer = optimizer_fn()
         optimizer.build(model.trainable_variables)
     backend.prepare(model, optimizer)
+    # Compiled before training: Keras callbacks find the metrics' directions (EarlyStopping,
+    # ModelCheckpoint with mode="auto"); the saved model.keras is compiled.
+    compile_model(model, optimizer, loss, task, backend, example)
     loop_options.setdefault("verbose", False)
     options = LoopOptions(total_steps=total, seed=seed, **loop_options)
-    result = Trainer(backend, model, optimizer, plan, data, options, loss_fn=loss_fn).run()
-    result.model = model
-    return result
+    result: RunResult = Trainer(backend, model, optimizer, plan, train_src, options, task=task,
+                                validation_data=val_src, callbacks=callbacks,
+                                adascale=adascale).run()
+    return FitResult(history=history_dict(result.history), model=model, metrics=result.metrics,
+                     records=result.history)
+
+
+def _task(keras, model, loss, metrics, train_src, plan):
+    """Resolve loss and metrics against the model's outputs and one example's targets."""
+    import tensorflow as tf
+
+    from distbatch.training.task import Task
+    if loss is None and metrics is None:
+        metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+    x, y = _example_batch(tf, train_src, plan)
+    pred = model(x, training=False)
+    names = list(getattr(model, "output_names", None) or [])
+    n_out = len(tf.nest.flatten(pred))
+    if len(names) != n_out:
+        names = [f"output_{i}" for i in range(n_out)] if n_out > 1 else ["output"]
+    task = Task(loss=loss, metrics=metrics, output_names=names, y_example=y, pred_example=pred)
+    return task, (y, pred)
+
+
+def compile_model(model, optimizer, loss, task, backend, example=None) -> None:
+    """Compile the model with its optimizer (and schedule), loss and metrics, so a saved
+    model.keras continues with keras.models.load_model(path).fit(...). `example` (y, y_pred)
+    builds the compiled metrics now (Keras builds them at the first fit step)."""
+    import keras
+    if loss is None:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    metrics = None
+    if task.metrics:
+        metrics = ([s.metric for s in task.slots] if task.n_outputs == 1 else
+                   {n: [s.metric for s in task.slots if s.output == i]
+                    for i, n in enumerate(task.output_names)})
+    with backend.scope():
+        model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+        compiled = getattr(model, "_compile_metrics", None)  # Keras 3's CompileMetrics
+        if example is not None and compiled is not None and not compiled.built:
+            compiled.build(*example)
+
+
+def _example_batch(tf, source, plan):
+    """(x, y) of one example with a batch axis: what the model and metrics are resolved on."""
+    example = getattr(source, "example_batch", None)
+    if example is not None:
+        return example()
+    spec = source.train_dataset(plan, seed=0, worker_index=0, num_workers=1, local_replicas=1,
+                                total_steps=1).element_spec
+    zeros = lambda s: tf.zeros([1] + [d or 1 for d in s.shape[1:]], s.dtype)  # noqa: E731
+    return tf.nest.map_structure(zeros, spec[0]), tf.nest.map_structure(zeros, spec[1])

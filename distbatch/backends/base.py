@@ -65,6 +65,28 @@ class Backend(abc.ABC):
         """True if flag is true on ANY worker (for early stop / divergence decisions)."""
         return flag
 
+    def broadcast_from_chief(self, arrays: list) -> list:
+        """Every worker gets the chief's copy of `arrays` (NumPy), e.g. weights a Keras
+        callback changed on the chief only. One all-reduce: the chief's local replicas each
+        send their share, everyone else zeros."""
+        if self.num_workers == 1:
+            return list(arrays)
+        import numpy as np
+        import tensorflow as tf
+        L = self.local_replicas
+        values = [tf.constant(np.asarray(a, np.float64) / L if self.is_chief
+                              else np.zeros(np.shape(a))) for a in arrays]
+
+        @tf.function
+        def share():
+            out = self.run(lambda: self.all_reduce_sum(values))
+            return [self.local_value(o) for o in out]
+
+        return [np.asarray(o.numpy()).astype(np.asarray(a).dtype)
+                if np.issubdtype(np.asarray(a).dtype, np.floating)
+                else np.rint(o.numpy()).astype(np.asarray(a).dtype)
+                for o, a in zip(share(), arrays)]
+
     def describe(self) -> str:
         return (f"{self.name}: {self.num_replicas} replica(s) on {self.num_workers} worker(s), "
                 f"this is worker {self.worker_index}")

@@ -30,10 +30,10 @@ def epoch_permutation(tf, n: int, seed: int, epoch):
     return tf.argsort(keys, stable=True)
 
 
-def train_dataset(x: np.ndarray, y: np.ndarray, plan: BatchPlan, *, seed: int, worker_index: int,
-                  local_replicas: int, start_step: int = 0, total_steps: int,
-                  epoch_offset: int = 0):
-    """Per-worker dataset: element i is the [K*b] batch of local replica i % L.
+def train_indices(plan: BatchPlan, *, seed: int, worker_index: int, local_replicas: int,
+                  start_step: int = 0, total_steps: int, epoch_offset: int = 0):
+    """Per-worker dataset of example indices: element i is the [K*b] index batch of local
+    replica i % L (distbatch.data.inputs.ArraySource gathers the examples).
 
     Epoch e of this dataset uses the permutation of absolute epoch `epoch_offset + e`,
     so a batch-size schedule segment starting at epoch E sees the same example order
@@ -42,7 +42,6 @@ def train_dataset(x: np.ndarray, y: np.ndarray, plan: BatchPlan, *, seed: int, w
     import tensorflow as tf
     n, B, R, K = plan.num_train_examples, plan.global_batch_size, plan.replicas, plan.accumulation_steps
     b, L, S = plan.per_replica_batch_size, local_replicas, plan.steps_per_epoch
-    xs, ys = tf.constant(x), tf.constant(y)
     epochs_needed = math.ceil(total_steps / S)
 
     def epoch_indices(e):
@@ -51,8 +50,18 @@ def train_dataset(x: np.ndarray, y: np.ndarray, plan: BatchPlan, *, seed: int, w
         perm = tf.reshape(tf.transpose(perm, [0, 2, 1, 3]), [S * L, K * b])
         return tf.data.Dataset.from_tensor_slices(perm)
 
-    ds = (tf.data.Dataset.range(epoch_offset, epoch_offset + epochs_needed).flat_map(epoch_indices)
-          .skip(start_step * L).take((total_steps - start_step) * L))
+    return (tf.data.Dataset.range(epoch_offset, epoch_offset + epochs_needed).flat_map(epoch_indices)
+            .skip(start_step * L).take((total_steps - start_step) * L))
+
+
+def train_dataset(x: np.ndarray, y: np.ndarray, plan: BatchPlan, *, seed: int, worker_index: int,
+                  local_replicas: int, start_step: int = 0, total_steps: int,
+                  epoch_offset: int = 0):
+    """Per-worker dataset of (x, y) batches from arrays (train_indices, gathered)."""
+    import tensorflow as tf
+    xs, ys = tf.constant(x), tf.constant(y)
+    ds = train_indices(plan, seed=seed, worker_index=worker_index, local_replicas=local_replicas,
+                       start_step=start_step, total_steps=total_steps, epoch_offset=epoch_offset)
     ds = ds.map(lambda idx: (tf.gather(xs, idx), tf.gather(ys, idx)),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
@@ -64,25 +73,13 @@ def eval_batch_size(plan: BatchPlan, num_val: int) -> int:
                       math.ceil(num_val / plan.replicas)))
 
 
-def eval_dataset(x: np.ndarray, y: np.ndarray, plan: BatchPlan, *, worker_index: int,
-                 local_replicas: int):
-    """Per-worker validation dataset of (x, y, mask); padded entries have mask 0."""
+def eval_indices(plan: BatchPlan, num_val: int, *, worker_index: int, local_replicas: int):
+    """(per-worker dataset of [eb] index batches, batches per local replica); -1 marks padding."""
     import tensorflow as tf
-    n, R, L = len(x), plan.replicas, local_replicas
-    eb = eval_batch_size(plan, n)
-    steps = math.ceil(n / (R * eb))
+    R, L = plan.replicas, local_replicas
+    eb = eval_batch_size(plan, num_val)
+    steps = math.ceil(num_val / (R * eb))
     idx = np.full(steps * R * eb, -1, dtype=np.int64)
-    idx[:n] = np.arange(n)
+    idx[:num_val] = np.arange(num_val)
     idx = idx.reshape(steps, R, eb)[:, worker_index * L:(worker_index + 1) * L, :].reshape(steps * L, eb)
-    xs, ys = tf.constant(x), tf.constant(y)
-
-    def gather(i):
-        mask = tf.cast(i >= 0, tf.float32)
-        i = tf.maximum(i, 0)
-        return tf.gather(xs, i), tf.gather(ys, i), mask
-
-    return tf.data.Dataset.from_tensor_slices(idx).map(gather).prefetch(tf.data.AUTOTUNE)
-
-
-def eval_steps(plan: BatchPlan, num_val: int) -> int:
-    return math.ceil(num_val / (plan.replicas * eval_batch_size(plan, num_val)))
+    return tf.data.Dataset.from_tensor_slices(idx), steps

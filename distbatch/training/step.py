@@ -109,12 +109,28 @@ def _sq_norm(tf, tensors):
     return tf.add_n([tf.reduce_sum(tf.square(tf.cast(t, tf.float32))) for t in tensors])
 
 
-def sparse_ce(tf, keras):
-    """Per-example sparse categorical cross-entropy on float32 logits."""
-    def loss_fn(y, logits):
-        return keras.losses.sparse_categorical_crossentropy(y, tf.cast(logits, tf.float32),
-                                                            from_logits=True)
-    return loss_fn
+def default_task(loss_fn=None):
+    """sparse categorical cross-entropy from logits (or `loss_fn`, per example) + accuracy."""
+    import keras
+    from distbatch.training.task import Task
+    return Task(loss=loss_fn, metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+
+
+def with_weights(tf, batch, mask: bool = False) -> tuple:
+    """(x, y, sample_weight[, mask]) from an element with or without weights: (x, y) gets
+    weights of 1; an eval (x, y, mask) of distbatch <= 0.1 gets weights of 1."""
+    batch = tuple(batch)
+    want = 4 if mask else 3
+    if len(batch) == want:
+        return batch
+    ones = tf.ones([tf.shape(tf.nest.flatten(batch[1])[0])[0]], tf.float32)
+    if mask and len(batch) == 3:  # (x, y, mask)
+        return batch[0], batch[1], ones, batch[2]
+    return (*batch, ones) if not mask else (*batch, ones, ones)
+
+
+def _nest_slice(tf, nest, lo, hi):
+    return tf.nest.map_structure(lambda t: t[lo:hi], nest)
 
 
 def _all_reduce_buckets(tf, backend: Backend, grads: list, packed, options: StepOptions) -> tuple:
@@ -186,19 +202,22 @@ def _multi_step(tf, one_step, keys: dict, finished=None):
 
 
 def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn=None,
-                    options: StepOptions = StepOptions(), adascale=None):
+                    options: StepOptions = StepOptions(), adascale=None, task=None):
     """Return a tf.function step(iterator) -> dict of global sums (identical on every rank).
 
+    The iterator yields per-replica (x, y, sample_weight) batches (distbatch.data.inputs).
+    `task` (distbatch.training.task.Task) gives the per-example loss and the metrics;
+    default: `loss_fn` (per-example; default sparse cross-entropy from logits) + accuracy.
     `step.multi(iterator, n)` runs n steps in one call and returns each output
     stacked over the n steps; `step.keys` names the outputs. Outputs:
-    loss_sum, correct (global sums), lr (the learning rate this step applied)
-    and, with the noise scale on, small_sq and big_sq; with `adascale`
+    loss_sum (sum of weighted per-example losses), metrics (the summed metric state
+    update, Task.metric_update), lr (the learning rate this step applied) and, with the
+    noise scale on, small_sq and big_sq; with `adascale`
     (distbatch.recipes.adascale.AdaScaleState) also its gain and tau after the step.
     """
-    import keras
     import tensorflow as tf
 
-    loss_fn = loss_fn or sparse_ce(tf, keras)
+    task = task or default_task(loss_fn)
     variables = model.trainable_variables
     gb = plan.global_batch_size
     micro = plan.accumulation_steps * max(1, options.noise_splits)
@@ -217,20 +236,18 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
             return 1.0
         return tf.square(tf.cast(optimizer.dynamic_scale, tf.float32))
 
-    def grads_of(x, y):
+    def grads_of(x, y, w):
         with tf.GradientTape() as tape:
-            logits = model(x, training=True)
-            per_example = loss_fn(y, logits)
-            loss = tf.nn.compute_average_loss(per_example, global_batch_size=gb)
+            out = model(x, training=True)
+            per_example = task.per_example_loss(y, out)
+            loss = tf.nn.compute_average_loss(per_example, sample_weight=w, global_batch_size=gb)
             if model.losses:  # regularizers: counted once per global batch
                 loss += tf.add_n(model.losses) / units
             target = scale_loss(loss) if scale_loss else loss
         grads = tape.gradient(target, variables)
         grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
                  for g, v in zip(grads, variables)]
-        correct = tf.reduce_sum(tf.cast(tf.equal(
-            tf.argmax(logits, axis=-1, output_type=tf.int32), tf.cast(y, tf.int32)), tf.float32))
-        return grads, tf.reduce_sum(per_example), correct
+        return grads, tf.reduce_sum(per_example * w), task.metric_update(y, out, w)
 
     if options.jit_compile:
         # XLA compiles the forward and backward pass of one micro-batch; the all-reduce and
@@ -238,29 +255,30 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
         # have no XLA kernels on CPU).
         grads_of = tf.function(grads_of, jit_compile=True)
 
-    def replica_step(x, y):
+    def replica_step(x, y, w):
         if micro == 1:
-            grads, loss_sum, correct = grads_of(x, y)
+            grads, loss_sum, metrics = grads_of(x, y, w)
             small_sq = _sq_norm(tf, grads) if options.noise_scale else tf.constant(0.0)
         elif micro == 2 and plan.accumulation_steps == 1:
             # The noise scale's split of one batch (the whole batch is in memory anyway):
             # unrolled, without a while_loop's per-step overhead.
-            half = tf.shape(x)[0] // 2
-            g0, l0, c0 = grads_of(x[:half], y[:half])
-            g1, l1, c1 = grads_of(x[half:], y[half:])
+            half = tf.shape(w)[0] // 2
+            g0, l0, m0 = grads_of(*_nest_slice(tf, (x, y, w), 0, half))
+            g1, l1, m1 = grads_of(*_nest_slice(tf, (x, y, w), half, None))
             grads = [a + b for a, b in zip(g0, g1)]
-            loss_sum, correct = l0 + l1, c0 + c1
+            loss_sum, metrics = l0 + l1, m0 + m1
             small_sq = (_sq_norm(tf, g0) + _sq_norm(tf, g1) if options.noise_scale
                         else tf.constant(0.0))
         else:
-            xs = tf.reshape(x, tf.concat([[micro, -1], tf.shape(x)[1:]], 0))
-            ys = tf.reshape(y, [micro, -1])
+            split = lambda t: tf.reshape(t, tf.concat([[micro, -1], tf.shape(t)[1:]], 0))  # noqa: E731
+            xs, ys, ws = tf.nest.map_structure(split, (x, y, w))
             grads = [tf.zeros_like(v, dtype=v.dtype) for v in variables]
-            loss_sum = correct = small_sq = tf.constant(0.0)
+            loss_sum = small_sq = tf.constant(0.0)
+            metrics = tf.zeros([task.state_size])
             for k in tf.range(micro):  # a tf.while_loop: one micro-batch in memory at a time
-                g, l, c = grads_of(xs[k], ys[k])
+                g, l, m = grads_of(*tf.nest.map_structure(lambda t: t[k], (xs, ys, ws)))
                 grads = [a + b for a, b in zip(grads, g)]
-                loss_sum, correct = loss_sum + l, correct + c
+                loss_sum, metrics = loss_sum + l, metrics + m
                 if options.noise_scale:
                     small_sq += _sq_norm(tf, g)
         if options.noise_scale:
@@ -270,8 +288,9 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
         # small_sq above comes from the local, UNcompressed gradients; big_sq below from
         # the reduced ones, after any compression's round trip (what the optimizer applies).
         grads, packed = _all_reduce_buckets(tf, backend, list(grads),
-                                            tf.stack([loss_sum, correct, small_sq]), options)
-        loss_sum, correct, small_sq = packed[0], packed[1], packed[2]
+                                            tf.concat([tf.stack([loss_sum, small_sq]), metrics], 0),
+                                            options)
+        loss_sum, small_sq, metrics = packed[0], packed[1], packed[2:]
         # float16: gradients stay loss-scaled up to here; LossScaleOptimizer unscales them,
         # and skips the update (lowering the scale) when they are not finite.
         big_sq = _sq_norm(tf, grads) / loss_scale_sq() if options.noise_scale else tf.constant(0.0)
@@ -280,7 +299,7 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
             gain = adascale.update_gain(small_sq, big_sq, b_small, gb)
         lr = _learning_rate(tf, optimizer)  # before apply_gradients advances the step counter
         optimizer.apply_gradients(zip(grads, variables))
-        out = {"loss_sum": loss_sum, "correct": correct, "lr": lr}
+        out = {"loss_sum": loss_sum, "metrics": metrics, "lr": lr}
         if options.noise_scale:
             out.update(small_sq=small_sq, big_sq=big_sq)
         if adascale is not None:
@@ -288,11 +307,10 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
         return out
 
     def one_step(iterator):
-        x, y = next(iterator)
-        out = backend.run(replica_step, (x, y))
+        out = backend.run(replica_step, with_weights(tf, next(iterator)))
         return {k: backend.local_value(v) for k, v in out.items()}
 
-    keys = dict.fromkeys(("loss_sum", "correct", "lr"), tf.float32)
+    keys = dict.fromkeys(("loss_sum", "metrics", "lr"), tf.float32)
     if options.noise_scale:
         keys.update(small_sq=tf.float32, big_sq=tf.float32)
     if adascale is not None:
@@ -301,32 +319,32 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
     step.multi = _multi_step(tf, one_step, keys, adascale.finished if adascale is not None else None)
     step.keys = keys
     step.b_small = b_small
+    step.task = task
     return step
 
 
-def make_eval_step(backend: Backend, model, loss_fn=None):
+def make_eval_step(backend: Backend, model, loss_fn=None, task=None):
     """Return a tf.function eval_step(iterator, n) -> dict of global masked sums over n batches
-    (all of an evaluation in one call)."""
-    import keras
+    (all of an evaluation in one call): loss_sum, count (examples), metrics (summed state)."""
     import tensorflow as tf
-    loss_fn = loss_fn or sparse_ce(tf, keras)
+    task = task or default_task(loss_fn)
 
-    def replica_eval(x, y, mask):
-        logits = model(x, training=False)
-        per_example = loss_fn(y, logits)
-        correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32),
-                                   tf.cast(y, tf.int32)), tf.float32)
-        sums = tf.stack([tf.reduce_sum(per_example * mask), tf.reduce_sum(correct * mask),
-                         tf.reduce_sum(mask)])
+    def replica_eval(x, y, w, mask):
+        out = model(x, training=False)
+        weight = w * mask
+        per_example = task.per_example_loss(y, out)
+        sums = tf.concat([tf.stack([tf.reduce_sum(per_example * weight), tf.reduce_sum(mask)]),
+                          task.metric_update(y, out, weight)], 0)
         return backend.all_reduce_sum([sums])[0]
 
     @tf.function
     def eval_step(iterator, n):
-        total = tf.zeros([3])
+        total = tf.zeros([2 + task.state_size])
         for _ in tf.range(n):
             tf.autograph.experimental.set_loop_options(parallel_iterations=1)  # see _multi_step
-            x, y, mask = next(iterator)
-            total += backend.local_value(backend.run(replica_eval, (x, y, mask)))
-        return {"loss_sum": total[0], "correct": total[1], "count": total[2]}
+            x, y, w, mask = with_weights(tf, next(iterator), mask=True)
+            total += backend.local_value(backend.run(replica_eval, (x, y, w, mask)))
+        return {"loss_sum": total[0], "count": total[1], "metrics": total[2:]}
 
+    eval_step.task = task
     return eval_step

@@ -20,7 +20,6 @@ from typing import Any, Callable
 import numpy as np
 
 from distbatch import interrupts
-from distbatch.training import pipeline
 from distbatch.backends.base import Backend
 from distbatch.training.checkpoints import newest_intact
 from distbatch.training.early_stopping import EarlyStopping, load_weights, save_weights, weights_file
@@ -89,12 +88,28 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _mean(sums: dict, count: float) -> tuple[float, float]:
-    return float(sums["loss_sum"]) / count, float(sums["correct"]) / count
+def _zero_sums(size: int) -> dict:
+    return {"loss_sum": 0.0, "metrics": np.zeros(size), "steps": 0}
 
 
-def _zero_sums() -> dict:
-    return {"loss_sum": 0.0, "correct": 0.0, "steps": 0}
+@dataclass
+class _Loop:
+    """What the loop carries from call to call (saved with every checkpoint, see loop_state)."""
+    step: int
+    history: list
+    sums: dict           # since the last evaluation: the history's train metrics
+    window: dict         # since the last TensorBoard point / batch hook
+    counters: dict       # train_time, timed_samples, steps_to_target, time_to_target
+    stopped: bool = False
+    diverged_step: int | None = None
+    per_call: int = 1    # the first call compiles: one step, then steps_per_execution
+    gains: list = field(default_factory=list)
+    t_last: float | None = None
+    last_lr: float | None = None
+
+
+def _counters() -> dict:
+    return {"train_time": 0.0, "timed_samples": 0, "steps_to_target": None, "time_to_target": None}
 
 
 class Trainer:
@@ -102,14 +117,30 @@ class Trainer:
 
     def __init__(self, backend: Backend, model, optimizer, plan: BatchPlan, data,
                  options: LoopOptions, loss_fn: Callable | None = None, adascale=None,
-                 step_cache: dict | None = None) -> None:
-        """`adascale`: a distbatch.recipes.adascale.AdaScaleState whose schedule the optimizer uses;
+                 step_cache: dict | None = None, *, task=None, validation_data=None,
+                 callbacks=None) -> None:
+        """`data`: a distbatch ArrayDataset (train and validation arrays) or a training source
+        (distbatch.data.inputs; then `validation_data` is a source or None).
+        `task` (distbatch.training.task.Task): loss and metrics; default `loss_fn` (per
+        example; default sparse cross-entropy from logits) with accuracy.
+        `callbacks`: Keras callbacks, called on the chief with global metrics.
+        `adascale`: a distbatch.recipes.adascale.AdaScaleState whose schedule the optimizer uses;
         the run then ends when its tau reaches the base-batch budget (or at total_steps).
         `step_cache`: a dict shared by Trainers of one model and optimizer (segments of a
         changing batch) so a batch seen before does not compile its step again."""
+        from distbatch.data.inputs import array_sources
+        from distbatch.training.step import default_task
         self.step_cache = {} if step_cache is None else step_cache
         self.backend, self.model, self.optimizer, self.plan = backend, model, optimizer, plan
-        self.data, self.opt, self.loss_fn, self.adascale = data, options, loss_fn, adascale
+        self.opt, self.adascale = options, adascale
+        if hasattr(data, "x_train"):
+            self.train_source, self.val_source = array_sources(data)
+        else:
+            self.train_source, self.val_source = data, validation_data
+        if "task" not in self.step_cache:
+            self.step_cache["task"] = task or default_task(loss_fn)
+        self.task = self.step_cache["task"]
+        self.callbacks = list(callbacks or [])
         self.chief = backend.is_chief
 
     # -- output helpers -------------------------------------------------------------------
@@ -173,14 +204,56 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> RunResult:
-        import tensorflow as tf
-        b, plan, opt = self.backend, self.plan, self.opt
+        step_fn, eval_fn, tracker = self._build_steps()
+        loop = self._start()
+        if tracker is not None and self._tracker_state:
+            tracker.restore(self._tracker_state)
+        iterator = self._train_iterator(loop.step)
+        self._tb = TensorBoardHook(self.opt.tensorboard_dir if self.chief else None)
+        self._hooks = CallbackHooks(self.callbacks, self.model, self.backend, self.opt, self.plan)
+        self._hooks.train_begin(self._eval_index(loop.step))
+        # Time-based checkpoints and SIGTERM (distbatch.training.preemption): decided at call
+        # boundaries, the same on every worker. SIGTERM only sets a flag while the loop runs.
+        watch = self._manager is not None and interrupts.arm_preemption()
+        self._boundary = CallBoundary(self.backend, self.opt.checkpoint_every_seconds
+                                      if self._manager is not None else 0.0,
+                                      interrupts.preemption_requested if watch else None)
+        wall0 = time.perf_counter()
+        while (loop.step < self.opt.total_steps and not self._finished and not loop.stopped):
+            if not self._run_call(loop, step_fn, iterator, tracker):
+                break
+            save, stop = self._boundary.decide()
+            if not self._at_eval(loop.step):
+                if save or self._at_checkpoint(loop.step):
+                    self._save_checkpoint(loop.step, loop.history, self._loop_state(loop, tracker),
+                                          preempting=stop)
+                    loop.t_last = time.perf_counter()  # checkpoints are not training time
+                if stop:
+                    self._stop_preempted(loop.step)
+                continue
+            self._evaluation(loop, eval_fn, tracker, save, stop)
+            if loop.stopped:
+                break
+            if stop and loop.step < self.opt.total_steps and not self._finished:  # else: finish
+                self._stop_preempted(loop.step)
+            loop.t_last = time.perf_counter()  # evaluation and checkpoints are not training time
+        interrupts.disarm_preemption()
+        if getattr(self, "_temp_checkpoint_dir", None):
+            shutil.rmtree(self._temp_checkpoint_dir, ignore_errors=True)
+        metrics = self._finish(loop, eval_fn, tracker, time.perf_counter() - wall0)
+        self._hooks.train_end(metrics)
+        self._tb.close()
+        return RunResult(metrics=metrics, history=loop.history)
+
+    def _build_steps(self):
+        """The train step (cached per batch plan and options), the eval step, the noise tracker.
+
+        The noise scale needs two batch sizes. With several replicas (or accumulation) they
+        come for free (micro-batch before the all-reduce, global batch after); on one replica
+        each batch is split in two micro-batches. Either way every step measures. AdaScale's
+        gain comes from the same statistics."""
+        opt, plan, ada = self.opt, self.plan, self.adascale
         self._eval_every = max(1, plan.steps_per_epoch // max(1, opt.evals_per_epoch))
-        # The noise scale needs two batch sizes. With several replicas (or accumulation) they
-        # come for free (micro-batch before the all-reduce, global batch after); on one replica
-        # each batch is split in two micro-batches. Either way every step measures.
-        # AdaScale's gain comes from the same statistics.
-        ada = self.adascale
         noise = opt.noise_scale or (ada is not None and ada.needs_statistics)
         splits = noise_splits_for(plan) if noise else 1
         step_options = StepOptions(noise_scale=noise, noise_splits=splits, jit_compile=opt.jit_compile,
@@ -189,195 +262,218 @@ class Trainer:
         if key not in self.step_cache:
             # TensorFlow traces and compiles the step first: many seconds of silence otherwise.
             self.log("distbatch: compiling the train step (the first step takes longer)...")
-            self.step_cache[key] = make_train_step(b, self.model, self.optimizer, plan, self.loss_fn,
-                                                   step_options, adascale=ada)
-        step_fn = self.step_cache[key]
+            self.step_cache[key] = make_train_step(self.backend, self.model, self.optimizer, plan,
+                                                   options=step_options, adascale=ada, task=self.task)
         if "eval" not in self.step_cache:
-            self.step_cache["eval"] = make_eval_step(b, self.model, self.loss_fn)
-        eval_fn = self.step_cache["eval"]
+            self.step_cache["eval"] = make_eval_step(self.backend, self.model, task=self.task)
+        step_fn = self.step_cache[key]
         tracker = NoiseScaleTracker(step_fn.b_small, plan.global_batch_size) if noise else None
+        return step_fn, self.step_cache["eval"], tracker
+
+    def _start(self) -> _Loop:
+        """A fresh loop, or the one of the newest intact checkpoint (--resume)."""
+        opt, ada = self.opt, self.adascale
         self._finished = False  # AdaScale: tau reached the base-batch budget
-        gains: list[float] = []
-
         ckpt, self._manager = self._checkpoint()
-        start_step, history, state = opt.step_offset, [], {}
-        # Every worker restores the CHIEF's checkpoint (non-chief workers save to temp dirs),
-        # the newest intact one: damaged ones are skipped with a warning (distbatch/training/checkpoints.py).
-        latest = newest_intact(opt.checkpoint_dir, warn=self.chief) if ckpt is not None and opt.resume else None
-        es = (EarlyStopping(opt.early_stopping_metric, opt.early_stopping_patience, opt.min_delta)
-              if opt.early_stopping_metric else None)
-        self._early_stopping = es
-        stopped_early = False
-        if latest:
-            ckpt.restore(latest)
-            start_step = int(self._step_var.numpy())
-            history, state = _load_state(opt.checkpoint_dir, start_step)
-            stopped_early = _restore_early_stopping(es, state, opt.checkpoint_dir)
-            if ada is not None:  # a run resumed at its end must not take more steps
-                self._finished = float(ada.tau.numpy()) >= ada.total_base_steps
-            self.log(f"resumed from {latest} at step {start_step}")
+        size = self.task.state_size
+        loop = _Loop(step=opt.step_offset, history=[], sums=_zero_sums(size),
+                     window=_zero_sums(size), counters=_counters())
+        self._early_stopping = (EarlyStopping(opt.early_stopping_metric, opt.early_stopping_patience,
+                                              opt.min_delta) if opt.early_stopping_metric else None)
+        self._tracker_state = None
+        # Every worker restores the CHIEF's checkpoint (non-chief workers save to temp dirs), the
+        # newest intact one: damaged ones are skipped with a warning (training/checkpoints.py).
+        latest = (newest_intact(opt.checkpoint_dir, warn=self.chief)
+                  if ckpt is not None and opt.resume else None)
+        if not latest:
+            return loop
+        ckpt.restore(latest)
+        loop.step = int(self._step_var.numpy())
+        loop.history, state = _load_state(opt.checkpoint_dir, loop.step)
+        loop.stopped = _restore_early_stopping(self._early_stopping, state, opt.checkpoint_dir)
+        if state:  # the loop's own counters, saved with the checkpoint (see _loop_state)
+            loop.sums = self._restore_sums(state["sums"], state["window_count"])
+            window = state.get("window")
+            loop.window = (self._restore_sums(window, window["steps"]) if window
+                           else {k: np.copy(v) if k == "metrics" else v for k, v in loop.sums.items()})
+            loop.counters = {k: state[k] for k in _counters()}
+            self._tracker_state = state.get("noise")
+        if ada is not None:  # a run resumed at its end must not take more steps
+            self._finished = float(ada.tau.numpy()) >= ada.total_base_steps
+        self.log(f"resumed from {latest} at step {loop.step}")
+        return loop
 
-        make_train = lambda w, L: pipeline.train_dataset(  # noqa: E731
-            self.data.x_train, self.data.y_train, plan, seed=opt.seed, worker_index=w,
+    def _restore_sums(self, saved: dict, steps: int) -> dict:
+        metrics = saved.get("metrics")
+        if metrics is None and "correct" in saved and self.task.metric_names == ["accuracy"]:
+            # a checkpoint of distbatch <= 0.1 (argmax accuracy): its state is (correct, count)
+            metrics = [saved["correct"], steps * self.plan.global_batch_size]
+        return {"loss_sum": saved["loss_sum"], "steps": steps,
+                "metrics": np.asarray(metrics if metrics is not None else np.zeros(self.task.state_size),
+                                      dtype=np.float64)}
+
+    def _loop_state(self, loop: _Loop, tracker) -> dict:
+        es = self._early_stopping
+        plain = lambda s: {"loss_sum": s["loss_sum"], "metrics": s["metrics"].tolist(),  # noqa: E731
+                           "steps": s["steps"]}
+        return {"sums": plain(loop.sums), "window_count": loop.sums["steps"],
+                "window": plain(loop.window), **loop.counters,
+                "noise": tracker.state() if tracker is not None else None,
+                "early_stopping": es.state() if es is not None else None, "stopped": loop.stopped}
+
+    def _train_iterator(self, start_step: int):
+        opt = self.opt
+        source, plan = self.train_source, self.plan
+        make = lambda w, L: source.train_dataset(  # noqa: E731
+            plan, seed=opt.seed, worker_index=w, num_workers=self.backend.num_workers,
             local_replicas=L, start_step=start_step - opt.step_offset,
             total_steps=opt.total_steps - opt.step_offset, epoch_offset=opt.epoch_offset)
-        iterator = iter(b.distribute(make_train))
-        writers = self._writers()
+        return iter(self.backend.distribute(make))
 
-        # Running sums: `sums` since the last evaluation (train metrics in the history),
-        # `window` since the last TensorBoard point.
-        sums, window = _zero_sums(), _zero_sums()
-        c = {"train_time": 0.0, "timed_samples": 0, "steps_to_target": None, "time_to_target": None}
-        if state:  # the loop's own counters, saved with the checkpoint (see _save_checkpoint)
-            sums = {"steps": state["window_count"], **state["sums"]}
-            window = state.get("window", dict(sums))
-            c = {k: state[k] for k in c}
-            if tracker is not None and state.get("noise"):
-                tracker.restore(state["noise"])
+    def _run_call(self, loop: _Loop, step_fn, iterator, tracker) -> bool:
+        """One call of up to steps_per_execution steps; False when the loss diverged."""
+        import tensorflow as tf
+        opt, plan, ada = self.opt, self.plan, self.adascale
+        n = self._steps_until_boundary(loop.step, loop.per_call)
+        t0 = time.perf_counter()
+        out = step_fn.multi(iterator, tf.constant(n, tf.int32))
+        values = {k: v.numpy() for k, v in out.items()}
+        now = time.perf_counter()
+        n = len(values["loss_sum"])  # fewer than asked when AdaScale's budget ran out
+        c = loop.counters
+        if loop.t_last is None:
+            # The compile call is not training time. "auto" then times one more single-step
+            # call to choose steps_per_execution.
+            if opt.steps_per_execution != "auto":
+                loop.per_call = resolve_steps_per_execution(opt.steps_per_execution, 0.0)
+            self._boundary.saved()  # the time cadence counts training, not the compile
+        else:
+            c["train_time"] += now - loop.t_last
+            c["timed_samples"] += n * plan.global_batch_size
+            if loop.per_call == 1 and opt.steps_per_execution == "auto":
+                loop.per_call = resolve_steps_per_execution("auto", (now - t0) / max(n, 1))
+                if self._boundary.sync:  # each worker timed its own call; the chief's count wins
+                    loop.per_call = broadcast_int(self.backend, loop.per_call)
+        loop.t_last = now
+        loop.diverged_step = self._consume(loop, values, tracker)
+        if ada is not None:
+            loop.gains.extend(values["gain"].tolist())
+            self._finished = values["tau"][-1] >= ada.total_base_steps if n else True
+        loop.step += n
+        if loop.diverged_step is not None:
+            return False
+        if self._hooks.active and self._hooks.sync_stop():
+            loop.stopped = True
+        return True
 
-        def loop_state() -> dict:
-            s = {k: sums[k] for k in ("loss_sum", "correct")}
-            return {"sums": s, "window_count": sums["steps"], "window": dict(window), **c,
-                    "noise": tracker.state() if tracker is not None else None,
-                    "early_stopping": es.state() if es is not None else None,
-                    "stopped": stopped_early}
+    def _evaluation(self, loop: _Loop, eval_fn, tracker, save: bool, stop: bool) -> None:
+        """At an evaluation step: validation metrics, the history record, target, early
+        stopping, callbacks, checkpoint; sets loop.stopped when the run should end."""
+        opt, plan, step, c = self.opt, self.plan, loop.step, loop.counters
+        val = self._evaluate(eval_fn) if self.val_source is not None else {}
+        train = self._means(loop.sums)
+        loop.sums = _zero_sums(self.task.state_size)
+        epoch = self._epoch_at(step)
+        rec = {"step": step, "epoch": round(epoch, 4),
+               **{f"train_{k}": v for k, v in train.items()},
+               **{f"val_{k}": v for k, v in val.items()}, "lr": loop.last_lr}
+        loop.history.append(rec)
+        self._tb.scalars("val", step, val)
+        if (opt.target_accuracy is not None and c["steps_to_target"] is None
+                and rec.get("val_accuracy", -1.0) >= opt.target_accuracy):
+            c["steps_to_target"], c["time_to_target"] = step, c["train_time"]
+            loop.stopped = loop.stopped or opt.stop_at_target
+        self._log_progress(loop, rec, epoch)
+        # Early stopping on the GLOBAL metric: every rank takes the same decision.
+        es = self._early_stopping
+        if es is not None:
+            if es.update(rec[opt.early_stopping_metric], step, epoch, self.model.get_weights):
+                loop.stopped = True
+        if self._hooks.epoch_end(self._eval_index(step) - 1, rec):
+            loop.stopped = True
+        if es is not None or self._hooks.active:
+            # The metrics are all-reduced sums, so every rank agrees already; OR-ing the flag
+            # across workers guarantees it (a rank that stopped alone would hang the others).
+            loop.stopped = self.backend.sync_flag(loop.stopped)
+        if save or (self._at_checkpoint(step) and self._checkpoint_due(step)):
+            self._save_checkpoint(step, loop.history, self._loop_state(loop, tracker), preempting=stop)
+        if not loop.stopped and step < opt.total_steps:
+            self._hooks.epoch_begin(self._eval_index(step))
 
-        # Time-based checkpoints and SIGTERM (distbatch.training.preemption): decided at call boundaries,
-        # the same on every worker. SIGTERM only sets a flag while the loop runs (CLI only).
-        watch = self._manager is not None and interrupts.arm_preemption()
-        boundary = CallBoundary(b, opt.checkpoint_every_seconds if self._manager is not None else 0.0,
-                                interrupts.preemption_requested if watch else None)
-        self._boundary = boundary
-        diverged_step = None
-        per_call = 1   # the first call compiles: one step, then steps_per_execution is resolved
-        step = start_step
-        wall0 = time.perf_counter()
-        t_last = None
-        while step < opt.total_steps and not self._finished and not stopped_early:
-            n = self._steps_until_boundary(step, per_call)
-            t0 = time.perf_counter()
-            out = step_fn.multi(iterator, tf.constant(n, tf.int32))
-            values = {k: v.numpy().tolist() for k, v in out.items()}
-            now = time.perf_counter()
-            n = len(values["loss_sum"])  # fewer than asked when AdaScale's budget ran out
-            if t_last is None:
-                # The compile call is not training time. "auto" then times one more
-                # single-step call to choose steps_per_execution.
-                if opt.steps_per_execution != "auto":
-                    per_call = resolve_steps_per_execution(opt.steps_per_execution, 0.0)
-                boundary.saved()  # the time cadence counts training, not the compile
-            else:
-                c["train_time"] += now - t_last
-                c["timed_samples"] += n * plan.global_batch_size
-                if per_call == 1 and opt.steps_per_execution == "auto":
-                    per_call = resolve_steps_per_execution("auto", (now - t0) / n)
-                    if boundary.sync:  # each worker timed its own call; the chief's count wins
-                        per_call = broadcast_int(b, per_call)
-            t_last = now
-            diverged_step = self._consume(step, values, sums, window, tracker, writers)
-            if ada is not None:
-                gains.extend(values["gain"])
-                self._finished = values["tau"][-1] >= ada.total_base_steps if n else True
-            step += n
-            if diverged_step is not None:
-                break
-            save, stop = boundary.decide()
-            if not self._at_eval(step):
-                if save or self._at_checkpoint(step):
-                    self._save_checkpoint(step, history, loop_state(), preempting=stop)
-                    t_last = time.perf_counter()  # checkpoints are not training time
-                if stop:
-                    self._stop_preempted(step)
-                continue
-            val_loss, val_acc = self._evaluate(eval_fn)
-            train_loss, train_acc = _mean(sums, sums["steps"] * plan.global_batch_size)
-            sums = _zero_sums()
-            epoch = self._epoch_at(step)
-            rec = {"step": step, "epoch": round(epoch, 4), "train_loss": train_loss,
-                   "train_accuracy": train_acc, "val_loss": val_loss, "val_accuracy": val_acc,
-                   "lr": values["lr"][-1]}
-            history.append(rec)
-            self._write_scalars(writers, "val", step, {"loss": val_loss, "accuracy": val_acc})
-            if (opt.target_accuracy is not None and c["steps_to_target"] is None
-                    and val_acc >= opt.target_accuracy):
-                c["steps_to_target"], c["time_to_target"] = step, c["train_time"]
-                stopped_early = stopped_early or opt.stop_at_target
-            speed = c["timed_samples"] / c["train_time"] if c["train_time"] > 0 else float("nan")
-            eta = (opt.total_steps - step) * plan.global_batch_size / speed if speed == speed and speed > 0 else float("nan")
-            self.log(f"epoch {epoch:6.2f} step {step}/{opt.total_steps}  loss {train_loss:.4f} "
-                     f"acc {train_acc:.4f}  val_loss {val_loss:.4f} val_acc {val_acc:.4f}  "
-                     f"{speed:,.0f} samples/s  ETA {_fmt_eta(eta)}")
-            # Early stopping on the GLOBAL metric: every rank takes the same decision.
-            if es is not None:
-                if es.update(rec[opt.early_stopping_metric], step, epoch, self.model.get_weights):
-                    stopped_early = True
-                # The metrics are all-reduced sums, so every rank should agree already;
-                # OR-ing the flag across workers guarantees it (a rank that stopped alone
-                # would leave the others waiting in a collective).
-                stopped_early = b.sync_flag(stopped_early)
-            if save or (self._at_checkpoint(step) and self._checkpoint_due(step)):
-                self._save_checkpoint(step, history, loop_state(), preempting=stop)
-            if stopped_early:
-                break
-            if stop and step < opt.total_steps and not self._finished:  # else: finish the run
-                self._stop_preempted(step)
-            t_last = time.perf_counter()  # evaluation and checkpoints are not training time
-        interrupts.disarm_preemption()
-        wall = time.perf_counter() - wall0
-        if getattr(self, "_temp_checkpoint_dir", None):
-            shutil.rmtree(self._temp_checkpoint_dir, ignore_errors=True)
+    def _eval_index(self, step: int) -> int:
+        """Evaluations completed after `step` (a Keras callback's epoch index)."""
+        return (step - self.opt.step_offset) // self._eval_every
 
-        last = history[-1] if history else {}
+    def _means(self, sums: dict) -> dict:
+        """{"loss": mean loss, <metric>: result} of running sums."""
+        count = sums["steps"] * self.plan.global_batch_size
+        return {"loss": sums["loss_sum"] / count if count else float("nan"),
+                **self.task.results(sums["metrics"])}
+
+    def _log_progress(self, loop: _Loop, rec: dict, epoch: float) -> None:
+        c, opt, step = loop.counters, self.opt, loop.step
+        speed = c["timed_samples"] / c["train_time"] if c["train_time"] > 0 else float("nan")
+        eta = ((opt.total_steps - step) * self.plan.global_batch_size / speed
+               if speed == speed and speed > 0 else float("nan"))
+        shown = " ".join(f"{k.replace('train_', '').replace('accuracy', 'acc')} {v:.4f}"
+                         for k, v in rec.items() if isinstance(v, float) and k not in ("epoch", "lr"))
+        self.log(f"epoch {epoch:6.2f} step {step}/{opt.total_steps}  {shown}  "
+                 f"{speed:,.0f} samples/s  ETA {_fmt_eta(eta)}")
+
+    def _finish(self, loop: _Loop, eval_fn, tracker, wall: float) -> dict:
+        """The run's summary metrics (summary.json), with early stopping's best weights
+        restored and the final weights evaluated on (part of) the training set."""
+        step, c, ada, es = loop.step, loop.counters, self.adascale, self._early_stopping
+        last = loop.history[-1] if loop.history else {}
         train_time = c["train_time"]
         metrics = {
             "steps": step, "epochs": round(self._epoch_at(step), 4),
-            "train_loss": last.get("train_loss"), "train_accuracy": last.get("train_accuracy"),
-            "val_loss": last.get("val_loss"), "val_accuracy": last.get("val_accuracy"),
+            **{k: v for k, v in last.items() if k.startswith(("train_", "val_"))},
             "samples_per_sec": c["timed_samples"] / train_time if train_time > 0 else None,
             "train_time_s": train_time, "wall_time_s": wall,
             "steps_to_target": c["steps_to_target"], "time_to_target_s": c["time_to_target"],
-            "diverged": diverged_step is not None, "diverged_step": diverged_step,
-            "steps_per_execution": per_call,
+            "diverged": loop.diverged_step is not None, "diverged_step": loop.diverged_step,
+            "steps_per_execution": loop.per_call,
         }
+        for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+            metrics.setdefault(k, None)
         if ada is not None:
             tau = float(ada.tau.numpy())
             # tau is the sum of all gains so far: over the whole run when it started at step 0
             # (also after a resume); a segment of a changing batch averages its own steps.
-            mean_gain = tau / step if opt.step_offset == 0 and step else (
+            gains = loop.gains
+            mean_gain = tau / step if self.opt.step_offset == 0 and step else (
                 float(np.mean(gains)) if gains else None)
             metrics.update(adascale_scale=ada.scale, adascale_mean_gain=mean_gain,
                            adascale_final_gain=gains[-1] if gains else None,
-                           scale_invariant_steps=tau,
-                           base_steps_budget=ada.total_base_steps)
+                           scale_invariant_steps=tau, base_steps_budget=ada.total_base_steps)
         if tracker is not None:
             metrics["b_simple"] = tracker.b_simple
             metrics["b_simple_trajectory"] = tracker.trajectory[:: max(1, len(tracker.trajectory) // 50)]
         if es is not None and es.best_weights is not None:
             self.model.set_weights(es.best_weights)
-            val_loss, val_acc = self._evaluate(eval_fn)
+            val = self._evaluate(eval_fn)
             # Train metrics of the restored point too, so the generalization gap compares
             # train and validation of the SAME weights (not last train vs best val).
-            at_best = next((r for r in history if r["step"] == es.best_step), {})
-            metrics.update(train_loss=at_best.get("train_loss", metrics["train_loss"]),
-                           train_accuracy=at_best.get("train_accuracy", metrics["train_accuracy"]))
+            at_best = next((r for r in loop.history if r["step"] == es.best_step), {})
+            metrics.update({k: v for k, v in at_best.items() if k.startswith("train_")})
             metrics.update(best_step=es.best_step, best_epoch=round(es.best_epoch, 4),
-                           stopped_epoch=round(self._epoch_at(step), 4), stopped_early=stopped_early,
-                           restored_metric=opt.early_stopping_metric,
-                           restored_value=es.best_value, val_loss=val_loss, val_accuracy=val_acc)
-        if diverged_step is None:
+                           stopped_epoch=round(self._epoch_at(step), 4), stopped_early=loop.stopped,
+                           restored_metric=self.opt.early_stopping_metric,
+                           restored_value=es.best_value, **{f"val_{k}": v for k, v in val.items()})
+        head = getattr(self.train_source, "head", None)
+        if loop.diverged_step is None and head is not None and self.val_source is not None:
             # The generalization gap needs train metrics of the FINAL weights, evaluated like
             # validation (the per-window running averages lag behind a model that improves).
-            n = min(len(self.data.x_train), max(len(self.data.x_val), 1))
-            train_loss, train_acc = self._evaluate(eval_fn, self.data.x_train[:n], self.data.y_train[:n])
-            metrics.update(train_loss_running=metrics["train_loss"],
-                           train_accuracy_running=metrics["train_accuracy"],
-                           train_loss=train_loss, train_accuracy=train_acc, train_eval_examples=n)
-        if history:
-            lows = min(history, key=lambda r: r["val_loss"])
+            n_val = self.val_source.num_examples(1) if hasattr(self.val_source, "head") else 4096
+            n = min(self.train_source.num_examples(1), max(n_val, 1))
+            train = self._evaluate(eval_fn, head(n))
+            metrics.update({f"{k}_running": metrics.get(k) for k in ("train_loss", "train_accuracy")})
+            metrics.update({f"train_{k}": v for k, v in train.items()}, train_eval_examples=n)
+        if loop.history and "val_loss" in loop.history[0]:
+            lows = min(loop.history, key=lambda r: r["val_loss"])
             metrics["best_val_loss_epoch"] = lows["epoch"]
-        for w in writers.values():
-            w.flush()
-        return RunResult(metrics=metrics, history=history)
+        return metrics
 
     # -- pieces ---------------------------------------------------------------------------
     def _save_checkpoint(self, step: int, history: list, state: dict, *,
@@ -420,65 +516,160 @@ class Trainer:
         """Absolute epoch after `step` global steps (segments of a batch schedule add offsets)."""
         return self.opt.epoch_offset + (step - self.opt.step_offset) / self.plan.steps_per_epoch
 
-    def _consume(self, step: int, values: dict, sums: dict, window: dict, tracker,
-                 writers) -> int | None:
+    def _consume(self, loop: _Loop, values: dict, tracker) -> int | None:
         """Take the per-step outputs of one call (steps step+1 .. step+n) on the host: running
-        sums, the noise-scale averages, one TensorBoard point per log window (the window's
-        mean loss and accuracy, the lr and B_simple of its last step). Returns the first step
-        whose loss is not finite, if any. Per-step values are added one by one, so the sums
-        do not depend on how the steps were grouped into calls."""
-        gb = self.plan.global_batch_size
-        noise = tracker is not None
-        for i, (loss_sum, correct) in enumerate(zip(values["loss_sum"], values["correct"])):
+        sums, the noise-scale averages, one TensorBoard point and batch hook per log window
+        (the window's mean loss and metrics, the lr and B_simple of its last step). Returns the
+        first step whose loss is not finite, if any. Per-step values are added one by one, so
+        the sums do not depend on how the steps were grouped into calls."""
+        gb, step = self.plan.global_batch_size, loop.step
+        logging = self._tb.active or self._hooks.active
+        lrs = values["lr"].tolist()
+        for i, loss_sum in enumerate(values["loss_sum"].tolist()):
             s = step + i + 1
             if not math.isfinite(loss_sum):
+                self._hooks.batch_end(s, {"loss": loss_sum})  # (Keras TerminateOnNaN sees it)
                 return s
-            for acc in (sums, window):
+            for acc in (loop.sums, loop.window):
                 acc["loss_sum"] += loss_sum
-                acc["correct"] += correct
+                acc["metrics"] += values["metrics"][i]
                 acc["steps"] += 1
-            if noise:
-                tracker.update(values["small_sq"][i], values["big_sq"][i], s)
-            if writers and self._at_log(s):
-                count = window["steps"] * gb
-                scalars = {"loss": window["loss_sum"] / count, "accuracy": window["correct"] / count,
-                           "learning_rate": values["lr"][i], "global_batch_size": gb}
-                if noise and tracker.b_simple is not None:
+            if tracker is not None:
+                tracker.update(float(values["small_sq"][i]), float(values["big_sq"][i]), s)
+            if logging and self._at_log(s):
+                scalars = {**self._means(loop.window), "learning_rate": lrs[i], "global_batch_size": gb}
+                if tracker is not None and tracker.b_simple is not None:
                     scalars["b_simple"] = tracker.b_simple
                 if "gain" in values:
-                    scalars.update(adascale_gain=values["gain"][i], adascale_tau=values["tau"][i])
-                self._write_scalars(writers, "train", s, scalars)
-                window.update(_zero_sums())
+                    scalars.update(adascale_gain=float(values["gain"][i]),
+                                   adascale_tau=float(values["tau"][i]))
+                self._tb.scalars("train", s, scalars)
+                self._hooks.batch_end(s, scalars)
+                loop.window = _zero_sums(self.task.state_size)
+        if lrs:
+            loop.last_lr = lrs[-1]
         return None
 
-    def _evaluate(self, eval_fn, x=None, y=None) -> tuple[float, float]:
-        """Exact (loss, accuracy) over ALL of x (default: the validation set), in one call."""
+    def _evaluate(self, eval_fn, source=None) -> dict:
+        """Exact {"loss", <metric>...} over ALL of `source` (default: validation), in one call."""
         import tensorflow as tf
-        x, y = (self.data.x_val, self.data.y_val) if x is None else (x, y)
-        make_eval = lambda w, L: pipeline.eval_dataset(  # noqa: E731
-            x, y, self.plan, worker_index=w, local_replicas=L)
-        it = iter(self.backend.distribute(make_eval))
-        out = eval_fn(it, tf.constant(pipeline.eval_steps(self.plan, len(x)), tf.int32))
-        total = {k: float(v.numpy()) for k, v in out.items()}
-        if total["count"] != len(x):
-            raise RuntimeError(f"evaluation covered {total['count']} examples, expected {len(x)}")
-        return _mean(total, total["count"])
+        source = source or self.val_source
+        plan, b = self.plan, self.backend
+        built = {}
 
-    def _writers(self) -> dict:
-        if not (self.chief and self.opt.tensorboard_dir):
-            return {}
-        import tensorflow as tf
-        return {k: tf.summary.create_file_writer(os.path.join(self.opt.tensorboard_dir, k))
-                for k in ("train", "val")}
+        def make_eval(w, L):
+            ds, built["n"] = source.eval_dataset(plan, worker_index=w, num_workers=b.num_workers,
+                                                 local_replicas=L)
+            return ds
+        it = iter(b.distribute(make_eval))
+        out = eval_fn(it, tf.constant(built["n"], tf.int32))
+        count = float(out["count"].numpy())
+        expected = source.num_examples(1) if hasattr(source, "head") else None
+        if expected is not None and count != expected:
+            raise RuntimeError(f"evaluation covered {count} examples, expected {expected}")
+        return {"loss": float(out["loss_sum"].numpy()) / count,
+                **self.task.results(out["metrics"].numpy().astype(np.float64))}
 
-    @staticmethod
-    def _write_scalars(writers, kind, step, scalars) -> None:
-        if kind not in writers:
+
+class TensorBoardHook:
+    """distbatch's own TensorBoard points (chief only): train scalars per log window, val at
+    evaluations, with the global step numbers."""
+
+    def __init__(self, directory: str | None) -> None:
+        self.writers = {}
+        if directory:
+            import tensorflow as tf
+            self.writers = {k: tf.summary.create_file_writer(os.path.join(directory, k))
+                            for k in ("train", "val")}
+        self.active = bool(self.writers)
+
+    def scalars(self, kind: str, step: int, scalars: dict) -> None:
+        if kind not in self.writers:
             return
         import tensorflow as tf
-        with writers[kind].as_default(step=step):
+        with self.writers[kind].as_default(step=step):
             for name, value in scalars.items():
-                tf.summary.scalar(name, value)
+                if isinstance(value, (int, float)):
+                    tf.summary.scalar(name, value)
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.flush()
+
+
+class CallbackHooks:
+    """Keras callbacks (keras.callbacks.Callback protocol), called on the chief with GLOBAL
+    metrics: on_train_begin/end, on_epoch_begin/end at every evaluation (the epoch index
+    counts evaluations; logs loss, <metric>, val_loss, val_<metric>, lr), on_train_batch_end
+    at every log window (logs: the window's means) after the call that ran it.
+    `model.stop_training` set by a callback ends the run on every rank (the chief's
+    decision is shared at the next call boundary); weights a callback changes on the chief
+    (e.g. EarlyStopping(restore_best_weights=True)) are copied to every worker."""
+
+    def __init__(self, callbacks: list, model, backend, options, plan) -> None:
+        self.active = bool(callbacks)
+        self.backend, self.model = backend, model
+        self.list = None
+        if self.active and backend.is_chief:
+            import keras
+            self.list = keras.callbacks.CallbackList(
+                callbacks, add_history=False, add_progbar=False, model=model, verbose=0,
+                epochs=max(1, math.ceil((options.total_steps - options.step_offset)
+                                        / max(1, plan.steps_per_epoch // max(1, options.evals_per_epoch)))),
+                steps=plan.steps_per_epoch)
+        model.stop_training = False
+
+    def train_begin(self, epoch: int) -> None:
+        if self.list is not None:
+            self.list.on_train_begin()
+            self.list.on_epoch_begin(epoch)
+
+    def epoch_begin(self, epoch: int) -> None:
+        if self.list is not None:
+            self.list.on_epoch_begin(epoch)
+
+    def batch_end(self, step: int, logs: dict) -> None:
+        if self.list is not None:
+            self.list.on_train_batch_end(step - 1, _keras_logs(logs))
+
+    def epoch_end(self, epoch: int, record: dict) -> bool:
+        """on_epoch_end with the record's metrics as Keras names; True if a callback stopped."""
+        if not self.active:
+            return False
+        if self.list is not None:
+            self.list.on_epoch_end(epoch, _keras_logs(record))
+        self._share_weights()
+        return bool(getattr(self.model, "stop_training", False))
+
+    def sync_stop(self) -> bool:
+        """The chief's model.stop_training, the same on every rank (one collective)."""
+        return self.backend.sync_flag(bool(getattr(self.model, "stop_training", False)) and
+                                      self.backend.is_chief)
+
+    def train_end(self, metrics: dict) -> None:
+        if self.list is not None:
+            self.list.on_train_end(_keras_logs(metrics))
+        if self.active:
+            self._share_weights()
+
+    def _share_weights(self) -> None:
+        """Multiworker/Horovod: every worker takes the chief's weights (a callback may have
+        changed them on the chief only)."""
+        if self.backend.num_workers > 1:
+            weights = self.backend.broadcast_from_chief(self.model.get_weights())
+            self.model.set_weights(weights)
+
+
+def _keras_logs(record: dict) -> dict:
+    """distbatch's names -> Keras's: train_loss -> loss, val_loss stays, learning_rate -> lr."""
+    logs = {}
+    for k, v in record.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or k in ("step", "epoch"):
+            continue
+        if k.startswith("train_"):
+            k = k[len("train_"):]
+        logs["lr" if k == "learning_rate" else k] = float(v)
+    return logs
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -486,15 +677,6 @@ def _fmt_eta(seconds: float) -> str:
         return "?"
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def _load_history(directory: str) -> list:
-    import json
-    path = os.path.join(directory, "history.json")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return json.load(f)
 
 
 def _save_state(directory: str, step: int, history: list, state: dict) -> None:
@@ -535,11 +717,11 @@ def _restore_early_stopping(es: EarlyStopping | None, state: dict, directory: st
 
 
 def _load_state(directory: str, step: int) -> tuple[list, dict]:
-    """(history, loop counters) saved with the checkpoint of `step`; older runs: history.json."""
+    """(history, loop counters) saved with the checkpoint of `step`."""
     import json
     path = os.path.join(directory, f"state-{step}.json")
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
         return saved["history"], saved["loop"]
-    return [r for r in _load_history(directory) if r["step"] <= step], {}
+    return [], {}
