@@ -262,3 +262,36 @@ def test_tfrecord_source_val_path_shape_and_classes(tmp_path):
         tfrecord_source(str(tmp_path / "train.tfrecord"), shape=(2, 4))
     with pytest.raises(UsageError, match="unknown option"):
         tfrecord_source(str(tmp_path / "train.tfrecord"), shufle_buffer=3)
+
+
+def test_memory_benchmark_smoke(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "streaming_memory.py"
+    spec = importlib.util.spec_from_file_location("streaming_memory", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = tmp_path / "rows.jsonl"
+    assert bench.main(["--gb", "0.002", "--files", "3", "--features", "64", "--global-batch-size", "32",
+                       "--shuffle-buffer", "100", "--dir", str(tmp_path / "set"), "--rows", str(rows)]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row == json.loads(rows.read_text())
+    assert row["steps"] == row["steps_per_epoch"] == row["records"] // 32 and row["examples"] == 32 * row["steps"]
+    assert row["peak_rss_growth_mb"] >= 0 and not (tmp_path / "set").exists()  # deleted without --keep
+
+
+def test_compressed_files_and_another_reader(tmp_path):
+    with tf.io.TFRecordWriter(str(tmp_path / "z.tfrecord.gz"), options="GZIP") as w:
+        for i in range(10):
+            w.write(tf.train.Example(features=tf.train.Features(feature={
+                "id": tf.train.Feature(int64_list=tf.train.Int64List(value=[i]))})).SerializeToString())
+    source = files(str(tmp_path / "*.gz"), parse, compression="GZIP", shuffle_buffer=4)
+    assert source.num_examples(1) == 10
+    ids = [i for ids, _ in _train(source, _plan(source, 1, 1, 5), 1, 1)[0] for i in ids]
+    assert sorted(ids) == list(range(10))
+    (tmp_path / "a.csv").write_text("".join(f"{i}\n" for i in range(7)))
+    lines = files(str(tmp_path / "a.csv"), lambda s: (tf.strings.to_number(s), tf.strings.to_number(s, tf.int64)),
+                  reader=tf.data.TextLineDataset, shuffle_buffer=0)
+    ds, n = lines.eval_dataset(_plan(lines, 1, 1, 7), worker_index=0, num_workers=1, local_replicas=1)
+    assert n == 1 and [int(v) for v in next(iter(ds))[1].numpy()] == list(range(7))

@@ -1,6 +1,7 @@
 """Streaming from files: data larger than memory, read as the training runs.
 
-    source = distbatch.data.files("data/train-*.tfrecord", parse_fn)
+    from distbatch.data import files
+    source = files("data/train-*.tfrecord", parse_fn)
     distbatch.fit(..., data=source, global_batch_size=1024, epochs=10)
 
 ``parse_fn(serialized)`` maps one record to ``(x, y)`` or ``(x, y, sample_weight)``
