@@ -285,7 +285,7 @@ class FileSource:
         # padding copies the shape of the first record of all the files; take() bounds it
         # even if the files hold more than counted, so every worker yields exactly n * L batches
         pad = self._records(tf, None, 0, 0, 1, shuffle=False, mode="element").take(1) \
-            .map(self._parse).map(masked).map(blank).repeat()
+            .map(self._parse).map(masked).map(blank).cache().repeat()  # one element, read once
         ds = real.concatenate(pad).take(n * L * eb).batch(eb, drop_remainder=True)
         return ds.prefetch(tf.data.AUTOTUNE), n
 
@@ -329,7 +329,8 @@ class FileSource:
         not an autograph traceback from inside the pipeline."""
         spec = tf.data.Dataset.from_tensors(tf.constant(b"")).map(self.parse_fn).element_spec
         if not isinstance(spec, tuple) or len(spec) not in (2, 3):
-            got = f"a tuple of {len(spec)}" if isinstance(spec, tuple) else type(spec).__name__
+            got = (f"a tuple of {len(spec)}" if isinstance(spec, tuple) else
+                   "a dict" if isinstance(spec, dict) else "one tensor")
             raise UsageError(f"parse_fn must return (x, y) or (x, y, sample_weight), got {got}")
 
     def _parse(self, record):
