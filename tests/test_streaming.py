@@ -295,3 +295,15 @@ def test_compressed_files_and_another_reader(tmp_path):
                   reader=tf.data.TextLineDataset, shuffle_buffer=0)
     ds, n = lines.eval_dataset(_plan(lines, 1, 1, 7), worker_index=0, num_workers=1, local_replicas=1)
     assert n == 1 and [int(v) for v in next(iter(ds))[1].numpy()] == list(range(7))
+
+
+@pytest.mark.parametrize("W,L,K", [(1, 2, 1), (2, 1, 1), (2, 2, 2), (4, 1, 1)])
+def test_unshuffled_single_file_gives_the_same_global_batches_at_any_layout(tmp_path, W, L, K):
+    """Element sharding without shuffling: step t's global batch is records [tB, (t+1)B),
+    as on one device, so runs on different layouts can be compared weight for weight."""
+    source = files(_write(tmp_path, [32]), parse, shuffle_buffer=0, shuffle_files=False)
+    plan = _plan(source, W, L, 8, K)
+    out = _train(source, plan, W, L, total=2 * plan.steps_per_epoch)
+    for t in range(2 * plan.steps_per_epoch):
+        step = sorted(i for e in out for ids, _ in e[t * L:(t + 1) * L] for i in ids)
+        assert step == [(8 * t + j) % 32 for j in range(8)]
