@@ -172,6 +172,9 @@ def test_given_counts_skip_counting(tmp_path):
     by_list = files(pattern, parse, num_examples=[6, 6, 6])
     by_dict = files(pattern, parse, num_examples=dict(zip(counted.files, [6, 6, 6])))
     by_total = files(pattern, parse, num_examples=18)  # fixed-size records: split by bytes is exact
+    from distbatch.data.files import _is_tfrecord_reader  # counted by frame headers
+    assert _is_tfrecord_reader(None) and _is_tfrecord_reader(tf.data.TFRecordDataset)
+    assert not _is_tfrecord_reader(tf.data.TextLineDataset)
     for s in (by_list, by_dict, by_total):
         s._count_records = None  # would fail if called
         assert s.file_counts() == [6, 6, 6] and s.num_examples(2) == counted.num_examples(2) == 12

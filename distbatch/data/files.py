@@ -200,7 +200,7 @@ class FileSource:
         return self._counts
 
     def _count_records(self, path: str) -> int:
-        if self.reader is None and self.compression is None and "://" not in path:
+        if _is_tfrecord_reader(self.reader) and self.compression is None and "://" not in path:
             return _count_tfrecord_frames(path)
         import tensorflow as tf
         try:
@@ -344,6 +344,12 @@ def _check_layout(plan, W: int, L: int, w: int) -> None:
     require(L >= 1 and W >= 1 and plan.replicas == W * L,
             f"plan.replicas ({plan.replicas}) must equal num_workers ({W}) x local_replicas ({L})")
     require(0 <= w < W, f"worker_index must be in [0, {W}), got {w}")
+
+
+def _is_tfrecord_reader(reader) -> bool:
+    """True for the default reader, also when passed explicitly as tf.data.TFRecordDataset."""
+    return reader is None or (getattr(reader, "__module__", "").startswith("tensorflow.")
+                              and getattr(reader, "__name__", "").startswith("TFRecordDataset"))
 
 
 def _file_size(path: str) -> int:
