@@ -5,7 +5,8 @@
     distbatch.fit(..., data=source, global_batch_size=1024, epochs=10)
 
 ``parse_fn(serialized)`` maps one record to ``(x, y)`` or ``(x, y, sample_weight)``
-(x and y may be nested dicts/tuples); it is applied with ``num_parallel_calls``.
+(x and y may be nested dicts/tuples, each of one fixed shape: they are batched); it is
+applied with ``num_parallel_calls``.
 One record gives one example. Nothing is cached in memory: each epoch reads the
 files again, through a shuffle buffer of ``shuffle_buffer`` records.
 
