@@ -8,6 +8,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "fit": "distbatch.api",
+    "load_model": "distbatch.api",
+    "FitResult": "distbatch.api",
     "BatchPlan": "distbatch.training.plan",
     "create_backend": "distbatch.backends",
     "Trainer": "distbatch.training.trainer",

@@ -236,6 +236,17 @@ def _example_batch(tf, source, plan):
     if example is not None:
         return example()
     spec = source.train_dataset(plan, seed=0, worker_index=0, num_workers=1, local_replicas=1,
-                                total_steps=1).element_spec
+                                start_step=0, total_steps=1, epoch_offset=0).element_spec
     zeros = lambda s: tf.zeros([1] + [d or 1 for d in s.shape[1:]], s.dtype)  # noqa: E731
     return tf.nest.map_structure(zeros, spec[0]), tf.nest.map_structure(zeros, spec[1])
+
+
+def load_model(path: str, **kwargs):
+    """keras.models.load_model with distbatch's schedules and optimizers registered (a plain
+    keras.models.load_model works too once distbatch.recipes.schedules/optimizers are imported)."""
+    import keras
+
+    import distbatch.recipes.adascale  # noqa: F401  (registers with Keras on import)
+    import distbatch.recipes.optimizers  # noqa: F401
+    import distbatch.recipes.schedules  # noqa: F401
+    return keras.models.load_model(path, **kwargs)

@@ -90,7 +90,9 @@ def test_single_example_tf_data_dataset_and_dataset_fn():
     import tensorflow as tf
     x, y = _regression_data()
     ds = tf.data.Dataset.from_tensor_slices((x[:256], y[:256]))
-    r = _fit(data=ds, validation_data=tf.data.Dataset.from_tensor_slices((x[256:], y[256:])))
+    # seed 0: TensorFlow's own Dataset.shuffle fails with a tensor seed when the global seed is 0
+    r = _fit(data=ds, validation_data=tf.data.Dataset.from_tensor_slices((x[256:], y[256:])),
+             seed=0)
     assert r.history["step"] == [8, 16, 24]
     pred = r.model.predict(x[256:], verbose=0)
     assert r.metrics["val_mae"] == pytest.approx(float(np.mean(np.abs(pred - y[256:]))), rel=1e-5)
@@ -270,11 +272,8 @@ def test_saved_model_is_compiled_and_load_then_fit_continues(tmp_path):
     r = _fit(optimizer_fn=None, recipe=recipe, metrics=["mae"])
     path = str(tmp_path / "model.keras")
     r.model.save(path)
-    import distbatch.recipes.schedules  # noqa: F401  (registers distbatch's schedules)
-    loaded = keras.models.load_model(path)
+    loaded = distbatch.load_model(path)
     assert int(loaded.optimizer.iterations.numpy()) == 24
-    lr = loaded.optimizer.learning_rate
-    assert float(lr) == pytest.approx(r.history["lr"][-1], rel=0.5) or float(lr) >= 0
     assert isinstance(loaded.optimizer._learning_rate, keras.optimizers.schedules.LearningRateSchedule)
     assert loaded.loss is not None
     before = loaded.evaluate(x[256:], y[256:], verbose=0, return_dict=True)
@@ -303,3 +302,11 @@ def test_bad_arguments_name_the_parameter():
     import tensorflow as tf
     with pytest.raises(ValueError, match="looks batched"):
         _fit(data=tf.data.Dataset.from_tensor_slices(_regression_data()).batch(8))
+
+
+def test_in_memory_arrays_too_large_for_a_graph_constant_point_to_streaming():
+    from distbatch.data.inputs import ArraySource
+    from distbatch.errors import UsageError
+    x = np.zeros((1700, 1024, 1024), np.uint8)   # 1.7 GB of address space, never touched
+    with pytest.raises(UsageError, match=r"data is 1\.7 GB.*distbatch\.data\.files"):
+        ArraySource(x, np.zeros(1700, np.int32))

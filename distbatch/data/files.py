@@ -8,7 +8,7 @@
 (x and y may be nested dicts/tuples, each of one fixed shape: they are batched); it is
 applied with ``num_parallel_calls``.
 One record gives one example. Nothing is cached in memory: each epoch reads the
-files again, through a shuffle buffer of ``shuffle_buffer`` records.
+files again, shuffled in seeded blocks of ``shuffle_buffer`` records.
 
 Policies (docs/data.md, "Streaming from files"):
 
@@ -26,9 +26,10 @@ Policies (docs/data.md, "Streaming from files"):
 * Order. Epoch e (absolute: epoch_offset + e) orders each worker's files by a
   permutation seeded by (seed, e), interleaves ``cycle_length`` of them (fixed,
   4 by default, so the order does not depend on the machine's core count) with
-  deterministic=True, then shuffles with a ``shuffle_buffer``-record buffer
-  seeded by (seed, e) (and TensorFlow's global seed, which distbatch.fit sets
-  to the run's seed). Same seed: same order on every run; a resumed run skips
+  deterministic=True, then shuffles within consecutive blocks of ``shuffle_buffer``
+  records, each block's permutation seeded by (seed, e, block)
+  (distbatch.data.inputs.block_shuffle; independent of TensorFlow's global seed).
+  Same seed: same order on every run; a resumed run skips
   whole epochs by seed and then batches within the epoch, so from start_step on
   it sees what an uninterrupted run sees. ``shuffle_buffer=0`` and
   ``shuffle_files=False`` give the plain file order.
@@ -319,10 +320,8 @@ class FileSource:
             records = records.shard(W, w)
         if shuffle and self.shuffle_buffer > 1:
             # -1 - epoch keeps this seed apart from the file permutation's (seed, epoch)
-            op_seed = tf.random.stateless_uniform(
-                [], seed=tf.stack([tf.constant(seed, tf.int64), -1 - epoch]),
-                minval=0, maxval=2**31 - 1, dtype=tf.int64)
-            records = records.shuffle(self.shuffle_buffer, seed=op_seed)
+            from distbatch.data.inputs import block_shuffle
+            records = block_shuffle(tf, records, self.shuffle_buffer, seed, -1 - epoch)
         return records
 
     def _check_parse_fn(self, tf) -> None:

@@ -18,7 +18,8 @@ Sources here:
   seeded permutation per epoch, identical on every worker, split by worker then
   replica (distbatch's exact global-batch semantics; training/pipeline.py).
 - DatasetSource: a tf.data.Dataset of SINGLE examples (x, y) or (x, y, w):
-  every worker reads it, shuffles it with the same seeded buffer, batches it to
+  every worker reads it, shuffles it in seeded blocks of shuffle_buffer examples
+  (block_shuffle; the same on every worker), batches it to
   the GLOBAL batch and keeps its own replicas' slices, so R replicas see what
   one device sees at the same global batch.
 - FnSource: dataset_fn(ctx: tf.distribute.InputContext) returning the per-worker
@@ -145,6 +146,26 @@ class ArraySource:
         return idx.map(gather).prefetch(tf.data.AUTOTUNE), steps
 
 
+def block_shuffle(tf, ds, block: int, seed, epoch):
+    """Shuffle `ds` within consecutive blocks of `block` elements; block k's permutation is a
+    pure function of (seed, epoch, k) (stateless random keys), so any epoch's order can be
+    rebuilt without replaying earlier ones, and every worker builds the same one.
+
+    Used instead of Dataset.shuffle: its seed must be a Python int for the per-epoch order
+    (a tensor seed fails inside TensorFlow's get_seed when the global seed is 0). Memory:
+    one block. Elements must have fixed shapes (they are batched into a block)."""
+    seed = tf.cast(seed, tf.int64)
+    epoch = tf.cast(epoch, tf.int64)
+
+    def permute(k, batch):
+        n = tf.shape(tf.nest.flatten(batch)[0])[0]
+        keys = tf.random.stateless_uniform([n], seed=tf.stack([seed, epoch * 1_000_003 + k]))
+        order = tf.argsort(keys, stable=True)
+        return tf.nest.map_structure(lambda t: tf.gather(t, order), batch)
+
+    return ds.batch(block).enumerate().map(permute).unbatch()
+
+
 def _split_example(tf, element):
     """(x, y) or (x, y, w) of one example -> (x, y, w or None)."""
     if not isinstance(element, tuple) or len(element) not in (2, 3):
@@ -214,8 +235,7 @@ class DatasetSource:
 
         def epoch(e):
             # The same seeded shuffle on every worker: (seed, absolute epoch) decide the order.
-            shuffled = base.shuffle(self.shuffle_buffer, seed=tf.cast(seed, tf.int64) * 1_000_003 + e,
-                                    reshuffle_each_iteration=False)
+            shuffled = block_shuffle(tf, base, self.shuffle_buffer, seed, e)
             return shuffled.batch(B, drop_remainder=True).take(S)
 
         ds = tf.data.Dataset.range(first_epoch, last_epoch).flat_map(epoch)

@@ -194,8 +194,16 @@ class Task:
     # -- on the host -------------------------------------------------------------------
     def results(self, state: np.ndarray) -> dict:
         """{metric name: result} for a summed flat state (float64 on the host)."""
+        import keras
         out, offset = {}, 0
         for s in self.slots:
+            if type(s.metric).result is keras.metrics.Mean.result:
+                # Mean and MeanMetricWrapper (accuracies, MAE, ...): total / count, on the host
+                # (no eager TensorFlow ops per log window)
+                total, count = state[offset], state[offset + 1]
+                out[s.name] = float(total / count) if count else 0.0
+                offset += 2
+                continue
             for v, size in zip(s.metric.variables, s.sizes):
                 v.assign(np.asarray(state[offset:offset + size]).reshape(v.shape).astype(v.dtype))
                 offset += size
