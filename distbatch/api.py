@@ -89,7 +89,8 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None
     or a distbatch ArrayDataset (validation included).
     loss: a Keras loss object or name (any reduction: distbatch takes per-example values),
     a per-example function, or one per output; default: sparse categorical cross-entropy
-    from logits, with an "accuracy" metric. metrics: Keras metrics or names.
+    from logits. metrics default: ["accuracy"] when loss is not given (or given as loss_fn,
+    its older name), else none. metrics: Keras metrics or names.
     callbacks: keras.callbacks.Callback objects (EarlyStopping, ModelCheckpoint, CSVLogger,
     TerminateOnNaN, TensorBoard, your own).
     Exactly one of optimizer_fn (() -> keras optimizer) and recipe (distbatch.Recipe).
@@ -113,6 +114,8 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None
                         f"{type(optimizer_fn).__name__}")
     if loss is not None and loss_fn is not None:
         raise ValueError("give loss or loss_fn (its older name), not both")
+    if loss is None and metrics is None:  # the classification default (also for loss_fn=)
+        metrics = ["accuracy"]
     loss = loss if loss is not None else loss_fn
     _check_positive_int("global_batch_size", global_batch_size)
     _check_positive_int("accumulation_steps", accumulation_steps)
@@ -199,8 +202,6 @@ def _task(keras, model, loss, metrics, train_src, plan):
     import tensorflow as tf
 
     from distbatch.training.task import Task
-    if loss is None and metrics is None:
-        metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
     x, y = _example_batch(tf, train_src, plan)
     pred = model(x, training=False)
     names = list(getattr(model, "output_names", None) or [])
