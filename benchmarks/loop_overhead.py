@@ -11,6 +11,8 @@ Issue 12, item 4. Every candidate is one whole command, timed from outside:
                    one-step-per-call tf.function loop under the same strategy
   keras_fit        (b) Keras 3 model.fit, steps_per_execution 1 (Keras's default)
   keras_fit_tuned  (b) the same, tuned: steps_per_execution 32 (--fit-tuned-spe)
+  distbatch_prev   `distbatch train` of ANOTHER checkout (--prev DIR, e.g. a git worktree of
+                   the last release): the regression check, same flags as distbatch
   hvd_keras        (c) Horovod's documented Keras workflow on tf_keras
                    (hvd.DistributedOptimizer + its callbacks, TF_USE_LEGACY_KERAS=1)
                    in the peer venv of scripts/peer_venv.sh, under its horovodrun
@@ -74,7 +76,7 @@ CANDIDATES = {
     "mirrored": ("distbatch", "distbatch_spe1", "distbatch_xla", "minimal", "keras_fit", "keras_fit_tuned"),
     "horovod": ("distbatch", "distbatch_spe1", "distbatch_xla", "minimal", "hvd_keras"),
 }
-REFERENCES = ("minimal", "keras_fit", "keras_fit_tuned", "hvd_keras")
+REFERENCES = ("minimal", "keras_fit", "keras_fit_tuned", "hvd_keras", "distbatch_prev")
 HVD_CALLBACKS = ("broadcast", "metric_average", "lr_warmup", "lr_schedule")  # as in loop_refs
 
 
@@ -102,12 +104,13 @@ class Setup:
     ranks: int = 2                  # horovod ranks and mirrored replicas
     fit_tuned_spe: int = 32
     hvd_callbacks: tuple[str, ...] = ("broadcast", "metric_average")
+    prev: str | None = None         # distbatch_prev: another checkout's root (PYTHONPATH)
 
 
-def candidates(models, backends, *, peer: bool, only=None) -> list[Candidate]:
+def candidates(models, backends, *, peer: bool, only=None, prev: bool = False) -> list[Candidate]:
     return [Candidate(name, backend, model) for model in models for backend in backends
-            for name in CANDIDATES[backend] if (peer or name != "hvd_keras")
-            and (only is None or name in only)]
+            for name in CANDIDATES[backend] + (("distbatch_prev",) if prev else ())
+            if (peer or name != "hvd_keras") and (only is None or name in only)]
 
 
 def run_dir(c: Candidate, steps: int, s: Setup) -> str:
@@ -131,7 +134,11 @@ def command(c: Candidate, steps: int, s: Setup) -> tuple[list[str], dict[str, st
             argv += ["--steps-per-execution", "1"]
         if c.name == "distbatch_xla":
             argv += ["--jit-compile", "on"]
-        return (horovod_launch(s, argv) if c.backend == "horovod" else argv), {}
+        env = {}
+        if c.name == "distbatch_prev":  # the other checkout's package, through this venv's python
+            argv = [s.python, "-m", "distbatch.cli", *argv[1:]]
+            env = {"PYTHONPATH": s.prev}
+        return (horovod_launch(s, argv) if c.backend == "horovod" else argv), env
     common = ["--data", s.data, "--model", c.model, "--steps", str(steps),
               "--global-batch-size", str(s.global_batch), "--lr", str(s.lr)]
     if c.name == "hvd_keras":
@@ -354,6 +361,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", type=csv, default=None,
                    help="candidate names to run (default all), e.g. distbatch,distbatch_xla,minimal")
     p.add_argument("--out", help="output folder (required unless --from-rows)")
+    p.add_argument("--prev", metavar="DIR", default=None,
+                   help="root of another distbatch checkout: adds the candidate distbatch_prev "
+                        "(e.g. `git worktree add /tmp/prev <commit>`), the regression check")
     p.add_argument("--peer-python", default=str(DEFAULT_PEER) if DEFAULT_PEER.exists() else None,
                    help=f"the peer venv's python for hvd_keras (default {DEFAULT_PEER} if it exists)")
     p.add_argument("--train-size", type=int, default=16384)
@@ -448,7 +458,7 @@ def main(argv=None) -> int:
     if not os.path.exists(data):
         write_data(data, args.train_size, args.val_size)
     s = Setup(data=data, work=work, python=sys.executable, distbatch=distbatch, peer_python=peer,
-              fit_tuned_spe=args.fit_tuned_spe, lr=args.ref_lr)
+              fit_tuned_spe=args.fit_tuned_spe, lr=args.ref_lr, prev=args.prev)
     bench_id = time.strftime("%Y%m%d-%H%M%S")
     jsonl = os.path.join(out, "loop_overhead.jsonl")
 
@@ -471,7 +481,8 @@ def main(argv=None) -> int:
         header["hvd_keras_callbacks"] = {"probe": probe, "used": list(used)}
     append(header)
 
-    cands = candidates(args.models, backends, peer=peer is not None, only=args.only)
+    cands = candidates(args.models, backends, peer=peer is not None, only=args.only,
+                       prev=args.prev is not None)
     print(f"{len(cands)} candidates x {args.repeats} repeats x 2 lengths {args.steps}; rows in {jsonl}",
           flush=True)
     rows = []

@@ -1,0 +1,5 @@
+import sys
+
+from distbatch.cli import main
+
+sys.exit(main())
