@@ -310,3 +310,49 @@ def test_in_memory_arrays_too_large_for_a_graph_constant_point_to_streaming():
     x = np.zeros((1700, 1024, 1024), np.uint8)   # 1.7 GB of address space, never touched
     with pytest.raises(UsageError, match=r"data is 1\.7 GB.*distbatch\.data\.files"):
         ArraySource(x, np.zeros(1700, np.int32))
+
+
+_MIRRORED_METRICS = r'''
+import json, sys
+import numpy as np
+import keras
+import distbatch
+from distbatch.backends import create_backend
+rng = np.random.default_rng(0)
+x = rng.normal(size=(360, 5)).astype(np.float32)
+y = (x[:, 0] + 0.5 * rng.normal(size=360) > 0).astype(np.float32)[:, None]
+w = rng.uniform(0.5, 2.0, size=360).astype(np.float32)
+mirrored, _ = create_backend("mirrored", cpu_replicas=2)
+out = {}
+for name, backend in (("mirrored", mirrored), ("single", create_backend("single")[0])):
+    r = distbatch.fit(
+        model_fn=lambda: keras.Sequential([keras.Input((5,)), keras.layers.Dense(8, "tanh"),
+                                           keras.layers.Dense(1, "sigmoid")]),
+        optimizer_fn=lambda: keras.optimizers.SGD(0.1), data=(x[:256], y[:256], w[:256]),
+        validation_data=(x[256:], y[256:]), loss="binary_crossentropy",
+        metrics=[keras.metrics.AUC(name="auc"), keras.metrics.Precision(name="precision"),
+                 "accuracy"], global_batch_size=32, epochs=3, backend=backend, seed=5)
+    out[name] = {"history": r.history, "weights": [a.tolist() for a in r.model.get_weights()]}
+print("RESULT", json.dumps(out))
+'''
+
+
+@pytest.mark.slow
+def test_metric_states_are_summed_across_replicas_exactly(tmp_path):
+    """AUC and precision of 2 mirrored replicas equal one device's at the same global batch
+    (averaging the replicas' AUCs would not)."""
+    import json
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", _MIRRORED_METRICS], capture_output=True, text=True,
+                          timeout=600, cwd=str(tmp_path),
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    m, s = out["mirrored"]["history"], out["single"]["history"]
+    for key in ("loss", "auc", "precision", "accuracy", "val_loss", "val_auc", "val_precision"):
+        assert m[key] == pytest.approx(s[key], rel=1e-5, abs=1e-6), key
+    assert 0.5 < s["val_auc"][-1] < 1.0
+    for a, b in zip(out["mirrored"]["weights"], out["single"]["weights"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
