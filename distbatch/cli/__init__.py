@@ -7,7 +7,7 @@ import os
 import sys
 
 from distbatch import __version__
-from distbatch.errors import ClusterSetupError, UsageError
+from distbatch.errors import ClusterSetupError, ParameterError, UsageError
 from distbatch.training.preemption import EXIT_PREEMPTED, Preempted
 
 QUIET_ENV = {
@@ -133,6 +133,9 @@ def _run(argv: list[str]) -> tuple[int, bool]:
         handler = getattr(args, "func", None) or args.handler
         code = handler(args)
     except UsageError as e:
+        if isinstance(e, ParameterError):  # the library names its parameter; the user gave a flag
+            from distbatch.recipes.recipe import FLAG_NAMES
+            e = e.for_flags(FLAG_NAMES)
         print(f"distbatch: error: {e}", file=sys.stderr)
         return 2, False
     except ClusterSetupError as e:

@@ -216,8 +216,6 @@ def validate_args(args: argparse.Namespace) -> None:
     require(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
     require(args.accumulation_steps >= 1,
             f"--accumulation-steps must be >= 1, got {args.accumulation_steps}")
-    require(args.base_lr > 0, f"--base-lr must be > 0, got {args.base_lr}")
-    require(args.base_batch_size >= 1, f"--base-batch-size must be >= 1, got {args.base_batch_size}")
     for flag, seed in (("--seed", args.seed), ("--data-seed", args.data_seed)):
         require(0 <= seed < 2**32, f"{flag} must be an integer in [0, 2**32), got {seed}")
     for flag, size in (("--train-size", args.train_size), ("--val-size", args.val_size)):
