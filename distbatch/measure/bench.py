@@ -42,7 +42,8 @@ import tempfile
 import time
 from typing import Sequence
 
-from distbatch.errors import UsageError, require
+from distbatch.errors import ParameterError, UsageError, require
+from distbatch.shapes import parse_shape
 from distbatch.fileio import unwritable_reason
 
 SCHEMA = "distbatch.bench/1"
@@ -54,13 +55,11 @@ LOGICAL_CPU_NOTE = ("logical CPU replicas share the same cores: they test the di
 
 # -- pure helpers (tested as tables) -----------------------------------------------------
 def parse_input_shape(text: str) -> tuple[int, ...]:
-    """'32x32x3' -> (32, 32, 3); '40' -> (40,). Every dimension a positive integer."""
+    """'32x32x3' or '32,32,3' -> (32, 32, 3); '40' -> (40,) (distbatch.shapes.parse_shape)."""
     try:
-        dims = tuple(int(p) for p in str(text).lower().split("x"))
-    except ValueError:
-        raise UsageError(f"--input-shape must look like 40 or 32x32x3, got {text!r}") from None
-    require(all(d >= 1 for d in dims), f"--input-shape dimensions must be >= 1, got {text!r}")
-    return dims
+        return parse_shape(text)
+    except ParameterError as e:
+        raise e.for_flags() from None
 
 
 def parse_replica_list(text: str) -> list[int]:
@@ -403,7 +402,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                         "the scaling-efficiency table")
     p.add_argument("--model", default="mlp", help="a distbatch model name (mlp, convnet, resnet, "
                                                   "ResNet50, ...)")
-    p.add_argument("--input-shape", default="40", help="e.g. 40 or 32x32x3 (default 40: MNIST-1D)")
+    p.add_argument("--input-shape", default="40", help="e.g. 40, 32x32x3 or 32,32,3 (default 40: MNIST-1D)")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--per-replica-batch-size", type=int, default=None,
                    help=f"examples per replica per step (default {DEFAULT_PER_REPLICA_BATCH}); "

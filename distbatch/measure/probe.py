@@ -27,7 +27,7 @@ import math
 import sys
 from typing import Callable, Sequence
 
-from distbatch.errors import UsageError, io_failure_message, require
+from distbatch.errors import ParameterError, UsageError, io_failure_message, require
 
 DEFAULT_MAX_BATCH = 4096
 
@@ -169,13 +169,12 @@ def add_probe_parser(subparsers) -> None:
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
+    """--input-shape: '40', '32x32x3' or '32,32,3' (distbatch.shapes.parse_shape)."""
+    from distbatch.shapes import parse_shape as parse
     try:
-        shape = tuple(int(d) for d in str(text).replace("x", ",").split(",") if d.strip())
-    except ValueError:
-        raise UsageError(f"--input-shape must be comma-separated integers, got {text!r}") from None
-    require(bool(shape) and all(d >= 1 for d in shape),
-            f"--input-shape must be positive integers, got {text!r}")
-    return shape
+        return parse(text)
+    except ParameterError as e:
+        raise e.for_flags() from None
 
 
 def validate_probe_args(args: argparse.Namespace) -> None:
