@@ -289,7 +289,7 @@ def _print_result(r: dict) -> None:
 
 def _write_json(path: str | None, obj: dict) -> None:
     if path:
-        from distbatch.cli.train import atomic_write_json
+        from distbatch.fileio import atomic_write_json
         atomic_write_json(path, obj)
 
 

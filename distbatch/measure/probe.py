@@ -27,40 +27,11 @@ import math
 import sys
 from typing import Callable, Sequence
 
-from distbatch.errors import ParameterError, UsageError, io_failure_message, require
+from distbatch.errors import ParameterError, UsageError, require
+
+from distbatch.measure.oom import OutOfMemory, is_out_of_memory, oom_message  # noqa: F401
 
 DEFAULT_MAX_BATCH = 4096
-
-
-class OutOfMemory(UsageError):
-    """A training step ran out of device memory (the CLI prints one line, exit 2)."""
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for TensorFlow's ResourceExhaustedError (device OOM) and Python's MemoryError.
-
-    Not for a full disk: TensorFlow reports ENOSPC as ResourceExhaustedError too
-    ("No space left on device"), which is an I/O error (errors.io_failure_message).
-    """
-    if isinstance(exc, (MemoryError, OutOfMemory)):
-        return True
-    if io_failure_message(exc) is not None:
-        return False
-    if "tensorflow" in sys.modules:
-        import tensorflow as tf
-        return isinstance(exc, tf.errors.ResourceExhaustedError)
-    return False
-
-
-def oom_message(plan) -> str:
-    """The one-line advice after an out-of-memory step at `plan` (a BatchPlan)."""
-    b, R, K, B = (plan.per_replica_batch_size, plan.replicas, plan.accumulation_steps,
-                  plan.global_batch_size)
-    hint = (f"--accumulation-steps {2 * K} keeps global batch {B} at per-replica {b // 2}; "
-            if b >= 2 else "")
-    return (f"out of memory at per-replica batch {b} (global batch {B} = {b} per replica x {R} "
-            f"replicas x {K} accumulation steps); use a smaller per-replica batch: {hint}"
-            f"or more replicas; `distbatch probe-batch` finds the largest per-replica batch that fits")
 
 
 def find_max_batch(fits: Callable[[int], bool], start: int = 1,
@@ -234,7 +205,7 @@ def probe(*, model_name: str, input_shape: Sequence[int], num_classes: int,
     from distbatch.models import build_model
     from distbatch.recipes.optimizers import build_optimizer
     from distbatch.training.plan import BatchPlan
-    from distbatch.cli.train import set_precision
+    from distbatch.training.job import set_precision
     from distbatch.training.step import make_train_step
 
     backend, _ = create_backend(backend_name, cpu_replicas=cpu_replicas)

@@ -21,7 +21,6 @@ batch minimising it is reported as the fastest, next to the recommended one.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import shlex
@@ -29,9 +28,11 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Mapping
 
+from distbatch.cli.train import add_train_args, config_from_args
 from distbatch.errors import UsageError, require
+from distbatch.fileio import atomic_write_json
 from distbatch.outdir import check_out_dir, claim_out_dir
-from distbatch.cli.train import add_train_args, atomic_write_json, validate_args
+from distbatch.training.config import TrainConfig
 
 DEFAULT_BATCHES = "32,64,128,256,512"
 RECOMMENDATION_NAME = "recommendation.json"
@@ -205,46 +206,42 @@ def add_recommend_parser(subparsers) -> None:
             action.help = "planned length of the real run in steps (instead of --epochs)"
 
 
-def _sub_args(args: argparse.Namespace, batch: int, steps: int, out: str, noise: bool
-              ) -> argparse.Namespace:
-    a = copy.copy(args)
-    a.global_batch_size, a.steps, a.epochs = batch, steps, None
-    a.noise_scale, a.out, a.progress = noise, out, False
-    a.target_accuracy = a.early_stopping_metric = None
-    a.resume, a.overwrite = False, True
-    a.checkpoint_every = steps  # one checkpoint at the end, not at every evaluation
-    return a
+def _sub_config(base: TrainConfig, batch: int, steps: int, out: str, noise: bool) -> TrainConfig:
+    """One short measuring run; checkpoint_every=steps: one checkpoint at the end, not at
+    every evaluation."""
+    return base.replace(global_batch_size=batch, steps=steps, epochs=None, noise_scale=noise,
+                        out=out, progress=False, target_accuracy=None, early_stopping_metric=None,
+                        resume=False, overwrite=True, checkpoint_every=steps)
 
 
-def validate_recommend_args(args: argparse.Namespace) -> list[int]:
-    """Every check of recommend's flags that needs no TensorFlow; returns the batch sizes."""
+def validate_recommend_args(args: argparse.Namespace) -> tuple[list[int], TrainConfig]:
+    """Every check of recommend's flags that needs no TensorFlow: the batch sizes and the
+    TrainConfig its runs are derived from. ``args.epochs``/``args.steps`` stay the PLANNED
+    run's (for the suggested warmup and command)."""
     from distbatch.cli.sweep import parse_batch_sizes
     batches = parse_batch_sizes(args.batch_sizes)
     require(args.noise_batch_size >= 2, f"--noise-batch-size must be >= 2, got {args.noise_batch_size}")
     require(args.noise_steps >= 10, f"--noise-steps must be >= 10, got {args.noise_steps}")
     require(args.throughput_steps >= 3, f"--throughput-steps must be >= 3, got {args.throughput_steps}")
-    planned_epochs, planned_steps = args.epochs, args.steps
-    args.global_batch_size = args.noise_batch_size
-    validate_args(args)
-    args.epochs, args.steps = planned_epochs, planned_steps  # validate_args fills in a default
-    return batches
+    return batches, config_from_args(args, global_batch_size=args.noise_batch_size)
 
 
 def run_recommend(args: argparse.Namespace) -> int:
-    batches = validate_recommend_args(args)
+    batches, base = validate_recommend_args(args)
     check_out_dir(args.out, resume=False, overwrite=args.overwrite,
                   holds=(RECOMMENDATION_NAME,))
     require(not args.resume, "--resume does not apply to recommend (its runs are short)")
 
     from distbatch.backends import create_backend
     from distbatch.training.plan import BatchPlan
-    from distbatch.measure.probe import OutOfMemory
-    from distbatch.cli.train import EXIT_DIVERGED, load_data, train
+    from distbatch.cli.train import train
+    from distbatch.measure.oom import OutOfMemory
     from distbatch.recipes.schedules import scaled_learning_rate
+    from distbatch.training.job import EXIT_DIVERGED, load_data
 
-    backend, _ = create_backend(args.backend, cpu_replicas=args.cpu_replicas,
-                                cluster_timeout=args.cluster_timeout)
-    data = load_data(args)
+    backend, _ = create_backend(base.backend, cpu_replicas=base.cpu_replicas,
+                                cluster_timeout=base.cluster_timeout)
+    data = load_data(base)
     units = backend.num_replicas * args.accumulation_steps
     for flag, b in [("--noise-batch-size", args.noise_batch_size)] + [("--batch-sizes", b) for b in batches]:
         BatchPlan.derive(global_batch_size=b, replicas=backend.num_replicas,
@@ -262,7 +259,7 @@ def run_recommend(args: argparse.Namespace) -> int:
     say(f"distbatch recommend: {backend.describe()}; noise scale over {args.noise_steps} steps "
         f"at global batch {args.noise_batch_size}")
     noise_out = os.path.join(args.out, "noise")
-    summary, code = train(_sub_args(args, args.noise_batch_size, args.noise_steps, noise_out, True),
+    summary, code = train(_sub_config(base, args.noise_batch_size, args.noise_steps, noise_out, True),
                           backend=backend, data=data)
     if code == EXIT_DIVERGED:
         say("distbatch recommend: the noise-scale run diverged; lower --base-lr or add warmup")
@@ -274,7 +271,7 @@ def run_recommend(args: argparse.Namespace) -> int:
     throughputs: dict[int, float | None] = {}
     for b in batches:
         try:
-            s, c = train(_sub_args(args, b, args.throughput_steps,
+            s, c = train(_sub_config(base, b, args.throughput_steps,
                                    os.path.join(args.out, "throughput", f"bs{b}"), False),
                          backend=backend, data=data)
             throughputs[b] = s.get("samples_per_sec") if c == 0 else None
