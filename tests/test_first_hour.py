@@ -40,7 +40,8 @@ def test_help_imports_no_tensorflow():
 def test_recommend_command_pastes_into_train_with_every_flag_carried_over():
     """The printed command lacked --out and the dataset sizes, so pasting it failed."""
     from distbatch.cli import build_parser
-    from distbatch.measure.recommend import _NOT_COPIED, suggested_command, warmup_for
+    from distbatch.cli.recommend import _NOT_COPIED, suggested_command
+    from distbatch.measure.recommend import warmup_for
     from distbatch.cli.train import validate_args
 
     rec = build_parser("recommend").parse_args([

@@ -65,7 +65,7 @@ SUBCOMMANDS = (  # (name, module, function adding its parser)
     ("sweep", "distbatch.cli.sweep", "add_sweep_parser"),
     ("bench", "distbatch.measure.bench", "add_bench_parser"),
     ("report", "distbatch.measure.report", "add_report_parser"),
-    ("recommend", "distbatch.measure.recommend", "add_recommend_parser"),
+    ("recommend", "distbatch.cli.recommend", "add_recommend_parser"),
     ("probe-batch", "distbatch.measure.probe", "add_probe_parser"),
     ("launch", "distbatch.cli.launch", "add_launch_parser"),
 )
