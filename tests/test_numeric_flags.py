@@ -108,7 +108,7 @@ VALIDATORS = {
     ("sweep",): lambda a: __import__("distbatch.cli.sweep", fromlist=["x"]).validate_sweep_args(a),
     ("recommend",): lambda a: __import__("distbatch.cli.recommend", fromlist=["x"]).validate_recommend_args(a),
     ("bench",): lambda a: __import__("distbatch.measure.bench", fromlist=["x"]).validate(a),
-    ("probe-batch",): lambda a: __import__("distbatch.measure.probe", fromlist=["x"]).validate_probe_args(a),
+    ("probe-batch",): lambda a: __import__("distbatch.cli.probe", fromlist=["x"]).validate_probe_args(a),
     ("report",): lambda a: __import__("distbatch.measure.report", fromlist=["x"]).validate_report_args(a),
 }
 

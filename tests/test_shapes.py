@@ -2,7 +2,8 @@
 import pytest
 
 from distbatch.errors import ParameterError
-from distbatch.measure import bench, probe
+from distbatch.cli import probe
+from distbatch.measure import bench
 from distbatch.shapes import parse_shape
 
 

@@ -66,7 +66,7 @@ SUBCOMMANDS = (  # (name, module, function adding its parser)
     ("bench", "distbatch.measure.bench", "add_bench_parser"),
     ("report", "distbatch.measure.report", "add_report_parser"),
     ("recommend", "distbatch.cli.recommend", "add_recommend_parser"),
-    ("probe-batch", "distbatch.measure.probe", "add_probe_parser"),
+    ("probe-batch", "distbatch.cli.probe", "add_probe_parser"),
     ("launch", "distbatch.cli.launch", "add_launch_parser"),
 )
 # Subcommands whose process never needs TensorFlow (the launcher only starts workers).
