@@ -194,7 +194,8 @@ BAD = [
 
 def _parse(argv):
     parser = argparse.ArgumentParser()
-    bench.add_bench_parser(parser.add_subparsers())
+    from distbatch.cli.bench import add_bench_parser
+    add_bench_parser(parser.add_subparsers())
     return parser.parse_args(["bench", *argv])
 
 
