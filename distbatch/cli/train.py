@@ -13,8 +13,8 @@ import dataclasses
 from distbatch.backends import BACKENDS
 from distbatch.errors import ParameterError
 from distbatch.models import MODELS
-from distbatch.training.config import MAX_EPOCHS, TrainConfig  # noqa: F401 - MAX_EPOCHS re-exported
-from distbatch.training.job import EXIT_DIVERGED, RUN_FILES  # noqa: F401 - re-exported
+from distbatch.training.config import TrainConfig
+
 
 def add_train_args(parser: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     """Flags shared by `train` and `sweep` (the sweep sets the batch size per point)."""
