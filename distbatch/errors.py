@@ -55,6 +55,12 @@ def require(condition: bool, message: str) -> None:
         raise UsageError(message)
 
 
+def require_param(condition: bool, template: str, *params: str) -> None:
+    """Raise ParameterError(template, *params) unless condition holds."""
+    if not condition:
+        raise ParameterError(template, *params)
+
+
 # Errors a collective raises on the surviving ranks when a peer dies or stops:
 # tf.distribute's coordination service aborts collectives once the peer stops
 # sending heartbeats; Horovod raises HorovodInternalError.

@@ -33,7 +33,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from distbatch.errors import ParameterError, UsageError, require
+from distbatch.errors import ParameterError, UsageError, require, require_param
 from distbatch.training.plan import BatchPlan
 
 
@@ -141,17 +141,17 @@ def plan_schedule(points: Sequence[tuple[int, int]], *, epochs: float, replicas:
 def schedule_from_config(config, *, replicas: int, num_train_examples: int) -> BatchSchedule:
     """Check what in a TrainConfig interacts with its batch_size_schedule, and build it."""
     points = parse_batch_schedule(config.batch_size_schedule)
-    _require(config.steps is None, f"{{batch_size_schedule}} needs the length in {{epochs}} (the "
-             f"batch changes at epochs), got {{steps}} {config.steps}",
-             "batch_size_schedule", "epochs", "steps")
+    require_param(config.steps is None, f"{{batch_size_schedule}} needs the length in {{epochs}} (the "
+                  f"batch changes at epochs), got {{steps}} {config.steps}",
+                  "batch_size_schedule", "epochs", "steps")
     given = config.global_batch_size
-    _require(given is None or given == points[0][1],
-             f"{{global_batch_size}} {given} disagrees with the first batch of {{batch_size_schedule}} "
-             f"({points[0][1]}); give only the schedule", "global_batch_size", "batch_size_schedule")
-    _require(not config.early_stopping_metric, "{early_stopping_metric} is not supported with "
-             "{batch_size_schedule} yet", "early_stopping_metric", "batch_size_schedule")
-    _require(not config.resume, "{resume} is not supported with {batch_size_schedule} yet",
-             "resume", "batch_size_schedule")
+    require_param(given is None or given == points[0][1],
+                  f"{{global_batch_size}} {given} disagrees with the first batch of {{batch_size_schedule}} "
+                  f"({points[0][1]}); give only the schedule", "global_batch_size", "batch_size_schedule")
+    require_param(not config.early_stopping_metric, "{early_stopping_metric} is not supported with "
+                  "{batch_size_schedule} yet", "early_stopping_metric", "batch_size_schedule")
+    require_param(not config.resume, "{resume} is not supported with {batch_size_schedule} yet",
+                  "resume", "batch_size_schedule")
     return plan_schedule(points, epochs=config.epochs_or_default, replicas=replicas,
                          accumulation_steps=config.accumulation_steps,
                          num_train_examples=num_train_examples)
@@ -175,10 +175,6 @@ def schedule_recipe(recipe, schedule: BatchSchedule):
                        warmup_epochs=None)
     return dataclasses.replace(recipe, **changes)
 
-
-def _require(ok: bool, template: str, *params: str) -> None:
-    if not ok:
-        raise ParameterError(template, *params)
 
 
 def run_schedule(backend, model, optimizer, schedule: BatchSchedule, data, options,

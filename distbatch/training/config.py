@@ -16,7 +16,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from distbatch.errors import ParameterError
+from distbatch.errors import require_param
 from distbatch.recipes.recipe import Recipe, _in_range, _integer
 
 DEFAULT_EPOCHS = 10.0
@@ -26,10 +26,6 @@ EARLY_STOPPING_METRICS = ("val_loss", "val_accuracy")
 # Fields a sweep point sets; config.json of a plain run has them only when not at the default.
 _POINT_ONLY = {"tensorboard_dir": None, "progress": True, "stop_at_target": False}
 
-
-def _require(ok: bool, template: str, *params: str) -> None:
-    if not ok:
-        raise ParameterError(template, *params)
 
 
 @dataclass(frozen=True)
@@ -90,43 +86,43 @@ class TrainConfig:
         for name in ("seed", "data_seed"):
             value = getattr(self, name)
             _integer(name, value, -math.inf)
-            _require(0 <= value < 2**32, f"{{{name}}} must be an integer in [0, 2**32), got {value}",
-                     name)
+            require_param(0 <= value < 2**32, f"{{{name}}} must be an integer in [0, 2**32), got {value}",
+                          name)
         for name in ("train_size", "val_size"):
             value = getattr(self, name)
             if value is not None:
                 _integer(name, value, -math.inf)
-                _require(value >= 1, f"{{{name}}} must be >= 1 examples, got {value}", name)
-        _require(math.isfinite(self.min_delta) and self.min_delta >= 0,
-                 f"{{min_delta}} must be a finite number >= 0, got {self.min_delta}", "min_delta")
+                require_param(value >= 1, f"{{{name}}} must be >= 1 examples, got {value}", name)
+        require_param(math.isfinite(self.min_delta) and self.min_delta >= 0,
+                      f"{{min_delta}} must be a finite number >= 0, got {self.min_delta}", "min_delta")
         _integer("evals_per_epoch", self.evals_per_epoch, 1)
         _integer("early_stopping_patience", self.early_stopping_patience, 1)
         _integer("checkpoint_every", self.checkpoint_every, 0)
         s = self.checkpoint_every_seconds
-        _require(s is None or (math.isfinite(s) and s >= 0),
-                 f"{{checkpoint_every_seconds}} must be a finite number of seconds >= 0 (0: off), "
-                 f"got {s}", "checkpoint_every_seconds")
+        require_param(s is None or (math.isfinite(s) and s >= 0),
+                      f"{{checkpoint_every_seconds}} must be a finite number of seconds >= 0 (0: off), "
+                      f"got {s}", "checkpoint_every_seconds")
         t = self.target_accuracy
-        _require(t is None or 0 < t <= 1, f"{{target_accuracy}} must be in (0, 1], got {t}",
-                 "target_accuracy")
+        require_param(t is None or 0 < t <= 1, f"{{target_accuracy}} must be in (0, 1], got {t}",
+                      "target_accuracy")
         if self.cpu_replicas is not None:
             _integer("cpu_replicas", self.cpu_replicas, 1)
-        _require(self.num_classes is None or self.num_classes >= 2,
-                 f"{{num_classes}} must be >= 2, got {self.num_classes}", "num_classes")
-        _require(not (self.resume and self.overwrite), "{resume} and {overwrite} exclude each other",
-                 "resume", "overwrite")
-        _require(self.mixed_precision in MIXED_PRECISION,
-                 f"{{mixed_precision}} must be one of {', '.join(MIXED_PRECISION)}, got "
-                 f"{self.mixed_precision!r}", "mixed_precision")
-        _require(self.early_stopping_metric in (None, *EARLY_STOPPING_METRICS),
-                 f"{{early_stopping_metric}} must be one of {', '.join(EARLY_STOPPING_METRICS)}, "
-                 f"got {self.early_stopping_metric!r}", "early_stopping_metric")
-        _require(self.jit_compile in ("off", "on"),
-                 f"{{jit_compile}} must be 'off' or 'on', got {self.jit_compile!r}", "jit_compile")
+        require_param(self.num_classes is None or self.num_classes >= 2,
+                      f"{{num_classes}} must be >= 2, got {self.num_classes}", "num_classes")
+        require_param(not (self.resume and self.overwrite), "{resume} and {overwrite} exclude each other",
+                      "resume", "overwrite")
+        require_param(self.mixed_precision in MIXED_PRECISION,
+                      f"{{mixed_precision}} must be one of {', '.join(MIXED_PRECISION)}, got "
+                      f"{self.mixed_precision!r}", "mixed_precision")
+        require_param(self.early_stopping_metric in (None, *EARLY_STOPPING_METRICS),
+                      f"{{early_stopping_metric}} must be one of {', '.join(EARLY_STOPPING_METRICS)}, "
+                      f"got {self.early_stopping_metric!r}", "early_stopping_metric")
+        require_param(self.jit_compile in ("off", "on"),
+                      f"{{jit_compile}} must be 'off' or 'on', got {self.jit_compile!r}", "jit_compile")
         spe = self.steps_per_execution
-        _require(spe == "auto" or (isinstance(spe, int) and not isinstance(spe, bool) and spe >= 1),
-                 f"{{steps_per_execution}} must be a whole number >= 1 or 'auto', got {spe!r}",
-                 "steps_per_execution")
+        require_param(spe == "auto" or (isinstance(spe, int) and not isinstance(spe, bool) and spe >= 1),
+                      f"{{steps_per_execution}} must be a whole number >= 1 or 'auto', got {spe!r}",
+                      "steps_per_execution")
         _in_range("bucket_mb", self.bucket_mb, 0)
         self.collective_options()  # --bytes-per-pack, --collective-timeout
         from distbatch.backends.cluster import resolve_cluster_timeout
@@ -136,47 +132,47 @@ class TrainConfig:
         g, r = self.global_batch_size, self.recipe
         if g == "auto":
             m = self.max_global_batch_size
-            _require(m is not None, "{global_batch_size} auto needs {max_global_batch_size} (the "
-                                    "largest batch it may choose)", "global_batch_size",
-                     "max_global_batch_size")
-            _require(m >= r.base_batch_size, f"{{max_global_batch_size}} must be >= "
-                     f"{{base_batch_size}} ({r.base_batch_size}), got {m}", "max_global_batch_size",
-                     "base_batch_size")
-            _require(r.scaling == "adascale", f"{{global_batch_size}} auto follows AdaScale's gain; "
-                     f"add {{scaling}} adascale (got {{scaling}} {r.scaling})", "global_batch_size",
-                     "scaling")
+            require_param(m is not None, "{global_batch_size} auto needs {max_global_batch_size} (the "
+                                         "largest batch it may choose)", "global_batch_size",
+                          "max_global_batch_size")
+            require_param(m >= r.base_batch_size, f"{{max_global_batch_size}} must be >= "
+                          f"{{base_batch_size}} ({r.base_batch_size}), got {m}", "max_global_batch_size",
+                          "base_batch_size")
+            require_param(r.scaling == "adascale", f"{{global_batch_size}} auto follows AdaScale's gain; "
+                          f"add {{scaling}} adascale (got {{scaling}} {r.scaling})", "global_batch_size",
+                          "scaling")
             for name, bad in (("batch_size_schedule", self.batch_size_schedule),
                               ("early_stopping_metric", self.early_stopping_metric),
                               ("resume", self.resume)):
-                _require(not bad, f"{{global_batch_size}} auto does not combine with {{{name}}} yet",
-                         "global_batch_size", name)
+                require_param(not bad, f"{{global_batch_size}} auto does not combine with {{{name}}} yet",
+                              "global_batch_size", name)
         elif g is not None:
             _integer("global_batch_size", g, -math.inf)
-            _require(g >= 1, f"{{global_batch_size}} must be a positive integer, got {g}",
-                     "global_batch_size")
+            require_param(g >= 1, f"{{global_batch_size}} must be a positive integer, got {g}",
+                          "global_batch_size")
         elif not self.batch_size_schedule:
-            _require(False, "{global_batch_size} is required (or give {batch_size_schedule})",
-                     "global_batch_size", "batch_size_schedule")
+            require_param(False, "{global_batch_size} is required (or give {batch_size_schedule})",
+                          "global_batch_size", "batch_size_schedule")
         if self.batch_size_schedule:
             from distbatch.training.batch_schedule import parse_batch_schedule
             last = parse_batch_schedule(self.batch_size_schedule)[-1][0]
-            _require(self.steps is None, f"{{batch_size_schedule}} needs the length in {{epochs}} "
-                     f"(the batch changes at epochs), got {{steps}} {self.steps}",
-                     "batch_size_schedule", "epochs", "steps")
+            require_param(self.steps is None, f"{{batch_size_schedule}} needs the length in {{epochs}} "
+                          f"(the batch changes at epochs), got {{steps}} {self.steps}",
+                          "batch_size_schedule", "epochs", "steps")
             if self.epochs is not None:
-                _require(last < self.epochs, f"{{batch_size_schedule}} point at epoch {last} is not "
-                         f"before the end of training ({{epochs}} {self.epochs:g})",
-                         "batch_size_schedule", "epochs")
+                require_param(last < self.epochs, f"{{batch_size_schedule}} point at epoch {last} is not "
+                              f"before the end of training ({{epochs}} {self.epochs:g})",
+                              "batch_size_schedule", "epochs")
 
     def _check_length(self) -> None:
         e, s = self.epochs, self.steps
-        _require(e is None or s is None, f"give {{epochs}} or {{steps}}, not both (got {e} and {s})",
-                 "epochs", "steps")
+        require_param(e is None or s is None, f"give {{epochs}} or {{steps}}, not both (got {e} and {s})",
+                      "epochs", "steps")
         if e is not None:
-            _require(e > 0, f"{{epochs}} must be > 0, got {e}", "epochs")
-            _require(e <= MAX_EPOCHS, f"{{epochs}} must be at most {MAX_EPOCHS:g}, got {e}", "epochs")
+            require_param(e > 0, f"{{epochs}} must be > 0, got {e}", "epochs")
+            require_param(e <= MAX_EPOCHS, f"{{epochs}} must be at most {MAX_EPOCHS:g}, got {e}", "epochs")
         if s is not None:
-            _require(s >= 1, f"{{steps}} must be >= 1, got {s}", "steps")
+            require_param(s >= 1, f"{{steps}} must be >= 1, got {s}", "steps")
 
     @property
     def epochs_or_default(self) -> float | None:

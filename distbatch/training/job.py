@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from distbatch import __version__
-from distbatch.errors import ParameterError, UsageError
+from distbatch.errors import ParameterError, UsageError, require_param
 from distbatch.fileio import atomic_write_json, json_roundtrip
 from distbatch.outdir import check_out_dir, claim_out_dir
 from distbatch.training.config import TrainConfig
@@ -31,10 +31,6 @@ RUN_FILES = ("summary.json", "config.json", "model.keras")
 RUN_OUTPUTS = RUN_FILES + ("tensorboard", "checkpoints")  # all overwrite=True removes
 EXIT_DIVERGED = 3
 
-
-def _require(ok: bool, template: str, *params: str) -> None:
-    if not ok:
-        raise ParameterError(template, *params)
 
 
 def machine_info(backend) -> dict:
@@ -106,13 +102,13 @@ def plan_run(config: TrainConfig, backend, data, *, flag: str = "--global-batch-
     recipe_plan = plan  # the batch the lr schedule is written for
     adascale_scale = None
     if recipe.scaling == "adascale":
-        _require(batch_schedule is None, "{scaling} adascale adapts the lr to a fixed global batch; "
-                                         "it does not combine with {batch_size_schedule}",
-                 "scaling", "batch_size_schedule")
-        _require(plan.global_batch_size >= recipe.base_batch_size,
-                 f"{{scaling}} adascale needs {{global_batch_size}} >= {{base_batch_size}} "
-                 f"({recipe.base_batch_size}), got {plan.global_batch_size}",
-                 "scaling", "global_batch_size", "base_batch_size")
+        require_param(batch_schedule is None, "{scaling} adascale adapts the lr to a fixed global batch; "
+                                              "it does not combine with {batch_size_schedule}",
+                      "scaling", "batch_size_schedule")
+        require_param(plan.global_batch_size >= recipe.base_batch_size,
+                      f"{{scaling}} adascale needs {{global_batch_size}} >= {{base_batch_size}} "
+                      f"({recipe.base_batch_size}), got {plan.global_batch_size}",
+                      "scaling", "global_batch_size", "base_batch_size")
         # The length is the BASE batch's; the run ends when tau reaches it (at most that many steps).
         recipe_plan = BatchPlan.derive(global_batch_size=recipe.base_batch_size, replicas=1,
                                        num_train_examples=len(data.x_train), flag="--base-batch-size")
@@ -141,7 +137,7 @@ def train(config: TrainConfig, *, backend=None, data=None, record: dict | None =
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    _require(config.out is not None, "{out} is required: the directory for the run's files", "out")
+    require_param(config.out is not None, "{out} is required: the directory for the run's files", "out")
     check_out_dir(config.out, resume=config.resume, overwrite=config.overwrite, holds=RUN_FILES)
     import keras
 
