@@ -74,6 +74,8 @@ def test_frozen_and_replace_validates_again():
     (dict(global_batch_size="auto"), "global_batch_size auto needs max_global_batch_size"),
     (dict(global_batch_size="auto", max_global_batch_size=64),
      "global_batch_size auto follows AdaScale's gain; add scaling adascale (got scaling linear)"),
+    (dict(global_batch_size=8, backend="mpi"), "backend must be one of auto, single, mirrored, "),
+    (dict(global_batch_size=8, model="vgg"), "model must be one of "),
     (dict(global_batch_size=8, mixed_precision="fp8"), "mixed_precision must be one of off, float16, "
                                                        "bfloat16, got 'fp8'"),
 ])

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 
 from distbatch.errors import require_param
-from distbatch.recipes.recipe import Recipe, _in_range, _integer
+from distbatch.recipes.recipe import Recipe, _choice, _in_range, _integer
 
 DEFAULT_EPOCHS = 10.0
 MAX_EPOCHS = 1e6  # beyond this a run would not end (and inf/1e30 overflow the step count)
@@ -80,6 +80,10 @@ class TrainConfig:
     def __post_init__(self):
         if not isinstance(self.recipe, Recipe):
             raise TypeError(f"recipe must be a distbatch.Recipe, got {type(self.recipe).__name__}")
+        from distbatch.backends import BACKENDS
+        from distbatch.models import MODELS
+        _choice("backend", self.backend, BACKENDS)
+        _choice("model", self.model, MODELS)
         self._check_batch()
         self._check_length()
         _integer("accumulation_steps", self.accumulation_steps, 1)
