@@ -98,3 +98,23 @@ def test_type_errors_name_the_field():
         TrainConfig(out="o", global_batch_size=8, accumulation_steps=2.0)
     with pytest.raises(TypeError, match="^recipe must be a distbatch.Recipe"):
         TrainConfig(out="o", global_batch_size=8, recipe={"base_lr": 0.1})
+
+
+@pytest.mark.parametrize("argv", [
+    ["--batch-sizes", "32,64", "--out", "s"],
+    ["--batch-sizes", "16", "--steps", "5", "--scaling", "linear,adascale", "--warmup-steps", "2",
+     "--stop-at-target", "--seeds", "2", "--out", "s"],
+])
+def test_sweep_config_json_is_unchanged(argv):
+    from distbatch.cli.sweep import (DEFAULT_WARMUP_CAP, DEFAULT_WARMUP_EPOCHS, sweep_flags,
+                                     validate_sweep_args)
+    args = build_parser("sweep").parse_args(["sweep", *argv])
+    batches, base = validate_sweep_args(args)
+    old = {k: v for k, v in vars(args).items() if k not in ("func", "handler")}  # as the sweep
+    if old["epochs"] is None and old["steps"] is None:                         # mutated it
+        old["epochs"] = 6.0
+    old["global_batch_size"] = batches[0]
+    if old["warmup_epochs"] is None and old["warmup_steps"] is None:
+        old["warmup_epochs"], old["warmup_cap"] = DEFAULT_WARMUP_EPOCHS, DEFAULT_WARMUP_CAP
+    assert run_config(sweep_flags(args, base), batch_sizes=batches) == json_roundtrip(
+        dict(sorted({**old, "batch_sizes": batches}.items())))

@@ -151,8 +151,11 @@ def validate_sweep_args(args: argparse.Namespace) -> tuple[list[int], TrainConfi
 
 
 def sweep_flags(args: argparse.Namespace, base: TrainConfig) -> dict:
-    """The sweep's config.json flags: the points' common ones and the sweep's own."""
-    return {**base.as_flags(), **record_of(args), "scaling": list(args.scaling),
+    """The sweep's config.json flags, as before: the points' common ones (those the sweep has a
+    flag for, its first batch and its warmup cap) and the sweep's own."""
+    common = {k: v for k, v in base.as_flags().items()
+              if hasattr(args, k) or k in ("global_batch_size", "warmup_cap")}
+    return {**common, **record_of(args), "scaling": list(args.scaling),
             "batch_sizes": args.batch_sizes, "seeds": args.seeds,
             "stop_at_target": args.stop_at_target}
 
