@@ -8,9 +8,9 @@ error); no warmup (24.84), constant warmup (25.88), no scaling (41.67) and
 sqrt scaling (26.22) do not. This script reruns that comparison at small
 scale -- base batch 32 vs 32x (1024) and 64x (2048), plus LARS (You et al.
 2017, arXiv:1708.03888) -- with several seeds, through the real
-``distbatch train`` code path (``distbatch.cli.train.train`` with argparse
-Namespaces built by the CLI's own parser, in one process that reuses one
-backend and one dataset: TensorFlow starts once).
+``distbatch train`` code path (``distbatch.training.job.train`` with the
+TrainConfig the CLI's own parser and ``config_from_args`` build from the flags,
+in one process that reuses one backend and one dataset: TensorFlow starts once).
 
 Everything comes from a JSON configuration (benchmarks/configs/goyal_table.json):
 ``common`` flags, ``seeds``, an optional ``lr_check`` (the runs used to pick
@@ -106,15 +106,14 @@ def plan_runs(cfg: dict) -> list[dict]:
     return runs
 
 
-def run_args(parser: argparse.ArgumentParser, run: dict, out_dir: str) -> argparse.Namespace:
-    """The argparse Namespace `distbatch train` would get for this run."""
+def config_for_run(parser: argparse.ArgumentParser, run: dict, out_dir: str):
+    """The TrainConfig `distbatch train` would build for this run (quiet)."""
+    from distbatch.cli.train import config_from_args
     point = run["run_id"].replace("/", "_").replace("=", "")
     argv = flags_to_argv({**run["flags"], "global-batch-size": run["global_batch_size"],
                           "seed": run["seed"], "out": os.path.join(out_dir, "points", point),
                           "overwrite": True})
-    args = parser.parse_args(argv)
-    args.progress = False
-    return args
+    return config_from_args(parser.parse_args(argv), progress=False)
 
 
 # ---------------------------------------------------------------- running
@@ -140,20 +139,20 @@ def run_all(cfg: dict, out_dir: str) -> int:
         return 0
     parser = train_parser()
     for r in todo:  # every flag set is checked before the first run trains
-        run_args(parser, r, out_dir)
+        config_for_run(parser, r, out_dir)
 
     from distbatch.backends import create_backend
     from distbatch.data.datasets import load_dataset
-    from distbatch.cli.train import train
+    from distbatch.training.job import train
     common = cfg["common"]
     backend, _ = create_backend(common.get("backend", "single"), cpu_replicas=common.get("cpu-replicas"))
     data = load_dataset(common.get("dataset", "mnist1d"), seed=common.get("data-seed", 0),
                         train_size=common.get("train-size"), val_size=common.get("val-size"))
     started = time.perf_counter()
     for i, r in enumerate(todo):
-        args = run_args(parser, r, out_dir)
+        config = config_for_run(parser, r, out_dir)
         t0 = time.perf_counter()
-        summary, _code = train(args, backend=backend, data=data)
+        summary, _code = train(config, backend=backend, data=data)
         status = "diverged" if summary.get("diverged") else "ok"
         row = summary_to_row(summary, r["run_id"], status)
         row.update(row_id=r["row_id"], scaling_rule=summary.get("scaling_rule"),
@@ -243,7 +242,7 @@ def make_table(cfg: dict, rows: list[dict]) -> str:
 
 def write_table(cfg: dict, out_dir: str, wall_s: float | None) -> str:
     from distbatch.measure import results
-    from distbatch.cli.train import atomic_write_json
+    from distbatch.fileio import atomic_write_json
     rows = results.read_rows(out_dir)
     text = make_table(cfg, rows)
     path = os.path.join(out_dir, "table.md")

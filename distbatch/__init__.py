@@ -19,6 +19,7 @@ _EXPORTS = {
     "scaled_learning_rate": "distbatch.recipes.schedules",
     "build_lr_schedule": "distbatch.recipes.schedules",
     "WarmupSchedule": "distbatch.recipes.schedules",
+    "Recipe": "distbatch.recipes.recipe",
     "build_optimizer": "distbatch.recipes.optimizers",
     "LARS": "distbatch.recipes.optimizers",
     "load_dataset": "distbatch.data.datasets",

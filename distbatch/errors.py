@@ -20,13 +20,29 @@ class UsageError(ValueError):
     """A bad input from the user: one line, naming the value and what was expected."""
 
 
-class DivergedError(RuntimeError):
-    """The training loss became NaN or infinite."""
+class ParameterError(UsageError):
+    """A bad argument of the Python API, naming the PARAMETER ("base_lr must be > 0, got -1").
 
-    def __init__(self, step: int, loss: float):
-        super().__init__(f"loss became {loss} at step {step}")
-        self.step = step
-        self.loss = loss
+    ``template`` writes each parameter of ``params`` as ``{name}``; the message is the
+    template with the names, and :meth:`for_flags` gives the same error as the CLI shows
+    it, with the flags instead ("--base-lr must be > 0, got -1"). So the library
+    validates once and never needs to know its flag names.
+    """
+
+    def __init__(self, template: str, *params: str):
+        self.template, self.params = template, params
+        super().__init__(self._render({p: p for p in params}))
+
+    def _render(self, names: dict) -> str:
+        message = self.template
+        for p in self.params:
+            message = message.replace("{" + p + "}", names[p])
+        return message
+
+    def for_flags(self, flags: dict | None = None) -> UsageError:
+        """This error with each parameter written as ``flags[name]`` or ``--name-with-dashes``."""
+        return UsageError(self._render({p: (flags or {}).get(p, "--" + p.replace("_", "-"))
+                                        for p in self.params}))
 
 
 class ClusterSetupError(RuntimeError):
@@ -37,6 +53,12 @@ def require(condition: bool, message: str) -> None:
     """Raise UsageError(message) unless condition holds."""
     if not condition:
         raise UsageError(message)
+
+
+def require_param(condition: bool, template: str, *params: str) -> None:
+    """Raise ParameterError(template, *params) unless condition holds."""
+    if not condition:
+        raise ParameterError(template, *params)
 
 
 # Errors a collective raises on the surviving ranks when a peer dies or stops:

@@ -2,14 +2,12 @@
 schedule run that equals the same fixed-batch segments run by hand."""
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pytest
 
-from distbatch.training.batch_schedule import (parse_batch_schedule, plan_schedule, schedule_from_args,
-                                      schedule_recipe_args)
-from distbatch.errors import UsageError
+from distbatch.training.batch_schedule import (parse_batch_schedule, plan_schedule, schedule_from_config,
+                                      schedule_recipe)
+from distbatch.errors import ParameterError, UsageError
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -58,29 +56,36 @@ def test_segment_errors():
         plan_schedule([(0, 64), (1, 2048)], epochs=2, replicas=1, num_train_examples=1000)
 
 
-def _args(**kw):
-    base = dict(batch_size_schedule="0:32,2:64", steps=None, epochs=4.0, global_batch_size=None,
-                early_stopping_metric=None, resume=False, accumulation_steps=1, decay="step",
-                decay_epochs=None, warmup="gradual", warmup_epochs=None, warmup_steps=None)
+def _config(**kw):
+    from distbatch.recipes.recipe import Recipe
+    from distbatch.training.config import TrainConfig
+    recipe = {k: kw.pop(k) for k in ("decay", "decay_epochs", "warmup", "warmup_epochs") if k in kw}
+    base = dict(batch_size_schedule="0:32,2:64", epochs=4.0, out="o")
     base.update(kw)
-    return argparse.Namespace(**base)
+    return TrainConfig(recipe=Recipe(**recipe), **base)
 
 
 def test_flag_interactions():
-    s = schedule_from_args(_args(), replicas=1, num_train_examples=256)
+    s = schedule_from_config(_config(), replicas=1, num_train_examples=256)
     assert s.total_steps == 2 * 8 + 2 * 4
-    with pytest.raises(UsageError, match="needs the length in --epochs .* got --steps 10"):
-        schedule_from_args(_args(steps=10), replicas=1, num_train_examples=256)
-    with pytest.raises(UsageError, match="--global-batch-size 64 disagrees .* \\(32\\)"):
-        schedule_from_args(_args(global_batch_size=64), replicas=1, num_train_examples=256)
-    assert schedule_from_args(_args(global_batch_size=32), replicas=1, num_train_examples=256)
-    a = schedule_recipe_args(_args(warmup_epochs=3.0), s)
-    assert a.decay == "constant"
-    assert (a.warmup_steps, a.warmup_epochs) == (2 * 8 + 1 * 4, None)  # 3 epochs across segments
-    with pytest.raises(UsageError, match="replaces lr decay .* got --decay cosine"):
-        schedule_recipe_args(_args(decay="cosine"), s)
-    with pytest.raises(UsageError, match="--decay-epochs 2"):
-        schedule_recipe_args(_args(decay_epochs="2"), s)
+    with pytest.raises(ParameterError, match="needs the length in epochs .* got steps 10") as err:
+        _config(steps=10, epochs=None)
+    assert "needs the length in --epochs (the batch changes at epochs), got --steps 10" in str(
+        err.value.for_flags())
+    with pytest.raises(ParameterError, match="global_batch_size 64 disagrees .* \\(32\\)") as err:
+        schedule_from_config(_config(global_batch_size=64), replicas=1, num_train_examples=256)
+    assert str(err.value.for_flags()).startswith("--global-batch-size 64 disagrees with the first "
+                                                 "batch of --batch-size-schedule (32)")
+    assert schedule_from_config(_config(global_batch_size=32), replicas=1, num_train_examples=256)
+    config = _config(warmup_epochs=3.0)
+    r = schedule_recipe(config.recipe, s)
+    assert r.decay == "constant" and config.recipe.decay == "step"  # a new Recipe; the config's is frozen
+    assert (r.warmup_steps, r.warmup_epochs) == (2 * 8 + 1 * 4, None)  # 3 epochs across segments
+    with pytest.raises(UsageError, match="replaces lr decay .* got decay cosine"):
+        schedule_recipe(_config(decay="cosine").recipe, s)
+    with pytest.raises(ParameterError, match="decay_epochs 2") as err:
+        schedule_recipe(_config(decay_epochs="2").recipe, s)
+    assert "got --decay step --decay-epochs 2; use --decay constant" in str(err.value.for_flags())
 
 
 def _mlp(keras, seed):

@@ -177,7 +177,7 @@ def test_cpu_replicas_list_table(tmp_path):
 # -- bad input: in-process through the real parser and handler (each CLI start imports
 # TensorFlow, ~4 s or far more on a loaded machine), plus one case through the CLI ----------
 BAD = [
-    (["--input-shape", "32xq"], "--input-shape must look like 40 or 32x32x3, got '32xq'"),
+    (["--input-shape", "32xq"], "--input-shape must look like 40, 32x32x3 or 32,32,3, got '32xq'"),
     (["--iters", "0"], "--iters must be >= 1, got 0"),
     (["--steps-per-iter", "0"], "--steps-per-iter must be >= 1, got 0"),
     (["--warmup-iters", "-1"], "--warmup-iters must be >= 0, got -1"),
@@ -194,7 +194,8 @@ BAD = [
 
 def _parse(argv):
     parser = argparse.ArgumentParser()
-    bench.add_bench_parser(parser.add_subparsers())
+    from distbatch.cli.bench import add_bench_parser
+    add_bench_parser(parser.add_subparsers())
     return parser.parse_args(["bench", *argv])
 
 

@@ -40,7 +40,8 @@ def test_help_imports_no_tensorflow():
 def test_recommend_command_pastes_into_train_with_every_flag_carried_over():
     """The printed command lacked --out and the dataset sizes, so pasting it failed."""
     from distbatch.cli import build_parser
-    from distbatch.measure.recommend import _NOT_COPIED, suggested_command, warmup_for
+    from distbatch.cli.recommend import _NOT_COPIED, suggested_command
+    from distbatch.measure.recommend import warmup_for
     from distbatch.cli.train import validate_args
 
     rec = build_parser("recommend").parse_args([
@@ -51,8 +52,9 @@ def test_recommend_command_pastes_into_train_with_every_flag_carried_over():
     command = suggested_command(rec, 256, warmup_for(256, rec.base_batch_size, epochs=rec.epochs))
     assert command[:2] == ["distbatch", "train"] and command[-2:] == ["--out", "runs/train-bs256"]
     train = build_parser("train").parse_args(command[1:])
-    validate_args(train)  # as `distbatch train` does before any work
-    assert (train.global_batch_size, train.epochs, train.warmup, train.warmup_epochs) == (256, 4.0, "gradual", 0.2222)
+    config = validate_args(train)  # as `distbatch train` does before any work
+    assert (config.global_batch_size, config.epochs, config.recipe.warmup,
+            config.recipe.warmup_epochs) == (256, 4.0, "gradual", 0.2222)
     for action in build_parser("train")._subparsers._group_actions[0].choices["train"]._actions:
         if action.option_strings and action.dest not in _NOT_COPIED:
             assert getattr(train, action.dest) == getattr(rec, action.dest), action.dest
@@ -81,16 +83,11 @@ def test_train_announces_the_compile_and_says_where_it_wrote(tmp_path):
 def _sweep_recipe(argv):
     import argparse
 
-    from distbatch.recipes.recipe_args import build_recipe
-    from distbatch.cli.sweep import add_sweep_parser
+    from distbatch.cli.sweep import add_sweep_parser, point_config, validate_sweep_args
     parser = argparse.ArgumentParser()
     add_sweep_parser(parser.add_subparsers())
-    args = parser.parse_args(["sweep", *argv])
-    if args.warmup_epochs is None and args.warmup_steps is None:  # as run_sweep does
-        from distbatch.cli.sweep import DEFAULT_WARMUP_CAP, DEFAULT_WARMUP_EPOCHS
-        args.warmup_epochs, args.warmup_cap = DEFAULT_WARMUP_EPOCHS, DEFAULT_WARMUP_CAP
-    from distbatch.cli.sweep import point_args
-    return point_args(args, 64, 0, "sw"), build_recipe  # one point's flags, as run_sweep builds them
+    _, base = validate_sweep_args(parser.parse_args(["sweep", *argv]))
+    return point_config(base, 64, 0, "sw").recipe  # one point's recipe, as run_sweep builds it
 
 
 @pytest.mark.parametrize("epochs, steps_per_epoch, expected_warmup", [
@@ -100,16 +97,16 @@ def _sweep_recipe(argv):
     (24.0, 30, 30),   # long sweeps keep 1 epoch
 ])
 def test_sweep_default_warmup_is_capped_for_short_runs(epochs, steps_per_epoch, expected_warmup):
-    args, build_recipe = _sweep_recipe(["--epochs", str(epochs)])
+    point = _sweep_recipe(["--epochs", str(epochs)])
     total = round(epochs * steps_per_epoch)
-    _, _, recipe = build_recipe(args, global_batch_size=64, steps_per_epoch=steps_per_epoch, total_steps=total)
+    _, _, recipe = point.build(global_batch_size=64, steps_per_epoch=steps_per_epoch, total_steps=total)
     assert recipe["warmup_steps"] == expected_warmup
 
 
 def test_sweep_explicit_warmup_is_not_capped():
-    args, build_recipe = _sweep_recipe(["--epochs", "1", "--warmup-epochs", "0.5"])
-    assert getattr(args, "warmup_cap", None) is None
-    _, _, recipe = build_recipe(args, global_batch_size=64, steps_per_epoch=30, total_steps=30)
+    point = _sweep_recipe(["--epochs", "1", "--warmup-epochs", "0.5"])
+    assert point.warmup_cap is None
+    _, _, recipe = point.build(global_batch_size=64, steps_per_epoch=30, total_steps=30)
     assert recipe["warmup_steps"] == 15
 
 

@@ -28,6 +28,7 @@ import sys
 import numpy as np
 import pytest
 
+from distbatch.cli import recommend as recommend_cli
 from distbatch.measure import recommend as rec_mod
 from distbatch.errors import UsageError
 from distbatch.measure.noise import NoiseScaleTracker, unbiased_estimates
@@ -297,7 +298,7 @@ def test_suggested_command_exact():
     import argparse
     args = argparse.Namespace(dataset="mnist1d", model="mlp", optimizer="momentum", base_lr=0.05,
                               base_batch_size=32, scaling="linear", epochs=None, steps=900)
-    assert rec_mod.suggested_command(args, 256, {"warmup": "gradual", "warmup_steps": 50}) == [
+    assert recommend_cli.suggested_command(args, 256, {"warmup": "gradual", "warmup_steps": 50}) == [
         "distbatch", "train", "--dataset", "mnist1d", "--model", "mlp", "--global-batch-size", "256",
         "--optimizer", "momentum", "--base-lr", "0.05", "--base-batch-size", "32",
         "--scaling", "linear", "--warmup", "gradual", "--warmup-steps", "50", "--steps", "900",
@@ -305,7 +306,7 @@ def test_suggested_command_exact():
     args.steps, args.epochs = None, 20.0
     args.train_size, args.val_size, args.cpu_replicas, args.backend = 1000, 200, 2, "mirrored"
     args.weight_decay, args.exclude_bias_bn = 1e-4, False
-    assert rec_mod.suggested_command(args, 32, {"warmup": "none"})[-17:] == [
+    assert recommend_cli.suggested_command(args, 32, {"warmup": "none"})[-17:] == [
         "--warmup", "none", "--epochs", "20", "--backend", "mirrored", "--cpu-replicas", "2",
         "--train-size", "1000", "--val-size", "200", "--weight-decay", "0.0001", "--no-exclude-bias-bn",
         "--out", "runs/train-bs32"]

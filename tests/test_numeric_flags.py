@@ -106,9 +106,9 @@ def test_every_command_and_its_numeric_flags_are_covered():
 VALIDATORS = {
     ("train",): lambda a: __import__("distbatch.cli.train", fromlist=["x"]).validate_args(a),
     ("sweep",): lambda a: __import__("distbatch.cli.sweep", fromlist=["x"]).validate_sweep_args(a),
-    ("recommend",): lambda a: __import__("distbatch.measure.recommend", fromlist=["x"]).validate_recommend_args(a),
-    ("bench",): lambda a: __import__("distbatch.measure.bench", fromlist=["x"]).validate(a),
-    ("probe-batch",): lambda a: __import__("distbatch.measure.probe", fromlist=["x"]).validate_probe_args(a),
+    ("recommend",): lambda a: __import__("distbatch.cli.recommend", fromlist=["x"]).validate_recommend_args(a),
+    ("bench",): lambda a: __import__("distbatch.cli.bench", fromlist=["x"]).validate(a),
+    ("probe-batch",): lambda a: __import__("distbatch.cli.probe", fromlist=["x"]).validate_probe_args(a),
     ("report",): lambda a: __import__("distbatch.measure.report", fromlist=["x"]).validate_report_args(a),
 }
 

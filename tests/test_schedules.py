@@ -43,8 +43,8 @@ def test_scaled_learning_rate_table(base_lr, base_bs, global_bs, rule, expected)
         ((0.1, 256, 512, "cubic"), "'cubic'"),
         ((0.0, 256, 512, "linear"), "0.0"),
         ((-1.0, 256, 512, "linear"), "-1.0"),
-        ((0.1, 0, 512, "linear"), "--base-batch-size"),
-        ((0.1, 256, 0, "linear"), "global batch size"),
+        ((0.1, 0, 512, "linear"), "base_batch_size"),  # the Python API names the parameter
+        ((0.1, 256, 0, "linear"), "global_batch_size"),
         ((0.1, 256, 2.5, "linear"), "2.5"),
     ],
 )

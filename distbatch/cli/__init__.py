@@ -7,7 +7,7 @@ import os
 import sys
 
 from distbatch import __version__
-from distbatch.errors import ClusterSetupError, UsageError
+from distbatch.errors import ClusterSetupError, ParameterError, UsageError
 from distbatch.training.preemption import EXIT_PREEMPTED, Preempted
 
 QUIET_ENV = {
@@ -63,10 +63,10 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 SUBCOMMANDS = (  # (name, module, function adding its parser)
     ("sweep", "distbatch.cli.sweep", "add_sweep_parser"),
-    ("bench", "distbatch.measure.bench", "add_bench_parser"),
+    ("bench", "distbatch.cli.bench", "add_bench_parser"),
     ("report", "distbatch.measure.report", "add_report_parser"),
-    ("recommend", "distbatch.measure.recommend", "add_recommend_parser"),
-    ("probe-batch", "distbatch.measure.probe", "add_probe_parser"),
+    ("recommend", "distbatch.cli.recommend", "add_recommend_parser"),
+    ("probe-batch", "distbatch.cli.probe", "add_probe_parser"),
     ("launch", "distbatch.cli.launch", "add_launch_parser"),
 )
 # Subcommands whose process never needs TensorFlow (the launcher only starts workers).
@@ -133,6 +133,9 @@ def _run(argv: list[str]) -> tuple[int, bool]:
         handler = getattr(args, "func", None) or args.handler
         code = handler(args)
     except UsageError as e:
+        if isinstance(e, ParameterError):  # the library names its parameter; the user gave a flag
+            from distbatch.recipes.recipe import FLAG_NAMES
+            e = e.for_flags(FLAG_NAMES)
         print(f"distbatch: error: {e}", file=sys.stderr)
         return 2, False
     except ClusterSetupError as e:

@@ -18,14 +18,15 @@ the fair comparison and is reported next to it.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import time
 
+from distbatch.cli.train import add_train_args, config_from_args, record_of
 from distbatch.errors import UsageError, require
+from distbatch.fileio import atomic_write_json
 from distbatch.outdir import check_out_dir, claim_out_dir
-from distbatch.cli.train import add_train_args, atomic_write_json, validate_args
+from distbatch.training.config import TrainConfig
 
 DEFAULT_BATCHES = "32,64,128,256,512,1024"
 # The sweep's default warmup: 1 epoch, but at most this fraction of each point's training,
@@ -95,22 +96,20 @@ def add_sweep_parser(subparsers) -> None:
                    decay="cosine", out="runs/sweep")
 
 
-def point_args(args: argparse.Namespace, batch: int, seed: int, out_dir: str,
-               scaling: str | None = None) -> argparse.Namespace:
-    """One point's `train` flags; `scaling` is set (and named in the point's directory) when
-    the sweep compares several scaling rules."""
-    a = copy.copy(args)
-    a.global_batch_size, a.seed = batch, seed
-    a.scaling = scaling or args.scaling[0]
-    if a.scaling == "adascale":  # AdaScale's gain replaces warmup (Johnson et al. 2020)
-        a.warmup, a.warmup_epochs, a.warmup_steps = "none", None, None
+def point_config(base: TrainConfig, batch: int, seed: int, out_dir: str,
+                 scaling: str | None = None) -> TrainConfig:
+    """One point's TrainConfig, derived from the sweep's; `scaling` is set (and named in the
+    point's directory) when the sweep compares several scaling rules."""
+    changes = {"global_batch_size": batch, "seed": seed}
+    if scaling:
+        changes["scaling"] = scaling
+    if (scaling or base.recipe.scaling) == "adascale":  # AdaScale's gain replaces warmup
+        changes.update(warmup="none", warmup_epochs=None, warmup_steps=None)  # (Johnson et al.)
     point = f"bs{batch}_seed{seed}" + (f"_{scaling}" if scaling else "")
-    a.out = os.path.join(out_dir, "points", point)
-    a.tensorboard_dir = os.path.join(out_dir, "tensorboard", point)
-    a.resume = os.path.isdir(os.path.join(a.out, "checkpoints"))  # continue an interrupted point
-    a.overwrite = not a.resume
-    a.progress = False
-    return a
+    out = os.path.join(out_dir, "points", point)
+    resume = os.path.isdir(os.path.join(out, "checkpoints"))  # continue an interrupted point
+    return base.replace(**changes, out=out, tensorboard_dir=os.path.join(out_dir, "tensorboard", point),
+                        resume=resume, overwrite=not resume, progress=False)
 
 
 def summary_to_row(summary: dict, point_id: str, status: str) -> dict:
@@ -125,91 +124,109 @@ def summary_to_row(summary: dict, point_id: str, status: str) -> dict:
     return row
 
 
-def oom_row(args, batch: int, seed: int, point_id: str, backend) -> dict:
+def oom_row(config: TrainConfig, batch: int, seed: int, point_id: str, backend) -> dict:
     from distbatch.measure.results import ROW_FIELDS
     row = dict.fromkeys(ROW_FIELDS)
     row.update(point_id=point_id, status="oom", diverged=False, global_batch_size=batch, seed=seed,
                replicas=backend.num_replicas, backend=backend.name,
-               per_replica_batch_size=batch // (backend.num_replicas * args.accumulation_steps))
+               per_replica_batch_size=batch // (backend.num_replicas * config.accumulation_steps))
     return row
 
 
-def validate_sweep_args(args: argparse.Namespace) -> list[int]:
-    """Every check of the sweep's flags that needs no TensorFlow; returns the batch sizes."""
+def validate_sweep_args(args: argparse.Namespace) -> tuple[list[int], TrainConfig]:
+    """Every check of the sweep's flags that needs no TensorFlow: the batch sizes and the
+    TrainConfig every point is derived from (at the first batch and scaling rule)."""
     batches = parse_batch_sizes(args.batch_sizes)
     require(args.seeds >= 1, f"--seeds must be >= 1, got {args.seeds}")
+    changes = {"global_batch_size": batches[0], "scaling": args.scaling[0]}
     if args.epochs is None and args.steps is None:
-        args.epochs = 6.0
-    args.global_batch_size = batches[0]
+        changes["epochs"] = 6.0
     if args.warmup_epochs is None and args.warmup_steps is None:
         # Recorded in config.json (warmup_epochs, warmup_cap) and per point as warmup_steps.
-        args.warmup_epochs, args.warmup_cap = DEFAULT_WARMUP_EPOCHS, DEFAULT_WARMUP_CAP
-    validate_args(args)
+        changes.update(warmup_epochs=DEFAULT_WARMUP_EPOCHS, warmup_cap=DEFAULT_WARMUP_CAP)
+    base = config_from_args(args, **changes)
     require(args.seed + args.seeds <= 2**32, f"--seed {args.seed} + --seeds {args.seeds} must stay "
                                              "below 2**32")
-    return batches
+    return batches, base
+
+
+def sweep_flags(args: argparse.Namespace, base: TrainConfig) -> dict:
+    """The sweep's config.json flags, as before: the points' common ones (those the sweep has a
+    flag for, its first batch and its warmup cap) and the sweep's own."""
+    common = {k: v for k, v in base.as_flags().items()
+              if hasattr(args, k) or k in ("global_batch_size", "warmup_cap")}
+    return {**common, **record_of(args), "scaling": list(args.scaling),
+            "batch_sizes": args.batch_sizes, "seeds": args.seeds,
+            "stop_at_target": args.stop_at_target}
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    batches = validate_sweep_args(args)
-    check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite, holds=SWEEP_MARKERS)
+    batches, base = validate_sweep_args(args)
+    check_out_dir(base.out, resume=base.resume, overwrite=base.overwrite, holds=SWEEP_MARKERS)
 
     from distbatch.measure import results
     from distbatch.backends import create_backend
-    from distbatch.measure.probe import is_out_of_memory
+    from distbatch.cli.train import flag_error, train
+    from distbatch.errors import ParameterError
+    from distbatch.measure.oom import is_out_of_memory
     from distbatch.measure.report import build_report
-    from distbatch.cli.train import (RESUME_MAY_CHANGE, check_resume_matches, collective_options,
-                               load_data, machine_info, plan_run, run_config, train)
+    from distbatch.training.job import (RESUME_MAY_CHANGE, check_resume_matches, load_data,
+                                        machine_info, plan_run, run_config)
 
-    backend, reason = create_backend(args.backend, cpu_replicas=args.cpu_replicas,
-                                     cluster_timeout=args.cluster_timeout,
-                                     collective=collective_options(args))
-    data = load_data(args)
-    out = args.out
+    backend, reason = create_backend(base.backend, cpu_replicas=base.cpu_replicas,
+                                     cluster_timeout=base.cluster_timeout,
+                                     collective=base.collective_options())
+    data = load_data(base)
+    out = base.out
     scalings = args.scaling if len(args.scaling) > 1 else (None,)
-    for sc in scalings:  # every point is checked (all flags) before anything is written
-        for b in batches:
-            plan_run(point_args(args, b, args.seed, out, sc), backend, data, flag="--batch-sizes")
+    try:
+        for sc in scalings:  # every point is checked (all flags) before anything is written
+            for b in batches:
+                plan_run(point_config(base, b, base.seed, out, sc), backend, data, flag="--batch-sizes")
+    except ParameterError as e:
+        raise flag_error(e) from None
     chief = backend.is_chief
-    config = run_config(args, batch_sizes=batches, backend=backend.name, backend_reason=reason,
-                        replicas=backend.num_replicas, machine=machine_info(backend))
-    if args.resume:
+    config = run_config(sweep_flags(args, base), batch_sizes=batches, backend=backend.name,
+                        backend_reason=reason, replicas=backend.num_replicas,
+                        machine=machine_info(backend))
+    if base.resume:
         check_resume_matches(config, out, may_change=RESUME_MAY_CHANGE | SWEEP_MAY_CHANGE)
     if chief:
-        claim_out_dir(out, "sweep", remove=SWEEP_OUTPUTS if args.overwrite else ())
+        claim_out_dir(out, "sweep", remove=SWEEP_OUTPUTS if base.overwrite else ())
         if os.path.exists(os.path.join(out, results.JSONL_NAME)):
             results.sync_csv(out)  # repair a CSV left one row short by a kill
         atomic_write_json(os.path.join(out, "config.json"), config)
         _write_hparams_config(os.path.join(out, "tensorboard"))
-    done = results.done_point_ids(out) if args.resume else set()
+    done = results.done_point_ids(out) if base.resume else set()
     points = [(sc, b, s) for sc in scalings for b in batches
               for s in range(args.seed, args.seed + args.seeds)]
     todo = [p for p in points if results.make_point_id(p[1], p[2], p[0]) not in done]
     if chief:
-        warmup = ("no warmup" if args.warmup == "none" else
-                  f"warmup {args.warmup_steps} steps" if args.warmup_steps is not None else
-                  f"warmup {args.warmup_epochs:g} epoch(s)" + (
-                      f" capped at 1/{round(1 / args.warmup_cap)} of each point's training"
-                      if getattr(args, "warmup_cap", None) else ""))
+        r = base.recipe
+        warmup = ("no warmup" if r.warmup == "none" else
+                  f"warmup {r.warmup_steps} steps" if r.warmup_steps is not None else
+                  f"warmup {r.warmup_epochs:g} epoch(s)" + (
+                      f" capped at 1/{round(1 / r.warmup_cap)} of each point's training"
+                      if r.warmup_cap else ""))
         print(f"distbatch sweep: {len(points)} points ({len(points) - len(todo)} already done), "
-              f"{backend.describe()}, dataset {args.dataset} ({len(data.x_train)} train / "
-              f"{len(data.x_val)} val), model {args.model}, {warmup}", file=sys.stderr, flush=True)
+              f"{backend.describe()}, dataset {base.dataset} ({len(data.x_train)} train / "
+              f"{len(data.x_val)} val), model {base.model}, {warmup}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     for i, (scaling, batch, seed) in enumerate(todo):
         point_id = results.make_point_id(batch, seed, scaling)
-        a = point_args(args, batch, seed, out, scaling)
+        point = point_config(base, batch, seed, out, scaling)
         try:
-            summary, _ = train(a, backend=backend, data=data)
+            summary, _ = train(point, backend=backend, data=data)
             status = "diverged" if summary.get("diverged") else "ok"
             row = summary_to_row(summary, point_id, status)
         except Exception as e:  # noqa: BLE001 - only out-of-memory is recorded; the rest (a full
             # disk too) stops the sweep
             if not is_out_of_memory(e):
                 raise
-            row = oom_row(args, batch, seed, point_id, backend)
+            row = oom_row(base, batch, seed, point_id, backend)
         if chief:
             results.append_row(out, row)
-            _write_hparams(os.path.join(out, "tensorboard", os.path.basename(a.out)), row)
+            _write_hparams(os.path.join(out, "tensorboard", os.path.basename(point.out)), row)
             elapsed = time.perf_counter() - started
             eta = elapsed / (i + 1) * (len(todo) - i - 1)
             acc = row.get("val_accuracy")
@@ -221,7 +238,7 @@ def run_sweep(args: argparse.Namespace) -> int:
                   f"sweep ETA {int(eta) // 60}:{int(eta) % 60:02d}", file=sys.stderr, flush=True)
     if chief:
         results.sync_csv(out)
-        path = build_report(out, target_accuracy=args.target_accuracy)
+        path = build_report(out, target_accuracy=base.target_accuracy)
         print(f"distbatch sweep: report at {path}", file=sys.stderr)
     backend.shutdown()
     return 0

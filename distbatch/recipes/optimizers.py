@@ -28,7 +28,7 @@ import keras
 from keras import ops
 
 from distbatch.choices import OPTIMIZERS  # noqa: F401 - re-exported
-from distbatch.errors import UsageError
+from distbatch.errors import ParameterError
 
 
 def is_bias_or_norm(variable) -> bool:
@@ -58,15 +58,15 @@ class _ExcludeBiasAndNorm:
         return config
 
 
-def _check_unit_interval(flag: str, value: float) -> float:
+def _check_unit_interval(name: str, value: float) -> float:
     if not (isinstance(value, (int, float)) and 0 <= value < 1):
-        raise UsageError(f"{flag} must be in [0, 1), got {value!r}")
+        raise ParameterError(f"{{{name}}} must be in [0, 1), got {value!r}", name)
     return float(value)
 
 
 def _check_weight_decay(value: float) -> float:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise UsageError(f"--weight-decay must be a finite number >= 0, got {value!r}")
+        raise ParameterError(f"{{weight_decay}} must be a finite number >= 0, got {value!r}", "weight_decay")
     return float(value)
 
 
@@ -122,7 +122,7 @@ class MomentumSGD(_ExcludeBiasAndNorm, keras.optimizers.Optimizer):
             exclude_bias_and_norm=exclude_bias_and_norm,
             **kwargs,
         )
-        self.momentum = _check_unit_interval("--momentum", momentum)
+        self.momentum = _check_unit_interval("momentum", momentum)
         self.nesterov = bool(nesterov)
         self.l2 = _check_weight_decay(weight_decay)
         self.momentum_correction = bool(momentum_correction)
@@ -206,10 +206,10 @@ class LARS(_ExcludeBiasAndNorm, keras.optimizers.Optimizer):
             exclude_bias_and_norm=exclude_bias_and_norm,
             **kwargs,
         )
-        self.momentum = _check_unit_interval("--momentum", momentum)
+        self.momentum = _check_unit_interval("momentum", momentum)
         self.l2 = _check_weight_decay(weight_decay)
         if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta > 0):
-            raise UsageError(f"--lars-eta must be a finite number > 0, got {eta!r}")
+            raise ParameterError(f"{{eta}} must be a finite number > 0, got {eta!r}", "eta")
         self.eta = float(eta)
 
     def build(self, variables):
@@ -285,13 +285,13 @@ def build_optimizer(
     (and out of LARS adaptation).
     """
     if name not in OPTIMIZERS:
-        raise UsageError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+        raise ParameterError(f"{{optimizer}} must be one of {', '.join(OPTIMIZERS)}, got {name!r}", "optimizer")
     weight_decay = _check_weight_decay(weight_decay)
-    momentum = _check_unit_interval("--momentum", momentum)
+    momentum = _check_unit_interval("momentum", momentum)
     if momentum_correction and name not in ("momentum", "nesterov"):
-        raise UsageError(
-            f"--momentum-correction applies to --optimizer momentum or nesterov, got {name!r}"
-        )
+        raise ParameterError(
+            f"{{momentum_correction}} applies to {{optimizer}} momentum or nesterov, got {name!r}",
+            "momentum_correction", "optimizer")
     if name in ("sgd", "momentum", "nesterov"):
         return MomentumSGD(
             learning_rate,
@@ -311,10 +311,10 @@ def build_optimizer(
         )
     if name == "adam":
         if weight_decay:
-            raise UsageError(
-                f"--optimizer adam takes no weight decay (Keras's is decoupled, i.e. AdamW), "
-                f"got --weight-decay {weight_decay:g}; use --optimizer adamw"
-            )
+            raise ParameterError(
+                f"{{optimizer}} adam takes no weight decay (Keras's is decoupled, i.e. AdamW), "
+                f"got {{weight_decay}} {weight_decay:g}; use {{optimizer}} adamw",
+                "optimizer", "weight_decay")
         return keras.optimizers.Adam(learning_rate)
     if name == "adamw":  # Keras's AdamW insists on a float weight decay
         return AdamW(learning_rate, weight_decay=weight_decay, exclude_bias_and_norm=exclude_bias_and_norm)

@@ -26,7 +26,7 @@ import keras
 from keras import ops
 
 from distbatch.choices import DECAYS, SCALING_RULES, WARMUP_MODES  # noqa: F401 - re-exported
-from distbatch.errors import UsageError
+from distbatch.errors import ParameterError, UsageError
 
 
 def scaled_learning_rate(
@@ -47,12 +47,12 @@ def scaled_learning_rate(
     * ``none``: ``lr = base_lr``.
     """
     if rule not in SCALING_RULES:
-        raise UsageError(f"--scaling must be one of {', '.join(SCALING_RULES)}, got {rule!r}")
+        raise ParameterError(f"{{rule}} must be one of {', '.join(SCALING_RULES)}, got {rule!r}", "rule")
     if not (isinstance(base_lr, (int, float)) and math.isfinite(base_lr) and base_lr > 0):
-        raise UsageError(f"--base-lr must be a finite number > 0, got {base_lr!r}")
-    for flag, value in (("--base-batch-size", base_batch_size), ("global batch size", global_batch_size)):
+        raise ParameterError(f"{{base_lr}} must be a finite number > 0, got {base_lr!r}", "base_lr")
+    for name, value in (("base_batch_size", base_batch_size), ("global_batch_size", global_batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UsageError(f"{flag} must be an integer >= 1, got {value!r}")
+            raise ParameterError(f"{{{name}}} must be an integer >= 1, got {value!r}", name)
     k = global_batch_size / base_batch_size
     if rule == "linear":
         return float(base_lr * k)
@@ -237,9 +237,9 @@ def build_lr_schedule(
     :class:`WarmupSchedule` wrapping it.
     """
     if warmup not in WARMUP_MODES:
-        raise UsageError(f"--warmup must be one of {', '.join(WARMUP_MODES)}, got {warmup!r}")
+        raise ParameterError(f"{{warmup}} must be one of {', '.join(WARMUP_MODES)}, got {warmup!r}", "warmup")
     if decay not in DECAYS:
-        raise UsageError(f"--decay must be one of {', '.join(DECAYS)}, got {decay!r}")
+        raise ParameterError(f"{{decay}} must be one of {', '.join(DECAYS)}, got {decay!r}", "decay")
     if not (math.isfinite(peak_lr) and peak_lr > 0):
         raise UsageError(f"peak learning rate must be a finite number > 0, got {peak_lr!r}")
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
@@ -251,19 +251,20 @@ def build_lr_schedule(
             f"warmup ({warmup_steps} steps) is longer than training ({total_steps} steps)"
         )
     if warmup == "none" and warmup_steps:
-        raise UsageError(f"--warmup none takes no warmup length, got {warmup_steps} warmup steps")
+        raise ParameterError(f"{{warmup}} none takes no warmup length, got {warmup_steps} warmup steps",
+                             "warmup")
     if warmup == "constant" and warmup_steps and start_lr <= 0:
         raise UsageError(f"constant warmup needs a start lr > 0 (it holds it), got {start_lr!r}")
     if not (math.isfinite(end_lr) and 0 <= end_lr <= peak_lr):
-        raise UsageError(f"--end-lr must be in [0, peak lr {peak_lr:g}], got {end_lr!r}")
+        raise ParameterError(f"{{end_lr}} must be in [0, peak lr {peak_lr:g}], got {end_lr!r}", "end_lr")
     if not (math.isfinite(power) and power > 0):
-        raise UsageError(f"--decay-power must be > 0, got {power!r}")
+        raise ParameterError(f"{{power}} must be > 0, got {power!r}", "power")
     if decay == "step":
         if not (0 < decay_factor <= 1):
-            raise UsageError(f"--decay-factor must be in (0, 1], got {decay_factor!r}")
+            raise ParameterError(f"{{decay_factor}} must be in (0, 1], got {decay_factor!r}", "decay_factor")
         steps = list(decay_steps)
         if not steps:
-            raise UsageError("--decay step needs at least one milestone, got none")
+            raise ParameterError("{decay} step needs at least one milestone, got none", "decay")
         if any(b <= a for a, b in zip(steps, steps[1:])) or steps[0] < 1 or steps[-1] > total_steps:
             raise UsageError(
                 f"decay milestones must increase strictly within [1, {total_steps}] steps, got {steps}"

@@ -28,14 +28,12 @@ steps-per-epoch of each segment.
 """
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from distbatch.errors import UsageError, require
+from distbatch.errors import ParameterError, UsageError, require, require_param
 from distbatch.training.plan import BatchPlan
 
 
@@ -140,42 +138,43 @@ def plan_schedule(points: Sequence[tuple[int, int]], *, epochs: float, replicas:
     return BatchSchedule(tuple(segments))
 
 
-def schedule_from_args(args: argparse.Namespace, *, replicas: int, num_train_examples: int
-                       ) -> BatchSchedule:
-    """Validate the flags that interact with a schedule and build it."""
-    points = parse_batch_schedule(args.batch_size_schedule)
-    require(getattr(args, "steps", None) is None,
-            f"--batch-size-schedule needs the length in --epochs (the batch changes at epochs), "
-            f"got --steps {getattr(args, 'steps', None)}")
-    given = getattr(args, "global_batch_size", None)
-    require(given is None or given == points[0][1],
-            f"--global-batch-size {given} disagrees with the first batch of --batch-size-schedule "
-            f"({points[0][1]}); give only the schedule")
-    require(not getattr(args, "early_stopping_metric", None),
-            "--early-stopping-metric is not supported with --batch-size-schedule yet")
-    require(not getattr(args, "resume", False), "--resume is not supported with --batch-size-schedule yet")
-    return plan_schedule(points, epochs=args.epochs, replicas=replicas,
-                         accumulation_steps=getattr(args, "accumulation_steps", 1),
+def schedule_from_config(config, *, replicas: int, num_train_examples: int) -> BatchSchedule:
+    """Check what in a TrainConfig interacts with its batch_size_schedule, and build it."""
+    points = parse_batch_schedule(config.batch_size_schedule)
+    require_param(config.steps is None, f"{{batch_size_schedule}} needs the length in {{epochs}} (the "
+                  f"batch changes at epochs), got {{steps}} {config.steps}",
+                  "batch_size_schedule", "epochs", "steps")
+    given = config.global_batch_size
+    require_param(given is None or given == points[0][1],
+                  f"{{global_batch_size}} {given} disagrees with the first batch of {{batch_size_schedule}} "
+                  f"({points[0][1]}); give only the schedule", "global_batch_size", "batch_size_schedule")
+    require_param(not config.early_stopping_metric, "{early_stopping_metric} is not supported with "
+                  "{batch_size_schedule} yet", "early_stopping_metric", "batch_size_schedule")
+    require_param(not config.resume, "{resume} is not supported with {batch_size_schedule} yet",
+                  "resume", "batch_size_schedule")
+    return plan_schedule(points, epochs=config.epochs_or_default, replicas=replicas,
+                         accumulation_steps=config.accumulation_steps,
                          num_train_examples=num_train_examples)
 
 
-def schedule_recipe_args(args: argparse.Namespace, schedule: BatchSchedule) -> argparse.Namespace:
-    """A copy of the recipe flags for build_recipe: constant lr after warmup, warmup in steps.
+def schedule_recipe(recipe, schedule: BatchSchedule):
+    """The Recipe to build for a schedule: constant lr after warmup, warmup in steps.
 
-    The default ``--decay step`` (with no ``--decay-epochs``) becomes ``constant``: the
+    The default ``decay="step"`` (with no ``decay_epochs``) becomes ``constant``: the
     batch growth is the decay. Explicit decays are refused.
     """
-    a = copy.copy(args)
-    decay = getattr(a, "decay", "step")
-    if decay in ("cosine", "linear") or getattr(a, "decay_epochs", None):
-        raise UsageError(f"--batch-size-schedule replaces lr decay (Smith et al. 2017); got "
-                         f"--decay {decay}{' --decay-epochs ' + a.decay_epochs if a.decay_epochs else ''}"
-                         f"; use --decay constant or drop the schedule")
-    a.decay = "constant"
-    if getattr(a, "warmup_epochs", None) is not None and getattr(a, "warmup", "none") != "none":
-        require(a.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {a.warmup_epochs}")
-        a.warmup_steps, a.warmup_epochs = schedule.global_step_at_epoch(a.warmup_epochs), None
-    return a
+    if recipe.decay in ("cosine", "linear") or recipe.decay_epochs:
+        milestones = (" {decay_epochs} " + ",".join(f"{e:g}" for e in recipe.decay_epochs)
+                      if recipe.decay_epochs else "")
+        raise ParameterError(f"{{batch_size_schedule}} replaces lr decay (Smith et al. 2017); got "
+                             f"{{decay}} {recipe.decay}{milestones}; use {{decay}} constant or drop "
+                             f"the schedule", "batch_size_schedule", "decay", "decay_epochs")
+    changes = {"decay": "constant"}
+    if recipe.warmup_epochs is not None and recipe.warmup != "none":
+        changes.update(warmup_steps=schedule.global_step_at_epoch(recipe.warmup_epochs),
+                       warmup_epochs=None)
+    return dataclasses.replace(recipe, **changes)
+
 
 
 def run_schedule(backend, model, optimizer, schedule: BatchSchedule, data, options,

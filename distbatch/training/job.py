@@ -1,0 +1,393 @@
+"""One training job: a TrainConfig -> backend, data, batch plan, recipe, model -> Trainer -> files.
+
+Order matters: everything a user can get wrong is checked before TensorFlow
+does real work and before anything is written, so a bad setting costs seconds
+and leaves no half-written output directory. `distbatch train` (distbatch.cli.train),
+the sweep and recommend all run their jobs through :func:`train`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from distbatch import __version__
+from distbatch.errors import ParameterError, UsageError, require_param
+from distbatch.fileio import atomic_write_json, json_roundtrip
+from distbatch.outdir import check_out_dir, claim_out_dir
+from distbatch.training.config import TrainConfig
+
+if TYPE_CHECKING:
+    from distbatch.recipes.recipe import Recipe
+    from distbatch.training.plan import BatchPlan
+
+RUN_FILES = ("summary.json", "config.json", "model.keras")
+RUN_OUTPUTS = RUN_FILES + ("tensorboard", "checkpoints")  # all overwrite=True removes
+EXIT_DIVERGED = 3
+
+
+
+def machine_info(backend) -> dict:
+    import tensorflow as tf
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "gpus": len(tf.config.list_physical_devices("GPU")),
+            "tensorflow": tf.__version__, "distbatch": __version__,
+            "backend": backend.describe()}
+
+
+def set_precision(policy: str) -> None:
+    import keras
+    keras.mixed_precision.set_dtype_policy(
+        {"off": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}[policy])
+
+
+def load_data(config: TrainConfig):
+    from distbatch.data.datasets import load_dataset
+    extra = {} if config.num_classes is None else {"num_classes": config.num_classes}
+    return load_dataset(config.dataset, seed=config.data_seed, train_size=config.train_size,
+                        val_size=config.val_size, **extra)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    plan: "BatchPlan"                 # the (first) global batch
+    total_steps: int                  # AdaScale: the base batch's budget (an upper bound)
+    batch_schedule: object = None     # batch_schedule.BatchSchedule
+    recipe: "Recipe" = None           # the recipe to build (the schedule's, or the config's)
+    recipe_plan: "BatchPlan" = None   # the batch the lr schedule is written for
+    adascale_scale: float | None = None
+    candidates: list | None = None    # --global-batch-size auto
+
+
+def plan_run(config: TrainConfig, backend, data, *, flag: str = "--global-batch-size") -> RunPlan:
+    """Every check that needs the backend and the data, before a model or a file exists:
+    batch arithmetic, length, noise scale, model vs input shape, the recipe.
+
+    Returns a RunPlan. A sweep calls it for every point before it writes anything.
+    ``flag`` names the global batch in BatchPlan's errors (the sweep's is --batch-sizes).
+    """
+    from distbatch.models import check_model
+    from distbatch.training.plan import BatchPlan
+
+    recipe, batch_schedule = config.recipe, None
+    global_batch_size = config.global_batch_size
+    if config.batch_size_schedule:
+        from distbatch.training.batch_schedule import schedule_from_config, schedule_recipe
+        batch_schedule = schedule_from_config(config, replicas=backend.num_replicas,
+                                              num_train_examples=len(data.x_train))
+        global_batch_size = batch_schedule.first_plan.global_batch_size
+        recipe = schedule_recipe(recipe, batch_schedule)
+    adaptive = global_batch_size == "auto"
+    candidates = None
+    if adaptive:  # the goodput-adaptive batch starts at the smallest candidate
+        from distbatch.training.goodput import candidate_batches
+        try:
+            candidates = candidate_batches(recipe.base_batch_size, config.max_global_batch_size,
+                                           units=backend.num_replicas * config.accumulation_steps,
+                                           num_examples=len(data.x_train))
+        except ValueError as e:
+            raise ParameterError(f"{{global_batch_size}} auto: {e}", "global_batch_size") from None
+    plan = BatchPlan.derive(global_batch_size=candidates[0] if adaptive else global_batch_size,
+                            replicas=backend.num_replicas, accumulation_steps=config.accumulation_steps,
+                            num_train_examples=len(data.x_train), flag=flag)
+    epochs, steps = config.epochs_or_default, config.steps
+    total_steps = (batch_schedule.total_steps if batch_schedule else
+                   plan.total_steps(epochs=epochs, steps=steps))
+    recipe_plan = plan  # the batch the lr schedule is written for
+    adascale_scale = None
+    if recipe.scaling == "adascale":
+        require_param(batch_schedule is None, "{scaling} adascale adapts the lr to a fixed global batch; "
+                                              "it does not combine with {batch_size_schedule}",
+                      "scaling", "batch_size_schedule")
+        require_param(plan.global_batch_size >= recipe.base_batch_size,
+                      f"{{scaling}} adascale needs {{global_batch_size}} >= {{base_batch_size}} "
+                      f"({recipe.base_batch_size}), got {plan.global_batch_size}",
+                      "scaling", "global_batch_size", "base_batch_size")
+        # The length is the BASE batch's; the run ends when tau reaches it (at most that many steps).
+        recipe_plan = BatchPlan.derive(global_batch_size=recipe.base_batch_size, replicas=1,
+                                       num_train_examples=len(data.x_train), flag="--base-batch-size")
+        total_steps = recipe_plan.total_steps(epochs=epochs, steps=steps)
+        adascale_scale = plan.global_batch_size / recipe.base_batch_size
+    if config.noise_scale or (adascale_scale or 1) > 1:
+        from distbatch.training.step import check_noise_scale, noise_splits_for
+        check_noise_scale(plan, noise_splits_for(plan))
+    check_model(config.model, data.input_shape)
+    # Only to validate the recipe against the run (e.g. warmup longer than training); train
+    # builds the real optimizer inside the backend's scope. AdaScale's schedule is the base
+    # batch's plain one.
+    check = recipe.replace(scaling="none") if adascale_scale is not None else recipe
+    check.build(global_batch_size=recipe_plan.global_batch_size,
+                steps_per_epoch=recipe_plan.steps_per_epoch, total_steps=total_steps)
+    return RunPlan(plan, total_steps, batch_schedule, recipe, recipe_plan, adascale_scale,
+                   candidates)
+
+
+def train(config: TrainConfig, *, backend=None, data=None, record: dict | None = None
+          ) -> tuple[dict, int]:
+    """Run one training job; returns (summary, exit code).
+
+    `backend` and `data` may be passed in (a sweep reuses them across points).
+    `record`: extra keys for config.json (the CLI's command and verbose flags).
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    require_param(config.out is not None, "{out} is required: the directory for the run's files", "out")
+    check_out_dir(config.out, resume=config.resume, overwrite=config.overwrite, holds=RUN_FILES)
+    import keras
+
+    from distbatch.backends import create_backend
+    from distbatch.models import build_model
+    from distbatch.training.preemption import checkpoint_seconds
+    from distbatch.training.trainer import LoopOptions, Trainer
+
+    reason = "given"
+    if backend is None:
+        backend, reason = create_backend(config.backend, cpu_replicas=config.cpu_replicas,
+                                         cluster_timeout=config.cluster_timeout,
+                                         collective=config.collective_options())
+    if data is None:
+        data = load_data(config)
+    rp = plan_run(config, backend, data)
+    plan, total_steps, batch_schedule = rp.plan, rp.total_steps, rp.batch_schedule
+    if batch_schedule is not None:  # config.json records the first batch, as the flag would
+        config = config.replace(global_batch_size=plan.global_batch_size)
+    base_batch_size = config.recipe.base_batch_size
+    recipe_plan, adascale_scale, candidates = rp.recipe_plan, rp.adascale_scale, rp.candidates
+    adaptive = candidates is not None
+    chief = backend.is_chief
+
+    keras.utils.set_random_seed(config.seed)
+    set_precision(config.mixed_precision)
+    with backend.scope():
+        model = build_model(config.model, data.input_shape, data.num_classes)
+        adascale = None
+        if adascale_scale is not None:
+            from distbatch.recipes.adascale import AdaScaleState
+            adascale = AdaScaleState(scale=adascale_scale, base_batch_size=base_batch_size,
+                                     total_base_steps=total_steps, always_measure=adaptive)
+        optimizer, schedule, recipe = rp.recipe.build(
+            global_batch_size=recipe_plan.global_batch_size,
+            steps_per_epoch=recipe_plan.steps_per_epoch, total_steps=total_steps, adascale=adascale)
+        if config.mixed_precision == "float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        # Slots must exist before the first distributed step (Keras 3 + MirroredStrategy).
+        optimizer.build(model.trainable_variables)
+    backend.prepare(model, optimizer)
+
+    written = run_config(config, **(record or {}), backend=backend.name, backend_reason=reason,
+                         replicas=backend.num_replicas, plan=plan.as_dict(),
+                         total_steps=total_steps, recipe=recipe)
+    if config.resume:  # refused here, before anything is written
+        check_resume_matches(written, config.out)
+        from distbatch.training.checkpoints import newest_intact
+        newest_intact(os.path.join(config.out, "checkpoints"))
+    if chief:
+        claim_out_dir(config.out, "train", remove=RUN_OUTPUTS if config.overwrite else ())
+        atomic_write_json(os.path.join(config.out, "config.json"), written)
+        print(f"distbatch: {backend.describe()} ({reason}); global batch {plan.global_batch_size} = "
+              f"{plan.per_replica_batch_size} per replica x {plan.replicas} replicas x "
+              f"{plan.accumulation_steps} accumulation; {plan.steps_per_epoch} steps/epoch, "
+              f"{total_steps} steps; peak lr {recipe['peak_lr']:.4g}, warmup {recipe['warmup_steps']} "
+              f"steps", file=sys.stderr, flush=True)
+        if adaptive:
+            print(f"distbatch: global batch auto: chosen by goodput at each epoch among "
+                  f"{candidates}; AdaScale lr; ends when tau reaches {total_steps} base-batch steps",
+                  file=sys.stderr, flush=True)
+        elif adascale is not None:
+            print(f"distbatch: AdaScale at S = {adascale.scale:g} x base batch {base_batch_size}: "
+                  f"lr = gain x schedule(tau); ends when tau reaches {total_steps} base-batch steps "
+                  f"(between {math.ceil(total_steps / adascale.scale)} and {total_steps} steps)",
+                  file=sys.stderr, flush=True)
+
+    options = LoopOptions(
+        total_steps=total_steps, seed=config.seed, evals_per_epoch=config.evals_per_epoch,
+        noise_scale=config.noise_scale, target_accuracy=config.target_accuracy,
+        early_stopping_metric=config.early_stopping_metric,
+        early_stopping_patience=config.early_stopping_patience, min_delta=config.min_delta,
+        checkpoint_dir=os.path.join(config.out, "checkpoints"), checkpoint_every=config.checkpoint_every,
+        checkpoint_every_seconds=checkpoint_seconds(config.checkpoint_every_seconds),
+        resume=config.resume,
+        tensorboard_dir=config.tensorboard_dir or os.path.join(config.out, "tensorboard"),
+        stop_at_target=config.stop_at_target,
+        steps_per_execution=config.steps_per_execution,
+        jit_compile=config.jit_compile == "on",
+        bucket_mb=config.bucket_mb,
+        grad_compression=config.grad_compression,
+        verbose=config.progress)
+    started = time.time()
+    say = chief and config.progress  # a sweep's points stay quiet
+    try:
+        if adaptive:
+            from distbatch.training.goodput import probe_step_seconds, run_adaptive
+
+            def probe(batch: int) -> float:
+                return probe_step_seconds(
+                    backend, lambda: build_model(config.model, data.input_shape, data.num_classes),
+                    lambda: keras.optimizers.SGD(0.01, momentum=0.9), data.input_shape,
+                    data.num_classes, batch, accumulation_steps=config.accumulation_steps)
+
+            result = run_adaptive(backend, model, optimizer, data, options, adascale=adascale,
+                                  candidates=candidates, probe=probe,
+                                  accumulation_steps=config.accumulation_steps,
+                                  log=lambda m: print(m, file=sys.stderr, flush=True)
+                                  if chief and options.verbose else None)
+        elif batch_schedule is not None:
+            from distbatch.training.batch_schedule import run_schedule
+            result = run_schedule(backend, model, optimizer, batch_schedule, data, options,
+                                  learning_rate_fn=lambda s: float(schedule(s)))
+        else:
+            result = Trainer(backend, model, optimizer, plan, data, options, adascale=adascale).run()
+    except Exception as e:  # out of memory -> one line with the failing batch and what to try
+        from distbatch.measure.oom import OutOfMemory, is_out_of_memory, oom_message
+        if not is_out_of_memory(e):
+            raise
+        raise OutOfMemory(oom_message(plan)) from e
+    write_rank_report(backend, result.metrics, model)
+
+    summary = {
+        "backend": backend.name, "replicas": plan.replicas, "workers": backend.num_workers,
+        "global_batch_size": plan.global_batch_size,
+        **({"adaptive_batch": True, "max_global_batch_size": config.max_global_batch_size,
+            "candidate_batches": candidates} if adaptive else {}),
+        "per_replica_batch_size": plan.per_replica_batch_size,
+        "accumulation_steps": plan.accumulation_steps, "steps_per_epoch": plan.steps_per_epoch,
+        "total_steps": total_steps, "seed": config.seed, "dataset": config.dataset, "model": config.model,
+        "mixed_precision": config.mixed_precision,
+        "distbatch_version": __version__, "tensorflow_version": _tf_version(),
+        **recipe, **result.metrics,
+        "generalization_gap": _gap(result.metrics),
+        "target_accuracy": config.target_accuracy, "history": result.history, "started": started,
+        "machine": machine_info(backend),
+        **({"batch_size_schedule": batch_schedule.as_dict()} if batch_schedule else {}),
+    }
+    _save_model(model, config.out, backend)
+    if chief:
+        atomic_write_json(os.path.join(config.out, "summary.json"), summary)
+    if summary["diverged"]:
+        if chief:
+            print(f"distbatch: training diverged (loss not finite) at step {summary['diverged_step']}; "
+                  f"lower --base-lr or add warmup. Summary in {config.out}/summary.json", file=sys.stderr)
+        return summary, EXIT_DIVERGED
+    if say:
+        print(f"distbatch: done; wrote {output_listing(config.out)}", file=sys.stderr, flush=True)
+    return summary, 0
+
+
+def output_listing(out: str) -> str:
+    """'OUT/ (summary.json, config.json, model.keras, checkpoints/, tensorboard/)': what is there."""
+    names = [n for n in RUN_FILES if os.path.isfile(os.path.join(out, n))]
+    names += [f"{n}/" for n in ("checkpoints", "tensorboard") if os.path.isdir(os.path.join(out, n))]
+    return f"{os.path.join(out, '')} ({', '.join(names)})"
+
+
+def write_rank_report(backend, metrics: dict, model) -> None:
+    """If $DISTBATCH_RANK_REPORT names a directory, EVERY rank writes rank<i>.json (its own
+    step count and early-stopping decision) and rank<i>.npz (its final weights) there.
+
+    For tests and debugging of multi-process runs, where only the chief writes
+    summary.json and model.keras: it shows whether all ranks ended identical.
+    """
+    directory = os.environ.get("DISTBATCH_RANK_REPORT")
+    if not directory:
+        return
+    import numpy as np
+    os.makedirs(directory, exist_ok=True)
+    keys = ("steps", "best_step", "stopped_early", "restored_value", "val_loss", "diverged")
+    atomic_write_json(os.path.join(directory, f"rank{backend.worker_index}.json"),
+                      {"rank": backend.worker_index, **{k: metrics.get(k) for k in keys}})
+    np.savez(os.path.join(directory, f"rank{backend.worker_index}.npz"), *model.get_weights())
+
+
+# Config keys a resumed run may change: where the outputs go and how much is printed
+# or checkpointed. Every other key of config.json (flags and derived values such as the
+# batch plan and the recipe) changes the result, so it must match.
+RESUME_MAY_CHANGE = frozenset({"out", "resume", "overwrite", "progress", "verbose",
+                               "tensorboard_dir", "checkpoint_every", "checkpoint_every_seconds",
+                               "backend_reason", "machine",
+                               "batch_sizes", "seeds"})
+
+
+def run_config(config: TrainConfig | dict, **derived) -> dict:
+    """config.json of a run: every flag (TrainConfig.as_flags, or a command's own dict of
+    flags) plus derived values, as it reads back from disk."""
+    flags = config.as_flags() if isinstance(config, TrainConfig) else dict(config)
+    return json_roundtrip(dict(sorted({**flags, **derived}.items())))
+
+
+def check_resume_matches(config: dict, out: str, *, may_change=RESUME_MAY_CHANGE) -> None:
+    """--resume with another configuration than the run in `out` would silently train (or
+    report) something else: refuse the first key that differs, naming both values.
+
+    Keys only one side has (a flag older or newer than the run) are not compared.
+    """
+    path = os.path.join(out, "config.json")
+    if not os.path.exists(path):
+        return
+    import json
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise UsageError(f"--resume: {path} is not a distbatch config ({e}); cannot tell which "
+                         "run this is") from None
+    diff = _first_difference(_comparable({k: v for k, v in old.items() if k not in may_change}),
+                             _comparable(config))
+    if diff:
+        key, was, now = diff
+        raise UsageError(f"--resume: {key.replace('_', '-')} is {now!r} but the run in {out!r} "
+                         f"used {was!r}; resume with the same flags or use another --out")
+
+
+def _comparable(config: dict) -> dict:
+    """decay_epochs as numbers: "30,60" and "30.0, 60" are the same milestones."""
+    if isinstance(config.get("decay_epochs"), str):
+        from distbatch.recipes.recipe import parse_epoch_list
+        try:
+            config = {**config, "decay_epochs": list(parse_epoch_list(config["decay_epochs"]) or ())}
+        except ValueError:
+            pass
+    return config
+
+
+def _first_difference(old: dict, new: dict, prefix: str = ""):
+    """(key, old value, new value) of the first differing common key; flags before nested."""
+    for key in sorted(old.keys() & new.keys(), key=lambda k: (isinstance(old[k], dict), k)):
+        a, b = old[key], new[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff = _first_difference(a, b, f"{prefix}{key}.")
+            if diff:
+                return diff
+        elif a != b:
+            return f"{prefix}{key}", a, b
+    return None
+
+
+def _gap(m: dict):
+    if m.get("train_accuracy") is None or m.get("val_accuracy") is None:
+        return None
+    return m["train_accuracy"] - m["val_accuracy"]
+
+
+def _tf_version() -> str:
+    import tensorflow as tf
+    return tf.__version__
+
+
+def _save_model(model, out: str, backend) -> None:
+    """Chief writes out/model.keras; other multiworker workers save to a temp dir (TF needs all)."""
+    if backend.is_chief:
+        tmp = os.path.join(out, ".model.keras.tmp.keras")
+        model.save(tmp)
+        os.replace(tmp, os.path.join(out, "model.keras"))
+    elif backend.name == "multiworker":
+        d = tempfile.mkdtemp(prefix=f"distbatch-w{backend.worker_index}-")
+        model.save(os.path.join(d, "model.keras"))
+        shutil.rmtree(d, ignore_errors=True)
