@@ -400,7 +400,7 @@ DATA_CASES = {
     "tfrecord_cut_inside_a_record": (["--dataset", "{d}/cut.tfrecord"],
                                      ["TFRecord file '{d}/cut.tfrecord' is truncated or corrupt"]),
     "tfrecord_negative_shape": (["--dataset", "{d}/negative.tfrecord"],
-                                ["'shape' feature [-2, -20] has dimensions < 1"]),
+                                ["must be positive integers like 32x32x3, got [-2, -20]"]),
     "npz_members_not_npy": (["--dataset", "{d}/not_npy.npz"],
                             ["member(s) x_train, y_train, x_test, y_test are not .npy arrays"]),
     "uint8_train_float_val": (["--dataset", "{d}/uint8_float.npz"],

@@ -132,7 +132,7 @@ def run_recommend(args: argparse.Namespace) -> int:
     for flag, b in [("--noise-batch-size", args.noise_batch_size)] + [("--batch-sizes", b) for b in batches]:
         BatchPlan.derive(global_batch_size=b, replicas=backend.num_replicas,
                          accumulation_steps=args.accumulation_steps,
-                         num_train_examples=len(data.x_train), flag=flag)
+                         num_train_examples=_num_train_examples(data, backend.num_workers), flag=flag)
     if units == 1:
         require(args.noise_batch_size % 2 == 0,
                 f"--noise-batch-size must be even on one replica (it is split in two), "
@@ -185,3 +185,8 @@ def run_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+
+
+def _num_train_examples(data, num_workers: int) -> int:
+    from distbatch.data.inputs import num_train_examples  # (numpy: not at --help time)
+    return num_train_examples(data, num_workers)

@@ -209,8 +209,7 @@ def run_sweep(args: argparse.Namespace) -> int:
                       f" capped at 1/{round(1 / r.warmup_cap)} of each point's training"
                       if r.warmup_cap else ""))
         print(f"distbatch sweep: {len(points)} points ({len(points) - len(todo)} already done), "
-              f"{backend.describe()}, dataset {base.dataset} ({len(data.x_train)} train / "
-              f"{len(data.x_val)} val), model {base.model}, {warmup}", file=sys.stderr, flush=True)
+              f"{backend.describe()}, dataset {base.dataset} ({_sizes(data, backend)}), model {base.model}, {warmup}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     for i, (scaling, batch, seed) in enumerate(todo):
         point_id = results.make_point_id(batch, seed, scaling)
@@ -266,3 +265,12 @@ def _write_hparams(logdir: str, row: dict) -> None:
         for m in METRICS:
             if row.get(m) is not None:
                 tf.summary.scalar(m, row[m], step=int(row.get("steps") or 0))
+
+
+def _sizes(data, backend) -> str:
+    """'N train / M val' of an ArrayDataset or a streamed SourceDataset."""
+    from distbatch.data.inputs import num_train_examples
+    if hasattr(data, "x_val"):
+        return f"{len(data.x_train)} train / {len(data.x_val)} val"
+    return (f"{num_train_examples(data, backend.num_workers)} train / "
+            f"{data.val_source.num_examples(1)} val, streamed")

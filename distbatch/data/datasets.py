@@ -109,6 +109,12 @@ class ArrayDataset:
         return int(self.x_val.shape[0])
 
 
+def streams_from_files(spec: str) -> bool:
+    """True for a TFRecord path or glob (the CLI streams those with distbatch.data.files)."""
+    spec = str(spec).strip()
+    return any(ch in spec for ch in "*?[") or spec.endswith(TFRECORD_SUFFIXES)
+
+
 def cache_dir() -> Path:
     """Where generated datasets are cached: $DISTBATCH_CACHE_DIR or ~/.cache/distbatch/datasets."""
     env = os.environ.get("DISTBATCH_CACHE_DIR")

@@ -363,3 +363,19 @@ def array_sources(data) -> tuple[ArraySource, ArraySource]:
     """(train, validation) sources of a distbatch ArrayDataset."""
     return (ArraySource(data.x_train, data.y_train, name="data"),
             ArraySource(data.x_val, data.y_val, name="validation_data"))
+
+
+class SourceDataset:
+    """A named dataset made of sources (what the CLI streams instead of an ArrayDataset):
+    the job reads name, input_shape, num_classes, and the train/validation sources."""
+
+    def __init__(self, name: str, train_source, val_source, input_shape, num_classes: int) -> None:
+        self.name, self.train_source, self.val_source = name, train_source, val_source
+        self.input_shape, self.num_classes = tuple(input_shape), int(num_classes)
+
+
+def num_train_examples(data, num_workers: int = 1) -> int:
+    """Examples per epoch of an ArrayDataset or a SourceDataset (on `num_workers` workers)."""
+    if hasattr(data, "x_train"):
+        return len(data.x_train)
+    return data.train_source.num_examples(num_workers)

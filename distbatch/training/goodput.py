@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+
 MIN_GAIN = 0.05
 
 
@@ -122,7 +123,7 @@ def run_adaptive(backend, model, optimizer, data, options, *, adascale, candidat
     while step < options.total_steps and not bool(adascale.finished()):
         plan = BatchPlan.derive(global_batch_size=batch, replicas=backend.num_replicas,
                                 accumulation_steps=accumulation_steps,
-                                num_train_examples=len(data.x_train))
+                                num_train_examples=_num_train_examples(data, backend.num_workers))
         adascale.set_scale(batch / base)
         opts = dataclasses.replace(options, total_steps=min(options.total_steps, step + plan.steps_per_epoch),
                                    step_offset=step, epoch_offset=epoch, resume=False)
@@ -205,3 +206,8 @@ def probe_step_seconds(backend, make_model: Callable, optimizer_fn: Callable, in
         step.multi(it, n)["loss_sum"].numpy()
         best = min(best, time.perf_counter() - t0)
     return backend_slowest(backend, best / steps)
+
+
+def _num_train_examples(data, num_workers: int) -> int:
+    from distbatch.data.inputs import num_train_examples  # (numpy: not at --help time)
+    return num_train_examples(data, num_workers)

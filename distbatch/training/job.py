@@ -48,7 +48,16 @@ def set_precision(policy: str) -> None:
 
 
 def load_data(config: TrainConfig):
-    from distbatch.data.datasets import load_dataset
+    """The named dataset in memory (ArrayDataset), or TFRecords (`--dataset` ending in .tfrecord
+    or a glob) streamed from the files (distbatch.data.files; subsets with --train-size or
+    --val-size are read into memory instead)."""
+    from distbatch.data.datasets import load_dataset, streams_from_files
+    if streams_from_files(config.dataset) and config.train_size is None and config.val_size is None:
+        from distbatch.data.files import tfrecord_source
+        from distbatch.data.inputs import SourceDataset
+        train, val, shape, classes = tfrecord_source(config.dataset, num_classes=config.num_classes,
+                                                     seed=config.data_seed)
+        return SourceDataset(config.dataset, train, val, shape, classes)
     extra = {} if config.num_classes is None else {"num_classes": config.num_classes}
     return load_dataset(config.dataset, seed=config.data_seed, train_size=config.train_size,
                         val_size=config.val_size, **extra)
@@ -80,7 +89,7 @@ def plan_run(config: TrainConfig, backend, data, *, flag: str = "--global-batch-
     if config.batch_size_schedule:
         from distbatch.training.batch_schedule import schedule_from_config, schedule_recipe
         batch_schedule = schedule_from_config(config, replicas=backend.num_replicas,
-                                              num_train_examples=len(data.x_train))
+                                              num_train_examples=_num_train_examples(data, backend.num_workers))
         global_batch_size = batch_schedule.first_plan.global_batch_size
         recipe = schedule_recipe(recipe, batch_schedule)
     adaptive = global_batch_size == "auto"
@@ -90,12 +99,12 @@ def plan_run(config: TrainConfig, backend, data, *, flag: str = "--global-batch-
         try:
             candidates = candidate_batches(recipe.base_batch_size, config.max_global_batch_size,
                                            units=backend.num_replicas * config.accumulation_steps,
-                                           num_examples=len(data.x_train))
+                                           num_examples=_num_train_examples(data, backend.num_workers))
         except ValueError as e:
             raise ParameterError(f"{{global_batch_size}} auto: {e}", "global_batch_size") from None
     plan = BatchPlan.derive(global_batch_size=candidates[0] if adaptive else global_batch_size,
                             replicas=backend.num_replicas, accumulation_steps=config.accumulation_steps,
-                            num_train_examples=len(data.x_train), flag=flag)
+                            num_train_examples=_num_train_examples(data, backend.num_workers), flag=flag)
     epochs, steps = config.epochs_or_default, config.steps
     total_steps = (batch_schedule.total_steps if batch_schedule else
                    plan.total_steps(epochs=epochs, steps=steps))
@@ -111,7 +120,7 @@ def plan_run(config: TrainConfig, backend, data, *, flag: str = "--global-batch-
                       "scaling", "global_batch_size", "base_batch_size")
         # The length is the BASE batch's; the run ends when tau reaches it (at most that many steps).
         recipe_plan = BatchPlan.derive(global_batch_size=recipe.base_batch_size, replicas=1,
-                                       num_train_examples=len(data.x_train), flag="--base-batch-size")
+                                       num_train_examples=_num_train_examples(data, backend.num_workers), flag="--base-batch-size")
         total_steps = recipe_plan.total_steps(epochs=epochs, steps=steps)
         adascale_scale = plan.global_batch_size / recipe.base_batch_size
     if config.noise_scale or (adascale_scale or 1) > 1:
@@ -266,7 +275,7 @@ def train(config: TrainConfig, *, backend=None, data=None, record: dict | None =
         "machine": machine_info(backend),
         **({"batch_size_schedule": batch_schedule.as_dict()} if batch_schedule else {}),
     }
-    _save_model(model, config.out, backend)
+    _save_model(model, optimizer, config.out, backend)
     if chief:
         atomic_write_json(os.path.join(config.out, "summary.json"), summary)
     if summary["diverged"]:
@@ -381,8 +390,14 @@ def _tf_version() -> str:
     return tf.__version__
 
 
-def _save_model(model, out: str, backend) -> None:
-    """Chief writes out/model.keras; other multiworker workers save to a temp dir (TF needs all)."""
+def _save_model(model, optimizer, out: str, backend) -> None:
+    """Chief writes out/model.keras, compiled with the optimizer that trained it (its schedule
+    and step count), sparse cross-entropy from logits and accuracy, so
+    distbatch.load_model(path).fit(...) continues; other multiworker workers save to a temp
+    dir (TF needs all)."""
+    from distbatch.api import compile_model
+    from distbatch.training.step import default_task
+    compile_model(model, optimizer, None, default_task(), backend)
     if backend.is_chief:
         tmp = os.path.join(out, ".model.keras.tmp.keras")
         model.save(tmp)
@@ -391,3 +406,8 @@ def _save_model(model, out: str, backend) -> None:
         d = tempfile.mkdtemp(prefix=f"distbatch-w{backend.worker_index}-")
         model.save(os.path.join(d, "model.keras"))
         shutil.rmtree(d, ignore_errors=True)
+
+
+def _num_train_examples(data, num_workers: int) -> int:
+    from distbatch.data.inputs import num_train_examples  # (numpy: not at --help time)
+    return num_train_examples(data, num_workers)

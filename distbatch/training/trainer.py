@@ -135,6 +135,8 @@ class Trainer:
         self.opt, self.adascale = options, adascale
         if hasattr(data, "x_train"):
             self.train_source, self.val_source = array_sources(data)
+        elif hasattr(data, "train_source"):  # distbatch.data.inputs.SourceDataset
+            self.train_source, self.val_source = data.train_source, data.val_source
         else:
             self.train_source, self.val_source = data, validation_data
         if "task" not in self.step_cache:
