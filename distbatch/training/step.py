@@ -307,7 +307,8 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
         return out
 
     def one_step(iterator):
-        out = backend.run(replica_step, with_weights(tf, next(iterator)))
+        # (x, y) batches get unit weights inside the replica function (per-replica values)
+        out = backend.run(lambda *b: replica_step(*with_weights(tf, b)), tuple(next(iterator)))
         return {k: backend.local_value(v) for k, v in out.items()}
 
     keys = dict.fromkeys(("loss_sum", "metrics", "lr"), tf.float32)
@@ -342,8 +343,8 @@ def make_eval_step(backend: Backend, model, loss_fn=None, task=None):
         total = tf.zeros([2 + task.state_size])
         for _ in tf.range(n):
             tf.autograph.experimental.set_loop_options(parallel_iterations=1)  # see _multi_step
-            x, y, w, mask = with_weights(tf, next(iterator), mask=True)
-            total += backend.local_value(backend.run(replica_eval, (x, y, w, mask)))
+            total += backend.local_value(backend.run(
+                lambda *b: replica_eval(*with_weights(tf, b, mask=True)), tuple(next(iterator))))
         return {"loss_sum": total[0], "count": total[1], "metrics": total[2:]}
 
     eval_step.task = task
