@@ -235,7 +235,8 @@ def _example_batch(tf, source, plan):
     example = getattr(source, "example_batch", None)
     if example is not None:
         return example()
-    spec = source.train_dataset(plan, seed=0, worker_index=0, num_workers=1, local_replicas=1,
-                                total_steps=1).element_spec
+    # one worker driving all the plan's replicas: a layout every source accepts for this plan
+    spec = source.train_dataset(plan, seed=0, worker_index=0, num_workers=1,
+                                local_replicas=plan.replicas, start_step=0, total_steps=1).element_spec
     zeros = lambda s: tf.zeros([1] + [d or 1 for d in s.shape[1:]], s.dtype)  # noqa: E731
     return tf.nest.map_structure(zeros, spec[0]), tf.nest.map_structure(zeros, spec[1])
