@@ -322,7 +322,8 @@ class FileSource:
             op_seed = tf.random.stateless_uniform(
                 [], seed=tf.stack([tf.constant(seed, tf.int64), -1 - epoch]),
                 minval=0, maxval=2**31 - 1, dtype=tf.int64)
-            records = records.shuffle(self.shuffle_buffer, seed=op_seed)
+            from distbatch.data.inputs import shuffle
+            records = shuffle(records, self.shuffle_buffer, seed=op_seed)
         return records
 
     def _check_parse_fn(self, tf) -> None:

@@ -57,6 +57,26 @@ def _map(fn, nest):
     return fn(nest)
 
 
+def shuffle(ds, buffer_size: int, seed, **kwargs):
+    """ds.shuffle(buffer_size, seed=seed) for a TENSOR seed, also when the global seed is 0.
+
+    TensorFlow's random_seed.get_seed checks `(global_seed, op_seed) == (0, 0)` in Python,
+    which raises OperatorNotAllowedInGraphError for a tensor op seed when the global seed
+    is 0 (distbatch.fit(seed=0), the default, sets it): the first elements compare equal,
+    so the tensor is asked for a Python bool. Only in that case (a run that could not start
+    before) the graph's seed is 1 during the call; every other run keeps its seeds."""
+    import tensorflow as tf
+    graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
+    saved = getattr(graph, "seed", None)
+    if saved is None or saved % (2**31 - 1) != 0:  # TensorFlow truncates seeds mod 2**31 - 1
+        return ds.shuffle(buffer_size, seed=seed, **kwargs)
+    graph.seed = 1
+    try:
+        return ds.shuffle(buffer_size, seed=seed, **kwargs)
+    finally:
+        graph.seed = saved
+
+
 def _as_float_weight(tf, w, batch):
     return tf.ones([batch], tf.float32) if w is None else tf.cast(tf.reshape(w, [-1]), tf.float32)
 
@@ -214,7 +234,7 @@ class DatasetSource:
 
         def epoch(e):
             # The same seeded shuffle on every worker: (seed, absolute epoch) decide the order.
-            shuffled = base.shuffle(self.shuffle_buffer, seed=tf.cast(seed, tf.int64) * 1_000_003 + e,
+            shuffled = shuffle(base, self.shuffle_buffer, seed=tf.cast(seed, tf.int64) * 1_000_003 + e,
                                     reshuffle_each_iteration=False)
             return shuffled.batch(B, drop_remainder=True).take(S)
 
