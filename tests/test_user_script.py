@@ -188,3 +188,12 @@ def test_multiworker_two_processes(tmp_path, data_dir, single):
     _run([str(VENV_BIN / "distbatch"), "launch", "multiworker", "--workers", "2", "--",
           sys.executable, *_script_args(data_dir, tmp_path / "out")])
     _check(tmp_path / "out", single, backend="multiworker", workers=2)
+
+
+def test_default_seed_and_shuffle_buffer(tmp_path, script, data_dir):
+    """Fast: the script's defaults (seed 0, a 1000-record shuffle buffer). With a global
+    seed of 0, tf.data's shuffle with a tensor seed used to fail in TensorFlow's get_seed
+    (distbatch.data.inputs.shuffle)."""
+    report = script.main(["--data-dir", str(data_dir), "--out", str(tmp_path), "--backend", "single"])
+    assert report["history"]["step"] == [6, 12, 18]
+    assert all(np.isfinite(report["history"]["loss"]))
