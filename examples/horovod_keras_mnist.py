@@ -22,6 +22,7 @@ import argparse
 import os
 
 import keras
+import tensorflow as tf
 
 import distbatch
 from distbatch.recipes.schedules import ConstantSchedule
@@ -45,29 +46,39 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--global-batch-size", type=int, default=128,
                    help="examples per step over ALL processes (Horovod's example: 128 per rank)")
-    p.add_argument("--epochs", type=float, default=3)
+    p.add_argument("--epochs", type=float, default=3, help="passes over the training set")
     p.add_argument("--warmup-epochs", type=float, default=1)
     p.add_argument("--out", default="horovod_keras_mnist_out", help="checkpoints go here")
     p.add_argument("--backend", default="auto")
     args = p.parse_args(argv)
+    # First, before any TensorFlow op: MultiWorkerMirroredStrategy (a TF_CONFIG launch)
+    # must be created at program start-up.
+    backend, _ = distbatch.create_backend(args.backend)
 
-    data = distbatch.load_dataset("digits")
-    B = args.global_batch_size
+    data = distbatch.load_dataset("digits")  # offline; the original downloads MNIST
+    mnist_images, mnist_labels = data.x_train, data.y_train
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (tf.cast(mnist_images, tf.float32),
+                 tf.cast(mnist_labels, tf.int64))
+    )  # single examples: distbatch shuffles (10,000-example buffer) and batches
+
+    batch_size = args.global_batch_size  # GLOBAL: all processes together
     # The linear scaling rule (Goyal et al. 2017): 0.001 per 128 examples in a step.
-    lr = 0.001 * B / 128
-    steps_per_epoch = data.train_size // B
-    schedule = distbatch.WarmupSchedule(ConstantSchedule(lr), start_lr=0.001,
-                                        warmup_steps=max(1, round(args.warmup_epochs * steps_per_epoch)))
+    scaled_lr = 0.001 * batch_size / 128
+    steps_per_epoch = data.train_size // batch_size
+    warmup = distbatch.WarmupSchedule(ConstantSchedule(scaled_lr), start_lr=0.001,
+                                      warmup_steps=max(1, round(args.warmup_epochs * steps_per_epoch)))
+
     os.makedirs(args.out, exist_ok=True)
+    callbacks = [
+        keras.callbacks.ModelCheckpoint(os.path.join(args.out, "checkpoint-{epoch}.keras")),
+    ]
     result = distbatch.fit(
-        model_fn=build_model,
-        optimizer_fn=lambda: keras.optimizers.Adam(schedule),
-        data=(data.x_train, data.y_train),
-        validation_data=(data.x_val, data.y_val),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=["accuracy"],
-        callbacks=[keras.callbacks.ModelCheckpoint(os.path.join(args.out, "checkpoint-{epoch}.keras"))],
-        global_batch_size=B, epochs=args.epochs, backend=args.backend, verbose=True)
+        model_fn=build_model, optimizer_fn=lambda: keras.optimizers.Adam(warmup),
+        data=dataset, validation_data=(data.x_val, data.y_val),
+        loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"],
+        callbacks=callbacks, global_batch_size=batch_size, epochs=args.epochs,
+        backend=backend, verbose=True)
     return result
 
 

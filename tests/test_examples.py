@@ -70,22 +70,32 @@ def test_tf_distribute_keras(tmp_path):
 
 
 @pytest.mark.slow
-def test_tf_distribute_keras_mirrored_equals_one_device(tmp_path):
-    """Two replicas at the same global batch give the one-device result (no dropout in this
-    model, and distbatch's batches do not depend on the number of devices)."""
+@pytest.mark.parametrize("args,launcher", [
+    pytest.param(["--backend", "mirrored", "--cpu-replicas", "2"], [], id="mirrored"),
+    pytest.param([], [str(VENV_BIN / "distbatch"), "launch", "multiworker", "--workers", "2", "--"],
+                 id="multiworker"),
+])
+def test_tf_distribute_keras_two_replicas_equal_one_device(tmp_path, args, launcher):
+    """Two replicas (one process, or two processes) at the same global batch give the
+    one-device result: no dropout in this model, and distbatch's global batches do not
+    depend on the layout."""
     one = _tf_tutorial_results(run_example([str(EXAMPLES / "tf_distribute_keras.py")], cwd=tmp_path))
     (tmp_path / "two").mkdir()
-    out = run_example([str(EXAMPLES / "tf_distribute_keras.py"), "--backend", "mirrored",
-                       "--cpu-replicas", "2"], cwd=tmp_path / "two")
+    out = run_example([str(EXAMPLES / "tf_distribute_keras.py"), *args], cwd=tmp_path / "two",
+                      launcher=launcher)
     assert "Number of devices: 2" in out
     assert _tf_tutorial_results(out) == pytest.approx(one, abs=1e-5)
 
 
 @pytest.mark.slow
-def test_horovod_keras_mnist_under_horovodrun(tmp_path):
-    """The port under plain `horovodrun --gloo -np 2`: only the chief prints and checkpoints."""
-    out = run_example([str(EXAMPLES / "horovod_keras_mnist.py")], cwd=tmp_path,
-                      launcher=[str(VENV_BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo"])
+@pytest.mark.parametrize("launcher", [
+    pytest.param([str(VENV_BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo"], id="horovodrun-gloo"),
+    pytest.param([str(VENV_BIN / "distbatch"), "launch", "multiworker", "--workers", "2", "--"], id="multiworker"),
+])
+def test_horovod_keras_mnist_on_two_processes(tmp_path, launcher):
+    """The port unchanged under plain `horovodrun --gloo -np 2` and under TF_CONFIG
+    (`distbatch launch multiworker`): only the chief prints and checkpoints."""
+    out = run_example([str(EXAMPLES / "horovod_keras_mnist.py")], cwd=tmp_path, launcher=launcher)
     assert out.count("step 33/33") == 1
     ckpts = sorted(p.name for p in (tmp_path / "horovod_keras_mnist_out").iterdir())
     assert ckpts == ["checkpoint-1.keras", "checkpoint-2.keras", "checkpoint-3.keras"]
