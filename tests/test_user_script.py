@@ -31,6 +31,7 @@ SCRIPT = ROOT / "examples" / "user_script.py"
 ARGS = ["--shuffle-buffer", "0", "--global-batch-size", "32", "--epochs", "3", "--seed", "1"]
 TOL = 1e-5
 KEYS = ("loss", "mae", "val_loss", "val_mae")
+SUMMARY = ("steps", "train_loss", "train_mae", "val_loss", "val_mae")  # result.metrics, no timings
 
 
 def _load_script():
@@ -147,6 +148,7 @@ def _check(out: Path, single: Path, *, backend: str, workers: int) -> None:
     for report, weights in ranks:
         assert (report["backend"], report["num_replicas"], report["num_workers"]) == (backend, 2, workers)
         assert report["history"] == chief["history"]        # identical on every rank
+        assert {k: report["metrics"][k] for k in SUMMARY} == {k: chief["metrics"][k] for k in SUMMARY}
         for a, b in zip(weights, ranks[0][1]):
             np.testing.assert_array_equal(a, b)
     assert chief["history"]["step"] == ref["history"]["step"]
