@@ -225,7 +225,9 @@ def compile_model(model, optimizer, loss, task, backend, example=None) -> None:
                    {n: [s.metric for s in task.slots if s.output == i]
                     for i, n in enumerate(task.output_names)})
     with backend.scope():
-        model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+        # weighted_metrics: distbatch weights its metrics by the sample weights (as Keras's
+        # weighted_metrics do); without weights both are the same
+        model.compile(optimizer=optimizer, loss=loss, weighted_metrics=metrics)
         compiled = getattr(model, "_compile_metrics", None)  # Keras 3's CompileMetrics
         if example is not None and compiled is not None and not compiled.built:
             compiled.build(*example)
@@ -236,8 +238,10 @@ def _example_batch(tf, source, plan):
     example = getattr(source, "example_batch", None)
     if example is not None:
         return example()
-    spec = source.train_dataset(plan, seed=0, worker_index=0, num_workers=1, local_replicas=1,
-                                start_step=0, total_steps=1, epoch_offset=0).element_spec
+    # one worker driving all the plan's replicas: a layout every source accepts for this plan
+    spec = source.train_dataset(plan, seed=0, worker_index=0, num_workers=1,
+                                local_replicas=plan.replicas, start_step=0, total_steps=1,
+                                epoch_offset=0).element_spec
     zeros = lambda s: tf.zeros([1] + [d or 1 for d in s.shape[1:]], s.dtype)  # noqa: E731
     return tf.nest.map_structure(zeros, spec[0]), tf.nest.map_structure(zeros, spec[1])
 

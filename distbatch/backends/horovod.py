@@ -78,6 +78,14 @@ class HorovodBackend(Backend):
         variables = [v.value for v in model.variables] + [v.value for v in optimizer.variables]
         self.hvd.broadcast_variables(variables, root_rank=0)
 
+    def broadcast_from_chief(self, arrays: list) -> list:
+        # Horovod's own broadcast (eager): the base class's all-reduce inside a tf.function
+        # fails here, as grouped_allreduce names its op after captured eager tensors' .name.
+        import numpy as np
+        return [np.asarray(self.hvd.broadcast(np.asarray(a), root_rank=0,
+                                              name=f"distbatch_broadcast_{i}"))
+                for i, a in enumerate(arrays)]
+
     def sync_flag(self, flag: bool) -> bool:
         import tensorflow as tf
         total = self.hvd.allreduce(tf.constant(1.0 if flag else 0.0), op=self.hvd.Sum)
