@@ -108,7 +108,7 @@ def test_resume_restores_tau_and_averages(tmp_path, dataset_cache):
     from distbatch.backends.single import SingleBackend
     from distbatch.data.datasets import load_dataset
     from distbatch.training.plan import BatchPlan
-    from distbatch.recipes.recipe_args import build_recipe
+    from distbatch.cli.recipe_flags import build_recipe
     from distbatch.cli import build_parser
     from distbatch.training.trainer import LoopOptions, Trainer
 

@@ -109,7 +109,7 @@ VALIDATORS = {
     ("recommend",): lambda a: __import__("distbatch.cli.recommend", fromlist=["x"]).validate_recommend_args(a),
     ("bench",): lambda a: __import__("distbatch.cli.bench", fromlist=["x"]).validate(a),
     ("probe-batch",): lambda a: __import__("distbatch.cli.probe", fromlist=["x"]).validate_probe_args(a),
-    ("report",): lambda a: __import__("distbatch.measure.report", fromlist=["x"]).validate_report_args(a),
+    ("report",): lambda a: __import__("distbatch.cli.report", fromlist=["x"]).validate_report_args(a),
 }
 
 

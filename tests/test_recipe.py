@@ -9,8 +9,8 @@ import pytest
 
 from distbatch import cli
 from distbatch.errors import ParameterError, UsageError
-from distbatch.recipes.recipe import Recipe, recipe_from_args
-from distbatch.recipes.recipe_args import add_recipe_args
+from distbatch.recipes.recipe import Recipe
+from distbatch.cli.recipe_flags import add_recipe_args, recipe_from_args
 
 
 def parse(*flags):

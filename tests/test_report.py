@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from distbatch.errors import UsageError
-from distbatch.measure.report import (add_report_parser, best_batch_sentence, build_report, summarize,
-                              table_lines)
+from distbatch.cli.report import add_report_parser
+from distbatch.measure.report import best_batch_sentence, build_report, summarize, table_lines
 from distbatch.measure.results import ROW_FIELDS, append_row, make_point_id
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

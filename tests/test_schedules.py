@@ -232,7 +232,7 @@ def test_schedule_survives_keras_model_save_and_load(tmp_path):
 def parse(*flags):
     import argparse
 
-    from distbatch.recipes.recipe_args import add_recipe_args
+    from distbatch.cli.recipe_flags import add_recipe_args
 
     parser = argparse.ArgumentParser()
     add_recipe_args(parser)
@@ -241,7 +241,7 @@ def parse(*flags):
 
 def test_build_recipe_goyal_defaults():
     from distbatch.recipes.optimizers import MomentumSGD
-    from distbatch.recipes.recipe_args import build_recipe
+    from distbatch.cli.recipe_flags import build_recipe
 
     args = parse()  # momentum, base 0.05 @ 32, linear, gradual from base, step decay
     opt, schedule, summary = build_recipe(args, global_batch_size=1024, steps_per_epoch=10, total_steps=900)
@@ -270,7 +270,7 @@ def test_build_recipe_goyal_defaults():
     ],
 )
 def test_build_recipe_closed_form(flags, gbs, spe, total, peak, warmup_steps):
-    from distbatch.recipes.recipe_args import build_recipe
+    from distbatch.cli.recipe_flags import build_recipe
 
     _, schedule, summary = build_recipe(parse(*flags), global_batch_size=gbs, steps_per_epoch=spe, total_steps=total)
     assert summary["peak_lr"] == pytest.approx(peak, rel=1e-12)
@@ -284,7 +284,7 @@ def test_build_recipe_closed_form(flags, gbs, spe, total, peak, warmup_steps):
 
 def test_build_recipe_explicit_milestones_lars_and_zero_start():
     from distbatch.recipes.optimizers import LARS
-    from distbatch.recipes.recipe_args import build_recipe
+    from distbatch.cli.recipe_flags import build_recipe
 
     args = parse("--optimizer", "lars", "--decay-epochs", "3,6", "--warmup-from", "zero",
                  "--warmup-epochs", "1", "--weight-decay", "5e-4", "--lars-eta", "0.02")
@@ -308,7 +308,7 @@ def test_build_recipe_explicit_milestones_lars_and_zero_start():
     ],
 )
 def test_build_recipe_errors(flags, fragment):
-    from distbatch.recipes.recipe_args import build_recipe
+    from distbatch.cli.recipe_flags import build_recipe
 
     with pytest.raises(UsageError) as err:
         build_recipe(parse(*flags), global_batch_size=256, steps_per_epoch=10, total_steps=100)

@@ -114,7 +114,7 @@ def test_learning_rate_is_the_schedule(one_step_run):
     assert cfg["recipe"]["warmup_steps"] == 7
     model = keras.models.load_model(one_step_run / "model.keras", compile=False)  # noqa: F841
     from distbatch.cli import build_parser
-    from distbatch.recipes.recipe_args import build_recipe
+    from distbatch.cli.recipe_flags import build_recipe
     args = build_parser("train").parse_args([*BASE, "--out", "x"])
     args.epochs = 2.0
     _, schedule, _ = build_recipe(args, global_batch_size=32, steps_per_epoch=18, total_steps=36)

@@ -64,7 +64,7 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 SUBCOMMANDS = (  # (name, module, function adding its parser)
     ("sweep", "distbatch.cli.sweep", "add_sweep_parser"),
     ("bench", "distbatch.cli.bench", "add_bench_parser"),
-    ("report", "distbatch.measure.report", "add_report_parser"),
+    ("report", "distbatch.cli.report", "add_report_parser"),
     ("recommend", "distbatch.cli.recommend", "add_recommend_parser"),
     ("probe-batch", "distbatch.cli.probe", "add_probe_parser"),
     ("launch", "distbatch.cli.launch", "add_launch_parser"),

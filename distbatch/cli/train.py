@@ -18,7 +18,7 @@ from distbatch.training.config import TrainConfig
 
 def add_train_args(parser: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     """Flags shared by `train` and `sweep` (the sweep sets the batch size per point)."""
-    from distbatch.recipes.recipe_args import add_recipe_args
+    from distbatch.cli.recipe_flags import add_recipe_args
     g = parser.add_argument_group("run")
     g.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="auto (default): horovod under horovodrun/mpirun, multiworker with "

@@ -8,7 +8,7 @@
 
 Every field is checked once, in ``__post_init__``, with errors that name the
 FIELD ("base_lr must be a finite number > 0, got -1"); the CLI builds the same
-object from its flags (:func:`recipe_from_args`) and shows the flag instead
+object from its flags (distbatch.cli.recipe_flags.recipe_from_args) and shows the flag instead
 ("--base-lr ..."). :meth:`Recipe.build` adds what needs the run's batch
 arithmetic: epochs become steps here, once.
 
@@ -30,8 +30,7 @@ from distbatch.choices import DECAYS, OPTIMIZERS, SCALING_RULES, WARMUP_MODES
 from distbatch.errors import ParameterError, UsageError
 
 if TYPE_CHECKING:  # building a Recipe (and the CLI's --help) must not import TensorFlow
-    import argparse
-
+    
     import keras
 
 # Goyal et al.: 5 warmup epochs, x0.1 at epochs 30, 60, 80, of 90.
@@ -275,15 +274,3 @@ RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe))
 def flag_error(error: ParameterError) -> UsageError:
     """A Recipe error as the CLI shows it: the field names written as flags."""
     return error.for_flags(FLAG_NAMES)
-
-
-def recipe_from_args(args: argparse.Namespace) -> Recipe:
-    """The Recipe the parsed recipe flags describe (errors name the flags).
-
-    Fields the parser lacks keep their defaults (``warmup_cap`` is the sweep's).
-    """
-    values = {name: getattr(args, name) for name in RECIPE_FIELDS if hasattr(args, name)}
-    try:
-        return Recipe(**values)
-    except ParameterError as e:
-        raise flag_error(e) from None

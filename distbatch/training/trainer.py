@@ -371,7 +371,7 @@ class Trainer:
     def _evaluation(self, loop: _Loop, eval_fn, tracker, save: bool, stop: bool) -> None:
         """At an evaluation step: validation metrics, the history record, target, early
         stopping, callbacks, checkpoint; sets loop.stopped when the run should end."""
-        opt, plan, step, c = self.opt, self.plan, loop.step, loop.counters
+        opt, step, c = self.opt, loop.step, loop.counters
         val = self._evaluate(eval_fn) if self.val_source is not None else {}
         train = self._means(loop.sums)
         loop.sums = _zero_sums(self.task.state_size)

@@ -1,9 +1,9 @@
 """Command-line flags for the large-batch recipe (distbatch.recipes.recipe.Recipe).
 
 ``add_recipe_args(parser)`` adds the flags to ``distbatch train``;
-``recipe_from_args(args)`` (distbatch.recipes.recipe) turns them into a Recipe,
-the only thing library code sees. ``build_recipe(args, ...)`` is the two in one
-call, for scripts and tests written against the flags. Defaults: see Recipe.
+``recipe_from_args(args)`` turns them into a Recipe, the only thing library code
+sees. ``build_recipe(args, ...)`` is the two in one call, for scripts and tests
+written against the flags. Defaults: see Recipe.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 
 from distbatch.choices import DECAYS, OPTIMIZERS, SCALING_RULES, WARMUP_MODES
 from distbatch.errors import ParameterError
-from distbatch.recipes.recipe import Recipe, flag_error, recipe_from_args
+from distbatch.recipes.recipe import RECIPE_FIELDS, Recipe, flag_error
 
 
 def add_recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -72,5 +72,17 @@ def build_recipe(args: argparse.Namespace, *, global_batch_size: int, steps_per_
     try:
         return recipe.build(global_batch_size=global_batch_size, steps_per_epoch=steps_per_epoch,
                             total_steps=total_steps, adascale=adascale)
+    except ParameterError as e:
+        raise flag_error(e) from None
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The Recipe the parsed recipe flags describe (errors name the flags).
+
+    Fields the parser lacks keep their defaults (``warmup_cap`` is the sweep's).
+    """
+    values = {name: getattr(args, name) for name in RECIPE_FIELDS if hasattr(args, name)}
+    try:
+        return Recipe(**values)
     except ParameterError as e:
         raise flag_error(e) from None
