@@ -8,8 +8,7 @@ newest first, and one counts only if
 
 * every tensor of its .index/.data files reads back (the bundle's CRCs), and
 * its `state-<step>.json` (history and loop counters, written just before it)
-  is there and names the same step; runs older than state files have a
-  `history.json` instead, which is accepted;
+  is there and names the same step;
 * with early stopping, the best weights that state names (`best-<step>.npz`)
   read back.
 
@@ -53,8 +52,6 @@ def damage(directory: str, step: int, prefix: str) -> str | None:
         return f"{type(e).__name__}: {text[:160]}"
     state = os.path.join(directory, f"state-{step}.json")
     if not os.path.exists(state):
-        if os.path.exists(os.path.join(directory, "history.json")):
-            return None  # a run from before state files (the trainer reads history.json)
         return f"its state-{step}.json (history and loop counters) is missing"
     try:
         with open(state) as f:
