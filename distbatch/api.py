@@ -171,7 +171,7 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None
         model = model_fn()
         if not isinstance(model, keras.Model):
             raise TypeError(f"model_fn must return a keras.Model, got {type(model).__name__}")
-        task, example = _task(keras, model, loss, metrics, train_src, plan)
+        example = _example_output(model, train_src, plan)  # builds a subclassed model here
         adascale = None
         if recipe is not None:
             if adascale_scale is not None:
@@ -185,6 +185,7 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None
             optimizer = optimizer_fn()
         optimizer.build(model.trainable_variables)
     backend.prepare(model, optimizer)
+    task = _task(model, loss, metrics, example)
     # Compiled before training: Keras callbacks find the metrics' directions (EarlyStopping,
     # ModelCheckpoint with mode="auto"); the saved model.keras is compiled.
     compile_model(model, optimizer, loss, task, backend, example)
@@ -197,19 +198,28 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None
                      records=result.history)
 
 
-def _task(keras, model, loss, metrics, train_src, plan):
-    """Resolve loss and metrics against the model's outputs and one example's targets."""
+def _example_output(model, train_src, plan) -> tuple:
+    """(y, model(x)) of one example: what the loss and metrics are resolved against."""
+    import tensorflow as tf
+    x, y = _example_batch(tf, train_src, plan)
+    return y, model(x, training=False)
+
+
+def _task(model, loss, metrics, example):
+    """Resolve loss and metrics against the model's outputs and one example's targets.
+
+    Called OUTSIDE the backend's scope: metric variables made inside a strategy's scope are
+    sync-on-read, and reading one under MultiWorkerMirroredStrategy is a collective (a chief
+    reading alone, e.g. a Keras callback saving the model, would wait for the others)."""
     import tensorflow as tf
 
     from distbatch.training.task import Task
-    x, y = _example_batch(tf, train_src, plan)
-    pred = model(x, training=False)
+    y, pred = example
     names = list(getattr(model, "output_names", None) or [])
     n_out = len(tf.nest.flatten(pred))
     if len(names) != n_out:
         names = [f"output_{i}" for i in range(n_out)] if n_out > 1 else ["output"]
-    task = Task(loss=loss, metrics=metrics, output_names=names, y_example=y, pred_example=pred)
-    return task, (y, pred)
+    return Task(loss=loss, metrics=metrics, output_names=names, y_example=y, pred_example=pred)
 
 
 def compile_model(model, optimizer, loss, task, backend, example=None) -> None:
@@ -224,13 +234,14 @@ def compile_model(model, optimizer, loss, task, backend, example=None) -> None:
         metrics = ([s.metric for s in task.slots] if task.n_outputs == 1 else
                    {n: [s.metric for s in task.slots if s.output == i]
                     for i, n in enumerate(task.output_names)})
-    with backend.scope():
-        # weighted_metrics: distbatch weights its metrics by the sample weights (as Keras's
-        # weighted_metrics do); without weights both are the same
-        model.compile(optimizer=optimizer, loss=loss, weighted_metrics=metrics)
-        compiled = getattr(model, "_compile_metrics", None)  # Keras 3's CompileMetrics
-        if example is not None and compiled is not None and not compiled.built:
-            compiled.build(*example)
+    # Outside the backend's scope (see _task): the compiled metrics' variables stay plain,
+    # so a callback saving the model on the chief alone does not start a collective.
+    # weighted_metrics: distbatch weights its metrics by the sample weights (as Keras's
+    # weighted_metrics do); without weights both are the same.
+    model.compile(optimizer=optimizer, loss=loss, weighted_metrics=metrics)
+    compiled = getattr(model, "_compile_metrics", None)  # Keras 3's CompileMetrics
+    if example is not None and compiled is not None and not compiled.built:
+        compiled.build(*example)
 
 
 def _example_batch(tf, source, plan):

@@ -146,18 +146,19 @@ def test_step_issues_buckets_last_layer_first():
     calls = _traced_calls(StepOptions(bucket_mb=100 / 1024))
     assert calls == [
         [((4,), "float32"), ((256, 4), "float32"), ((256,), "float32"), ((256, 256), "float32")],
-        [((256,), "float32"), ((8, 256), "float32"), ((3,), "float32")],  # + packed metrics
+        [((256,), "float32"), ((8, 256), "float32"), ((4,), "float32")],  # + packed metrics
+        # (loss sum, noise-scale norm, accuracy's total and count)
     ]
     assert _traced_calls(StepOptions()) == [[((8, 256), "float32"), ((256,), "float32"),
                                              ((256, 256), "float32"), ((256,), "float32"),
                                              ((256, 4), "float32"), ((4,), "float32"),
-                                             ((3,), "float32")]]
+                                             ((4,), "float32")]]
 
 
 def test_compression_casts_gradients_not_metrics():
     calls = _traced_calls(StepOptions(grad_compression="bf16"))
     assert [d for _, d in calls[0]] == ["bfloat16"] * 6
-    assert calls[1] == [((3,), "float32")]  # the metrics stay float32
+    assert calls[1] == [((4,), "float32")]  # the metrics stay float32
 
 
 # -- multi-process equivalence -----------------------------------------------------------------
