@@ -18,11 +18,18 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
-def run_example(argv: list[str], cwd: Path, launcher: list[str] = ()) -> str:
+def run_example(argv: list[str], cwd: Path, launcher: list[str] = (), timeout: float = 300) -> str:
     """Run `python examples/X.py ...` (under `launcher` if given) in cwd; its stdout + stderr."""
     env = cli_env({"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
-    proc = subprocess.run([*launcher, sys.executable, *argv], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.Popen([*launcher, sys.executable, *argv], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)  # the launcher AND its workers: none left waiting in a collective
+        proc.communicate()
+        raise
+    proc = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert proc.returncode == 0, f"{argv}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr  # distbatch's progress lines go to stderr
 
@@ -73,7 +80,11 @@ def test_tf_distribute_keras(tmp_path):
 @pytest.mark.parametrize("args,launcher", [
     pytest.param(["--backend", "mirrored", "--cpu-replicas", "2"], [], id="mirrored"),
     pytest.param([], [str(VENV_BIN / "distbatch"), "launch", "multiworker", "--workers", "2", "--"],
-                 id="multiworker"),
+                 id="multiworker", marks=pytest.mark.xfail(
+                     raises=subprocess.TimeoutExpired, strict=False,
+                     reason="KNOWN BUG (issue 13, open): this run hangs intermittently (2 of ~8 "
+                            "runs under pytest, 0 of 3 by hand) after the first epoch's callbacks "
+                            "under MultiWorkerMirroredStrategy; a normal run takes ~15 s")),
 ])
 def test_tf_distribute_keras_two_replicas_equal_one_device(tmp_path, args, launcher):
     """Two replicas (one process, or two processes) at the same global batch give the
@@ -82,7 +93,7 @@ def test_tf_distribute_keras_two_replicas_equal_one_device(tmp_path, args, launc
     one = _tf_tutorial_results(run_example([str(EXAMPLES / "tf_distribute_keras.py")], cwd=tmp_path))
     (tmp_path / "two").mkdir()
     out = run_example([str(EXAMPLES / "tf_distribute_keras.py"), *args], cwd=tmp_path / "two",
-                      launcher=launcher)
+                      launcher=launcher, timeout=120)
     assert "Number of devices: 2" in out
     assert _tf_tutorial_results(out) == pytest.approx(one, abs=1e-5)
 
