@@ -474,7 +474,7 @@ def test_real_horovod_ctrl_c_stops_every_rank(tmp_path):
     assert len(pids) == 2
     p.send_signal(signal.SIGINT)
     try:
-        assert p.wait(timeout=30) == 130
+        assert p.wait(timeout=90) == 130  # (horovodrun's own shutdown is slow on a loaded machine)
     finally:
         p.kill()
     time.sleep(0.5)
