@@ -129,10 +129,12 @@ def run_recommend(args: argparse.Namespace) -> int:
                                 cluster_timeout=base.cluster_timeout)
     data = load_data(base)
     units = backend.num_replicas * args.accumulation_steps
+    from distbatch.data.inputs import num_train_examples
+    n_train = num_train_examples(data, backend.num_workers)
     for flag, b in [("--noise-batch-size", args.noise_batch_size)] + [("--batch-sizes", b) for b in batches]:
         BatchPlan.derive(global_batch_size=b, replicas=backend.num_replicas,
                          accumulation_steps=args.accumulation_steps,
-                         num_train_examples=_num_train_examples(data, backend.num_workers), flag=flag)
+                         num_train_examples=n_train, flag=flag)
     if units == 1:
         require(args.noise_batch_size % 2 == 0,
                 f"--noise-batch-size must be even on one replica (it is split in two), "
@@ -183,10 +185,3 @@ def run_recommend(args: argparse.Namespace) -> int:
         print(format_report(result))
         atomic_write_json(os.path.join(args.out, RECOMMENDATION_NAME), result)
     return 0
-
-
-
-
-def _num_train_examples(data, num_workers: int) -> int:
-    from distbatch.data.inputs import num_train_examples  # (numpy: not at --help time)
-    return num_train_examples(data, num_workers)

@@ -119,11 +119,13 @@ def run_adaptive(backend, model, optimizer, data, options, *, adascale, candidat
     log("distbatch: goodput probe (seconds/step): "
         + ", ".join(f"{b}: {t * 1e3:.2f} ms" for b, t in measured.items()))
     batch = candidates[0]
+    from distbatch.data.inputs import num_train_examples
+    n_train = num_train_examples(data, backend.num_workers)
     step, epoch, results, segments, cache = options.step_offset, 0, [], [], {}
     while step < options.total_steps and not bool(adascale.finished()):
         plan = BatchPlan.derive(global_batch_size=batch, replicas=backend.num_replicas,
                                 accumulation_steps=accumulation_steps,
-                                num_train_examples=_num_train_examples(data, backend.num_workers))
+                                num_train_examples=n_train)
         adascale.set_scale(batch / base)
         opts = dataclasses.replace(options, total_steps=min(options.total_steps, step + plan.steps_per_epoch),
                                    step_offset=step, epoch_offset=epoch, resume=False)
@@ -206,8 +208,3 @@ def probe_step_seconds(backend, make_model: Callable, optimizer_fn: Callable, in
         step.multi(it, n)["loss_sum"].numpy()
         best = min(best, time.perf_counter() - t0)
     return backend_slowest(backend, best / steps)
-
-
-def _num_train_examples(data, num_workers: int) -> int:
-    from distbatch.data.inputs import num_train_examples  # (numpy: not at --help time)
-    return num_train_examples(data, num_workers)

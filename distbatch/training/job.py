@@ -81,15 +81,17 @@ def plan_run(config: TrainConfig, backend, data, *, flag: str = "--global-batch-
     Returns a RunPlan. A sweep calls it for every point before it writes anything.
     ``flag`` names the global batch in BatchPlan's errors (the sweep's is --batch-sizes).
     """
+    from distbatch.data.inputs import num_train_examples
     from distbatch.models import check_model
     from distbatch.training.plan import BatchPlan
 
+    n_train = num_train_examples(data, backend.num_workers)
     recipe, batch_schedule = config.recipe, None
     global_batch_size = config.global_batch_size
     if config.batch_size_schedule:
         from distbatch.training.batch_schedule import schedule_from_config, schedule_recipe
         batch_schedule = schedule_from_config(config, replicas=backend.num_replicas,
-                                              num_train_examples=_num_train_examples(data, backend.num_workers))
+                                              num_train_examples=n_train)
         global_batch_size = batch_schedule.first_plan.global_batch_size
         recipe = schedule_recipe(recipe, batch_schedule)
     adaptive = global_batch_size == "auto"
@@ -99,12 +101,12 @@ def plan_run(config: TrainConfig, backend, data, *, flag: str = "--global-batch-
         try:
             candidates = candidate_batches(recipe.base_batch_size, config.max_global_batch_size,
                                            units=backend.num_replicas * config.accumulation_steps,
-                                           num_examples=_num_train_examples(data, backend.num_workers))
+                                           num_examples=n_train)
         except ValueError as e:
             raise ParameterError(f"{{global_batch_size}} auto: {e}", "global_batch_size") from None
     plan = BatchPlan.derive(global_batch_size=candidates[0] if adaptive else global_batch_size,
                             replicas=backend.num_replicas, accumulation_steps=config.accumulation_steps,
-                            num_train_examples=_num_train_examples(data, backend.num_workers), flag=flag)
+                            num_train_examples=n_train, flag=flag)
     epochs, steps = config.epochs_or_default, config.steps
     total_steps = (batch_schedule.total_steps if batch_schedule else
                    plan.total_steps(epochs=epochs, steps=steps))
@@ -120,7 +122,7 @@ def plan_run(config: TrainConfig, backend, data, *, flag: str = "--global-batch-
                       "scaling", "global_batch_size", "base_batch_size")
         # The length is the BASE batch's; the run ends when tau reaches it (at most that many steps).
         recipe_plan = BatchPlan.derive(global_batch_size=recipe.base_batch_size, replicas=1,
-                                       num_train_examples=_num_train_examples(data, backend.num_workers), flag="--base-batch-size")
+                                       num_train_examples=n_train, flag="--base-batch-size")
         total_steps = recipe_plan.total_steps(epochs=epochs, steps=steps)
         adascale_scale = plan.global_batch_size / recipe.base_batch_size
     if config.noise_scale or (adascale_scale or 1) > 1:
@@ -406,8 +408,3 @@ def _save_model(model, optimizer, out: str, backend) -> None:
         d = tempfile.mkdtemp(prefix=f"distbatch-w{backend.worker_index}-")
         model.save(os.path.join(d, "model.keras"))
         shutil.rmtree(d, ignore_errors=True)
-
-
-def _num_train_examples(data, num_workers: int) -> int:
-    from distbatch.data.inputs import num_train_examples  # (numpy: not at --help time)
-    return num_train_examples(data, num_workers)
