@@ -188,7 +188,7 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None
     task = _task(model, loss, metrics, example)
     # Compiled before training: Keras callbacks find the metrics' directions (EarlyStopping,
     # ModelCheckpoint with mode="auto"); the saved model.keras is compiled.
-    compile_model(model, optimizer, loss, task, backend, example)
+    compile_model(model, optimizer, loss, task, example)
     loop_options.setdefault("verbose", False)
     options = LoopOptions(total_steps=total, seed=seed, **loop_options)
     result: RunResult = Trainer(backend, model, optimizer, plan, train_src, options, task=task,
@@ -222,7 +222,7 @@ def _task(model, loss, metrics, example):
     return Task(loss=loss, metrics=metrics, output_names=names, y_example=y, pred_example=pred)
 
 
-def compile_model(model, optimizer, loss, task, backend, example=None) -> None:
+def compile_model(model, optimizer, loss, task, example=None) -> None:
     """Compile the model with its optimizer (and schedule), loss and metrics, so a saved
     model.keras continues with keras.models.load_model(path).fit(...). `example` (y, y_pred)
     builds the compiled metrics now (Keras builds them at the first fit step)."""

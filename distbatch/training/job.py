@@ -399,7 +399,7 @@ def _save_model(model, optimizer, out: str, backend) -> None:
     dir (TF needs all)."""
     from distbatch.api import compile_model
     from distbatch.training.step import default_task
-    compile_model(model, optimizer, None, default_task(), backend)
+    compile_model(model, optimizer, None, default_task())
     if backend.is_chief:
         tmp = os.path.join(out, ".model.keras.tmp.keras")
         model.save(tmp)
