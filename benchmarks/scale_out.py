@@ -250,10 +250,11 @@ def cmd_run(args) -> None:
             append_row(rows, {"kind": "link", "link": link, "bytes_per_s": bw})
             print(f"{link}: measured {bw * 8 / 1e6:.0f} Mbit/s", file=sys.stderr, flush=True)
             steps = [int(s) for s in (args.steps_slow if link == "100mbit" else args.steps).split(",")]
+            steps_1w = [int(s) for s in args.steps_1w.split(",")] if args.steps_1w else steps
             for r in range(args.repeats):
                 todo = two + (baselines if link == args.links.split(",")[0] else [])
                 for name in todo:  # interleaved: every variant once per repeat
-                    for s in steps:
+                    for s in (steps_1w if name.startswith("1w-") else steps):
                         if (link, name, r, s) in done:
                             continue
                         t = time_variant(name, s, out / "runs", args.bucket_mb)
@@ -408,6 +409,9 @@ def main() -> None:
                                          + ",".join(VARIANTS))
     r.add_argument("--steps", default="4,12", help="two step counts (differential timing)")
     r.add_argument("--steps-slow", default="2,5", help="step counts on the 100mbit link")
+    r.add_argument("--steps-1w", default="", help="step counts of the 1-worker baselines (default: "
+                   "--steps); they run ~5x faster per step than 2 workers on a slow link, so give "
+                   "them more steps for the same timed difference")
     r.add_argument("--repeats", type=int, default=3)
     r.add_argument("--bucket-mb", type=float, default=4.0)
     r.add_argument("--timeline", action="store_true", help="also one Horovod timeline run")

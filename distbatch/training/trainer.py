@@ -354,8 +354,11 @@ class Trainer:
             c["timed_samples"] += n * plan.global_batch_size
             if loop.per_call == 1 and opt.steps_per_execution == "auto":
                 loop.per_call = resolve_steps_per_execution("auto", (now - t0) / max(n, 1))
-                if self._boundary.sync:  # each worker timed its own call; the chief's count wins
-                    loop.per_call = broadcast_int(self.backend, loop.per_call)
+                # Each worker timed its own call; the chief's count wins on every worker, always:
+                # per-call collectives (the checkpoint/SIGTERM decision, the callbacks' stop
+                # flag) need the same call boundaries everywhere, or ranks wait in different
+                # collectives (the intermittent multiworker hang of issue 13).
+                loop.per_call = broadcast_int(self.backend, loop.per_call)
         loop.t_last = now
         loop.diverged_step = self._consume(loop, values, tracker)
         if ada is not None:
