@@ -7,13 +7,15 @@ Two flavours of the loop Horovod's docs show (tensorflow2_synthetic_benchmark.py
   --tape dgt     : the real horovod.tensorflow.DistributedGradientTape, on tf_keras
                    (run it in the peer venv with TF_USE_LEGACY_KERAS=1, scripts/peer_venv.sh).
 Same model as `--model mlp-wide` (MNIST-1D shape: 40 inputs, 3 x Dense 2048, 10 classes),
-SGD, a fixed random batch per rank, `--steps` steps in one tf.function call each, then exit:
-benchmarks/scale_out.py times the whole process at two step counts and subtracts.
+SGD, a fixed random batch per rank, a 2-step warm-up call, then `--steps` steps in one timed
+tf.function call, then exit: benchmarks/scale_out.py times the whole process at two step counts
+and subtracts, and reads the timed call's rate (the in-process figure).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import time
 
 
 def main() -> None:
@@ -62,9 +64,13 @@ def main() -> None:
     opt.build(variables) if hasattr(opt, "build") and args.tape == "grouped" else None
     # Keras 3 variables wrap a tf.Variable in .value; tf_keras variables are tf.Variables
     hvd.broadcast_variables([v if args.tape == "dgt" else v.value for v in model.variables], root_rank=0)
-    loss = run(tf.constant(args.steps))
+    run(tf.constant(2)).numpy()  # warm-up: tracing and the first all-reduces
+    t0 = time.perf_counter()
+    loss = float(run(tf.constant(args.steps)))
+    seconds = time.perf_counter() - t0
     if hvd.rank() == 0:
-        print(f"hvd_tape_loop {args.tape}: {args.steps} steps, size {hvd.size()}, loss {float(loss):.4f}",
+        print(f"hvd_tape_loop {args.tape}: {args.steps} steps, size {hvd.size()}, loss {loss:.4f}; "
+              f"timed {args.steps} steps in {seconds:.4f} s, {args.batch * hvd.size()} samples/step",
               flush=True)
 
 

@@ -19,7 +19,8 @@ Issue 12, item 4. Every candidate is one whole command, timed from outside:
 
 on backends single, mirrored (MirroredStrategy over 2 logical CPU devices: a test of
 the distributed path, not a speed-up on one machine) and horovod (2 Gloo ranks), for
-the models mlp (overhead-bound) and convnet (compute-bound). All train the same
+the models mlp (overhead-bound), convnet and mlp-wide (3 x Dense 2048, 8.5M parameters:
+compute-bound; --models mlp-wide). All train the same
 architecture on the same .npz (written once: MNIST-1D, 16384 train / 4096
 validation examples), global batch 256, SGD momentum 0.9, with one validation pass
 per epoch (64 steps) and after the last step. Learning rate: the references use a
@@ -71,6 +72,7 @@ from pathlib import Path
 REFS = str(Path(__file__).resolve().with_name("loop_refs.py"))
 DEFAULT_PEER = Path.home() / ".cache" / "distbatch" / "peer-venv" / "bin" / "python"
 BACKENDS = ("single", "mirrored", "horovod")
+MODELS = ("mlp", "convnet", "mlp-wide")  # mlp-wide: 8.5M parameters, the most compute-bound
 CANDIDATES = {
     "single": ("distbatch", "distbatch_spe1", "distbatch_xla", "minimal", "keras_fit", "keras_fit_tuned"),
     "mirrored": ("distbatch", "distbatch_spe1", "distbatch_xla", "minimal", "keras_fit", "keras_fit_tuned"),
@@ -374,9 +376,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=1800, help="seconds per process")
     p.add_argument("--from-rows", metavar="JSONL", help="print the table of the last run in JSONL; run nothing")
     args = p.parse_args(argv)
-    bad = [m for m in args.models if m not in ("mlp", "convnet")] + [b for b in args.backends if b not in BACKENDS]
+    bad = [m for m in args.models if m not in MODELS] + [b for b in args.backends if b not in BACKENDS]
     if bad:
-        p.error(f"unknown model/backend {','.join(bad)}; models: mlp,convnet; backends: {','.join(BACKENDS)}")
+        p.error(f"unknown model/backend {','.join(bad)}; models: {','.join(MODELS)}; backends: {','.join(BACKENDS)}")
     if len(args.steps) != 2 or not 0 < args.steps[0] < args.steps[1]:
         p.error(f"--steps needs two lengths S1,S2 with 0 < S1 < S2, got {args.steps}")
     if not (args.out or args.from_rows):

@@ -13,7 +13,7 @@ Each is what a user would write instead of distbatch, as one whole process:
                TF_USE_LEGACY_KERAS=1 in the peer venv (scripts/peer_venv.sh), under
                horovodrun; hvd.DistributedOptimizer plus the callbacks in --callbacks
 
-All train distbatch's --model mlp or convnet (the same layers, rebuilt here so that
+All train distbatch's --model mlp, mlp-wide or convnet (the same layers, rebuilt here so that
 the tf_keras venv needs no distbatch) with sparse categorical cross-entropy from
 logits, SGD with momentum and a CONSTANT learning rate (--lr), on the arrays of
 --data (an .npz as `distbatch train --dataset` reads it), for exactly --steps steps
@@ -40,10 +40,11 @@ CALLBACKS = ("broadcast", "metric_average", "lr_warmup", "lr_schedule")
 def build_model(keras, name: str, input_shape: tuple, num_classes: int):
     """distbatch.models.mlp / convnet for 1-D inputs, layer for layer."""
     inputs = keras.Input(input_shape)
-    if name == "mlp":
+    if name in ("mlp", "mlp-wide"):  # mlp-wide: 3 x Dense 2048, ~8.5M parameters (compute-bound)
         x = inputs
-        for i in range(2):
-            x = keras.layers.Dense(256, activation="relu", name=f"dense_{i}")(x)
+        width, depth = (256, 2) if name == "mlp" else (2048, 3)
+        for i in range(depth):
+            x = keras.layers.Dense(width, activation="relu", name=f"dense_{i}")(x)
     elif name == "convnet":
         x = keras.layers.Reshape((input_shape[0], 1))(inputs)
         for i, filters in enumerate((32, 64, 64)):
@@ -53,7 +54,7 @@ def build_model(keras, name: str, input_shape: tuple, num_classes: int):
         x = keras.layers.GlobalAveragePooling1D()(x)
         x = keras.layers.Dense(128, activation="relu", name="dense_0")(x)
     else:
-        raise SystemExit(f"--model must be mlp or convnet, got {name!r}")
+        raise SystemExit(f"--model must be mlp, mlp-wide or convnet, got {name!r}")
     x = keras.layers.Dense(num_classes, name="logits")(x)
     x = keras.layers.Activation("linear", dtype="float32", name="logits_f32")(x)
     return keras.Model(inputs, x, name=name)
@@ -250,7 +251,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("program", choices=sorted(PROGRAMS))
     p.add_argument("--data", required=True, help=".npz with x_train, y_train, x_val, y_val")
-    p.add_argument("--model", default="mlp", choices=("mlp", "convnet"))
+    p.add_argument("--model", default="mlp", choices=("mlp", "mlp-wide", "convnet"))
     p.add_argument("--strategy", default="single", choices=("single", "mirrored"))
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--global-batch-size", type=int, default=256)

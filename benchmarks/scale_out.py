@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -41,6 +42,7 @@ PARAMS_MLP_WIDE = 40 * 2048 + 2048 + 2 * (2048 * 2048 + 2048) + 2048 * 10 + 10  
 # variant -> (launcher kind, extra distbatch flags). "db-*" run `distbatch train`.
 VARIANTS = {
     "db-hvd":             ("hvd", []),
+    "db-hvd-sgd":         ("hvd", ["--optimizer", "sgd"]),  # the peers' optimizer (no momentum)
     "db-hvd-bucket":      ("hvd", ["--bucket-mb", "BUCKET"]),
     "db-hvd-fp16":        ("hvd", ["--grad-compression", "fp16"]),
     "db-hvd-bucket-fp16": ("hvd", ["--bucket-mb", "BUCKET", "--grad-compression", "fp16"]),
@@ -51,8 +53,8 @@ VARIANTS = {
     "hvd-grouped-loop":   ("loop", ["grouped"]),
     "hvd-dgt-tf_keras":   ("loop", ["dgt"]),
 }
-# the 1-worker run each 2-worker variant is compared with
-BASELINE = {"loop:grouped": "1w-hvd-grouped-loop", "loop:dgt": "1w-hvd-dgt-tf_keras"}
+# 1-worker distbatch baselines: `distbatch train --backend single` with these flags
+BASELINE_FLAGS = {"1w-distbatch": [], "1w-distbatch-sgd": ["--optimizer", "sgd"]}
 
 
 def sh(cmd, check=True, **kw):
@@ -170,8 +172,9 @@ def base_env() -> dict:
     return env
 
 
-def run_workers(kind: str, workers: int, argv_of, extra_env=None) -> float:
-    """Start `workers` processes (worker i in namespace i on core i); wall seconds until all exit."""
+def run_workers(kind: str, workers: int, argv_of, extra_env=None) -> tuple[float, list[str]]:
+    """Start `workers` processes (worker i in namespace i on core i); (wall seconds until all
+    exit, each worker's output)."""
     env = {**base_env(), **(extra_env or {})}
     if kind == "loop" and "dgt" in argv_of(0)[2:]:
         env["TF_USE_LEGACY_KERAS"] = "1"
@@ -202,13 +205,28 @@ def run_workers(kind: str, workers: int, argv_of, extra_env=None) -> float:
         rdv.wait(timeout=30)
     if any(p.returncode for p in procs):
         raise RuntimeError("a worker failed:\n" + "\n".join(o[-3000:] for o in outs))
-    return seconds
+    return seconds, outs
 
 
-def time_variant(name: str, steps: int, out_dir: Path, bucket_mb: float, extra_env=None) -> float:
+def inproc_rate(name: str, outs: list[str], out_dir: Path) -> float | None:
+    """The run's own steady-state samples/s, beside the differential one: distbatch's
+    summary.json samples_per_sec (its training loop between calls, compile call excluded);
+    the tape loop's timed call after its warm-up call."""
+    if name.startswith("1w-distbatch") or name.startswith("db-"):
+        path = out_dir / (name if name.startswith("1w-") else f"{name}-0") / "summary.json"
+        try:
+            return float(json.loads(path.read_text())["samples_per_sec"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    m = re.search(r"timed (\d+) steps in ([0-9.]+) s, (\d+) samples/step", outs[0])
+    return int(m.group(1)) * int(m.group(3)) / float(m.group(2)) if m and float(m.group(2)) > 0 else None
+
+
+def time_variant(name: str, steps: int, out_dir: Path, bucket_mb: float, extra_env=None) -> tuple[float, list[str]]:
     if name.startswith("1w-"):  # one worker, one core, per-worker batch
-        if name == "1w-distbatch":
-            return run_workers("single", 1, lambda i: train_argv("single", 1, steps, [], str(out_dir / name)))
+        if name in BASELINE_FLAGS:
+            return run_workers("single", 1, lambda i: train_argv("single", 1, steps, BASELINE_FLAGS[name],
+                                                                 str(out_dir / name)))
         tape = "dgt" if "dgt" in name else "grouped"
         return run_workers("loop", 1, lambda i: loop_argv(tape, steps))
     kind, extra = VARIANTS[name]
@@ -257,8 +275,9 @@ def cmd_run(args) -> None:
                     for s in (steps_1w if name.startswith("1w-") else steps):
                         if (link, name, r, s) in done:
                             continue
-                        t = time_variant(name, s, out / "runs", args.bucket_mb)
+                        t, outs = time_variant(name, s, out / "runs", args.bucket_mb)
                         row = {"kind": "time", "link": link, "variant": name, "steps": s, "seconds": t,
+                               "inproc_samples_per_s": inproc_rate(name, outs, out / "runs"),
                                "repeat": r, "per_worker_batch": PER_WORKER_BATCH,
                                "workers": 1 if name.startswith("1w-") else 2, "bucket_mb": args.bucket_mb}
                         append_row(rows, row)
@@ -297,7 +316,7 @@ def baseline_of(variant: str) -> str:
         return "1w-hvd-grouped-loop"
     if variant == "hvd-dgt-tf_keras":
         return "1w-hvd-dgt-tf_keras"
-    return "1w-distbatch"
+    return "1w-distbatch-sgd" if variant.endswith("-sgd") else "1w-distbatch"
 
 
 def predicted_efficiency(t_compute: float, grad_bytes: float, bandwidth: float, n: int,
@@ -333,14 +352,18 @@ def cmd_report(args) -> None:
             b = base.get(baseline_of(v))
             cells.append("-" if s is None or b is None else f"{s:,.0f}/s, eff {s / (2 * b):.2f}")
         print(f"| {v} | " + " | ".join(cells) + " |")
-    print("\nmodel (no overlap, float32 / fp16 bytes) vs measured efficiency:")
+    print("\nmodel (no overlap; t_compute of the variant's own 1-worker run; float32 / fp16 bytes) "
+          "vs measured efficiency:")
     for link, bw in links.items():
-        for v, nbytes in (("db-hvd", 4), ("db-mw", 4), ("db-hvd-fp16", 2), ("db-mw-fp16", 2)):
-            if (link, v) in tp:
-                pred = predicted_efficiency(t_compute, PARAMS_MLP_WIDE * nbytes, bw, 2)
-                meas = tp[(link, v)] / (2 * base["1w-distbatch"])
-                print(f"  {link:9s} {v:13s} predicted {pred:.3f} measured {meas:.3f} "
-                      f"({(meas - pred) / pred * 100:+.0f}%)")
+        for v in variants:
+            b = base.get(baseline_of(v))
+            if (link, v) not in tp or b is None:
+                continue
+            nbytes = 2 if "fp16" in v or "bf16" in v else 4
+            pred = predicted_efficiency(PER_WORKER_BATCH / b, PARAMS_MLP_WIDE * nbytes, bw, 2)
+            meas = tp[(link, v)] / (2 * b)
+            print(f"  {link:9s} {v:18s} predicted {pred:.3f} measured {meas:.3f} "
+                  f"({(meas - pred) / pred * 100:+.0f}%)")
     for name, nbytes in (("float32", 4), ("fp16", 2)):
         print(f"\npredicted efficiency, {name} gradients, t_compute {t_compute * 1e3:.0f} ms:")
         print(prediction_table(t_compute, PARAMS_MLP_WIDE * nbytes))

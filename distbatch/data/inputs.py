@@ -146,6 +146,24 @@ class ArraySource:
         return idx.map(gather).prefetch(tf.data.AUTOTUNE), steps
 
 
+def without_autotune_thread(ds):
+    """`ds` with tf.data's autotuning model thread off, unless the pipeline set
+    `options().autotune.enabled` itself.
+
+    Destroying an iterator waits out that thread's current sleep, which grows with the
+    iterator's age: measured here 2 s after an 8-s loop and about 10 s after a 10-s,
+    260-step run, paid at the end of every run, sweep point and evaluation (docs/benchmarks.md).
+    Without the model thread, AUTOTUNE map parallelism is one call per core and
+    prefetch(AUTOTUNE) buffers still grow on demand (tf.data's prefetch autotuner).
+    """
+    import tensorflow as tf
+    if ds.options().autotune.enabled is not None:
+        return ds
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
+
+
 def block_shuffle(tf, ds, block: int, seed, epoch):
     """Shuffle `ds` within consecutive blocks of `block` elements; block k's permutation is a
     pure function of (seed, epoch, k) (stateless random keys), so any epoch's order can be

@@ -21,6 +21,7 @@ import numpy as np
 
 from distbatch import interrupts
 from distbatch.backends.base import Backend
+from distbatch.data.inputs import without_autotune_thread
 from distbatch.training.checkpoints import newest_intact
 from distbatch.training.early_stopping import EarlyStopping, load_weights, save_weights, weights_file
 from distbatch.measure.noise import NoiseScaleTracker
@@ -326,10 +327,10 @@ class Trainer:
     def _train_iterator(self, start_step: int):
         opt = self.opt
         source, plan = self.train_source, self.plan
-        make = lambda w, L: source.train_dataset(  # noqa: E731
+        make = lambda w, L: without_autotune_thread(source.train_dataset(  # noqa: E731
             plan, seed=opt.seed, worker_index=w, num_workers=self.backend.num_workers,
             local_replicas=L, start_step=start_step - opt.step_offset,
-            total_steps=opt.total_steps - opt.step_offset, epoch_offset=opt.epoch_offset)
+            total_steps=opt.total_steps - opt.step_offset, epoch_offset=opt.epoch_offset))
         return iter(self.backend.distribute(make))
 
     def _run_call(self, loop: _Loop, step_fn, iterator, tracker) -> bool:
@@ -565,7 +566,7 @@ class Trainer:
         def make_eval(w, L):
             ds, built["n"] = source.eval_dataset(plan, worker_index=w, num_workers=b.num_workers,
                                                  local_replicas=L)
-            return ds
+            return without_autotune_thread(ds)
         it = iter(b.distribute(make_eval))
         out = eval_fn(it, tf.constant(built["n"], tf.int32))
         count = float(out["count"].numpy())
