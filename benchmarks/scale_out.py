@@ -311,6 +311,21 @@ def throughputs(rows: list[dict]) -> dict:
     return {k: statistics.median(v) for k, v in out.items()}
 
 
+def inproc_throughputs(rows: list[dict]) -> dict:
+    """(link, variant) -> median of the runs' own steady-state samples/s (longer runs only)."""
+    longest = {}
+    for r in rows:
+        if r["kind"] == "time" and r.get("inproc_samples_per_s"):
+            k = (r["link"], r["variant"])
+            longest[k] = max(longest.get(k, 0), r["steps"])
+    out = {}
+    for r in rows:
+        k = (r.get("link"), r.get("variant"))
+        if r["kind"] == "time" and r.get("inproc_samples_per_s") and r["steps"] == longest.get(k):
+            out.setdefault(k, []).append(r["inproc_samples_per_s"])
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
 def baseline_of(variant: str) -> str:
     if variant == "hvd-grouped-loop":
         return "1w-hvd-grouped-loop"
@@ -328,44 +343,89 @@ def predicted_efficiency(t_compute: float, grad_bytes: float, bandwidth: float, 
     return t_compute / (t_compute + (1 - overlap) * t_comm)
 
 
+def one_worker_rates(tp: dict) -> dict:
+    """1-worker runs use no network: pool them over the links they ran beside."""
+    pooled = {}
+    for (link, v), rate in tp.items():
+        if v.startswith("1w-"):
+            pooled.setdefault(v, []).append(rate)
+    return {v: statistics.median(r) for v, r in pooled.items()}
+
+
+def comm_bytes(variant: str) -> float:
+    return PARAMS_MLP_WIDE * (2 if "fp16" in variant or "bf16" in variant else 4)
+
+
+def engine_rate(tp: dict, base: dict, variant: str, calibrate: str) -> float | None:
+    """Bytes/s the variant's all-reduce achieves when the wire costs almost nothing (the
+    `calibrate` link): gradient bytes / (t_step - t_compute). Its copies, the reduction (for
+    fp16 a software half-float sum on CPU) and the engine's threads share the worker's core."""
+    b = base.get(baseline_of(variant))
+    if (calibrate, variant) not in tp or b is None:
+        return None
+    t_comm = 2 * PER_WORKER_BATCH / tp[(calibrate, variant)] - PER_WORKER_BATCH / b
+    return comm_bytes(variant) / t_comm if t_comm > 0 else None
+
+
 def cmd_report(args) -> None:
     rows = [json.loads(line) for line in open(Path(args.out) / "rows.jsonl")]
     links = {r["link"]: r["bytes_per_s"] for r in rows if r["kind"] == "link"}
-    tp = throughputs(rows)
-    pooled = {}  # 1-worker runs use no network: pool them over the links they ran beside
-    for (link, v), s in tp.items():
-        if v.startswith("1w-"):
-            pooled.setdefault(v, []).append(s)
-    base = {v: statistics.median(s) for v, s in pooled.items()}
-    t_compute = PER_WORKER_BATCH / base["1w-distbatch"]
-    print(f"1-worker (one core): " + ", ".join(f"{v} {s:,.0f} samples/s" for v, s in sorted(base.items())))
-    print(f"t_compute (distbatch, batch {PER_WORKER_BATCH}) = {t_compute * 1e3:.1f} ms/step; "
-          f"gradient {PARAMS_MLP_WIDE * 4 / 1e6:.1f} MB float32")
+    for title, tp in (("in-process (each run's own steady-state rate; the model below uses these)",
+                       inproc_throughputs(rows)),
+                      ("differential (whole commands at two lengths)", throughputs(rows))):
+        base = one_worker_rates(tp)
+        if not base:
+            continue
+        print(f"## {title}\n\n1-worker (one core): " + ", ".join(
+            f"{v} {r:,.0f} samples/s ({PER_WORKER_BATCH / r * 1e3:.1f} ms/step)" for v, r in sorted(base.items())))
+        variants = sorted({v for (_, v) in tp if not v.startswith("1w-")})
+        shown = {l: bw for l, bw in links.items() if any((l, v) in tp for v in variants)}
+        print("\n| 2 workers | " + " | ".join(f"{l} ({shown[l] * 8 / 1e6:.0f} Mbit/s)" for l in shown) + " |")
+        print("|---|" + "---|" * len(shown))
+        for v in variants:
+            cells = []
+            for link in shown:
+                rate, b = tp.get((link, v)), base.get(baseline_of(v))
+                cells.append("-" if rate is None or b is None else f"{rate:,.0f}/s, eff {rate / (2 * b):.2f}")
+            print(f"| {v} | " + " | ".join(cells) + " |")
+        print()
+    tp = inproc_throughputs(rows) or throughputs(rows)
+    base = one_worker_rates(tp)
     variants = sorted({v for (_, v) in tp if not v.startswith("1w-")})
-    links = {l: bw for l, bw in links.items() if any((l, v) in tp for v in variants)}
-    print("\n| variant | " + " | ".join(f"{l} ({links[l] * 8 / 1e6:.0f} Mbit/s)" for l in links) + " |")
-    print("|---|" + "---|" * len(links))
-    for v in variants:
-        cells = []
-        for link in links:
-            s = tp.get((link, v))
-            b = base.get(baseline_of(v))
-            cells.append("-" if s is None or b is None else f"{s:,.0f}/s, eff {s / (2 * b):.2f}")
-        print(f"| {v} | " + " | ".join(cells) + " |")
-    print("\nmodel (no overlap; t_compute of the variant's own 1-worker run; float32 / fp16 bytes) "
-          "vs measured efficiency:")
+    calibrate = "unlimited"
+    print("## model vs measured efficiency, 2 workers (in-process rates)\n")
+    print("link only: t_step = t_compute + bytes / bandwidth (no overlap; t_compute = the "
+          "variant's own 1-worker step; float32 or fp16 bytes)")
+    print(f"bottleneck: t_step = t_compute + bytes / min(bandwidth, engine rate), the engine rate "
+          f"being what the variant's all-reduce achieved on the {calibrate} link (its copies and "
+          f"reduction pipeline with the wire, so the slower of the two sets the pace)\n")
+    print("| link | variant | measured | link only | error | bottleneck | error |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for link, bw in links.items():
         for v in variants:
             b = base.get(baseline_of(v))
             if (link, v) not in tp or b is None:
                 continue
-            nbytes = 2 if "fp16" in v or "bf16" in v else 4
-            pred = predicted_efficiency(PER_WORKER_BATCH / b, PARAMS_MLP_WIDE * nbytes, bw, 2)
+            t_c = PER_WORKER_BATCH / b
             meas = tp[(link, v)] / (2 * b)
-            print(f"  {link:9s} {v:18s} predicted {pred:.3f} measured {meas:.3f} "
-                  f"({(meas - pred) / pred * 100:+.0f}%)")
+            pred = predicted_efficiency(t_c, comm_bytes(v), bw, 2)
+            rate = engine_rate(tp, base, v, calibrate)
+            cells = [f"{meas:.3f}", f"{pred:.3f}", f"{(meas - pred) / pred * 100:+.0f}%"]
+            if rate is None or link == calibrate:
+                cells += ["(calibration)" if link == calibrate else "-", ""]
+            else:
+                pe = predicted_efficiency(t_c, comm_bytes(v), min(bw, rate), 2)
+                cells += [f"{pe:.3f}", f"{(meas - pe) / pe * 100:+.0f}%"]
+            print(f"| {link} | {v} | " + " | ".join(cells) + " |")
+    if "1w-distbatch" not in base:
+        return
+    t_compute = PER_WORKER_BATCH / base["1w-distbatch"]
+    rates = {v: engine_rate(tp, base, v, calibrate) for v in variants}
+    print(f"\nt_compute (1w-distbatch, batch {PER_WORKER_BATCH}) = {t_compute * 1e3:.1f} ms/step; gradient "
+          f"{PARAMS_MLP_WIDE * 4 / 1e6:.1f} MB float32; engine rates on {calibrate}: " + ", ".join(
+              f"{v} {r * 8 / 1e9:.2f} Gbit/s" for v, r in rates.items() if r))
     for name, nbytes in (("float32", 4), ("fp16", 2)):
-        print(f"\npredicted efficiency, {name} gradients, t_compute {t_compute * 1e3:.0f} ms:")
+        print(f"\npredicted efficiency (link only), {name} gradients, t_compute {t_compute * 1e3:.0f} ms:")
         print(prediction_table(t_compute, PARAMS_MLP_WIDE * nbytes))
 
 

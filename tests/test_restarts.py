@@ -192,6 +192,30 @@ def test_call_boundary_follows_the_chiefs_clock_and_any_workers_sigterm():
     assert not preemption.CallBoundary(FakeBackend(0, 2), 0.0, None).sync
 
 
+def test_call_boundary_decides_every_nth_call_on_every_worker():
+    """With every_calls = 3 the all-reduce runs at calls 3 and 6 only, on every worker (the
+    same count everywhere), and a SIGTERM between decisions waits for the next one."""
+    sigterm = [False]
+    chief = preemption.CallBoundary(FakeBackend(0, 2), 0.0, lambda: sigterm[0])
+    chief.every_calls = 3
+    seen = []
+    for call in range(1, 7):
+        sigterm[0] = call >= 4
+        seen.append(chief.decide())
+    assert seen == [(False, False)] * 2 + [(False, False)] + [(False, False)] * 2 + [(True, True)]
+    assert chief.backend.calls == 3  # call 3: one (nothing asked); call 6: save? and stop?
+    # A single worker needs no collective and decides at every call.
+    alone = preemption.CallBoundary(FakeBackend(0, 1), 0.0, lambda: True)
+    alone.every_calls = 3
+    assert alone.decide() == (True, True) and alone.backend.calls == 0
+
+
+@pytest.mark.parametrize("call_seconds, calls", [(0.2, 5), (0.37, 3), (1.0, 1), (5.0, 1), (1e-4, 1000),
+                                                  (0.0, 1), (float("nan"), 1)])
+def test_sync_every_calls_is_about_a_second(call_seconds, calls):
+    assert preemption.sync_every_calls(call_seconds) == calls
+
+
 def test_broadcast_int_gives_the_chiefs_value():
     assert preemption.broadcast_int(FakeBackend(0, 2), 37) == 37
     bits = [bool(37 >> i & 1) for i in range(16)]  # what the chief contributes, bit by bit

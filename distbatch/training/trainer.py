@@ -26,7 +26,7 @@ from distbatch.training.checkpoints import newest_intact
 from distbatch.training.early_stopping import EarlyStopping, load_weights, save_weights, weights_file
 from distbatch.measure.noise import NoiseScaleTracker
 from distbatch.training.plan import BatchPlan
-from distbatch.training.preemption import CallBoundary, Preempted, broadcast_int
+from distbatch.training.preemption import CallBoundary, Preempted, broadcast_int, sync_every_calls
 from distbatch.training.step import StepOptions, make_eval_step, make_train_step, noise_splits_for
 
 
@@ -104,6 +104,7 @@ class _Loop:
     stopped: bool = False
     diverged_step: int | None = None
     per_call: int = 1    # the first call compiles: one step, then steps_per_execution
+    timed: bool = False  # the first call after the compile was timed (steps per call chosen)
     gains: list = field(default_factory=list)
     t_last: float | None = None
     last_lr: float | None = None
@@ -353,13 +354,19 @@ class Trainer:
         else:
             c["train_time"] += now - loop.t_last
             c["timed_samples"] += n * plan.global_batch_size
-            if loop.per_call == 1 and opt.steps_per_execution == "auto":
-                loop.per_call = resolve_steps_per_execution("auto", (now - t0) / max(n, 1))
-                # Each worker timed its own call; the chief's count wins on every worker, always:
-                # per-call collectives (the checkpoint/SIGTERM decision, the callbacks' stop
-                # flag) need the same call boundaries everywhere, or ranks wait in different
-                # collectives (the intermittent multiworker hang of issue 13).
-                loop.per_call = broadcast_int(self.backend, loop.per_call)
+            if not loop.timed:
+                loop.timed = True
+                step_seconds = (now - t0) / max(n, 1)
+                if opt.steps_per_execution == "auto":
+                    loop.per_call = resolve_steps_per_execution("auto", step_seconds)
+                    # Each worker timed its own call; the chief's count wins on every worker,
+                    # always: per-call collectives (the checkpoint/SIGTERM decision, the
+                    # callbacks' stop flag) need the same call boundaries everywhere, or ranks
+                    # wait in different collectives (the intermittent multiworker hang of #13).
+                    loop.per_call = broadcast_int(self.backend, loop.per_call)
+                if self._boundary.sync:  # the decision's cadence in calls, the chief's too
+                    self._boundary.every_calls = broadcast_int(
+                        self.backend, sync_every_calls(loop.per_call * step_seconds))
         loop.t_last = now
         loop.diverged_step = self._consume(loop, values, tracker)
         if ada is not None:
