@@ -54,7 +54,7 @@ def run(args) -> None:
                 argv = train_argv(args.backend, batch, seed, comp, out)
                 t0 = time.perf_counter()
                 proc = subprocess.run(argv, capture_output=True, text=True)
-                if proc.returncode != 0:
+                if proc.returncode not in (0, 3):  # 3: diverged, a result too (summary.json written)
                     sys.exit(f"compression_accuracy: {run_id} failed ({proc.returncode}): {proc.stderr[-2000:]}")
                 with open(os.path.join(out, "summary.json")) as f:
                     s = json.load(f)
@@ -75,8 +75,8 @@ def _ms(values: list[float]) -> str:
 def table(args) -> str:
     rows = [json.loads(line) for line in open(os.path.join(args.out, "results.jsonl")) if line.strip()]
     lines = ["| backend | global batch | none: val accuracy % | fp16: val accuracy % "
-             "| fp16 - none, paired (points) | max abs paired | seeds |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| fp16 - none, paired (points) | standard error of that mean | max abs paired | seeds |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for batch in args.batches:
         acc = {c: {r["seed"]: 100 * r["val_accuracy"] for r in rows if r["batch"] == batch
                    and r["compression"] == c and r["backend"] == args.backend} for c in COMPRESSIONS}
@@ -86,6 +86,7 @@ def table(args) -> str:
         diff = [acc["fp16"][s] - acc["none"][s] for s in seeds]
         lines.append(f"| {args.backend} | {batch} | {_ms([acc['none'][s] for s in seeds])} "
                      f"| {_ms([acc['fp16'][s] for s in seeds])} | {_ms(diff)} "
+                     f"| {(statistics.stdev(diff) / len(diff) ** 0.5 if len(diff) > 1 else 0.0):.2f} "
                      f"| {max(abs(d) for d in diff):.2f} | {len(seeds)} |")
     lines.append(f"\nMachine: {platform.platform()}, {os.cpu_count()} CPUs, Python "
                  f"{platform.python_version()}. Command: `.venv/bin/python benchmarks/compression_accuracy.py "
