@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from adascale_table import BIN, WORKLOADS
+from adascale_table import BIN, WORKLOADS, _ms
 
 COMPRESSIONS = ("none", "fp16")
 
@@ -65,11 +65,6 @@ def run(args) -> None:
                 with open(path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 print(f"{run_id}: val_acc {rec['val_accuracy']:.4f}", file=sys.stderr, flush=True)
-
-
-def _ms(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} +- {sd:.2f}"
 
 
 def table(args) -> str:
