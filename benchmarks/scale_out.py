@@ -43,6 +43,7 @@ PARAMS_MLP_WIDE = 40 * 2048 + 2048 + 2 * (2048 * 2048 + 2048) + 2048 * 10 + 10  
 VARIANTS = {
     "db-hvd":             ("hvd", []),
     "db-hvd-sgd":         ("hvd", ["--optimizer", "sgd"]),  # the peers' optimizer (no momentum)
+    "db-hvd-spe4":        ("hvd", ["--steps-per-execution", "4"]),  # host work per call amortised
     "db-hvd-bucket":      ("hvd", ["--bucket-mb", "BUCKET"]),
     "db-hvd-fp16":        ("hvd", ["--grad-compression", "fp16"]),
     "db-hvd-bucket-fp16": ("hvd", ["--bucket-mb", "BUCKET", "--grad-compression", "fp16"]),

@@ -356,3 +356,32 @@ def test_metric_states_are_summed_across_replicas_exactly(tmp_path):
     assert 0.5 < s["val_auc"][-1] < 1.0
     for a, b in zip(out["mirrored"]["weights"], out["single"]["weights"]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_every_evaluation_covers_the_validation_set_once_from_one_iterator():
+    """The validation iterator is made once per run and repeats its batches: each of the 12
+    evaluations must see exactly one pass (a dataset_fn with 3 batches, the last one short;
+    an array set with a padded last batch), so the last evaluation is that of the final
+    weights on all examples, and a callback's own evaluation agrees at every epoch."""
+    import keras
+    import tensorflow as tf
+    x, y = _regression_data()
+    xv, yv = x[256:], y[256:]   # 44 examples
+
+    def val_fn(ctx):
+        return tf.data.Dataset.from_tensor_slices((xv, yv)).batch(16)   # 16, 16, 12
+
+    seen = []
+
+    class Check(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            pred = self.model.predict(xv, verbose=0)
+            seen.append((logs["val_mae"], float(np.mean(np.abs(pred - yv)))))
+
+    for val in (val_fn, (xv, yv)):
+        seen.clear()
+        r = _fit(validation_data=val, evals_per_epoch=4, callbacks=[Check()])
+        assert len(r.history["val_mae"]) == len(seen) == 12
+        for got, want in seen:
+            assert got == pytest.approx(want, rel=1e-5)
+        assert r.history["val_mae"][0] != pytest.approx(r.history["val_mae"][-1], rel=1e-3)

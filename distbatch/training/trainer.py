@@ -135,6 +135,7 @@ class Trainer:
         self.step_cache = {} if step_cache is None else step_cache
         self.backend, self.model, self.optimizer, self.plan = backend, model, optimizer, plan
         self.opt, self.adascale = options, adascale
+        self._val_iterator = None  # (iterator, batches): made at the first evaluation
         if hasattr(data, "x_train"):
             self.train_source, self.val_source = array_sources(data)
         elif hasattr(data, "train_source"):  # distbatch.data.inputs.SourceDataset
@@ -563,19 +564,33 @@ class Trainer:
             loop.last_lr = lrs[-1]
         return None
 
-    def _evaluate(self, eval_fn, source=None) -> dict:
-        """Exact {"loss", <metric>...} over ALL of `source` (default: validation), in one call."""
+    def _eval_iterator(self, source, repeat: bool):
+        """(iterator, batches per evaluation) over all of `source`. With `repeat` the dataset's
+        n batches repeat and the one iterator serves every evaluation of the run (each consumes
+        exactly one pass): a new distributed iterator costs ~65 ms under MirroredStrategy
+        (2 logical CPUs; its multi-device iterator), a third of a conv-net run's 20 evaluations."""
         import tensorflow as tf
-        source = source or self.val_source
         plan, b = self.plan, self.backend
         built = {}
 
         def make_eval(w, L):
             ds, built["n"] = source.eval_dataset(plan, worker_index=w, num_workers=b.num_workers,
                                                  local_replicas=L)
+            if repeat:  # exactly one pass per evaluation, whatever the dataset's length
+                ds = ds.take(built["n"] * L).repeat()
             return without_autotune_thread(ds)
         it = iter(b.distribute(make_eval))
-        out = eval_fn(it, tf.constant(built["n"], tf.int32))
+        return it, tf.constant(built["n"], tf.int32)
+
+    def _evaluate(self, eval_fn, source=None) -> dict:
+        """Exact {"loss", <metric>...} over ALL of `source` (default: validation), in one call."""
+        if source is None:
+            if self._val_iterator is None:
+                self._val_iterator = self._eval_iterator(self.val_source, repeat=True)
+            source, (it, n) = self.val_source, self._val_iterator
+        else:
+            it, n = self._eval_iterator(source, repeat=False)
+        out = eval_fn(it, n)
         count = float(out["count"].numpy())
         expected = source.num_examples(1) if hasattr(source, "head") else None
         if expected is not None and count != expected:
