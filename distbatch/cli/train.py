@@ -75,7 +75,7 @@ def add_train_args(parser: argparse.ArgumentParser, *, sweep: bool = False) -> N
     g.add_argument("--steps-per-execution", type=steps_per_execution_arg, default="auto",
                    metavar="N|auto",
                    help="training steps run inside one tf.function call (default auto: enough "
-                        "that a call takes ~0.2 s); evaluations and checkpoints land on the "
+                        "that a call takes ~1 s); evaluations and checkpoints land on the "
                         "same steps whatever N is")
     g.add_argument("--jit-compile", choices=("off", "on"), default="off",
                    help="XLA-compile the per-replica forward/backward pass (default off; "

@@ -7,7 +7,7 @@ step and exit; distbatch does the same with its own pieces:
 
 1. While the training loop runs, SIGTERM only sets a flag
    (:func:`distbatch.interrupts.arm_preemption`).
-2. At every call boundary (a call runs ~0.2 s of steps) the Trainer asks
+2. At every call boundary (a call runs ~1 s of steps) the Trainer asks
    :class:`CallBoundary` whether to save and whether to stop. With several
    workers the answer is agreed with ``backend.sync_flag`` (an all-reduced
    OR): a SIGTERM to ANY worker stops ALL of them at the same step, and the

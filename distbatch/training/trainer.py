@@ -68,7 +68,11 @@ class LoopOptions:
     epoch_offset: int = 0
 
 
-AUTO_CALL_SECONDS = 0.2     # target duration of one call with steps_per_execution="auto"
+# Target duration of one call with steps_per_execution="auto". 1 s, not less: with steps of
+# 0.35 s (2 Horovod workers on a 1 Gbit/s link) 0.2 s meant one step per call, and the host
+# work of each call cost ~1% (docs/scaling.md, db-hvd-spe4); a SIGTERM waits at most one call
+# plus the decision cadence (preemption.SYNC_SECONDS), about 2 s.
+AUTO_CALL_SECONDS = 1.0
 AUTO_MAX_STEPS = 1000
 
 
