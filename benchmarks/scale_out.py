@@ -53,6 +53,13 @@ VARIANTS = {
     "db-mw-pack4mb":      ("mw", ["--bytes-per-pack", str(4 << 20)]),
     "hvd-grouped-loop":   ("loop", ["grouped"]),
     "hvd-dgt-tf_keras":   ("loop", ["dgt"]),
+    "db-hvd-nofusion":    ("hvd", []),
+    "hvd-dgt-nofusion":   ("loop", ["dgt"]),
+}
+# Environment of a variant's workers (Horovod reads its knobs from the environment).
+VARIANT_ENV = {
+    "db-hvd-nofusion": {"HOROVOD_FUSION_THRESHOLD": "0"},   # no copy into the fusion buffer
+    "hvd-dgt-nofusion": {"HOROVOD_FUSION_THRESHOLD": "0"},
 }
 # 1-worker distbatch baselines: `distbatch train --backend single` with these flags
 BASELINE_FLAGS = {"1w-distbatch": [], "1w-distbatch-sgd": ["--optimizer", "sgd"]}
@@ -231,6 +238,7 @@ def time_variant(name: str, steps: int, out_dir: Path, bucket_mb: float, extra_e
         tape = "dgt" if "dgt" in name else "grouped"
         return run_workers("loop", 1, lambda i: loop_argv(tape, steps))
     kind, extra = VARIANTS[name]
+    extra_env = {**VARIANT_ENV.get(name, {}), **(extra_env or {})}
     if kind == "loop":
         return run_workers("loop", 2, lambda i: loop_argv(extra[0], steps), extra_env)
     extra = [str(bucket_mb) if e == "BUCKET" else e for e in extra]
@@ -330,7 +338,7 @@ def inproc_throughputs(rows: list[dict]) -> dict:
 def baseline_of(variant: str) -> str:
     if variant == "hvd-grouped-loop":
         return "1w-hvd-grouped-loop"
-    if variant == "hvd-dgt-tf_keras":
+    if variant in ("hvd-dgt-tf_keras", "hvd-dgt-nofusion"):
         return "1w-hvd-dgt-tf_keras"
     return "1w-distbatch-sgd" if variant.endswith("-sgd") else "1w-distbatch"
 
