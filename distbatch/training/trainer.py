@@ -21,7 +21,7 @@ import numpy as np
 
 from distbatch import interrupts
 from distbatch.backends.base import Backend
-from distbatch.data.inputs import without_autotune_thread
+from distbatch.data.inputs import distributed_iterator, without_autotune_thread
 from distbatch.training.checkpoints import newest_intact
 from distbatch.training.early_stopping import EarlyStopping, load_weights, save_weights, weights_file
 from distbatch.measure.noise import NoiseScaleTracker
@@ -337,7 +337,7 @@ class Trainer:
             plan, seed=opt.seed, worker_index=w, num_workers=self.backend.num_workers,
             local_replicas=L, start_step=start_step - opt.step_offset,
             total_steps=opt.total_steps - opt.step_offset, epoch_offset=opt.epoch_offset))
-        return iter(self.backend.distribute(make))
+        return distributed_iterator(self.backend, make)
 
     def _run_call(self, loop: _Loop, step_fn, iterator, tracker) -> bool:
         """One call of up to steps_per_execution steps; False when the loss diverged."""
@@ -583,7 +583,7 @@ class Trainer:
             if repeat:  # exactly one pass per evaluation, whatever the dataset's length
                 ds = ds.take(built["n"] * L).repeat()
             return without_autotune_thread(ds)
-        it = iter(b.distribute(make_eval))
+        it = distributed_iterator(b, make_eval)
         return it, tf.constant(built["n"], tf.int32)
 
     def _evaluate(self, eval_fn, source=None) -> dict:
