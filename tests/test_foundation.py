@@ -78,13 +78,16 @@ def test_mpirun_allreduce(tmp_path):
 @pytest.mark.slow
 def test_mpi4py_allreduce(tmp_path):
     script = tmp_path / "m.py"
-    script.write_text("from mpi4py import MPI\nc = MPI.COMM_WORLD\n"
-                      "print('SUM', c.allreduce(c.Get_rank() + 1), flush=True)\n")
+    # Each rank writes its own file: mpirun forwards the ranks' stdout unsynchronised, and two
+    # prints can interleave mid-line ("SUMSUM 3" was seen in CI).
+    script.write_text("import sys\nfrom mpi4py import MPI\nc = MPI.COMM_WORLD\n"
+                      "open(f'{sys.argv[1]}/sum{c.Get_rank()}', 'w').write("
+                      "str(c.allreduce(c.Get_rank() + 1)))\n")
     cmd = ["mpirun", "-np", "2", "--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
-    proc = subprocess.run([*cmd, sys.executable, str(script)], capture_output=True, text=True,
-                          env=cli_env(), timeout=120)
+    proc = subprocess.run([*cmd, sys.executable, str(script), str(tmp_path)], capture_output=True,
+                          text=True, env=cli_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sorted(l for l in proc.stdout.splitlines() if l.startswith("SUM")) == ["SUM 3", "SUM 3"]
+    assert [(tmp_path / f"sum{r}").read_text() for r in (0, 1)] == ["3", "3"]
 
 
 @pytest.mark.slow
