@@ -52,6 +52,18 @@ def run_cli(args: list[str], *, timeout: float = 300, env: dict | None = None,
     return proc
 
 
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (registered in sys.modules: dataclasses look their
+    module up by name); for tests of the benchmarks' pure functions."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_weights(out_dir) -> list[np.ndarray]:
     import keras
     return keras.models.load_model(os.path.join(out_dir, "model.keras"), compile=False).get_weights()

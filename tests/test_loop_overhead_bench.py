@@ -3,26 +3,14 @@ summary's medians and per-repeat ratios, result parsing; and that loop_refs.py b
 distbatch's models layer for layer. Nothing here runs a benchmark."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
-lo = _load("loop_overhead")
-refs = _load("loop_refs")
+lo = load_benchmark("loop_overhead")
+refs = load_benchmark("loop_refs")
 SETUP = lo.Setup(data="/d.npz", work="/w", python="/v/python", distbatch="/v/distbatch",
                  peer_python="/p/bin/python")
 LAUNCH = ["/v/distbatch", "launch", "horovod", "--gloo", "-np", "2", "-H", "localhost:2", "--"]

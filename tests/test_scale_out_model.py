@@ -2,24 +2,11 @@
 functions on rows; nothing here makes a namespace or runs a worker."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
-so = _load("scale_out")
+so = load_benchmark("scale_out")
 MB = 1e6
 
 
