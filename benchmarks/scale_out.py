@@ -41,10 +41,12 @@ PARAMS_MLP_WIDE = 40 * 2048 + 2048 + 2 * (2048 * 2048 + 2048) + 2048 * 10 + 10  
 
 # variant -> (launcher kind, extra distbatch flags). "db-*" run `distbatch train`.
 VARIANTS = {
-    "db-hvd":             ("hvd", []),
+    "db-hvd":             ("hvd", []),  # defaults: --bucket-mb auto = one all-reduce per tensor
+    "db-hvd-onegroup":    ("hvd", ["--bucket-mb", "0"]),  # every gradient in one grouped all-reduce
     "db-hvd-sgd":         ("hvd", ["--optimizer", "sgd"]),  # the peers' optimizer (no momentum)
     "db-hvd-spe4":        ("hvd", ["--steps-per-execution", "4"]),  # host work per call amortised
     "db-hvd-bucket":      ("hvd", ["--bucket-mb", "BUCKET"]),
+    "db-hvd-bucket-spe12": ("hvd", ["--bucket-mb", "BUCKET", "--steps-per-execution", "12"]),
     "db-hvd-fp16":        ("hvd", ["--grad-compression", "fp16"]),
     "db-hvd-bucket-fp16": ("hvd", ["--bucket-mb", "BUCKET", "--grad-compression", "fp16"]),
     "db-mw":              ("mw", []),
@@ -293,11 +295,9 @@ def cmd_run(args) -> None:
                         print(json.dumps(row), file=sys.stderr, flush=True)
         if args.timeline:
             set_rate(args.timeline_link)
-            tl = out / f"timeline-{args.timeline_link}.json"
-            time_variant("db-hvd-bucket", int(steps[0]), out / "runs", args.bucket_mb,
-                         extra_env={"HOROVOD_TIMELINE": str(tl)})
-            time_variant("db-hvd", int(steps[0]), out / "runs", args.bucket_mb,
-                         extra_env={"HOROVOD_TIMELINE": str(out / f"timeline-{args.timeline_link}-nobucket.json")})
+            for name in args.timeline_variants.split(","):
+                time_variant(name, int(steps[0]), out / "runs", args.bucket_mb,
+                             extra_env={"HOROVOD_TIMELINE": str(out / f"timeline-{args.timeline_link}-{name}.json")})
     finally:
         delete_link()
 
@@ -524,6 +524,9 @@ def main() -> None:
     r.add_argument("--bucket-mb", type=float, default=4.0)
     r.add_argument("--timeline", action="store_true", help="also one Horovod timeline run")
     r.add_argument("--timeline-link", default="1gbit")
+    r.add_argument("--timeline-variants", default="db-hvd-bucket,db-hvd",
+                   help="Horovod variants to run once more with HOROVOD_TIMELINE "
+                        "(timeline-LINK-VARIANT.json)")
     rp = sub.add_parser("report")
     rp.add_argument("--out", default="runs/scale_out")
     tl = sub.add_parser("timeline", help="overlap seen in a Horovod timeline file")

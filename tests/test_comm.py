@@ -21,7 +21,8 @@ import pytest
 from conftest import DISTBATCH, VENV_BIN, cli_env, load_summary, load_weights, max_weight_diff, run_cli
 
 from distbatch.errors import UsageError
-from distbatch.training.step import StepOptions, bucket_partition, check_comm_options
+from distbatch.backends.base import PER_TENSOR_BUCKET_MB
+from distbatch.training.step import StepOptions, bucket_partition, check_comm_options, resolve_bucket_mb
 
 MB = 2 ** 20
 
@@ -53,7 +54,8 @@ def test_bucket_partition_sizes_are_about_the_cap():
 
 # -- validation --------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw,message", [
-    ({"bucket_mb": -1.0}, "--bucket-mb must be >= 0 (0 = one all-reduce), got -1.0"),
+    ({"bucket_mb": -1.0}, "--bucket-mb must be a number >= 0 (0 = one all-reduce) or 'auto', got -1.0"),
+    ({"bucket_mb": "big"}, "--bucket-mb must be a number >= 0 (0 = one all-reduce) or 'auto', got 'big'"),
     ({"grad_compression": "int8"}, "--grad-compression must be one of none, fp16, bf16, got 'int8'"),
 ])
 def test_step_comm_options_errors(kw, message):
@@ -99,8 +101,26 @@ def test_cli_flags_parse_and_refuse():
     assert (a.bucket_mb, a.grad_compression) == (2.5, "fp16")
     c = collective_options(a)
     assert (c.implementation, c.bytes_per_pack, c.timeout_seconds) == ("ring", 4194304, 60.0)
-    with pytest.raises(SystemExit):
-        p.parse_args(["--out", "x", "--bucket-mb", "-1"])
+    assert p.parse_args(["--out", "x"]).bucket_mb == "auto"
+    assert p.parse_args(["--out", "x", "--bucket-mb", "auto"]).bucket_mb == "auto"
+    assert p.parse_args(["--out", "x", "--bucket-mb", "0"]).bucket_mb == 0.0
+    for bad in ("-1", "nan", "inf", "tensor"):
+        with pytest.raises(SystemExit):
+            p.parse_args(["--out", "x", "--bucket-mb", bad])
+
+
+def test_auto_bucket_is_per_tensor_on_horovod_and_one_group_elsewhere():
+    from distbatch.backends.horovod import HorovodBackend
+    from distbatch.backends.single import SingleBackend
+    from distbatch.backends.strategy import StrategyBackend
+    assert HorovodBackend.auto_bucket_mb == PER_TENSOR_BUCKET_MB
+    assert SingleBackend.auto_bucket_mb == StrategyBackend.auto_bucket_mb == 0.0
+    assert resolve_bucket_mb("auto", HorovodBackend) == PER_TENSOR_BUCKET_MB
+    assert resolve_bucket_mb("auto", StrategyBackend) == 0.0
+    assert resolve_bucket_mb(2.5, HorovodBackend) == 2.5 and resolve_bucket_mb(0, HorovodBackend) == 0.0
+    # per tensor: even a 1-element bias is a bucket of its own
+    sizes = [4 * 40 * 2048, 4 * 2048, 4 * 2048 * 10, 4 * 1]
+    assert bucket_partition(sizes, PER_TENSOR_BUCKET_MB * MB) == [[3], [2], [1], [0]]
 
 
 # -- what the step sends -----------------------------------------------------------------------
@@ -122,7 +142,7 @@ class RecordingBackend:
         return v
 
 
-def _traced_calls(options: StepOptions):
+def _traced_calls(options: StepOptions, backend=None):
     import keras
     import tensorflow as tf
 
@@ -133,7 +153,7 @@ def _traced_calls(options: StepOptions):
                               keras.layers.Dense(4)])
     opt = keras.optimizers.SGD(0.1)
     opt.build(model.trainable_variables)
-    backend = RecordingBackend()
+    backend = backend or RecordingBackend()
     plan = BatchPlan.derive(global_batch_size=8, replicas=1, num_train_examples=64)
     step = make_train_step(backend, model, opt, plan, options=options)
     x = np.random.default_rng(0).normal(size=(8, 8)).astype("float32")
@@ -153,6 +173,15 @@ def test_step_issues_buckets_last_layer_first():
                                              ((256, 256), "float32"), ((256,), "float32"),
                                              ((256, 4), "float32"), ((4,), "float32"),
                                              ((4,), "float32")]]
+
+
+def test_auto_on_a_per_tensor_backend_sends_each_gradient_as_it_comes():
+    class PerTensor(RecordingBackend):
+        auto_bucket_mb = PER_TENSOR_BUCKET_MB
+    calls = _traced_calls(StepOptions(), PerTensor())
+    assert calls == [[((4,), "float32")], [((256, 4), "float32")], [((256,), "float32")],
+                     [((256, 256), "float32")], [((256,), "float32")],
+                     [((8, 256), "float32"), ((4,), "float32")]]  # the first layer + the metrics
 
 
 def test_compression_casts_gradients_not_metrics():

@@ -332,7 +332,7 @@ def test_iterators_run_without_the_autotune_thread_on_every_device(monkeypatch):
     monkeypatch.setattr(inputs, "without_autotune_thread", record)
     before = mdi._create_device_dataset
     backend = StrategyBackend(tf.distribute.MirroredStrategy(["/cpu:0"]))
-    it = inputs.distributed_iterator(backend, lambda w, L: tf.data.Dataset.range(8).batch(2))
+    it = backend.iterator(lambda w, L: tf.data.Dataset.range(8).batch(2))
     assert mdi._create_device_dataset is before
     assert len(made) == 1 and made[0].options().autotune.enabled is False   # the one device's
     assert next(it).numpy().tolist() == [0, 1] and next(it).numpy().tolist() == [2, 3]

@@ -78,6 +78,10 @@ def test_frozen_and_replace_validates_again():
     (dict(global_batch_size=8, model="vgg"), "model must be one of "),
     (dict(global_batch_size=8, mixed_precision="fp8"), "mixed_precision must be one of off, float16, "
                                                        "bfloat16, got 'fp8'"),
+    (dict(global_batch_size=8, bucket_mb="tensor"), "bucket_mb must be a finite number >= 0 (0: one "
+                                                    "all-reduce) or 'auto', got 'tensor'"),
+    (dict(global_batch_size=8, bucket_mb=-0.5), "bucket_mb must be a finite number >= 0 (0: one "
+                                                "all-reduce) or 'auto', got -0.5"),
 ])
 def test_errors_name_the_field_and_the_cli_the_flag(kwargs, message):
     with pytest.raises(ParameterError) as err:

@@ -13,6 +13,10 @@ import contextlib
 from typing import Any, Callable, Sequence
 
 
+# A bucket cap below any tensor's size: every gradient tensor is a bucket of its own.
+PER_TENSOR_BUCKET_MB = 1e-6
+
+
 class Backend(abc.ABC):
     """A data-parallel runtime. Subclasses set name, num_replicas, num_workers, worker_index."""
 
@@ -20,6 +24,9 @@ class Backend(abc.ABC):
     num_replicas: int = 1
     num_workers: int = 1
     worker_index: int = 0
+    # What `--bucket-mb auto` means here (distbatch.training.step.resolve_bucket_mb): 0 = the
+    # gradients in ONE all-reduce; PER_TENSOR_BUCKET_MB = one all-reduce per gradient tensor.
+    auto_bucket_mb: float = 0.0
 
     @property
     def local_replicas(self) -> int:
@@ -42,6 +49,10 @@ class Backend(abc.ABC):
         make_dataset(worker_index, local_replicas) returns a tf.data.Dataset whose
         consecutive elements go to local replicas 0..L-1, step after step.
         """
+
+    def iterator(self, make_dataset: Callable[[int, int], Any]) -> Any:
+        """An iterator over distribute(make_dataset): what every loop of distbatch reads."""
+        return iter(self.distribute(make_dataset))
 
     @abc.abstractmethod
     def run(self, fn: Callable, args: Sequence = ()) -> Any:

@@ -99,10 +99,12 @@ def add_comm_args(parser: argparse.ArgumentParser) -> None:
     (Horovod's fusion threshold and cycle time are `distbatch launch horovod` flags)."""
     from distbatch.training.step import GRAD_COMPRESSION
     g = parser.add_argument_group("communication (see docs/scaling.md)")
-    g.add_argument("--bucket-mb", type=nonnegative_float_arg, default=0.0, metavar="MB",
+    g.add_argument("--bucket-mb", type=bucket_mb_arg, default="auto", metavar="MB",
                    help="all-reduce gradients in buckets of about MB megabytes, last layers first, "
-                        "so communication can overlap the rest of backprop (default 0: one "
-                        "all-reduce of all gradients; measured in docs/scaling.md)")
+                        "so communication can overlap the rest of backprop; 0: one all-reduce of "
+                        "all gradients (default auto: one all-reduce per gradient tensor on "
+                        "horovod, which fuses them itself; one all-reduce elsewhere; measured in "
+                        "docs/scaling.md)")
     g.add_argument("--grad-compression", choices=GRAD_COMPRESSION, default="none",
                    help="cast gradients to fp16/bf16 for the all-reduce only (halves the bytes; "
                         "the noise scale and AdaScale use uncompressed local norms; horovod: no bf16)")
@@ -125,6 +127,16 @@ def nonnegative_float_arg(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
     return value
+
+
+def bucket_mb_arg(text: str):
+    """argparse type: 'auto' or a finite number >= 0."""
+    if text == "auto":
+        return text
+    try:
+        return nonnegative_float_arg(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 or 'auto', got {text!r}") from None
 
 
 def steps_per_execution_arg(text: str):

@@ -223,8 +223,8 @@ def measure(*, model: str = "mlp", input_shape: Sequence[int] | str = (40,), num
         optimizer.build(net.trainable_variables)
     backend.prepare(net, optimizer)
     step = make_train_step(backend, net, optimizer, plan)
-    iterator = iter(backend.distribute(
-        lambda w, L: tf.data.Dataset.from_tensors((x, y)).repeat().prefetch(tf.data.AUTOTUNE)))
+    iterator = backend.iterator(
+        lambda w, L: tf.data.Dataset.from_tensors((x, y)).repeat().prefetch(tf.data.AUTOTUNE))
 
     chief = backend.is_chief
     load_before = os.getloadavg()

@@ -152,7 +152,7 @@ def probe(*, model_name: str, input_shape: Sequence[int], num_classes: int,
 
             try:
                 step = make_train_step(backend, model, optimizer, plan)
-                out = step(iter(backend.distribute(make_dataset)))
+                out = step(backend.iterator(make_dataset))
                 float(out["loss_sum"].numpy())  # wait for the step to finish
             except Exception as e:  # noqa: BLE001 - only out-of-memory is a "no"
                 if not is_out_of_memory(e):

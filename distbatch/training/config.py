@@ -66,7 +66,7 @@ class TrainConfig:
     steps_per_execution: int | str = "auto"
     jit_compile: str = "off"
     cluster_timeout: float | None = None
-    bucket_mb: float = 0.0
+    bucket_mb: float | str = "auto"
     grad_compression: str = "none"
     mwms_implementation: str = "auto"
     bytes_per_pack: int = 0
@@ -127,7 +127,11 @@ class TrainConfig:
         require_param(spe == "auto" or (isinstance(spe, int) and not isinstance(spe, bool) and spe >= 1),
                       f"{{steps_per_execution}} must be a whole number >= 1 or 'auto', got {spe!r}",
                       "steps_per_execution")
-        _in_range("bucket_mb", self.bucket_mb, 0)
+        b = self.bucket_mb
+        require_param(b == "auto" or (isinstance(b, (int, float)) and not isinstance(b, bool)
+                                      and math.isfinite(b) and b >= 0),
+                      f"{{bucket_mb}} must be a finite number >= 0 (0: one all-reduce) or 'auto', "
+                      f"got {b!r}", "bucket_mb")
         self.collective_options()  # --bytes-per-pack, --collective-timeout
         from distbatch.backends.cluster import resolve_cluster_timeout
         resolve_cluster_timeout(self.cluster_timeout)

@@ -199,7 +199,7 @@ def probe_step_seconds(backend, make_model: Callable, optimizer_fn: Callable, in
     y = rng.integers(0, num_classes, size=per_worker).astype(np.int32)
     step = make_train_step(backend, model, optimizer, plan,
                            options=StepOptions(noise_scale=True, noise_splits=noise_splits_for(plan)))
-    it = iter(backend.distribute(lambda w, L: tf.data.Dataset.from_tensors((x, y)).repeat()))
+    it = backend.iterator(lambda w, L: tf.data.Dataset.from_tensors((x, y)).repeat())
     n = tf.constant(steps, tf.int32)
     step.multi(it, tf.constant(1, tf.int32))["loss_sum"].numpy()  # compile
     best = float("inf")

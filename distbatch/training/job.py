@@ -321,6 +321,8 @@ def write_rank_report(backend, metrics: dict, model) -> None:
 RESUME_MAY_CHANGE = frozenset({"out", "resume", "overwrite", "progress", "verbose",
                                "tensorboard_dir", "checkpoint_every", "checkpoint_every_seconds",
                                "backend_reason", "machine",
+                               # how the gradients are grouped into all-reduces: the same sums
+                               "bucket_mb",
                                "batch_sizes", "seeds"})
 
 

@@ -35,8 +35,9 @@ class StepOptions:
     # XLA-compile the per-replica forward/backward pass (tf.function(jit_compile=True)).
     jit_compile: bool = False
     # Gradient buckets of about this many MB, each all-reduced on its own, in reverse layer
-    # order (the order backprop produces them); 0 = one all-reduce of every gradient.
-    bucket_mb: float = 0.0
+    # order (the order backprop produces them); 0 = one all-reduce of every gradient;
+    # "auto" = the backend's choice (resolve_bucket_mb).
+    bucket_mb: float | str = "auto"
     # Cast gradients to this type for the all-reduce only: "none", "fp16" or "bf16".
     grad_compression: str = "none"
 
@@ -71,11 +72,20 @@ def bucket_partition(nbytes: Sequence[int], bucket_bytes: float) -> list[list[in
     return buckets
 
 
+def resolve_bucket_mb(value: float | str, backend: Backend | None = None) -> float:
+    """--bucket-mb as a number: "auto" is the backend's `auto_bucket_mb` (Horovod: one
+    all-reduce per tensor; the tf.distribute backends and one device: one all-reduce)."""
+    if value == "auto":
+        return float(getattr(backend, "auto_bucket_mb", 0.0))
+    return float(value)
+
+
 def check_comm_options(options: "StepOptions", backend: Backend | None = None) -> None:
     """UsageError for a bucket size or compression this backend cannot do (one line each)."""
     from distbatch.errors import UsageError
-    if not options.bucket_mb >= 0:
-        raise UsageError(f"--bucket-mb must be >= 0 (0 = one all-reduce), got {options.bucket_mb}")
+    b = options.bucket_mb
+    if b != "auto" and (isinstance(b, (bool, str)) or not b >= 0):
+        raise UsageError(f"--bucket-mb must be a number >= 0 (0 = one all-reduce) or 'auto', got {b!r}")
     if options.grad_compression not in GRAD_COMPRESSION:
         raise UsageError(f"--grad-compression must be one of {', '.join(GRAD_COMPRESSION)}, "
                          f"got {options.grad_compression!r}")
@@ -149,7 +159,7 @@ def _all_reduce_buckets(tf, backend: Backend, grads: list, packed, options: Step
     wire = {"none": None, "fp16": tf.float16, "bf16": tf.bfloat16}[options.grad_compression]
     sizes = [int(g.shape.num_elements() or 0) * (2 if wire is not None else g.dtype.size)
              for g in grads]
-    buckets = bucket_partition(sizes, options.bucket_mb * 2 ** 20)
+    buckets = bucket_partition(sizes, resolve_bucket_mb(options.bucket_mb, backend) * 2 ** 20)
     out: list = [None] * len(grads)
     for k, idx in enumerate(buckets):
         sent = [grads[i] if wire is None else tf.cast(grads[i], wire) for i in idx]

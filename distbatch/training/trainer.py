@@ -21,7 +21,7 @@ import numpy as np
 
 from distbatch import interrupts
 from distbatch.backends.base import Backend
-from distbatch.data.inputs import distributed_iterator, without_autotune_thread
+from distbatch.data.inputs import without_autotune_thread
 from distbatch.training.checkpoints import newest_intact
 from distbatch.training.early_stopping import EarlyStopping, load_weights, save_weights, weights_file
 from distbatch.measure.noise import NoiseScaleTracker
@@ -58,7 +58,8 @@ class LoopOptions:
     # evaluation, checkpoint or segment boundary, so every result is the same as with 1.
     steps_per_execution: int | str = "auto"
     jit_compile: bool = False                  # XLA for the per-replica forward/backward
-    bucket_mb: float = 0.0                     # gradient all-reduce buckets (MB); 0 = one group
+    bucket_mb: float | str = "auto"            # gradient all-reduce buckets (MB); 0 = one group;
+                                               # auto: the backend's choice (Horovod: per tensor)
     grad_compression: str = "none"             # none | fp16 | bf16: gradient type on the wire
     # Batch-size schedules (distbatch.training.batch_schedule) run one Trainer per fixed-batch
     # segment. step_offset: global steps done before this segment (steps, history and
@@ -337,7 +338,7 @@ class Trainer:
             plan, seed=opt.seed, worker_index=w, num_workers=self.backend.num_workers,
             local_replicas=L, start_step=start_step - opt.step_offset,
             total_steps=opt.total_steps - opt.step_offset, epoch_offset=opt.epoch_offset))
-        return distributed_iterator(self.backend, make)
+        return self.backend.iterator(make)
 
     def _run_call(self, loop: _Loop, step_fn, iterator, tracker) -> bool:
         """One call of up to steps_per_execution steps; False when the loss diverged."""
@@ -583,7 +584,7 @@ class Trainer:
             if repeat:  # exactly one pass per evaluation, whatever the dataset's length
                 ds = ds.take(built["n"] * L).repeat()
             return without_autotune_thread(ds)
-        it = distributed_iterator(b, make_eval)
+        it = b.iterator(make_eval)
         return it, tf.constant(built["n"], tf.int32)
 
     def _evaluate(self, eval_fn, source=None) -> dict:
