@@ -20,9 +20,11 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import DISTBATCH, cli_env, load_summary, load_weights, max_weight_diff, run_cli
+from distbatch.backends.base import Backend
 from distbatch.training import preemption
 from distbatch.launch import restarts
 from distbatch.launch import supervisor
@@ -216,11 +218,36 @@ def test_sync_every_calls_is_about_a_second(call_seconds, calls):
     assert preemption.sync_every_calls(call_seconds) == calls
 
 
-def test_broadcast_int_gives_the_chiefs_value():
-    assert preemption.broadcast_int(FakeBackend(0, 2), 37) == 37
-    bits = [bool(37 >> i & 1) for i in range(16)]  # what the chief contributes, bit by bit
-    assert preemption.broadcast_int(FakeBackend(1, 2, peers=bits), 999) == 37
-    assert preemption.broadcast_int(FakeBackend(0, 1), 5) == 5
+class TwoWorkers(Backend):
+    """Worker `index` of 2 (one replica each): all_reduce_sum adds what the other worker sends."""
+    name, num_replicas, num_workers = "two", 2, 2
+
+    def __init__(self, index, peer_sends):
+        self.worker_index, self.peer_sends = index, peer_sends
+
+    def distribute(self, make_dataset):
+        raise NotImplementedError
+
+    def run(self, fn, args=()):
+        return fn(*args)
+
+    def all_reduce_sum(self, values):
+        import tensorflow as tf
+        return [v + tf.constant(p, v.dtype) for v, p in zip(values, self.peer_sends)]
+
+
+def test_chief_ints_gives_the_chiefs_values_in_one_collective():
+    calls = []
+
+    class Counting(TwoWorkers):
+        def all_reduce_sum(self, values):
+            calls.append(len(values))
+            return super().all_reduce_sum(values)
+    # the chief sends its values, the other worker zeros (Backend.broadcast_from_chief)
+    assert preemption.chief_ints(Counting(0, [np.zeros(2)]), 37, 1000) == (37, 1000)
+    assert preemption.chief_ints(Counting(1, [np.array([37.0, 1000.0])]), 999, 3) == (37, 1000)
+    assert calls == [1, 1]  # one all-reduce of one tensor per worker
+    assert preemption.chief_ints(FakeBackend(0, 1), 5, 2) == (5, 2)  # one worker: no collective
 
 
 # --------------------------------------------------------------------------- the watchdog's hold

@@ -51,6 +51,20 @@ def test_an_old_run_with_other_spelled_milestones_still_resumes(tmp_path):
         check_resume_matches(run_config(config_from_args(other)), str(tmp_path))
 
 
+def test_a_run_from_before_bucket_auto_resumes_but_compression_must_match(tmp_path):
+    """--bucket-mb only groups the same sums (a run written with the old default 0 resumes
+    under the new default auto); --grad-compression changes them and is compared."""
+    def config_json(*flags):
+        args = build_parser("train").parse_args(["train", "--global-batch-size", "64", *flags,
+                                                 "--out", str(tmp_path)])
+        return run_config(config_from_args(args), **record_of(args))
+    (tmp_path / "config.json").write_text(__import__("json").dumps(config_json("--bucket-mb", "0")))
+    check_resume_matches(config_json(), str(tmp_path))
+    check_resume_matches(config_json("--bucket-mb", "4"), str(tmp_path))
+    with pytest.raises(UsageError, match="^--resume: grad-compression is 'fp16' but the run in"):
+        check_resume_matches(config_json("--grad-compression", "fp16"), str(tmp_path))
+
+
 def test_frozen_and_replace_validates_again():
     config = TrainConfig(out="o", global_batch_size=64)
     with pytest.raises(dataclasses.FrozenInstanceError):

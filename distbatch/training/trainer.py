@@ -26,7 +26,7 @@ from distbatch.training.checkpoints import newest_intact
 from distbatch.training.early_stopping import EarlyStopping, load_weights, save_weights, weights_file
 from distbatch.measure.noise import NoiseScaleTracker
 from distbatch.training.plan import BatchPlan
-from distbatch.training.preemption import CallBoundary, Preempted, broadcast_int, sync_every_calls
+from distbatch.training.preemption import CallBoundary, Preempted, chief_ints, sync_every_calls
 from distbatch.training.step import StepOptions, make_eval_step, make_train_step, noise_splits_for
 
 
@@ -363,16 +363,18 @@ class Trainer:
             if not loop.timed:
                 loop.timed = True
                 step_seconds = (now - t0) / max(n, 1)
-                if opt.steps_per_execution == "auto":
-                    loop.per_call = resolve_steps_per_execution("auto", step_seconds)
-                    # Each worker timed its own call; the chief's count wins on every worker,
+                auto = opt.steps_per_execution == "auto"
+                per_call = resolve_steps_per_execution("auto", step_seconds) if auto else loop.per_call
+                every = sync_every_calls(per_call * step_seconds)  # the decision's cadence, in calls
+                if auto or self._boundary.sync:
+                    # Each worker timed its own call; the chief's counts win on every worker,
                     # always: per-call collectives (the checkpoint/SIGTERM decision, the
                     # callbacks' stop flag) need the same call boundaries everywhere, or ranks
                     # wait in different collectives (the intermittent multiworker hang of #13).
-                    loop.per_call = broadcast_int(self.backend, loop.per_call)
-                if self._boundary.sync:  # the decision's cadence in calls, the chief's too
-                    self._boundary.every_calls = broadcast_int(
-                        self.backend, sync_every_calls(loop.per_call * step_seconds))
+                    per_call, every = chief_ints(self.backend, per_call, every)
+                loop.per_call = per_call
+                if self._boundary.sync:
+                    self._boundary.every_calls = every
         loop.t_last = now
         loop.diverged_step = self._consume(loop, values, tracker)
         if ada is not None:
