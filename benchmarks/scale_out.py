@@ -335,6 +335,31 @@ def inproc_throughputs(rows: list[dict]) -> dict:
     return {k: statistics.median(v) for k, v in out.items()}
 
 
+def paired_efficiencies(rows: list[dict]) -> dict:
+    """(link, variant) -> [efficiency of each repeat]: the repeat's in-process 2-worker rate over
+    2 x the SAME repeat's 1-worker rate of its baseline (run minutes apart, not hours: on a shared
+    machine the 1-worker rate drifts by several % between repeats). Longest runs only."""
+    longest = {}
+    for r in rows:
+        if r["kind"] == "time" and r.get("inproc_samples_per_s"):
+            k = (r["link"], r["variant"])
+            longest[k] = max(longest.get(k, 0), r["steps"])
+    rate, one = {}, {}
+    for r in rows:
+        if r["kind"] != "time" or not r.get("inproc_samples_per_s") or r["steps"] != longest[(r["link"], r["variant"])]:
+            continue
+        if r["variant"].startswith("1w-"):
+            one[(r["variant"], r["repeat"])] = r["inproc_samples_per_s"]
+        else:
+            rate[(r["link"], r["variant"], r["repeat"])] = r["inproc_samples_per_s"]
+    out = {}
+    for (link, v, rep), x in sorted(rate.items()):
+        b = one.get((baseline_of(v), rep))
+        if b:
+            out.setdefault((link, v), []).append(x / (2 * b))
+    return out
+
+
 def baseline_of(variant: str) -> str:
     if variant == "hvd-grouped-loop":
         return "1w-hvd-grouped-loop"
@@ -356,12 +381,17 @@ def predicted_efficiency(t_compute: float, grad_bytes: float, bandwidth: float, 
     """Ring all-reduce model: each worker sends (and receives) 2(N-1)/N x the gradient bytes per
     step; t_step(N) = t_compute + (1 - overlap) x 2(N-1)/N x bytes / bandwidth; efficiency =
     t_compute / t_step(N) (weak scaling: every worker keeps its batch). With `engine` (bytes/s
-    the all-reduce achieves when the wire is free) the engine's own time is added, the share
-    `engine_hidden` of it hidden behind the wire: + (1 - engine_hidden) x 2(N-1)/N x bytes / engine."""
+    the all-reduce achieves when the wire is free: its copies and reduction on the worker's
+    core) the all-reduce is a two-stage pipeline, wire and engine: the slower stage sets the
+    pace and the share `engine_hidden` of the faster one hides behind it:
+    t_comm = max(wire, engine time) + (1 - engine_hidden) x min(wire, engine time). On a link
+    slower than the engine this is wire + (1 - engine_hidden) x engine time (session 5's
+    "engine" form); on a faster link the engine is the bottleneck and the wire half-hidden."""
     share = 2 * (n - 1) / n * grad_bytes if n > 1 else 0.0
     t_comm = (1 - overlap) * share / bandwidth
     if engine:
-        t_comm += (1 - engine_hidden) * share / engine
+        t_engine = share / engine
+        t_comm = max(t_comm, t_engine) + (1 - engine_hidden) * min(t_comm, t_engine)
     return t_compute / (t_compute + t_comm)
 
 
@@ -411,6 +441,13 @@ def cmd_report(args) -> None:
                 cells.append("-" if rate is None or b is None else f"{rate:,.0f}/s, eff {rate / (2 * b):.2f}")
             print(f"| {v} | " + " | ".join(cells) + " |")
         print()
+    paired = paired_efficiencies(rows)
+    if paired:
+        print("## efficiency per repeat (in-process; each against the same repeat's 1-worker run)\n")
+        print("| link | variant | efficiency per repeat | median |\n|---|---|---|---:|")
+        for (link, v), effs in paired.items():
+            print(f"| {link} | {v} | {', '.join(f'{e:.3f}' for e in effs)} | {statistics.median(effs):.3f} |")
+        print()
     tp = inproc_throughputs(rows) or throughputs(rows)
     base = one_worker_rates(tp)
     variants = sorted({v for (_, v) in tp if not v.startswith("1w-")})
@@ -421,8 +458,9 @@ def cmd_report(args) -> None:
     print(f"bottleneck: t_step = t_compute + bytes / min(bandwidth, engine rate), the engine rate "
           f"being what the variant's all-reduce achieved on the {calibrate} link (its copies and "
           f"reduction pipeline with the wire, so the slower of the two sets the pace)")
-    print(f"engine: t_step = t_compute + bytes / bandwidth + {1 - ENGINE_HIDDEN:g} x bytes / engine rate "
-          f"(the engine's time {ENGINE_HIDDEN:g} hidden behind the wire)\n")
+    print(f"engine: t_step = t_compute + max(wire, engine) + {1 - ENGINE_HIDDEN:g} x min(wire, engine), "
+          f"wire = bytes / bandwidth, engine = bytes / engine rate (a two-stage pipeline: the slower "
+          f"stage sets the pace, {ENGINE_HIDDEN:g} of the faster one hides behind it)\n")
     print("| link | variant | measured | link only | error | bottleneck | error | engine | error |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for link, bw in links.items():
@@ -458,7 +496,12 @@ def timeline_overlap(path: str) -> dict:
     """Read a Horovod timeline (Chrome trace, rank 0): per step, when each tensor was enqueued
     (start of NEGOTIATE_ALLREDUCE: its gradient exists, backprop produced it) and when its
     ALLREDUCE ran. Communication that starts before the LAST tensor of the step is enqueued
-    ran while backprop was still computing: that is the overlap."""
+    ran while backprop was still computing: that is the overlap. An upper bound of it: a
+    request is seen (NEGOTIATE begins) only when the background thread runs its next cycle, so
+    a gradient that is ready while an earlier all-reduce is still running counts as produced
+    when that all-reduce ends (session 6: with one all-reduce per tensor the step's last
+    gradients are seen ~150 ms after the first all-reduce started, but backprop after it
+    computes for only ~15-20 ms)."""
     text = open(path).read().rstrip().rstrip(",")
     events = json.loads(text if text.endswith("]") else text + "]")
     names = {e["pid"]: e["args"]["name"] for e in events
@@ -490,9 +533,13 @@ def timeline_overlap(path: str) -> dict:
         return {"tensors": len(per), "steps": 0}
     ahead = [max(0.0, max(enq[k]) - min(start[k])) / 1e3 for k in steps]
     span = [(max(end[k]) - min(start[k])) / 1e3 for k in steps]
+    firsts = [min(start[k]) for k in sorted(steps)]
     return {"tensors": len(per), "steps": len(steps), "comm_ms_median": statistics.median(span),
             "comm_before_last_grad_ms_median": statistics.median(ahead),
-            "overlap_fraction": statistics.median(a / s for a, s in zip(ahead, span) if s > 0)}
+            "overlap_fraction": statistics.median(a / s for a, s in zip(ahead, span) if s > 0),
+            # from one step's first all-reduce to the next one's: the step time as Horovod saw
+            # it (the steps around a call boundary of distbatch's loop include that boundary)
+            "step_ms": [round((b - a) / 1e3, 1) for a, b in zip(firsts, firsts[1:])]}
 
 
 def prediction_table(t_compute: float, grad_bytes: float, gbits=(1, 10, 25, 100),

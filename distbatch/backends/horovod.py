@@ -48,7 +48,8 @@ class HorovodBackend(Backend):
     # issues them. Each is enqueued the moment backprop produces it; the background thread
     # fuses what is ready in one cycle and reduces the last layers' gradients while the earlier
     # ones are still being computed or queued. Measured against one grouped all-reduce (2
-    # workers, mlp-wide): +4% at 1 Gbit/s, +7% at 3 Gbit/s (docs/scaling.md, session 6).
+    # workers, mlp-wide, 6 repeats): +5% at 1 Gbit/s, +7% at 3 Gbit/s, +3% on an unlimited
+    # link (docs/scaling.md, session 6).
     auto_bucket_mb = PER_TENSOR_BUCKET_MB
 
     def __init__(self, env: Mapping[str, str] | None = None) -> None:

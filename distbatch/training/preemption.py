@@ -120,7 +120,8 @@ def chief_ints(backend, *values: int) -> tuple[int, ...]:
 
     Used once per run, after the first timed call: each worker timed its own calls, but
     steps_per_execution="auto" and the decision cadence above need the same call boundaries
-    everywhere. (It was 2 x 16 one-bit all-reduces, ~60 ms on 2 Horovod workers at 3 Gbit/s.)
+    everywhere. It was 2 x 16 one-bit all-reduces: on 2 Horovod workers at 1 Gbit/s the step
+    after them took 379 ms, 351 ms with this one (Horovod timelines, docs/scaling.md session 6).
     """
     if backend.num_workers == 1:
         return tuple(int(v) for v in values)
