@@ -320,18 +320,21 @@ def throughputs(rows: list[dict]) -> dict:
     return {k: statistics.median(v) for k, v in out.items()}
 
 
+def longest_inproc_rows(rows: list[dict]) -> list[dict]:
+    """The timed rows with an in-process rate, of each (link, variant)'s longest run only."""
+    timed = [r for r in rows if r["kind"] == "time" and r.get("inproc_samples_per_s")]
+    longest = {}
+    for r in timed:
+        k = (r["link"], r["variant"])
+        longest[k] = max(longest.get(k, 0), r["steps"])
+    return [r for r in timed if r["steps"] == longest[(r["link"], r["variant"])]]
+
+
 def inproc_throughputs(rows: list[dict]) -> dict:
     """(link, variant) -> median of the runs' own steady-state samples/s (longer runs only)."""
-    longest = {}
-    for r in rows:
-        if r["kind"] == "time" and r.get("inproc_samples_per_s"):
-            k = (r["link"], r["variant"])
-            longest[k] = max(longest.get(k, 0), r["steps"])
     out = {}
-    for r in rows:
-        k = (r.get("link"), r.get("variant"))
-        if r["kind"] == "time" and r.get("inproc_samples_per_s") and r["steps"] == longest.get(k):
-            out.setdefault(k, []).append(r["inproc_samples_per_s"])
+    for r in longest_inproc_rows(rows):
+        out.setdefault((r["link"], r["variant"]), []).append(r["inproc_samples_per_s"])
     return {k: statistics.median(v) for k, v in out.items()}
 
 
@@ -339,15 +342,8 @@ def paired_efficiencies(rows: list[dict]) -> dict:
     """(link, variant) -> [efficiency of each repeat]: the repeat's in-process 2-worker rate over
     2 x the SAME repeat's 1-worker rate of its baseline (run minutes apart, not hours: on a shared
     machine the 1-worker rate drifts by several % between repeats). Longest runs only."""
-    longest = {}
-    for r in rows:
-        if r["kind"] == "time" and r.get("inproc_samples_per_s"):
-            k = (r["link"], r["variant"])
-            longest[k] = max(longest.get(k, 0), r["steps"])
     rate, one = {}, {}
-    for r in rows:
-        if r["kind"] != "time" or not r.get("inproc_samples_per_s") or r["steps"] != longest[(r["link"], r["variant"])]:
-            continue
+    for r in longest_inproc_rows(rows):
         if r["variant"].startswith("1w-"):
             one[(r["variant"], r["repeat"])] = r["inproc_samples_per_s"]
         else:
