@@ -25,6 +25,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
+from distbatch.recipes.recipe import Recipe
 from distbatch.training.trainer import LoopOptions, RunResult
 
 
@@ -77,7 +80,8 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None
         epochs: float | None = None, steps: int | None = None, backend="auto",
         cpu_replicas: int | None = None, seed: int = 0, accumulation_steps: int = 1,
         steps_per_epoch: int | None = None, shuffle_buffer: int = 10_000,
-        loss_fn: Callable | None = None, **loop_options) -> FitResult:
+        loss_fn: Callable | None = None, stall_timeout: float | None = None,
+        **loop_options) -> FitResult:
     """Train model_fn() on `data` at a GLOBAL batch size; return a FitResult.
 
     data / validation_data: (x, y) or (x, y, sample_weight) NumPy arrays (x, y may be
@@ -94,7 +98,10 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None
     callbacks: keras.callbacks.Callback objects (EarlyStopping, ModelCheckpoint, CSVLogger,
     TerminateOnNaN, TensorBoard, your own).
     Exactly one of optimizer_fn (() -> keras optimizer) and recipe (distbatch.Recipe).
-    `backend` is a name (see distbatch.backends.BACKENDS) or a Backend instance. Extra
+    `backend` is a name (see distbatch.backends.BACKENDS) or a Backend instance.
+    stall_timeout: Horovod: seconds a rank waits for the others in a collective before the
+    job ends with one line naming the ranks that did not arrive (default: derived from the
+    measured call time, see distbatch/backends/arrivals.py). Extra
     keyword arguments go to LoopOptions (evals_per_epoch, noise_scale, steps_per_execution,
     early_stopping_metric, checkpoint_dir, resume, tensorboard_dir, verbose, ...).
     """
@@ -105,10 +112,21 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None
     from distbatch.training.plan import BatchPlan
     from distbatch.training.trainer import Trainer
 
+    if isinstance(model_fn, keras.Model):
+        raise TypeError(f"model_fn must be a function returning a NEW keras.Model (called inside "
+                        f"the backend's scope), got a built {type(model_fn).__name__} model; wrap the "
+                        f"code that builds it: model_fn=lambda: keras.Sequential([...])")
     if not callable(model_fn):
         raise TypeError(f"model_fn must be a function returning a keras.Model, got {type(model_fn).__name__}")
+    if data is None:
+        raise TypeError("data is required: (x, y) arrays, a tf.data.Dataset of single examples, a "
+                        "dataset_fn(ctx) or distbatch.data.files(...); got None")
     if (optimizer_fn is None) == (recipe is None):
         raise ValueError("give exactly one of optimizer_fn and recipe")
+    if recipe is not None and not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe must be a distbatch.Recipe (e.g. distbatch.Recipe(optimizer="
+                        f"\"momentum\", base_lr=0.1, base_batch_size=256)), got "
+                        f"{type(recipe).__name__} {recipe!r}")
     if optimizer_fn is not None and not callable(optimizer_fn):
         raise TypeError(f"optimizer_fn must be a function returning a keras optimizer, got "
                         f"{type(optimizer_fn).__name__}")
@@ -128,7 +146,7 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None
         raise TypeError("callbacks must be a list of keras.callbacks.Callback objects")
 
     if isinstance(backend, str):
-        backend, _ = create_backend(backend, cpu_replicas=cpu_replicas)
+        backend, _ = create_backend(backend, cpu_replicas=cpu_replicas, stall_timeout=stall_timeout)
     if hasattr(data, "x_train"):  # an ArrayDataset: training and validation arrays
         train_src, val_src = array_sources(data)
         if validation_data is not None:
@@ -172,6 +190,7 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None
         if not isinstance(model, keras.Model):
             raise TypeError(f"model_fn must return a keras.Model, got {type(model).__name__}")
         example = _example_output(model, train_src, plan)  # builds a subclassed model here
+        _check_data(loss, example, train_src, val_src)
         adascale = None
         if recipe is not None:
             if adascale_scale is not None:
@@ -183,6 +202,10 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None
                                            total_steps=total, adascale=adascale)
         else:
             optimizer = optimizer_fn()
+            if not isinstance(optimizer, keras.optimizers.Optimizer):
+                raise TypeError(f"optimizer_fn must return a keras optimizer (e.g. "
+                                f"keras.optimizers.SGD(0.1)), got {type(optimizer).__name__} "
+                                f"{optimizer!r}")
         optimizer.build(model.trainable_variables)
     backend.prepare(model, optimizer)
     task = _task(model, loss, metrics, example)
@@ -196,6 +219,29 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None
                                 adascale=adascale).run()
     return FitResult(history=history_dict(result.history), model=model, metrics=result.metrics,
                      records=result.history)
+
+
+def _check_data(loss, example, train_src, val_src) -> None:
+    """Before any step: validation shapes match training; with the default loss, logits of
+    shape (batch, classes) and class-index labels in range (distbatch/data/checks.py)."""
+    from distbatch.data import checks
+    from distbatch.data.inputs import ArraySource, DatasetSource, _leaves
+    y, pred = example
+    if val_src is not None and hasattr(val_src, "example_batch"):
+        checks.check_same_shapes("validation_data", (_x_of(train_src), y), val_src.example_batch())
+    if loss is not None or len(_leaves(y)) != 1 or len(_leaves(pred)) != 1:
+        return
+    for name, src in (("data", train_src), ("validation_data", val_src)):
+        if src is None:
+            continue
+        labels = (np.asarray(_leaves(src.y)[0]) if isinstance(src, ArraySource) else
+                  checks.dataset_labels(src.ds) if isinstance(src, DatasetSource) else None)
+        checks.check_classification(name, labels, tuple(np.shape(_leaves(y)[0])),
+                                    tuple(_leaves(pred)[0].shape))
+
+
+def _x_of(source):
+    return source.example_batch()[0] if hasattr(source, "example_batch") else None
 
 
 def _example_output(model, train_src, plan) -> tuple:

@@ -49,6 +49,11 @@ class ClusterSetupError(RuntimeError):
     """The workers of a multi-worker job did not all come up in time (one line, exit 1)."""
 
 
+class RanksDriftedError(RuntimeError):
+    """The ranks' weights no longer agree (one line, exit 1): something changed the model on
+    some ranks only."""
+
+
 def require(condition: bool, message: str) -> None:
     """Raise UsageError(message) unless condition holds."""
     if not condition:

@@ -231,7 +231,7 @@ class TwoWorkers(Backend):
     def run(self, fn, args=()):
         return fn(*args)
 
-    def all_reduce_sum(self, values):
+    def all_reduce_sum(self, values, name=None):
         import tensorflow as tf
         return [v + tf.constant(p, v.dtype) for v, p in zip(values, self.peer_sends)]
 
@@ -240,9 +240,9 @@ def test_chief_ints_gives_the_chiefs_values_in_one_collective():
     calls = []
 
     class Counting(TwoWorkers):
-        def all_reduce_sum(self, values):
+        def all_reduce_sum(self, values, name=None):
             calls.append(len(values))
-            return super().all_reduce_sum(values)
+            return super().all_reduce_sum(values, name)
     # the chief sends its values, the other worker zeros (Backend.broadcast_from_chief)
     assert preemption.chief_ints(Counting(0, [np.zeros(2)]), 37, 1000) == (37, 1000)
     assert preemption.chief_ints(Counting(1, [np.array([37.0, 1000.0])]), 999, 3) == (37, 1000)

@@ -5,6 +5,7 @@ import json
 import os
 from typing import Mapping
 
+from distbatch.backends.arrivals import resolve_timeout
 from distbatch.backends.base import Backend
 from distbatch.backends.horovod import launched_by_horovod_or_mpi
 from distbatch.backends.strategy import CollectiveOptions, slurm_task_count
@@ -42,14 +43,19 @@ def choose_backend(env: Mapping[str, str], num_gpus: int, cpu_replicas: int | No
 def create_backend(name: str = "auto", *, cpu_replicas: int | None = None,
                    env: Mapping[str, str] | None = None,
                    cluster_timeout: float | None = None,
-                   collective: CollectiveOptions | None = None) -> tuple[Backend, str]:
+                   collective: CollectiveOptions | None = None,
+                   stall_timeout: float | None = None) -> tuple[Backend, str]:
     """Create the backend; returns (backend, reason for the choice).
 
     ``cluster_timeout``: seconds a multiworker job waits for all its workers
     (None: $DISTBATCH_CLUSTER_TIMEOUT or 120 s; see distbatch/backends/cluster.py).
     ``collective``: MultiWorkerMirroredStrategy's communication options (multiworker only).
+    ``stall_timeout``: Horovod: seconds a rank waits for the others before the job ends with a
+    line naming the ranks that did not arrive (None: $DISTBATCH_STALL_TIMEOUT or derived from
+    the measured call time; distbatch/backends/arrivals.py).
     """
     env = os.environ if env is None else env
+    resolve_timeout(stall_timeout, env={})  # a bad value is an error on every backend
     if name not in BACKENDS:
         raise UsageError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
     reason = "requested"
@@ -74,7 +80,7 @@ def create_backend(name: str = "auto", *, cpu_replicas: int | None = None,
         from distbatch.backends.strategy import MultiWorkerBackend
         return MultiWorkerBackend(env, cluster_timeout=cluster_timeout, collective=collective), reason
     from distbatch.backends.horovod import HorovodBackend
-    return HorovodBackend(env), reason
+    return HorovodBackend(env, stall_timeout=stall_timeout), reason
 
 
 __all__ = ["Backend", "BACKENDS", "CollectiveOptions", "choose_backend", "create_backend"]

@@ -59,8 +59,14 @@ class Backend(abc.ABC):
         """Run fn on every local replica (replica context)."""
 
     @abc.abstractmethod
-    def all_reduce_sum(self, values: list) -> list:
-        """Sum tensors across ALL replicas (called in replica context)."""
+    def all_reduce_sum(self, values: list, name: str | None = None) -> list:
+        """Sum tensors across ALL replicas (called in replica context). `name` identifies
+        the call the same way on every rank (Horovod matches collectives by name)."""
+
+    def waiting(self, label: str) -> contextlib.AbstractContextManager:
+        """Context of a call that blocks until every worker arrives; `label` names it in the
+        error when a worker does not arrive in time (Horovod: backends/arrivals.py)."""
+        return contextlib.nullcontext()
 
     def local_value(self, value: Any) -> Any:
         """One replica's copy of a value that all_reduce_sum made identical everywhere."""
@@ -90,7 +96,7 @@ class Backend(abc.ABC):
 
         @tf.function
         def share():
-            out = self.run(lambda: self.all_reduce_sum(values))
+            out = self.run(lambda: self.all_reduce_sum(values, name="distbatch_from_chief"))
             return [self.local_value(o) for o in out]
 
         return [np.asarray(o.numpy()).astype(np.asarray(a).dtype)

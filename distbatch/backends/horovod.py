@@ -3,14 +3,25 @@
 horovod.keras / horovod.tensorflow.keras are NOT used: under Keras 3 their
 DistributedOptimizer runs but silently skips gradient averaging, and their
 callbacks fail (see docs/backends.md). distbatch calls the collectives itself:
-hvd.grouped_allreduce for gradients and metrics, hvd.broadcast_variables for the
-initial state. One process per replica; each pins one GPU by local rank.
+hvd.grouped_allreduce for gradients and metrics, hvd.broadcast for the initial state.
+One process per replica; each pins one GPU by local rank.
+
+Every collective is named by its POSITION in the program (the caller's name, or the
+variable's index), never by a Keras name: Horovod matches tensors across ranks by name, and
+Keras's auto-names differ between ranks that built different numbers of layers before (a
+rank-0-only baseline model), which left every rank waiting forever in the initial broadcast.
+Before that broadcast the ranks compare their models by position (backends/model_check.py),
+and every blocking call runs under a bound that names the ranks that did not arrive
+(backends/arrivals.py).
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Mapping
 
+from distbatch.backends import model_check
+from distbatch.backends.arrivals import Arrivals, resolve_timeout
 from distbatch.backends.base import PER_TENSOR_BUCKET_MB, Backend
 from distbatch.errors import UsageError
 
@@ -52,8 +63,10 @@ class HorovodBackend(Backend):
     # link (docs/scaling.md, session 6).
     auto_bucket_mb = PER_TENSOR_BUCKET_MB
 
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None, *,
+                 stall_timeout: float | None = None) -> None:
         env = os.environ if env is None else env
+        timeout = resolve_timeout(stall_timeout, env)
         try:
             import horovod.tensorflow as hvd
         except ImportError as e:
@@ -70,6 +83,21 @@ class HorovodBackend(Backend):
         self.num_replicas = hvd.size()
         self.num_workers = hvd.size()
         self.worker_index = hvd.rank()
+        self._names: dict = {}
+        # Eager Horovod ops ignore name= (every eager allgather is "HorovodAllgather"), so
+        # the collectives that may run beside another one are graphs with their own names.
+        self._status_gather = tf.function(lambda t: hvd.allgather(t, name="distbatch_status"))
+        self._sig_gather = tf.function(lambda n, sig: (hvd.allgather(n, name="distbatch_sig_n"),
+                                                       hvd.allgather(sig, name="distbatch_sig")))
+        self.arrivals = Arrivals(self._exchange_status, hvd.rank(), hvd.size(), timeout=timeout)
+        if hvd.size() > 1:
+            self.arrivals.start()
+
+    def _exchange_status(self, row):
+        return self._status_gather(row.reshape(1, -1)).numpy()
+
+    def waiting(self, label: str):
+        return self.arrivals.waiting(label)
 
     def distribute(self, make_dataset):
         return make_dataset(self.worker_index, 1)
@@ -77,26 +105,54 @@ class HorovodBackend(Backend):
     def run(self, fn, args=()):
         return fn(*args)
 
-    def all_reduce_sum(self, values):
-        return self.hvd.grouped_allreduce(list(values), op=self.hvd.Sum)
+    def all_reduce_sum(self, values, name: str | None = None):
+        if name is None:  # callers name their all-reduces; else the order of the calls does
+            name = f"distbatch_allreduce_{self._names.setdefault('count', 0)}"
+            self._names["count"] += 1
+        return self.hvd.grouped_allreduce(list(values), op=self.hvd.Sum, name=name)
 
     def prepare(self, model, optimizer) -> None:
-        # Keras 3 variables are not tf.Variables: broadcast their .value.
+        import numpy as np
+        import tensorflow as tf
+        if self.num_workers > 1:
+            # Same model everywhere, compared by position (one allgather of each rank's list).
+            mine = np.frombuffer(model_check.encode(model_check.signature(model, optimizer)), np.uint8)
+            with self.waiting("model check"):
+                sizes, joined = self._sig_gather(np.array([mine.size], np.int64), mine)
+            joined = joined.numpy().tobytes()
+            bounds = np.concatenate([[0], np.cumsum(sizes.numpy())])
+            problem = model_check.first_mismatch(
+                [json.loads(joined[a:b]) for a, b in zip(bounds[:-1], bounds[1:])])
+            if problem:
+                raise UsageError(problem)
+        # Keras 3 variables are not tf.Variables: broadcast their .value, named by position.
         variables = [v.value for v in model.variables] + [v.value for v in optimizer.variables]
-        self.hvd.broadcast_variables(variables, root_rank=0)
+
+        @tf.function
+        def broadcast(values):
+            return [self.hvd.broadcast(t, root_rank=0, name=f"distbatch_init_{i}")
+                    for i, t in enumerate(values)]
+
+        with self.waiting("initial broadcast"):
+            for var, value in zip(variables, broadcast([v.read_value() for v in variables])):
+                var.assign(value)
 
     def broadcast_from_chief(self, arrays: list) -> list:
         # Horovod's own broadcast (eager): the base class's all-reduce inside a tf.function
         # fails here, as grouped_allreduce names its op after captured eager tensors' .name.
         import numpy as np
-        return [np.asarray(self.hvd.broadcast(np.asarray(a), root_rank=0,
-                                              name=f"distbatch_broadcast_{i}"))
-                for i, a in enumerate(arrays)]
+        with self.waiting("broadcast from rank 0"):
+            return [np.asarray(self.hvd.broadcast(np.asarray(a), root_rank=0,
+                                                  name=f"distbatch_broadcast_{i}"))
+                    for i, a in enumerate(arrays)]
 
     def sync_flag(self, flag: bool) -> bool:
         import tensorflow as tf
-        total = self.hvd.allreduce(tf.constant(1.0 if flag else 0.0), op=self.hvd.Sum)
-        return bool(total.numpy() > 0)
+        with self.waiting("flag"):
+            total = self.hvd.allreduce(tf.constant(1.0 if flag else 0.0), op=self.hvd.Sum,
+                                       name="distbatch_flag")
+            return bool(total.numpy() > 0)
 
     def shutdown(self) -> None:
+        self.arrivals.stop()
         self.hvd.shutdown()

@@ -16,5 +16,5 @@ class SingleBackend(Backend):
     def run(self, fn, args=()):
         return fn(*args)
 
-    def all_reduce_sum(self, values):
+    def all_reduce_sum(self, values, name=None):
         return list(values)

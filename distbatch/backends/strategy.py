@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from distbatch.backends.base import Backend
-from distbatch.errors import UsageError
+from distbatch.errors import ParameterError, UsageError
 
 
 def disable_keras_gradient_reduction(optimizer) -> None:
@@ -86,7 +86,7 @@ class StrategyBackend(Backend):
     def run(self, fn, args=()):
         return self.strategy.run(fn, args=tuple(args))
 
-    def all_reduce_sum(self, values):
+    def all_reduce_sum(self, values, name=None):
         import tensorflow as tf
         ctx = tf.distribute.get_replica_context()
         return ctx.all_reduce(tf.distribute.ReduceOp.SUM, list(values))
@@ -109,9 +109,20 @@ def logical_cpu_devices(n: int) -> list[str]:
         pass  # already initialised (e.g. a second run in the same process); use what exists
     devices = [d.name for d in tf.config.list_logical_devices("CPU")]
     if len(devices) < n:
-        raise UsageError(f"--cpu-replicas {n}: only {len(devices)} logical CPU devices could be made "
-                         "(TensorFlow was initialised before the backend was created)")
+        raise ParameterError(
+            f"{{cpu_replicas}} {n} needs {n} logical CPU devices, but TensorFlow had already "
+            f"started with {len(devices)} (any Keras, tf.data or TensorFlow call starts it); "
+            f"create the backend first, at the top of the program: backend, _ = "
+            f"distbatch.create_backend(\"mirrored\", cpu_replicas={n}), then fit(..., "
+            f"backend=backend)", "cpu_replicas")
     return devices[:n]
+
+
+def tensorflow_started() -> bool:
+    """True once TensorFlow's runtime is up: after that, logical devices and collective ops
+    can no longer be configured."""
+    from tensorflow.python.eager import context
+    return getattr(context.context(), "_context_handle", None) is not None
 
 
 class MirroredBackend(StrategyBackend):
@@ -258,6 +269,12 @@ class MultiWorkerBackend(StrategyBackend):
         from distbatch.backends.cluster import rendezvous, resolve_cluster_timeout
         env = os.environ if env is None else env
         timeout = resolve_cluster_timeout(cluster_timeout, env)
+        if tensorflow_started():  # else TensorFlow's "Collective ops must be configured at
+            raise UsageError(     # program startup" traceback, on every worker
+                "backend multiworker must be created before TensorFlow starts (any Keras, tf.data "
+                "or TensorFlow call starts it, e.g. building the input pipeline); create it first, "
+                "at the top of the program: backend, _ = distbatch.create_backend(\"multiworker\"), "
+                "then fit(..., backend=backend)")
         if "TF_CONFIG" not in env and slurm_task_count(env) > 1:
             import tensorflow as tf
             resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()

@@ -7,7 +7,7 @@ import os
 import sys
 
 from distbatch import __version__
-from distbatch.errors import ClusterSetupError, ParameterError, UsageError
+from distbatch.errors import ClusterSetupError, ParameterError, RanksDriftedError, UsageError
 from distbatch.training.preemption import EXIT_PREEMPTED, Preempted
 
 QUIET_ENV = {
@@ -138,7 +138,7 @@ def _run(argv: list[str]) -> tuple[int, bool]:
             e = e.for_flags(FLAG_NAMES)
         print(f"distbatch: error: {e}", file=sys.stderr)
         return 2, False
-    except ClusterSetupError as e:
+    except (ClusterSetupError, RanksDriftedError) as e:
         print(f"distbatch: error: {e}", file=sys.stderr)
         return 1, False
     except Preempted as e:  # every worker saved at the same step (distbatch/training/preemption.py)

@@ -126,7 +126,8 @@ def run_recommend(args: argparse.Namespace) -> int:
     from distbatch.training.job import EXIT_DIVERGED, load_data
 
     backend, _ = create_backend(base.backend, cpu_replicas=base.cpu_replicas,
-                                cluster_timeout=base.cluster_timeout)
+                                cluster_timeout=base.cluster_timeout,
+                                stall_timeout=base.stall_timeout)
     data = load_data(base)
     units = backend.num_replicas * args.accumulation_steps
     from distbatch.data.inputs import num_train_examples

@@ -175,7 +175,8 @@ def run_sweep(args: argparse.Namespace) -> int:
 
     backend, reason = create_backend(base.backend, cpu_replicas=base.cpu_replicas,
                                      cluster_timeout=base.cluster_timeout,
-                                     collective=base.collective_options())
+                                     collective=base.collective_options(),
+                                     stall_timeout=base.stall_timeout)
     data = load_data(base)
     out = base.out
     scalings = args.scaling if len(args.scaling) > 1 else (None,)

@@ -116,6 +116,11 @@ def add_comm_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--collective-timeout", type=float, default=None, metavar="SECONDS",
                    help="multiworker: fail a collective that takes longer than SECONDS "
                         "(default: wait forever)")
+    g.add_argument("--stall-timeout", type=float, default=None, metavar="SECONDS",
+                   help="horovod: end the job with a line naming the ranks that did not arrive "
+                        "when a rank waits longer than SECONDS for the others (default: 300 s "
+                        "until the first steps are timed, then max(60 s, 20 x the median call); "
+                        "also $DISTBATCH_STALL_TIMEOUT)")
 
 
 def nonnegative_float_arg(text: str) -> float:

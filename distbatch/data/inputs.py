@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from distbatch.data.checks import batched_in, check_arrays, check_element_spec
 from distbatch.errors import UsageError
 
 # One graph constant holds the in-memory arrays; TensorFlow refuses constants over 2 GB.
@@ -81,6 +82,7 @@ class ArraySource:
     """In-memory arrays: x (an array, or a dict/tuple of arrays), y (likewise), optional weights."""
 
     def __init__(self, x, y, sample_weight=None, *, name: str = "data") -> None:
+        check_arrays(name, _leaves(x), _leaves(y), sample_weight)
         n = {len(a) for a in _leaves(x) + _leaves(y)}
         if len(n) != 1:
             raise ValueError(f"{name}: x and y must have the same number of examples, got "
@@ -215,10 +217,14 @@ class DatasetSource:
         if not isinstance(spec, tuple) or len(spec) not in (2, 3):
             raise ValueError(f"{name}: a dataset's elements must be (x, y) or (x, y, sample_weight) "
                              f"tuples of ONE example, got {spec}")
+        check_element_spec(name, spec)
         first = _leaves(spec[0])[0]
-        if first.shape.rank is not None and first.shape.rank >= 1 and first.shape[0] is None:
-            raise ValueError(f"{name}: the dataset looks batched (x has shape {first.shape}); pass "
-                             "single examples (distbatch batches them to the global batch) or a "
+        batch = batched_in(ds)
+        if batch is not None or (first.shape.rank >= 1 and first.shape[0] is None):
+            what = (f".batch({batch}) in its chain" if batch is not None and batch > 0 else
+                    f"x has shape {first.shape}")
+            raise ValueError(f"{name}: the dataset is batched ({what}); pass single examples "
+                             "(distbatch batches them to the global batch, e.g. ds.unbatch()) or a "
                              "dataset_fn(ctx) that batches to ctx.get_per_replica_batch_size(B)")
         self.ds, self.shuffle_buffer, self.name = ds, shuffle_buffer, name
         self.n = count_examples(ds, name)

@@ -182,7 +182,7 @@ def _slowest_worker_times(backend, times: list[float]) -> list[float]:
 
     @tf.function
     def gather(t):  # t is an argument, not a captured eager tensor: Horovod names ops by it
-        out = backend.run(lambda: backend.all_reduce_sum([tf.identity(t)]))
+        out = backend.run(lambda: backend.all_reduce_sum([tf.identity(t)], name="distbatch_times"))
         return backend.local_value(out[0])
 
     return [float(v) for v in gather(tf.constant(mine)).numpy().max(axis=0)]
@@ -229,14 +229,16 @@ def measure(*, model: str = "mlp", input_shape: Sequence[int] | str = (40,), num
     chief = backend.is_chief
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    step(iterator)["loss_sum"].numpy()
+    with backend.waiting("bench: compile"):
+        step(iterator)["loss_sum"].numpy()
     compile_s = time.perf_counter() - t0
 
     def iteration() -> float:
         t = time.perf_counter()
-        for _ in range(steps_per_iter):
-            out = step(iterator)
-        out["loss_sum"].numpy()  # sync: the result exists only when the steps are done
+        with backend.waiting("bench: iteration"):
+            for _ in range(steps_per_iter):
+                out = step(iterator)
+            out["loss_sum"].numpy()  # sync: the result exists only when the steps are done
         return time.perf_counter() - t
 
     for _ in range(warmup_iters):

@@ -71,6 +71,7 @@ class TrainConfig:
     mwms_implementation: str = "auto"
     bytes_per_pack: int = 0
     collective_timeout: float | None = None
+    stall_timeout: float | None = None   # horovod: bound on a wait for the other ranks
     resume: bool = False
     overwrite: bool = False
     tensorboard_dir: str | None = None   # default: OUT/tensorboard
@@ -135,6 +136,8 @@ class TrainConfig:
         self.collective_options()  # --bytes-per-pack, --collective-timeout
         from distbatch.backends.cluster import resolve_cluster_timeout
         resolve_cluster_timeout(self.cluster_timeout)
+        from distbatch.backends.arrivals import resolve_timeout
+        resolve_timeout(self.stall_timeout, env={})
 
     def _check_batch(self) -> None:
         g, r = self.global_batch_size, self.recipe

@@ -201,10 +201,12 @@ def probe_step_seconds(backend, make_model: Callable, optimizer_fn: Callable, in
                            options=StepOptions(noise_scale=True, noise_splits=noise_splits_for(plan)))
     it = backend.iterator(lambda w, L: tf.data.Dataset.from_tensors((x, y)).repeat())
     n = tf.constant(steps, tf.int32)
-    step.multi(it, tf.constant(1, tf.int32))["loss_sum"].numpy()  # compile
+    with backend.waiting(f"timing batch {batch}: compile"):
+        step.multi(it, tf.constant(1, tf.int32))["loss_sum"].numpy()
     best = float("inf")
-    for _ in range(repeats):
+    for r in range(repeats):
         t0 = time.perf_counter()
-        step.multi(it, n)["loss_sum"].numpy()
+        with backend.waiting(f"timing batch {batch}: repeat {r + 1}"):
+            step.multi(it, n)["loss_sum"].numpy()
         best = min(best, time.perf_counter() - t0)
     return backend_slowest(backend, best / steps)

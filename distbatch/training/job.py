@@ -161,7 +161,8 @@ def train(config: TrainConfig, *, backend=None, data=None, record: dict | None =
     if backend is None:
         backend, reason = create_backend(config.backend, cpu_replicas=config.cpu_replicas,
                                          cluster_timeout=config.cluster_timeout,
-                                         collective=config.collective_options())
+                                         collective=config.collective_options(),
+                                         stall_timeout=config.stall_timeout)
     if data is None:
         data = load_data(config)
     rp = plan_run(config, backend, data)
@@ -322,7 +323,7 @@ RESUME_MAY_CHANGE = frozenset({"out", "resume", "overwrite", "progress", "verbos
                                "tensorboard_dir", "checkpoint_every", "checkpoint_every_seconds",
                                "backend_reason", "machine",
                                # how the gradients are grouped into all-reduces: the same sums
-                               "bucket_mb",
+                               "bucket_mb", "stall_timeout",
                                "batch_sizes", "seeds"})
 
 

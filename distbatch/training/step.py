@@ -165,11 +165,12 @@ def _all_reduce_buckets(tf, backend: Backend, grads: list, packed, options: Step
         sent = [grads[i] if wire is None else tf.cast(grads[i], wire) for i in idx]
         last = k == len(buckets) - 1
         if last and all(t.dtype == packed.dtype for t in sent):
-            reduced = backend.all_reduce_sum(sent + [packed])
+            reduced = backend.all_reduce_sum(sent + [packed], name=f"distbatch_grads_{k}")
             sent_back, packed_sum = reduced[:-1], reduced[-1]
         else:
-            sent_back = backend.all_reduce_sum(sent)
-            packed_sum = backend.all_reduce_sum([packed])[0] if last else None
+            sent_back = backend.all_reduce_sum(sent, name=f"distbatch_grads_{k}")
+            packed_sum = (backend.all_reduce_sum([packed], name="distbatch_step_sums")[0]
+                          if last else None)
             if last:
                 # The update must wait for the metrics' own all-reduce too: otherwise the next
                 # step of a multi-step loop can issue it again while it is still in flight
@@ -181,7 +182,7 @@ def _all_reduce_buckets(tf, backend: Backend, grads: list, packed, options: Step
         if last:
             packed = packed_sum
     if not buckets:  # a model without trainable variables: only the metrics
-        packed = backend.all_reduce_sum([packed])[0]
+        packed = backend.all_reduce_sum([packed], name="distbatch_step_sums")[0]
     return out, packed
 
 
@@ -346,7 +347,7 @@ def make_eval_step(backend: Backend, model, loss_fn=None, task=None):
         per_example = task.per_example_loss(y, out)
         sums = tf.concat([tf.stack([tf.reduce_sum(per_example * weight), tf.reduce_sum(mask)]),
                           task.metric_update(y, out, weight)], 0)
-        return backend.all_reduce_sum([sums])[0]
+        return backend.all_reduce_sum([sums], name="distbatch_eval_sums")[0]
 
     @tf.function
     def eval_step(iterator, n):

@@ -21,9 +21,11 @@ import numpy as np
 
 from distbatch import interrupts
 from distbatch.backends.base import Backend
+from distbatch.errors import require_param
 from distbatch.data.inputs import without_autotune_thread
 from distbatch.training.checkpoints import newest_intact
 from distbatch.training.early_stopping import EarlyStopping, load_weights, save_weights, weights_file
+from distbatch.training.hooks import CallbackHooks, TensorBoardHook, check_ranks_agree
 from distbatch.measure.noise import NoiseScaleTracker
 from distbatch.training.plan import BatchPlan
 from distbatch.training.preemption import CallBoundary, Preempted, chief_ints, sync_every_calls
@@ -67,6 +69,36 @@ class LoopOptions:
     # (the data order is a function of (seed, absolute epoch)). Default 0: one segment.
     step_offset: int = 0
     epoch_offset: int = 0
+
+    def __post_init__(self) -> None:
+        """Each option's range, named as the parameter (distbatch.fit passes them through)."""
+        def whole(name, low):
+            v = getattr(self, name)
+            require_param(isinstance(v, int) and not isinstance(v, bool) and v >= low,
+                          f"{{{name}}} must be a whole number >= {low}, got {v!r}", name)
+
+        def number(name, low, high=math.inf, optional=False):
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            require_param(isinstance(v, (int, float)) and not isinstance(v, bool)
+                          and math.isfinite(v) and low <= v <= high,
+                          f"{{{name}}} must be a finite number in [{low}, {high}], got {v!r}"
+                          if high != math.inf else
+                          f"{{{name}}} must be a finite number >= {low}, got {v!r}", name)
+        whole("total_steps", 1)
+        whole("evals_per_epoch", 1)
+        whole("log_every", 1)
+        whole("checkpoint_every", 0)
+        whole("early_stopping_patience", 0)
+        number("min_delta", 0)
+        number("checkpoint_min_seconds", 0)
+        number("checkpoint_every_seconds", 0)
+        number("target_accuracy", 0, 1, optional=True)
+        spe = self.steps_per_execution
+        require_param(spe == "auto" or (isinstance(spe, int) and not isinstance(spe, bool) and spe >= 1),
+                      f"{{steps_per_execution}} must be a whole number >= 1 or 'auto', got {spe!r}",
+                      "steps_per_execution")
 
 
 # Target duration of one call with steps_per_execution="auto". 1 s, not less: with steps of
@@ -220,7 +252,8 @@ class Trainer:
             tracker.restore(self._tracker_state)
         iterator = self._train_iterator(loop.step)
         self._tb = TensorBoardHook(self.opt.tensorboard_dir if self.chief else None)
-        self._hooks = CallbackHooks(self.callbacks, self.model, self.backend, self.opt, self.plan)
+        self._hooks = CallbackHooks(self.callbacks, self.model, self.backend, self.opt, self.plan,
+                                    self.optimizer)
         self._hooks.train_begin(self._eval_index(loop.step))
         # Time-based checkpoints and SIGTERM (distbatch.training.preemption): decided at call
         # boundaries, the same on every worker. SIGTERM only sets a flag while the loop runs.
@@ -346,8 +379,9 @@ class Trainer:
         opt, plan, ada = self.opt, self.plan, self.adascale
         n = self._steps_until_boundary(loop.step, loop.per_call)
         t0 = time.perf_counter()
-        out = step_fn.multi(iterator, tf.constant(n, tf.int32))
-        values = {k: v.numpy() for k, v in out.items()}
+        with self.backend.waiting(f"train steps {loop.step + 1}-{loop.step + n}"):
+            out = step_fn.multi(iterator, tf.constant(n, tf.int32))
+            values = {k: v.numpy() for k, v in out.items()}
         now = time.perf_counter()
         n = len(values["loss_sum"])  # fewer than asked when AdaScale's budget ran out
         c = loop.counters
@@ -391,6 +425,7 @@ class Trainer:
         """At an evaluation step: validation metrics, the history record, target, early
         stopping, callbacks, checkpoint; sets loop.stopped when the run should end."""
         opt, step, c = self.opt, loop.step, loop.counters
+        check_ranks_agree(self.backend, self.model, step)  # before the callbacks act
         val = self._evaluate(eval_fn) if self.val_source is not None else {}
         train = self._means(loop.sums)
         loop.sums = _zero_sums(self.task.state_size)
@@ -597,114 +632,14 @@ class Trainer:
             source, (it, n) = self.val_source, self._val_iterator
         else:
             it, n = self._eval_iterator(source, repeat=False)
-        out = eval_fn(it, n)
-        count = float(out["count"].numpy())
+        with self.backend.waiting("evaluation"):
+            out = eval_fn(it, n)
+            count = float(out["count"].numpy())
         expected = source.num_examples(1) if hasattr(source, "head") else None
         if expected is not None and count != expected:
             raise RuntimeError(f"evaluation covered {count} examples, expected {expected}")
         return {"loss": float(out["loss_sum"].numpy()) / count,
                 **self.task.results(out["metrics"].numpy().astype(np.float64))}
-
-
-class TensorBoardHook:
-    """distbatch's own TensorBoard points (chief only): train scalars per log window, val at
-    evaluations, with the global step numbers."""
-
-    def __init__(self, directory: str | None) -> None:
-        self.writers = {}
-        if directory:
-            import tensorflow as tf
-            self.writers = {k: tf.summary.create_file_writer(os.path.join(directory, k))
-                            for k in ("train", "val")}
-        self.active = bool(self.writers)
-
-    def scalars(self, kind: str, step: int, scalars: dict) -> None:
-        if kind not in self.writers:
-            return
-        import tensorflow as tf
-        with self.writers[kind].as_default(step=step):
-            for name, value in scalars.items():
-                if isinstance(value, (int, float)):
-                    tf.summary.scalar(name, value)
-
-    def close(self) -> None:
-        for w in self.writers.values():
-            w.flush()
-
-
-class CallbackHooks:
-    """Keras callbacks (keras.callbacks.Callback protocol), called on the chief with GLOBAL
-    metrics: on_train_begin/end, on_epoch_begin/end at every evaluation (the epoch index
-    counts evaluations; logs loss, <metric>, val_loss, val_<metric>, lr), on_train_batch_end
-    at every log window (logs: the window's means) after the call that ran it.
-    `model.stop_training` set by a callback ends the run on every rank (the chief's
-    decision is shared at the next call boundary); weights a callback changes on the chief
-    (e.g. EarlyStopping(restore_best_weights=True)) are copied to every worker."""
-
-    def __init__(self, callbacks: list, model, backend, options, plan) -> None:
-        self.active = bool(callbacks)
-        self.backend, self.model = backend, model
-        self.list = None
-        if self.active and backend.is_chief:
-            import keras
-            self.list = keras.callbacks.CallbackList(
-                callbacks, add_history=False, add_progbar=False, model=model, verbose=0,
-                epochs=max(1, math.ceil((options.total_steps - options.step_offset)
-                                        / max(1, plan.steps_per_epoch // max(1, options.evals_per_epoch)))),
-                steps=plan.steps_per_epoch)
-        model.stop_training = False
-
-    def train_begin(self, epoch: int) -> None:
-        if self.list is not None:
-            self.list.on_train_begin()
-            self.list.on_epoch_begin(epoch)
-
-    def epoch_begin(self, epoch: int) -> None:
-        if self.list is not None:
-            self.list.on_epoch_begin(epoch)
-
-    def batch_end(self, step: int, logs: dict) -> None:
-        if self.list is not None:
-            self.list.on_train_batch_end(step - 1, _keras_logs(logs))
-
-    def epoch_end(self, epoch: int, record: dict) -> bool:
-        """on_epoch_end with the record's metrics as Keras names; True if a callback stopped."""
-        if not self.active:
-            return False
-        if self.list is not None:
-            self.list.on_epoch_end(epoch, _keras_logs(record))
-        self._share_weights()
-        return bool(getattr(self.model, "stop_training", False))
-
-    def sync_stop(self) -> bool:
-        """The chief's model.stop_training, the same on every rank (one collective)."""
-        return self.backend.sync_flag(bool(getattr(self.model, "stop_training", False)) and
-                                      self.backend.is_chief)
-
-    def train_end(self, metrics: dict) -> None:
-        if self.list is not None:
-            self.list.on_train_end(_keras_logs(metrics))
-        if self.active:
-            self._share_weights()
-
-    def _share_weights(self) -> None:
-        """Multiworker/Horovod: every worker takes the chief's weights (a callback may have
-        changed them on the chief only)."""
-        if self.backend.num_workers > 1:
-            weights = self.backend.broadcast_from_chief(self.model.get_weights())
-            self.model.set_weights(weights)
-
-
-def _keras_logs(record: dict) -> dict:
-    """distbatch's names -> Keras's: train_loss -> loss, val_loss stays, learning_rate -> lr."""
-    logs = {}
-    for k, v in record.items():
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or k in ("step", "epoch"):
-            continue
-        if k.startswith("train_"):
-            k = k[len("train_"):]
-        logs["lr" if k == "learning_rate" else k] = float(v)
-    return logs
 
 
 def _fmt_eta(seconds: float) -> str:

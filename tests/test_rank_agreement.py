@@ -1,0 +1,98 @@
+"""Ranks never drift apart (issue 26, item 4): what a Keras callback changes on the chief
+(the learning rate of ReduceLROnPlateau, weights, stop_training) reaches every rank, and a
+rank whose weights differ anyway is a one-line error at the next evaluation.
+
+Measured before: ReduceLROnPlateau(factor=0.5) under horovodrun -np 2 halved rank 0's
+learning rate only (0.0125 against 0.1 after 4 epochs) and the run ended away from one
+device's result. Real 2-rank horovodrun jobs (slow) against the same script on one device.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import VENV_BIN, cli_env
+
+SCRIPT = textwrap.dedent('''
+    import json, sys, numpy as np
+    import keras, distbatch
+    case, out, backend = sys.argv[1], sys.argv[2], sys.argv[3]
+    rank = 0
+    if backend == "horovod":
+        import horovod.tensorflow as hvd
+        hvd.init()
+        rank = hvd.rank()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(512, 8)).astype("float32"); y = (x[:, 0] + x[:, 1] > 0).astype("int64")
+
+    class ChiefOnlyNudge(keras.callbacks.Callback):  # changes a weight on the chief only
+        def on_train_batch_end(self, batch, logs=None):
+            w = self.model.layers[0].kernel
+            w.assign(w.numpy() + 1.0)
+
+    callbacks = {"plateau": [keras.callbacks.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=0,
+                                                               min_delta=1e9, min_lr=0.0)],
+                 "nudge": [ChiefOnlyNudge()]}[case]
+    try:
+        res = distbatch.fit(model_fn=lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                                                              keras.layers.Dense(2)]),
+                            optimizer_fn=lambda: keras.optimizers.SGD(0.1, momentum=0.9),
+                            data=(x[:448], y[:448]), validation_data=(x[448:], y[448:]),
+                            global_batch_size=64, epochs=4, seed=2, backend=backend, callbacks=callbacks)
+    except RuntimeError as e:
+        print(f"rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    np.savez(f"{out}/rank{rank}.npz", *res.model.get_weights())
+    json.dump({"lr": float(res.model.optimizer.learning_rate.numpy()), "history_lr": res.history["lr"]},
+              open(f"{out}/rank{rank}.json", "w"))
+''')
+
+NEEDS_HOROVODRUN = pytest.mark.skipif(shutil.which("horovodrun", path=str(VENV_BIN)) is None,
+                                      reason="horovodrun is not installed in the venv")
+
+
+def _run(directory, case, backend):
+    directory.mkdir(exist_ok=True)
+    (directory / "script.py").write_text(SCRIPT)
+    cmd = ([str(VENV_BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo"]
+           if backend == "horovod" else [])
+    return subprocess.run([*cmd, sys.executable, str(directory / "script.py"), case, str(directory),
+                           backend], capture_output=True, text=True, timeout=300, env=cli_env())
+
+
+@pytest.mark.slow
+@NEEDS_HOROVODRUN
+def test_reduce_lr_on_plateau_reaches_every_rank(tmp_path):
+    import json
+    one = _run(tmp_path / "single", "plateau", "single")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _run(tmp_path / "hvd", "plateau", "horovod")
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    ref = json.loads((tmp_path / "single" / "rank0.json").read_text())
+    assert ref["lr"] == pytest.approx(0.1 * 0.5 ** 3)  # it fired after epochs 2, 3 and 4
+    weights_ref = np.load(tmp_path / "single" / "rank0.npz")
+    ranks = [np.load(tmp_path / "hvd" / f"rank{r}.npz") for r in range(2)]
+    for r in range(2):
+        assert json.loads((tmp_path / "hvd" / f"rank{r}.json").read_text())["lr"] == ref["lr"]
+    for k in weights_ref.files:
+        np.testing.assert_array_equal(ranks[0][k], ranks[1][k])
+        np.testing.assert_allclose(ranks[0][k], weights_ref[k], atol=1e-5)
+
+
+@pytest.mark.slow
+@NEEDS_HOROVODRUN
+def test_weights_changed_on_one_rank_are_an_error_on_every_rank(tmp_path):
+    proc = _run(tmp_path / "hvd", "nudge", "horovod")
+    assert proc.returncode != 0
+    err = proc.stdout + proc.stderr
+    assert ("rank 0: RanksDriftedError: ranks drifted apart: after step 7 this rank (0)'s weights "
+            "differ from the chief's") not in err  # the chief is the reference
+    assert ("rank 1: RanksDriftedError: ranks drifted apart: after step 7 this rank (1)'s weights "
+            "differ from the chief's; something changed the model on some ranks only") in err, err[-3000:]
+    assert ("rank 0: RanksDriftedError: ranks drifted apart: after step 7 another rank's weights "
+            "differ from the chief's (see its line)") in err, err[-3000:]
