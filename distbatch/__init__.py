@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "fit": "distbatch.api",
+    "evaluate": "distbatch.api",
     "load_model": "distbatch.api",
     "FitResult": "distbatch.api",
     "BatchPlan": "distbatch.training.plan",

@@ -221,6 +221,52 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None
                      records=result.history)
 
 
+def evaluate(model, data, *, global_batch_size: int, backend="auto", cpu_replicas: int | None = None,
+             loss=None, metrics=None, stall_timeout: float | None = None) -> dict:
+    """Exact {"loss", <metric>...} of `model` over ALL of `data` at a GLOBAL batch, on any
+    backend: the code of fit's validation (every example once, the last batch padded and
+    masked; metrics aggregated exactly across replicas and workers; every rank gets the
+    same numbers).
+
+    data: (x, y[, sample_weight]) arrays or a tf.data.Dataset of single examples.
+    loss/metrics: default the model's compiled ones; an uncompiled model gets fit's default
+    (sparse categorical cross-entropy from logits, with accuracy).
+    """
+    import keras
+
+    from distbatch.backends import create_backend
+    from distbatch.data.inputs import as_source
+    from distbatch.training.evaluation import eval_iterator, run_evaluation
+    from distbatch.training.plan import BatchPlan
+    from distbatch.training.step import make_eval_step
+
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"model must be a keras.Model, got {type(model).__name__}")
+    if data is None or callable(data) and not hasattr(data, "eval_dataset"):
+        raise TypeError(f"data must be (x, y) arrays or a tf.data.Dataset of single examples, got "
+                        f"{type(data).__name__}")
+    _check_positive_int("global_batch_size", global_batch_size)
+    if loss is None and metrics is None and getattr(model, "compiled", False):
+        loss = getattr(model, "loss", None)
+        compiled = getattr(model, "_compile_metrics", None)
+        metrics = (getattr(compiled, "_user_weighted_metrics", None)
+                   or getattr(compiled, "_user_metrics", None)) if compiled is not None else None
+    if loss is None and metrics is None:
+        metrics = ["accuracy"]
+    if isinstance(backend, str):
+        backend, _ = create_backend(backend, cpu_replicas=cpu_replicas, stall_timeout=stall_timeout)
+    source = as_source(data, "data")
+    n = source.num_examples(1)
+    plan = BatchPlan.derive(global_batch_size=global_batch_size, replicas=backend.num_replicas,
+                            num_train_examples=max(n, global_batch_size), flag="global_batch_size")
+    example = _example_output(model, source, plan)
+    _check_data(loss, example, source, None)
+    task = _task(model, loss, metrics, example)
+    eval_fn = make_eval_step(backend, model, task=task)
+    return run_evaluation(backend, eval_fn, task, source,
+                          eval_iterator(backend, plan, source, repeat=False))
+
+
 def _check_data(loss, example, train_src, val_src) -> None:
     """Before any step: validation shapes match training; with the default loss, logits of
     shape (batch, classes) and class-index labels in range (distbatch/data/checks.py)."""
@@ -229,7 +275,7 @@ def _check_data(loss, example, train_src, val_src) -> None:
     y, pred = example
     if val_src is not None and hasattr(val_src, "example_batch"):
         checks.check_same_shapes("validation_data", (_x_of(train_src), y), val_src.example_batch())
-    if loss is not None or len(_leaves(y)) != 1 or len(_leaves(pred)) != 1:
+    if not _is_sparse_classification(loss) or len(_leaves(y)) != 1 or len(_leaves(pred)) != 1:
         return
     for name, src in (("data", train_src), ("validation_data", val_src)):
         if src is None:
@@ -238,6 +284,13 @@ def _check_data(loss, example, train_src, val_src) -> None:
                   checks.dataset_labels(src.ds) if isinstance(src, DatasetSource) else None)
         checks.check_classification(name, labels, tuple(np.shape(_leaves(y)[0])),
                                     tuple(_leaves(pred)[0].shape))
+
+
+def _is_sparse_classification(loss) -> bool:
+    """The default loss, or sparse categorical cross-entropy given by name or object."""
+    import keras
+    return (loss is None or loss == "sparse_categorical_crossentropy"
+            or isinstance(loss, keras.losses.SparseCategoricalCrossentropy))
 
 
 def _x_of(source):

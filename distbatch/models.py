@@ -7,13 +7,38 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from distbatch.errors import UsageError
+from distbatch.errors import ParameterError, UsageError
 
 APPLICATIONS = ("ResNet50", "ResNet101", "MobileNetV2", "EfficientNetB0", "VGG16", "DenseNet121")
 MODELS = ("mlp", "mlp-wide", "convnet", "resnet") + APPLICATIONS
 
 
+# Copies of the output layer alive while training: weights, gradients, up to 2 optimizer slots.
+OUTPUT_LAYER_COPIES = 4
+
+
+def check_output_layer(features: int, num_classes: int, memory: int | None = None) -> None:
+    """ParameterError unless a (features + 1) x num_classes float32 output layer, times
+    OUTPUT_LAYER_COPIES, fits in this machine's memory (`memory` bytes; default: its RAM).
+
+    Without it an impossible class count (--num-classes 50000001, or a label that large) ends
+    in TensorFlow's ResourceExhaustedError traceback while the model is built. The limit is
+    the RAM: a GPU holds less, so this refuses only what cannot work anywhere on the machine."""
+    from distbatch.data.datasets import physical_memory
+    memory = physical_memory() if memory is None else memory
+    weights = (int(features) + 1) * int(num_classes)
+    need = weights * 4 * OUTPUT_LAYER_COPIES
+    if memory and need > memory:
+        most = memory // (4 * OUTPUT_LAYER_COPIES * (int(features) + 1))
+        raise ParameterError(
+            f"{{num_classes}} {num_classes} (given, or the largest label + 1) needs an output layer "
+            f"of {int(features) + 1} x {num_classes} float32 weights = {need / 2**30:,.1f} GiB with "
+            f"gradients and optimizer state, more than this machine's {memory / 2**30:,.1f} GiB of "
+            f"memory; expected at most {most:,} classes for this model", "num_classes")
+
+
 def _logits(keras, x, num_classes):
+    check_output_layer(x.shape[-1], num_classes)  # before Dense allocates its weights
     x = keras.layers.Dense(num_classes, name="logits")(x)
     return keras.layers.Activation("linear", dtype="float32", name="logits_f32")(x)
 

@@ -152,3 +152,43 @@ def test_backend_after_tensorflow_started_says_how(tmp_path, backend, expected):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert expected in proc.stdout, proc.stdout + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "--cpu-replicas" not in proc.stdout
+
+
+def test_evaluate_equals_keras_evaluate_on_every_example(arrays):
+    """distbatch.evaluate (fit's validation code) over 203 examples at global batch 32 (the
+    last batch short): the numbers Keras gives for the same model, with the compiled loss and
+    metrics, an AUC included (a stateful metric, exact over all examples)."""
+    import keras
+
+    import distbatch
+    x, y = arrays
+    # a binary model: one logit, labels 0/1 (binary accuracy and AUC from the logit)
+    bce = keras.losses.BinaryCrossentropy(from_logits=True)
+    model = _fit(arrays, data=(x, y.astype("float32")), loss=bce, metrics=["accuracy"],
+                 model_fn=lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])).model
+    mine = distbatch.evaluate(model, (x[:203], y[:203].astype("float32")), global_batch_size=32,
+                              backend="single", loss=bce,
+                              metrics=[keras.metrics.BinaryAccuracy(threshold=0.0, name="acc"),
+                                       keras.metrics.AUC(from_logits=True, name="auc")])
+    model.compile(loss=bce, metrics=[keras.metrics.BinaryAccuracy(threshold=0.0, name="acc"),
+                                     keras.metrics.AUC(from_logits=True, name="auc")])
+    ref = model.evaluate(x[:203], y[:203].astype("float32"), batch_size=203, verbose=0, return_dict=True)
+    for k in ("loss", "acc", "auc"):
+        assert mine[k] == pytest.approx(ref[k], abs=1e-5), k
+
+
+def test_evaluate_uses_the_compiled_loss_and_refuses_bad_arguments(arrays):
+    import keras
+
+    import distbatch
+    x, y = arrays
+    model = _fit(arrays).model  # compiled by fit: sparse cross-entropy, accuracy
+    mine = distbatch.evaluate(model, (x[:100], y[:100]), global_batch_size=16, backend="single")
+    logits = model.predict(x[:100], verbose=0)
+    loss = keras.losses.sparse_categorical_crossentropy(y[:100], logits, from_logits=True)
+    assert mine["loss"] == pytest.approx(float(np.mean(loss)), abs=1e-5)
+    assert mine["accuracy"] == pytest.approx(float(np.mean(np.argmax(logits, -1) == y[:100])))
+    with pytest.raises(TypeError, match="model must be a keras.Model, got function"):
+        distbatch.evaluate(lambda: model, (x, y), global_batch_size=16, backend="single")
+    with pytest.raises(ValueError, match="data: labels must be class indices in \\[0, 1\\]"):
+        distbatch.evaluate(model, (x, y + 5), global_batch_size=16, backend="single")

@@ -65,6 +65,43 @@ def resolve_cluster_timeout(flag: float | None, env: Mapping[str, str] | None = 
     return DEFAULT_CLUSTER_TIMEOUT
 
 
+def check_tf_config_entries(workers: Sequence[str], task: Mapping) -> None:
+    """UsageError for what TF_CONFIG's own checks let through (distbatch/backends/strategy.py
+    parse_tf_config calls this once the addresses are well-formed):
+
+    * a task index that is not a JSON integer ("0" would be reported as out of range);
+    * one worker named twice in spellings that differ (host names ignore case, as DNS does;
+      "[::1]" and "[0::1]" are one address): both workers would bind the same port, and the
+      job would wait out --cluster-timeout instead of failing at once.
+    """
+    index = task.get("index")
+    # JSON true/false stays with the range check below it (tests/test_hangs.py pins that line).
+    if not isinstance(index, int):
+        kind = {str: "a string", float: "a decimal number", type(None): "missing or null",
+                list: "a list", dict: "an object"}.get(type(index), type(index).__name__)
+        raise UsageError(f"TF_CONFIG task index must be a JSON integer such as 0, got {index!r} "
+                         f"({kind})")
+    seen: dict[tuple[str, int], str] = {}
+    for address in workers:
+        key = _same_worker_key(address)
+        if key in seen:
+            why = "host names ignore case" if seen[key].lower() == address.lower() else "one address"
+            raise UsageError(f"TF_CONFIG cluster names one worker twice: {seen[key]!r} and {address!r} "
+                             f"({why}); every task needs its own host:port")
+        seen[key] = address
+
+
+def _same_worker_key(address: str) -> tuple[str, int]:
+    """(host, port) with the host as the network sees it: lower case, one spelling per IP."""
+    import ipaddress
+    host, port = split_address(address)
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        host = host.lower().rstrip(".")  # a DNS name: case and a trailing dot do not matter
+    return host, port
+
+
 def split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)

@@ -204,6 +204,7 @@ def parse_tf_config(raw: str | None) -> dict:
     if duplicates:
         raise UsageError(f"TF_CONFIG cluster names {duplicates[0]!r} more than once; every task needs "
                          "its own host:port")
+    from distbatch.backends.cluster import check_tf_config_entries; check_tf_config_entries(workers, task)
     ttype, index = task.get("type"), task.get("index")
     if ttype not in MULTIWORKER_JOBS:
         raise UsageError(f"TF_CONFIG task type must be 'worker' or 'chief', got {ttype!r}")

@@ -11,9 +11,10 @@ from distbatch.errors import UsageError, require
 from distbatch.fileio import unwritable_reason
 from distbatch.measure import bench
 from distbatch.measure.bench import (DEFAULT_PER_REPLICA_BATCH, LOGICAL_CPU_NOTE, SCALING_SCHEMA,
-                                     check_baseline_matches, efficiency_table, format_table,
-                                     load_baseline, parse_input_shape, parse_replica_list,
-                                     replica_run_command, resolve_batch, scaling_efficiency)
+                                     check_baseline_matches, check_inputs_fit, efficiency_table,
+                                     format_table, load_baseline, parse_input_shape,
+                                     parse_replica_list, replica_run_command, resolve_batch,
+                                     scaling_efficiency)
 
 
 def _print_result(r: dict) -> None:
@@ -44,13 +45,15 @@ def _write_json(path: str | None, obj: dict) -> None:
 
 def validate(args: argparse.Namespace) -> None:
     """Every check that needs no TensorFlow, so bad input fails in a second."""
-    parse_input_shape(args.input_shape)
+    shape = parse_input_shape(args.input_shape)
     require(args.num_classes >= 2, f"--num-classes must be >= 2, got {args.num_classes}")
     require(args.iters >= 1, f"--iters must be >= 1, got {args.iters}")
     require(args.steps_per_iter >= 1, f"--steps-per-iter must be >= 1, got {args.steps_per_iter}")
     require(args.warmup_iters >= 0, f"--warmup-iters must be >= 0, got {args.warmup_iters}")
     require(0 <= args.seed < 2**32, f"--seed must be an integer in [0, 2**32), got {args.seed}")
-    resolve_batch(args.per_replica_batch_size, args.global_batch_size, 1)
+    per_replica, _ = resolve_batch(args.per_replica_batch_size, args.global_batch_size, 1)
+    if args.global_batch_size is None:  # else the replica count (known only later) divides it
+        check_inputs_fit(shape, per_replica)
     if args.cpu_replicas is not None:
         require(args.cpu_replicas >= 1, f"--cpu-replicas must be >= 1, got {args.cpu_replicas}")
     if args.cpu_replicas_list is not None:

@@ -13,6 +13,7 @@ import argparse
 import math
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,9 +25,28 @@ from distbatch.errors import UsageError
 from distbatch.training.preemption import CHECKPOINT_SECONDS_ENV, LAUNCH_CHECKPOINT_SECONDS
 
 
+# A reader that stops early (`--dry-run | head -1`) closes the pipe: exit as quietly as cat or
+# ls do (they die of SIGPIPE, which a shell reports as 128 + 13), not with a BrokenPipeError
+# traceback and a second "Exception ignored" one when Python flushes stdout at exit.
+EXIT_STDOUT_CLOSED = 128 + signal.SIGPIPE
+
+
 def _print(*lines: str) -> None:
-    for line in lines:
-        print(line, flush=True)
+    _write_stdout("".join(f"{line}\n" for line in lines))
+
+
+def _write_stdout(text: str) -> None:
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        try:  # later flushes (at exit) go nowhere instead of failing again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+        raise SystemExit(EXIT_STDOUT_CLOSED) from None
 
 
 def _env_lines(env: Mapping[str, str]) -> list[str]:
@@ -198,7 +218,7 @@ def _slurm(args: argparse.Namespace) -> int:
         partition=args.partition, job_name=args.job_name, log=args.log,
         cpus_per_task=args.cpus_per_task, srun_mpi=args.srun_mpi)
     if args.dry_run:
-        sys.stdout.write(text)
+        _write_stdout(text)
         return 0
     path = Path(args.output or f"{args.job_name}.sbatch")
     _write(path, text, "--output")

@@ -263,7 +263,7 @@ def _load_synthetic(spec, *, seed, train_size, val_size, options):
         raise UsageError(f"synthetic num_classes must be an integer >= 2, got {classes!r}")
     n_train = train_size or SYNTHETIC_DEFAULT_SIZES[0]
     n_val = val_size or SYNTHETIC_DEFAULT_SIZES[1]
-    need, have = (n_train + n_val) * math.prod(shape) * 4, _physical_memory()
+    need, have = (n_train + n_val) * math.prod(shape) * 4, physical_memory()
     if have and need > have:
         raise UsageError(f"dataset {spec!r} needs {n_train + n_val} examples x {math.prod(shape):,} "
                          f"float32 values = {need / 2**30:,.1f} GiB, more than this machine's "
@@ -301,9 +301,36 @@ def _as_images(x: np.ndarray) -> np.ndarray:
     return x[..., None] if x.ndim == 3 else x
 
 
-def _load_npz(spec, *, seed, train_size, val_size, options):
+NPZ_EXPECTED = "an .npz archive with x_train, y_train, x_test, y_test (as numpy.savez writes)"
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first entry, or an empty zip
+
+
+def _check_npz_magic(spec: str, path: Path) -> None:
+    """UsageError saying what the file is unless it starts like a zip archive.
+
+    np.load picks the format from the first bytes, so a renamed .npy comes back as one array
+    (no context manager) and anything else as a pickle it refuses with advice to unpickle."""
     try:
-        with np.load(Path(spec).expanduser(), allow_pickle=False) as f:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise UsageError(f"cannot read {spec!r} ({e.strerror or e})") from None
+    if head.startswith(_ZIP_MAGIC):
+        return
+    if head.startswith(b"\x93NUMPY"):
+        what = "a single .npy array (numpy.save), not an .npz archive"
+    elif not head:
+        what = "an empty file, not an .npz archive"
+    else:
+        what = f"not an .npz archive (it starts with bytes {head[:4].hex(' ')}, not a zip header)"
+    raise UsageError(f"{spec!r} is {what}; expected {NPZ_EXPECTED}")
+
+
+def _load_npz(spec, *, seed, train_size, val_size, options):
+    path = Path(spec).expanduser()
+    _check_npz_magic(spec, path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
             keys = set(f.files)
             val_keys = ("x_test", "y_test") if {"x_test", "y_test"} <= keys else ("x_val", "y_val")
             wanted = ("x_train", "y_train") + val_keys
@@ -466,7 +493,8 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-def _physical_memory() -> int | None:
+def physical_memory() -> int | None:
+    """This machine's RAM in bytes (None where the OS does not say)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -499,7 +527,9 @@ def _split(x, y, val_fraction: float, seed: int):
 
 
 def _subset(x, y, size, rng, label, display):
-    if size is None or size == len(x):
+    if size is None or np.ndim(x) == 0 or np.ndim(y) == 0:
+        return x, y  # _validated reports a 0-d array (len() of it is a TypeError)
+    if size == len(x):
         return x, y
     if size > len(x):
         raise UsageError(f"{label}={size} exceeds the {len(x)} examples of dataset {display!r}")
@@ -526,11 +556,9 @@ def _validated(name, x_tr, y_tr, x_va, y_va, num_classes) -> ArrayDataset:
             raise UsageError(f"{name}: the {split} set is empty")
         if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
             raise UsageError(f"{name}: x_{split} must be numeric, got dtype {x.dtype}")
-        x = x.astype(np.float32, copy=False)
-        if not np.isfinite(x).all():
-            bad = int(np.size(x) - np.isfinite(x).sum())
-            raise UsageError(f"{name}: x_{split} has {bad} NaN/inf value(s)")
-        if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+        x = _as_float32(x, f"{name}: x_{split}")
+        if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)) \
+                and np.abs(y).max(initial=0) < 2**53:  # beyond, the int64 cast would warn (and lie)
             y = y.astype(np.int64)
         if not np.issubdtype(y.dtype, np.integer):
             raise UsageError(f"{name}: y_{split} must hold integer class labels, got dtype {y.dtype}")
@@ -545,6 +573,10 @@ def _validated(name, x_tr, y_tr, x_va, y_va, num_classes) -> ArrayDataset:
     inferred = num_classes is None
     if inferred:
         num_classes = int(max(y_tr.max(), y_va.max())) + 1
+        if num_classes < 2:  # all labels <= 0: "num_classes ... got -4" would not say why
+            low = int(min(y_tr.min(), y_va.min()))
+            raise UsageError(f"{name}: the labels span [{low}, {num_classes - 1}]; expected class "
+                             "indices 0..K-1 (>= 0) with at least 2 classes")
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
         raise UsageError(f"{name}: num_classes must be an integer >= 2, got {num_classes!r}")
     for split, y in (("train", y_tr), ("val", y_va)):
@@ -559,6 +591,29 @@ def _validated(name, x_tr, y_tr, x_va, y_va, num_classes) -> ArrayDataset:
                              f"values occur; expected class indices 0..K-1 (pass --num-classes "
                              f"{num_classes} to insist on {num_classes} classes)")
     return ArrayDataset(name, x_tr, y_tr.astype(np.int32), x_va, y_va.astype(np.int32), int(num_classes))
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _as_float32(x: np.ndarray, what: str) -> np.ndarray:
+    """x as float32, or UsageError naming `what`. Cast silently, complex inputs would lose their
+    imaginary part (a ComplexWarning, then training on the real part) and float64 values beyond
+    float32's range would become inf (a RuntimeWarning before the error)."""
+    if np.iscomplexobj(x):
+        raise UsageError(f"{what} has complex dtype {x.dtype}; expected real numbers "
+                         "(integers, floats or booleans)")
+    with np.errstate(over="ignore", invalid="ignore"):
+        x32 = x.astype(np.float32, copy=False)
+    finite = np.isfinite(x32)
+    if finite.all():
+        return x32
+    too_big = np.isfinite(x) & ~finite  # finite before the cast, inf after
+    if too_big.any():
+        raise UsageError(f"{what} has {int(too_big.sum())} value(s) beyond float32's range (largest "
+                         f"|x| {float(np.abs(x[too_big]).max()):.4g}); expected values within "
+                         f"+-{FLOAT32_MAX:.4g} (inputs are trained as float32)")
+    raise UsageError(f"{what} has {int(finite.size - finite.sum())} NaN/inf value(s)")
 
 
 def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:

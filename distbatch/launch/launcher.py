@@ -111,7 +111,7 @@ def parse_hosts(hosts: str) -> list[tuple[str, int]]:
     parsed = []
     for item in hosts.split(","):
         name, sep, slots = item.strip().rpartition(":")
-        if not sep or not name or not slots.isdigit() or int(slots) < 1:
+        if not sep or not name or not _whole(slots) or int(slots) < 1:
             raise UsageError(f"-H entry must be host:slots with slots >= 1, got {item!r} in {hosts!r}")
         parsed.append((check_host(name, f"-H entry {item!r}"), int(slots)))
     return parsed
@@ -135,14 +135,39 @@ def parse_hostfile(path: str | os.PathLike, *, strict: bool = False) -> list[tup
         fields = line.split()
         if not fields and not strict:
             continue
+        where = f"--hostfile {str(path)!r} line {lineno}"
+        if fields and not fields[0].startswith("#"):  # the launcher passes it on to ssh
+            check_host(fields[0], where)
         slots = [f.partition("=")[2] for f in fields[1:] if f.startswith("slots=")]
-        ok = bool(fields) and (slots or not strict) and all(s.isdigit() and int(s) >= 1 for s in slots)
+        # horovodrun reads 'host slots=N' and nothing else (it splits the line at '=')
+        exact = len(fields) == 2 and len(slots) == 1
+        ok = bool(fields) and (exact or not strict) and all(_whole(s) and int(s) >= 1 for s in slots)
         if not ok:
-            raise UsageError(f"--hostfile {str(path)!r} line {lineno}: expected {expected}, got {raw!r}")
+            raise UsageError(f"{where}: expected {expected}, got {raw!r}")
         parsed.append((fields[0], int(slots[0]) if slots else 1))
     if not parsed:
         raise UsageError(f"--hostfile {str(path)!r} lists no hosts")
     return parsed
+
+
+def _whole(text: str) -> bool:
+    """ASCII digits only (str.isdigit also accepts '²' and other scripts' digits)."""
+    return text.isascii() and text.isdigit()
+
+
+# Linux interface names (at most IFNAMSIZ - 1 = 15 bytes), as plain identifiers: eth0, ens5f1,
+# bond0.100, br-1a2b; horovodrun passes them on to every host.
+_NIC_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+
+
+def check_network_interfaces(value: str) -> str:
+    """Return ``value`` if it is one interface name or a comma-separated list of them, else
+    raise UsageError naming it (horovodrun would fail with its own traceback)."""
+    names = value.split(",") if isinstance(value, str) else [value]
+    if not all(isinstance(n, str) and _NIC_RE.fullmatch(n) for n in names):
+        raise UsageError(f"--network-interface must be interface name(s) such as eth0 or eth0,eth1 "
+                         f"(letters, digits, '_', '.', '-'; at most 15 each), got {value!r}")
+    return value
 
 
 def check_slots(hosts: Sequence[tuple[str, int]], np: int, where: str) -> None:
@@ -226,6 +251,7 @@ def horovod_command(*, np: int, command: Sequence[str], hosts: str | None = None
     if mpi:
         argv.append("--mpi")
     if network_interface:
+        check_network_interfaces(network_interface)
         # horovodrun takes one NIC per --network-interface, a list via --network-interfaces.
         flag = "--network-interfaces" if "," in network_interface else "--network-interface"
         argv += [flag, network_interface]

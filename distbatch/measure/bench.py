@@ -34,6 +34,7 @@ says nothing about GPU scaling.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -138,17 +139,42 @@ def resolve_batch(per_replica: int | None, global_batch: int | None, replicas: i
 def load_baseline(path: str) -> dict:
     """A bench JSON written by `distbatch bench --json` (single run, not a scaling table)."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except OSError as e:
         raise UsageError(f"--baseline {path!r}: cannot read it ({e.strerror})") from None
     except json.JSONDecodeError as e:
         raise UsageError(f"--baseline {path!r} is not JSON ({e.msg} at char {e.pos})") from None
+    except UnicodeDecodeError as e:  # a binary file (an .npz, a checkpoint) given by mistake
+        raise UsageError(f"--baseline {path!r} is not a text file (byte 0x{e.object[e.start]:02x} at "
+                         f"offset {e.start} is not UTF-8); expected the JSON that `distbatch bench "
+                         f"--json` writes") from None
+    except RecursionError:
+        raise UsageError(f"--baseline {path!r} is not JSON (nested too deeply)") from None
     ok = (isinstance(data, dict) and data.get("schema") == SCHEMA
           and isinstance(data.get("replicas"), int)
           and isinstance(data.get("samples_per_sec"), dict) and "mean" in data["samples_per_sec"])
     require(ok, f"--baseline {path!r} is not a `distbatch bench --json` file of schema {SCHEMA}")
     return data
+
+
+# Bytes per input value while the random batch is made: drawn as float64, kept as float32.
+INPUT_BYTES_PER_VALUE = 8 + 4
+
+
+def check_inputs_fit(shape: Sequence[int], per_replica_batch: int, memory: int | None = None) -> None:
+    """ParameterError unless one replica's batch of random inputs fits in this machine's memory
+    (`memory` bytes; default its RAM), checked before allocating, as train checks synthetic data."""
+    from distbatch.data.datasets import physical_memory
+    memory = physical_memory() if memory is None else memory
+    values = math.prod(int(d) for d in shape)
+    need = per_replica_batch * values * INPUT_BYTES_PER_VALUE
+    if memory and need > memory:
+        raise ParameterError(
+            f"{{input_shape}} {'x'.join(map(str, shape))} needs {per_replica_batch} examples x "
+            f"{values:,} input values per replica = {need / 2**30:,.1f} GiB (drawn as float64, kept as "
+            f"float32), more than this machine's {memory / 2**30:,.1f} GiB of memory; use a smaller "
+            f"{{input_shape}} or batch", "input_shape")
 
 
 def check_baseline_matches(result: dict, baseline: dict) -> None:
@@ -212,6 +238,7 @@ def measure(*, model: str = "mlp", input_shape: Sequence[int] | str = (40,), num
     backend, reason = create_backend(backend, cpu_replicas=cpu_replicas)
     R = backend.num_replicas
     b, B = resolve_batch(per_replica_batch_size, global_batch_size, R)
+    check_inputs_fit(shape, b)
     plan = BatchPlan.derive(global_batch_size=B, replicas=R, num_train_examples=B)
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed + backend.worker_index)
