@@ -300,7 +300,7 @@ def test_bad_arguments_name_the_parameter():
     with pytest.raises(ValueError, match="epochs must be a finite number > 0"):
         _fit(epochs=0)
     import tensorflow as tf
-    with pytest.raises(ValueError, match="looks batched"):
+    with pytest.raises(ValueError, match=r"data: the dataset is batched \(\.batch\(8\) in its chain\)"):
         _fit(data=tf.data.Dataset.from_tensor_slices(_regression_data()).batch(8))
 
 
