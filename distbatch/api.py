@@ -81,7 +81,7 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None
         cpu_replicas: int | None = None, seed: int = 0, accumulation_steps: int = 1,
         steps_per_epoch: int | None = None, shuffle_buffer: int = 10_000,
         loss_fn: Callable | None = None, stall_timeout: float | None = None,
-        **loop_options) -> FitResult:
+        sync_batchnorm: bool = False, **loop_options) -> FitResult:
     """Train model_fn() on `data` at a GLOBAL batch size; return a FitResult.
 
     data / validation_data: (x, y) or (x, y, sample_weight) NumPy arrays (x, y may be
@@ -99,6 +99,8 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None
     TerminateOnNaN, TensorBoard, your own).
     Exactly one of optimizer_fn (() -> keras optimizer) and recipe (distbatch.Recipe).
     `backend` is a name (see distbatch.backends.BACKENDS) or a Backend instance.
+    sync_batchnorm: BatchNormalization layers normalise with the moments of the GLOBAL batch
+    on every backend (distbatch/training/sync_batchnorm.py); default: each replica's own.
     stall_timeout: Horovod: seconds a rank waits for the others in a collective before the
     job ends with one line naming the ranks that did not arrive (default: derived from the
     measured call time, see distbatch/backends/arrivals.py). Extra
@@ -137,6 +139,8 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None
     loss = loss if loss is not None else loss_fn
     _check_positive_int("global_batch_size", global_batch_size)
     _check_positive_int("accumulation_steps", accumulation_steps)
+    if not isinstance(sync_batchnorm, bool):
+        raise TypeError(f"sync_batchnorm must be True or False, got {sync_batchnorm!r}")
     _check_length(epochs, steps)
     unknown = sorted(set(loop_options) - set(LoopOptions.__dataclass_fields__) | (
         set(loop_options) & {"total_steps", "seed"}))
@@ -189,6 +193,9 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None
         model = model_fn()
         if not isinstance(model, keras.Model):
             raise TypeError(f"model_fn must return a keras.Model, got {type(model).__name__}")
+        if sync_batchnorm:
+            from distbatch.training.sync_batchnorm import apply_sync_batchnorm
+            apply_sync_batchnorm(model, backend)
         example = _example_output(model, train_src, plan)  # builds a subclassed model here
         _check_data(loss, example, train_src, val_src)
         adascale = None

@@ -68,6 +68,11 @@ class Backend(abc.ABC):
         error when a worker does not arrive in time (Horovod: backends/arrivals.py)."""
         return contextlib.nullcontext()
 
+    def replica_index(self):
+        """This replica's index among all replicas, 0..num_replicas-1 (in replica context;
+        a tensor or an int)."""
+        return 0
+
     def local_value(self, value: Any) -> Any:
         """One replica's copy of a value that all_reduce_sum made identical everywhere."""
         return value

@@ -105,6 +105,9 @@ class HorovodBackend(Backend):
     def run(self, fn, args=()):
         return fn(*args)
 
+    def replica_index(self):
+        return self.worker_index
+
     def all_reduce_sum(self, values, name: str | None = None):
         if name is None:  # callers name their all-reduces; else the order of the calls does
             name = f"distbatch_allreduce_{self._names.setdefault('count', 0)}"

@@ -91,6 +91,10 @@ class StrategyBackend(Backend):
         ctx = tf.distribute.get_replica_context()
         return ctx.all_reduce(tf.distribute.ReduceOp.SUM, list(values))
 
+    def replica_index(self):
+        import tensorflow as tf
+        return tf.distribute.get_replica_context().replica_id_in_sync_group
+
     def local_value(self, value):
         return self.strategy.experimental_local_results(value)[0]
 
@@ -270,12 +274,6 @@ class MultiWorkerBackend(StrategyBackend):
         from distbatch.backends.cluster import rendezvous, resolve_cluster_timeout
         env = os.environ if env is None else env
         timeout = resolve_cluster_timeout(cluster_timeout, env)
-        if tensorflow_started():  # else TensorFlow's "Collective ops must be configured at
-            raise UsageError(     # program startup" traceback, on every worker
-                "backend multiworker must be created before TensorFlow starts (any Keras, tf.data "
-                "or TensorFlow call starts it, e.g. building the input pipeline); create it first, "
-                "at the top of the program: backend, _ = distbatch.create_backend(\"multiworker\"), "
-                "then fit(..., backend=backend)")
         if "TF_CONFIG" not in env and slurm_task_count(env) > 1:
             import tensorflow as tf
             resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
@@ -287,6 +285,14 @@ class MultiWorkerBackend(StrategyBackend):
             import tensorflow as tf
             resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
         num_workers = len(workers)
+        # After TF_CONFIG's own checks; else TensorFlow's "Collective ops must be configured
+        # at program startup" traceback, on every worker.
+        if tensorflow_started():
+            raise UsageError(
+                "backend multiworker must be created before TensorFlow starts (any Keras, tf.data "
+                "or TensorFlow call starts it, e.g. building the input pipeline); create it first, "
+                "at the top of the program: backend, _ = distbatch.create_backend(\"multiworker\"), "
+                "then fit(..., backend=backend)")
         # TensorFlow waits for missing peers in C++ holding the GIL, forever and silently:
         # meet them first, where a deadline and signals work (distbatch/backends/cluster.py).
         rendezvous(workers, index, timeout)

@@ -55,6 +55,9 @@ def add_train_args(parser: argparse.ArgumentParser, *, sweep: bool = False) -> N
                    help="gradient accumulation: global = per_replica x replicas x K")
     g.add_argument("--mixed-precision", choices=("off", "float16", "bfloat16"), default="off",
                    help="keras.mixed_precision policy; float16 uses dynamic loss scaling")
+    g.add_argument("--sync-batchnorm", action="store_true",
+                   help="BatchNormalization with the moments of the GLOBAL batch on every backend "
+                        "(default: each replica's own slice; docs/correctness.md)")
     g.add_argument("--noise-scale", action="store_true",
                    help="estimate the gradient noise scale B_simple (McCandlish et al. 2018)")
     g.add_argument("--target-accuracy", type=float, default=None,

@@ -55,6 +55,7 @@ class TrainConfig:
     data_seed: int = 0
     accumulation_steps: int = 1
     mixed_precision: str = "off"
+    sync_batchnorm: bool = False
     noise_scale: bool = False
     target_accuracy: float | None = None
     evals_per_epoch: int = 1

@@ -22,6 +22,7 @@ from distbatch.errors import ParameterError, UsageError, require_param
 from distbatch.fileio import atomic_write_json, json_roundtrip
 from distbatch.outdir import check_out_dir, claim_out_dir
 from distbatch.training.config import TrainConfig
+from distbatch.training.sync_batchnorm import apply_sync_batchnorm
 
 if TYPE_CHECKING:
     from distbatch.recipes.recipe import Recipe
@@ -178,6 +179,8 @@ def train(config: TrainConfig, *, backend=None, data=None, record: dict | None =
     set_precision(config.mixed_precision)
     with backend.scope():
         model = build_model(config.model, data.input_shape, data.num_classes)
+        if config.sync_batchnorm:
+            apply_sync_batchnorm(model, backend)
         adascale = None
         if adascale_scale is not None:
             from distbatch.recipes.adascale import AdaScaleState

@@ -24,6 +24,7 @@ from typing import Sequence
 
 from distbatch.backends.base import Backend
 from distbatch.training.plan import BatchPlan
+from distbatch.training.replica_seeds import decorrelate_replicas
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,7 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
     import tensorflow as tf
 
     task = task or default_task(loss_fn)
+    decorrelate_replicas(model, backend)  # each replica its own Dropout masks
     variables = model.trainable_variables
     gb = plan.global_batch_size
     micro = plan.accumulation_steps * max(1, options.noise_splits)

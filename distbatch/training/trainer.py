@@ -87,7 +87,6 @@ class LoopOptions:
                           f"{{{name}}} must be a finite number in [{low}, {high}], got {v!r}"
                           if high != math.inf else
                           f"{{{name}}} must be a finite number >= {low}, got {v!r}", name)
-        whole("total_steps", 1)
         whole("evals_per_epoch", 1)
         whole("log_every", 1)
         whole("checkpoint_every", 0)
