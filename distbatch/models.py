@@ -17,7 +17,7 @@ MODELS = ("mlp", "mlp-wide", "convnet", "resnet") + APPLICATIONS
 OUTPUT_LAYER_COPIES = 4
 
 
-def check_output_layer(features: int, num_classes: int, memory: int | None = None) -> None:
+def check_output_layer(features: int | None, num_classes: int, memory: int | None = None) -> None:
     """ParameterError unless a (features + 1) x num_classes float32 output layer, times
     OUTPUT_LAYER_COPIES, fits in this machine's memory (`memory` bytes; default: its RAM).
 
@@ -25,6 +25,8 @@ def check_output_layer(features: int, num_classes: int, memory: int | None = Non
     in TensorFlow's ResourceExhaustedError traceback while the model is built. The limit is
     the RAM: a GPU holds less, so this refuses only what cannot work anywhere on the machine."""
     from distbatch.data.datasets import physical_memory
+    if features is None:  # an unknown width: Keras reports that itself
+        return
     memory = physical_memory() if memory is None else memory
     weights = (int(features) + 1) * int(num_classes)
     need = weights * 4 * OUTPUT_LAYER_COPIES

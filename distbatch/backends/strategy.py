@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from distbatch.backends.base import Backend
+from distbatch.backends.cluster import check_tf_config_entries, rendezvous, resolve_cluster_timeout
 from distbatch.errors import ParameterError, UsageError
 
 
@@ -208,7 +209,7 @@ def parse_tf_config(raw: str | None) -> dict:
     if duplicates:
         raise UsageError(f"TF_CONFIG cluster names {duplicates[0]!r} more than once; every task needs "
                          "its own host:port")
-    from distbatch.backends.cluster import check_tf_config_entries; check_tf_config_entries(workers, task)
+    check_tf_config_entries(workers, task)
     ttype, index = task.get("type"), task.get("index")
     if ttype not in MULTIWORKER_JOBS:
         raise UsageError(f"TF_CONFIG task type must be 'worker' or 'chief', got {ttype!r}")
@@ -271,7 +272,6 @@ class MultiWorkerBackend(StrategyBackend):
     def __init__(self, env: Mapping[str, str] | None = None, *,
                  cluster_timeout: float | None = None,
                  collective: CollectiveOptions | None = None) -> None:
-        from distbatch.backends.cluster import rendezvous, resolve_cluster_timeout
         env = os.environ if env is None else env
         timeout = resolve_cluster_timeout(cluster_timeout, env)
         if "TF_CONFIG" not in env and slurm_task_count(env) > 1:

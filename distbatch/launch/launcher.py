@@ -365,7 +365,7 @@ def host_worker_addresses(hosts: str, port: int, workers: int | None = None) -> 
             raise UsageError(f"--hosts entry must be host or host:port, got {entry!r}")
     if workers is not None and workers != len(addresses):
         raise UsageError(f"--workers {workers} does not match the {len(addresses)} host(s) in --hosts {hosts!r}")
-    if len(set(addresses)) != len(addresses):
+    if len({a.lower() for a in addresses}) != len(addresses):  # host names ignore case
         raise UsageError(f"--hosts gives the same host:port twice: {addresses}")
     return addresses
 

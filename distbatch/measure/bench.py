@@ -139,8 +139,8 @@ def resolve_batch(per_replica: int | None, global_batch: int | None, replicas: i
 def load_baseline(path: str) -> dict:
     """A bench JSON written by `distbatch bench --json` (single run, not a scaling table)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        with open(path, "rb") as f:  # decoded whole, so an error's offset is the file's
+            data = json.loads(f.read().decode("utf-8"))
     except OSError as e:
         raise UsageError(f"--baseline {path!r}: cannot read it ({e.strerror})") from None
     except json.JSONDecodeError as e:
