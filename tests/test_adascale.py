@@ -71,6 +71,7 @@ TINY = ["--dataset", "mnist1d", "--train-size", "640", "--val-size", "160", "--s
         "--model", "mlp"]
 
 
+@pytest.mark.slow
 def test_scale_one_is_exactly_the_plain_schedule(tmp_path, dataset_cache):
     plain, ada = tmp_path / "plain", tmp_path / "ada"
     run_cli(["train", "--backend", "single", *TINY, "--global-batch-size", "32", "--epochs", "2",
@@ -84,6 +85,7 @@ def test_scale_one_is_exactly_the_plain_schedule(tmp_path, dataset_cache):
     assert a["adascale_mean_gain"] == 1.0 and a["scale_invariant_steps"] == 40.0
 
 
+@pytest.mark.slow
 def test_large_batch_ends_on_the_base_budget(tmp_path, dataset_cache):
     out = tmp_path / "ada8"
     run_cli(["train", "--backend", "single", *TINY, "--global-batch-size", "256", "--epochs", "4",
@@ -100,6 +102,7 @@ def test_large_batch_ends_on_the_base_budget(tmp_path, dataset_cache):
     assert s["b_simple"] is not None  # the statistics are logged too
 
 
+@pytest.mark.slow
 def test_resume_restores_tau_and_averages(tmp_path, dataset_cache):
     """Stop after k steps (a cap), resume to the end: equal to the uninterrupted run."""
     import keras
@@ -153,6 +156,7 @@ def test_two_replicas_equal_one_device(tmp_path, dataset_cache):
     assert max_weight_diff(load_weights(one), load_weights(two)) < 1e-5
 
 
+@pytest.mark.slow
 def test_sweep_compares_scaling_rules(tmp_path, dataset_cache):
     import json
     out = tmp_path / "sweep"
@@ -175,6 +179,7 @@ def test_sweep_compares_scaling_rules(tmp_path, dataset_cache):
     assert "4 points (4 already done)" in proc.stderr
 
 
+@pytest.mark.slow
 def test_sweep_bad_scaling_is_one_line(tmp_path):
     proc = run_cli(["sweep", "--scaling", "linear,bogus", "--out", str(tmp_path / "s")], check=False)
     assert proc.returncode == 2

@@ -6,7 +6,7 @@ backend that sees two batch sizes on every step.
 Each run is the real CLI in subprocesses (2 logical CPUs for mirrored, 2
 local processes for multiworker and Horovod, started through `distbatch
 launch multiworker|horovod --gloo|mpirun`). The data set sizes are chosen
-uneven on purpose: 520 training examples at global batch 64 (8 dropped per
+uneven on purpose: 523 training examples at global batch 64 (11 dropped per
 epoch) and 203 validation examples (padded and masked).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 
 from conftest import VENV_BIN, cli_env, load_summary, load_weights, max_weight_diff, run_cli
 
-COMMON = ["--dataset", "mnist1d", "--train-size", "520", "--val-size", "203",
+COMMON = ["--dataset", "mnist1d", "--train-size", "523", "--val-size", "203",
           "--global-batch-size", "64", "--steps", "20", "--seed", "3", "--noise-scale"]
 TOL = 1e-5
 
@@ -56,12 +56,13 @@ def check_against_reference(out, reference, rank_dir=None, replicas=2):
             np.testing.assert_array_equal(ranks[0][k], ranks[1][k])
 
 
+@pytest.mark.slow
 def test_validation_metrics_are_exact_global_values(reference):
     """val_loss/val_accuracy equal a plain Keras evaluation of the saved model on ALL 203 examples."""
     import keras
 
     from distbatch.data.datasets import load_dataset
-    data = load_dataset("mnist1d", seed=0, train_size=520, val_size=203)
+    data = load_dataset("mnist1d", seed=0, train_size=523, val_size=203)
     model = keras.models.load_model(reference / "model.keras", compile=False)
     logits = model.predict(data.x_val, verbose=0)
     loss = keras.losses.sparse_categorical_crossentropy(data.y_val, logits, from_logits=True)
@@ -70,9 +71,10 @@ def test_validation_metrics_are_exact_global_values(reference):
     assert summary["val_accuracy"] == pytest.approx(float(np.mean(np.argmax(logits, -1) == data.y_val)))
 
 
+@pytest.mark.slow
 def test_uneven_data_drops_the_remainder(reference):
     summary = load_summary(reference)
-    assert summary["steps_per_epoch"] == 520 // 64
+    assert summary["steps_per_epoch"] == 523 // 64
     assert summary["epochs"] == pytest.approx(20 / 8)
 
 

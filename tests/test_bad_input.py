@@ -239,6 +239,7 @@ def _tree_digest(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_out_dir_of_another_run_is_refused_then_overwrite_works(tmp_path, dataset_cache):
     out = tmp_path / "run"
     run_cli(_argv({"--out": str(out), "--seed": "1"}), timeout=180)

@@ -138,6 +138,7 @@ def test_baseline_loading_and_matching(tmp_path):
 
 
 # -- real runs ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tiny_real_run_single(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_cli(["bench", "--backend", "single", "--iters", "3", "--steps-per-iter", "2",
@@ -207,6 +208,7 @@ def test_bad_input_one_line(argv, expected):
     assert expected in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_bad_input_through_cli():
     proc = run_cli(["bench", "--iters", "0"], check=False, timeout=120)
     assert proc.returncode == 2

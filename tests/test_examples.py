@@ -44,6 +44,7 @@ def _digits_val_accuracy(path: Path) -> float:
     return float(np.mean(np.argmax(model.predict(data.x_val, verbose=0), -1) == data.y_val))
 
 
+@pytest.mark.slow
 def test_horovod_keras_mnist(tmp_path):
     """Horovod's Keras MNIST example, ported: 3 epochs; ModelCheckpoint wrote one
     compiled checkpoint per epoch; the last one classifies the digits."""
@@ -60,6 +61,7 @@ def _tf_tutorial_results(out: str) -> tuple[float, float]:
     return float(m.group(1)), float(m.group(2))
 
 
+@pytest.mark.slow
 def test_tf_distribute_keras(tmp_path):
     """TensorFlow's MirroredStrategy tutorial, ported: the step-based decay gives the
     tutorial's per-epoch rates; TensorBoard and weight checkpoints are written."""

@@ -37,6 +37,7 @@ DIVERGE = ["train", "--backend", "single", *TINY, "--base-lr", "1e6", "--warmup"
            "--decay", "constant"]  # constant lr: a shorter run is an exact prefix of a longer one
 
 
+@pytest.mark.slow
 def test_divergence_stops_cleanly_with_exit_3(tmp_path, dataset_cache):
     out = tmp_path / "div"
     proc = run_cli([*DIVERGE, "--steps", "10", "--out", str(out)], check=False, timeout=300)
@@ -111,10 +112,12 @@ def _check_resume(full: Path, cut: Path, resumed) -> None:
             assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-6), (rb["step"], k)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_the_uninterrupted_weights(resumed_single):
     _check_resume(*resumed_single)
 
 
+@pytest.mark.slow
 def test_resume_restores_optimizer_state_and_step(resumed_single):
     import tensorflow as tf
     _, cut, _ = resumed_single
@@ -327,6 +330,7 @@ def test_killed_sweep_resumes_only_unfinished_points(tmp_path, dataset_cache):
     assert json.loads((point / "config.json").read_text())["resume"] is True
 
 
+@pytest.mark.slow
 def test_resume_with_other_flags_is_refused(tmp_path, dataset_cache):
     """--resume must continue the SAME run: a changed batch or length is refused, nothing rewritten."""
     out = tmp_path / "run"

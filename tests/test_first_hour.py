@@ -67,6 +67,7 @@ def _cli(args, tmp_path, timeout=300):
                           env={**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"})
 
 
+@pytest.mark.slow
 def test_train_announces_the_compile_and_says_where_it_wrote(tmp_path):
     p = _cli(["train", "--train-size", "256", "--val-size", "64", "--global-batch-size", "32",
               "--steps", "8", "--out", "run"], tmp_path)

@@ -34,6 +34,7 @@ def test_imports():
     assert proc.stdout.strip() == "ok", proc.stderr
 
 
+@pytest.mark.slow
 def test_horovod_check_build_lists_tensorflow_gloo_mpi():
     out = subprocess.run([str(VENV_BIN / "horovodrun"), "--check-build"], capture_output=True,
                          text=True, env=cli_env()).stdout
@@ -98,6 +99,7 @@ def test_second_setup_is_skipped():
     assert "installing" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_startup_is_quiet(tmp_path, dataset_cache):
     proc = run_cli(["train", "--backend", "single", "--train-size", "256", "--val-size", "64",
                     "--global-batch-size", "64", "--steps", "2", "--out", str(tmp_path / "q")])

@@ -66,6 +66,7 @@ AUTO = ["train", "--dataset", "mnist1d", "--train-size", "2048", "--val-size", "
         "--epochs", "3", "--seed", "1"]
 
 
+@pytest.mark.slow
 def test_adaptive_run(tmp_path, dataset_cache):
     out = tmp_path / "auto"
     proc = run_cli([*AUTO, "--backend", "single", "--out", str(out)])
@@ -86,6 +87,7 @@ def test_adaptive_run(tmp_path, dataset_cache):
     (["--scaling", "linear"], "--scaling adascale"),
     (["--max-global-batch-size", "8"], "--max-global-batch-size must be >= --base-batch-size"),
 ])
+@pytest.mark.slow
 def test_adaptive_bad_flags(tmp_path, extra, needle):
     argv = [a for a in AUTO if a not in ("--scaling", "adascale")] if "--scaling" in extra else AUTO
     if "--max-global-batch-size" in extra:
@@ -98,6 +100,7 @@ def test_adaptive_bad_flags(tmp_path, extra, needle):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_adaptive_needs_max(tmp_path):
     i = AUTO.index("--max-global-batch-size")
     proc = run_cli([*AUTO[:i], *AUTO[i + 2:], "--out", str(tmp_path / "x")], check=False)

@@ -577,6 +577,7 @@ def _no_venv_env():
             "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.mark.slow
 def test_launch_runs_bare_distbatch_without_the_venv_on_path(tmp_path):
     """`.venv/bin/distbatch launch multiworker -- distbatch ...` with a PATH that lacks the venv."""
     p = subprocess.run([os.path.join(BIN, "distbatch"), "launch", "multiworker", "--workers", "2", "--",
@@ -586,6 +587,7 @@ def test_launch_runs_bare_distbatch_without_the_venv_on_path(tmp_path):
     assert sorted(p.stdout.splitlines()) == ["[rank 0] distbatch 0.1.0", "[rank 1] distbatch 0.1.0"]
 
 
+@pytest.mark.slow
 def test_real_horovod_bare_distbatch_without_the_venv_on_path(tmp_path):
     """The issue's command: 'env: distbatch: No such file or directory' before."""
     pytest.importorskip("horovod.tensorflow")
@@ -596,6 +598,7 @@ def test_real_horovod_bare_distbatch_without_the_venv_on_path(tmp_path):
     assert sorted(re.findall(r"^\[\d\]<stdout>:(.*)$", p.stdout, re.M)) == ["distbatch 0.1.0"] * 2, p.stdout
 
 
+@pytest.mark.slow
 def test_launch_scripts_work_without_the_venv_on_path(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     env = {**_no_venv_env(), "DRY_RUN": "1", "WORKERS": "2", "PORT": "23456"}

@@ -349,6 +349,7 @@ def test_recommend_cli_end_to_end(tmp_path, dataset_cache):
     assert "recommendation.json" in again_proc.stderr
 
 
+@pytest.mark.slow
 def test_recommend_cli_bad_batch_is_one_line(tmp_path, dataset_cache):
     from conftest import run_cli
     proc = run_cli(["recommend", "--dataset", "mnist1d", "--train-size", "500", "--val-size", "100",

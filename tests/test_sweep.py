@@ -25,6 +25,7 @@ def rows(out):
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_one_row_per_point_and_diverged_point_recorded(sweep_dir):
     out, proc = sweep_dir
     got = {r["global_batch_size"]: r for r in rows(out)}
@@ -40,6 +41,7 @@ def test_one_row_per_point_and_diverged_point_recorded(sweep_dir):
     assert "report at" in proc.stderr
 
 
+@pytest.mark.slow
 def test_report_and_hparams_written(sweep_dir):
     out, _ = sweep_dir
     text = (out / "report.md").read_text()
@@ -50,6 +52,7 @@ def test_report_and_hparams_written(sweep_dir):
     assert list((out / "tensorboard" / "bs16_seed0").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_points(sweep_dir):
     out, _ = sweep_dir
     before = (out / "results.jsonl").read_text()
@@ -58,6 +61,7 @@ def test_resume_skips_finished_points(sweep_dir):
     assert (out / "results.jsonl").read_text() == before
 
 
+@pytest.mark.slow
 def test_used_directory_is_refused(sweep_dir):
     out, _ = sweep_dir
     proc = run_cli([*SWEEP, "--out", str(out)], check=False)
@@ -67,6 +71,7 @@ def test_used_directory_is_refused(sweep_dir):
         "pass --resume to continue it or --overwrite to replace it"]
 
 
+@pytest.mark.slow
 def test_report_rebuilt_from_rows_alone(sweep_dir, tmp_path):
     out, _ = sweep_dir
     copy = tmp_path / "copy"
@@ -77,6 +82,7 @@ def test_report_rebuilt_from_rows_alone(sweep_dir, tmp_path):
         (out / "report.md").read_text().split("## Results")[1].split("## Why")[0]
 
 
+@pytest.mark.slow
 def test_bad_batch_list_is_one_line(tmp_path):
     proc = run_cli(["sweep", "--batch-sizes", "16,abc", "--out", str(tmp_path / "x")], check=False)
     assert proc.returncode == 2

@@ -144,6 +144,7 @@ def tmpfs(tmp_path):
 
 # -- 1. data loss: validate first, --overwrite only in distbatch's own directories ----------
 
+@pytest.mark.slow
 def test_sweep_overwrite_with_a_bad_flag_deletes_nothing(swept, tmp_path, capfd):
     """Issue item 1: the flags are validated before --overwrite deletes anything."""
     out = copy(swept, tmp_path)
@@ -166,6 +167,7 @@ def test_a_directory_distbatch_did_not_create_is_refused(command, flag, tmp_path
     assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_overwrite_removes_only_distbatchs_own_files(trained, tmp_path, capfd):
     out = copy(trained, tmp_path)
     (out / "notes.txt").write_text("mine\n")
@@ -179,6 +181,7 @@ def test_overwrite_removes_only_distbatchs_own_files(trained, tmp_path, capfd):
     assert load_summary(out)["started"] > first
 
 
+@pytest.mark.slow
 def test_round1_run_without_marker_is_recognised_by_its_config(trained, tmp_path, capfd):
     """Round-1 runs have no .distbatch-run; their config.json (command, backend_reason) is
     distbatch's, so --overwrite/--resume accept them and the marker is added."""
@@ -229,6 +232,7 @@ def test_io_errors_are_classified_by_their_os_text_not_as_out_of_memory():
     assert is_out_of_memory(tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor"))
 
 
+@pytest.mark.slow
 def test_disk_full_during_train_is_an_io_error_exit_4(tmpfs, dataset_cache):
     """Real ENOSPC: config.json fits in 300 KiB, the first checkpoint (~630 KB) does not."""
     out = tmpfs("full", "size=300k") / "run"
@@ -286,6 +290,7 @@ def test_train_resume_may_change_where_and_how_often_it_writes(trained, tmp_path
 
 @pytest.mark.parametrize("change, key", [
     (["--model", "convnet"], "model"), (["--steps", "12"], "steps"), (["--base-lr", "0.1"], "base-lr")])
+@pytest.mark.slow
 def test_sweep_resume_refuses_another_model_length_or_lr(swept, tmp_path, capfd, change, key):
     out = copy(swept, tmp_path)
     before = snapshot(out)

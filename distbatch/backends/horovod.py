@@ -50,6 +50,24 @@ def pin_gpu(local_rank: int, config) -> str | None:
     return chosen.name
 
 
+_ARRIVALS: list = []
+
+
+def _process_arrivals(hvd, timeout: float | None) -> Arrivals:
+    """One status exchange per process, whatever the number of backends a script creates (a
+    second exchange thread would submit the same collective name while the first one's is
+    in flight, which Horovod refuses). A later backend's bound replaces the earlier one."""
+    if not _ARRIVALS:
+        import tensorflow as tf
+        gather = tf.function(lambda t: hvd.allgather(t, name="distbatch_status"))
+        arrivals = Arrivals(lambda row: gather(row.reshape(1, -1)).numpy(), hvd.rank(), hvd.size())
+        if hvd.size() > 1:
+            arrivals.start()
+        _ARRIVALS.append(arrivals)
+    _ARRIVALS[0].timeout = timeout
+    return _ARRIVALS[0]
+
+
 class HorovodBackend(Backend):
     name = "horovod"
     # Horovod 0.28.1's TensorFlow all-reduce takes uint8/int8/int32/int64/float16/32/64:
@@ -86,15 +104,9 @@ class HorovodBackend(Backend):
         self._names: dict = {}
         # Eager Horovod ops ignore name= (every eager allgather is "HorovodAllgather"), so
         # the collectives that may run beside another one are graphs with their own names.
-        self._status_gather = tf.function(lambda t: hvd.allgather(t, name="distbatch_status"))
         self._sig_gather = tf.function(lambda n, sig: (hvd.allgather(n, name="distbatch_sig_n"),
                                                        hvd.allgather(sig, name="distbatch_sig")))
-        self.arrivals = Arrivals(self._exchange_status, hvd.rank(), hvd.size(), timeout=timeout)
-        if hvd.size() > 1:
-            self.arrivals.start()
-
-    def _exchange_status(self, row):
-        return self._status_gather(row.reshape(1, -1)).numpy()
+        self.arrivals = _process_arrivals(hvd, timeout)
 
     def waiting(self, label: str):
         return self.arrivals.waiting(label)
@@ -158,4 +170,5 @@ class HorovodBackend(Backend):
 
     def shutdown(self) -> None:
         self.arrivals.stop()
+        _ARRIVALS.clear()
         self.hvd.shutdown()
