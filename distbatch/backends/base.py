@@ -127,15 +127,18 @@ class Backend(abc.ABC):
         if not chosen:
             return
         R = self.num_replicas
-
-        @tf.function
-        def mean():
-            def local():
-                return self.all_reduce_sum([tf.cast(v.value.read_value(), tf.float32) / R
-                                            for v in chosen], name="distbatch_replica_state")
-            return [self.local_value(o) for o in self.run(local)]
-
-        for v, m in zip(chosen, mean()):
+        cache = self.__dict__.setdefault("_replica_state_fns", {})
+        key = tuple(id(v) for v in chosen)
+        if key not in cache:  # traced once per variable list, not at every evaluation
+            @tf.function
+            def mean():
+                def local():
+                    return self.all_reduce_sum([tf.cast(v.value.read_value(), tf.float32) / R
+                                                for v in chosen], name="distbatch_replica_state")
+                return [self.local_value(o) for o in self.run(local)]
+            cache.clear()
+            cache[key] = mean
+        for v, m in zip(chosen, cache[key]()):
             v.value.assign(tf.cast(m, v.dtype))
 
     def describe(self) -> str:
