@@ -22,6 +22,7 @@ with global metrics (distbatch/training/trainer.py, CallbackHooks).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -63,6 +64,16 @@ def _check_positive_int(name: str, value) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _check_resume_dir(checkpoint_dir, resume) -> None:
+    """resume=True with a checkpoint_dir that does not exist is most likely a typo: training
+    would silently start from scratch instead of continuing the run that was meant."""
+    if resume and checkpoint_dir and not os.path.isdir(checkpoint_dir):
+        from distbatch.errors import ParameterError
+        raise ParameterError(f"{{checkpoint_dir}} {str(checkpoint_dir)!r} does not exist, so resume=True "
+                             "found no checkpoint there; expected the checkpoint_dir of an earlier run "
+                             "(or resume=False to start a new one)", "checkpoint_dir")
 
 
 def _check_length(epochs, steps) -> None:
@@ -146,6 +157,7 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None
         set(loop_options) & {"total_steps", "seed"}))
     if unknown:
         raise TypeError(f"fit() got unexpected keyword arguments {unknown}")
+    _check_resume_dir(loop_options.get("checkpoint_dir"), loop_options.get("resume"))
     if callbacks is not None and not all(isinstance(c, keras.callbacks.Callback) for c in callbacks):
         raise TypeError("callbacks must be a list of keras.callbacks.Callback objects")
 

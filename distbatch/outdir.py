@@ -57,11 +57,59 @@ def check_out_dir(out: str, *, resume: bool, overwrite: bool, holds: tuple[str, 
         raise UsageError(f"--out {out!r} is not empty and was not created by distbatch (no {MARKER} "
                          "file); refusing to write into it or delete anything; use a new or empty "
                          "directory")
+    _refuse_linked_subdirs(out, entries)
     found = [name for name in holds if name in entries]
     if found and not (resume or overwrite):
         raise UsageError(f"--out {out!r} already holds a run ({', '.join(found)}); "
                          "pass --resume to continue it or --overwrite to replace it")
     _require_writable(out, out)
+
+
+def check_out_outside_dataset(out: str, dataset: str) -> None:
+    """ParameterError when `out` lies inside the image directory `dataset`: every
+    sub-directory there is a class, so the run's own directory would become one (and the
+    next run's data would hold the previous run's files)."""
+    from distbatch.errors import require_param
+    if not os.path.isdir(dataset):
+        return  # a name, an .npz or TFRecord files: no directory to land in
+    inside = os.path.commonpath([os.path.realpath(out), os.path.realpath(dataset)])
+    require_param(inside != os.path.realpath(dataset),
+                  f"{{out}} {out!r} is inside the image directory {{dataset}} {dataset!r}, whose "
+                  "sub-directories are its classes; expected an {out} outside it", "out", "dataset")
+
+
+# Sub-directories distbatch writes files into and prunes (train: checkpoints/, tensorboard/;
+# sweep: points/, tensorboard/).
+WRITTEN_DIRS = ("checkpoints", "tensorboard", "points")
+
+
+def _refuse_linked_subdirs(out: str, entries: list[str]) -> None:
+    """A symlinked checkpoints/ (or tensorboard/, points/) would make --resume write and
+    prune files in whatever directory the link points to, outside --out."""
+    for name in WRITTEN_DIRS:
+        path = os.path.join(out, name)
+        if name in entries and os.path.islink(path):
+            raise UsageError(f"--out {out!r}: {name}/ is a symlink to {os.readlink(path)!r}; expected a "
+                             "real directory (distbatch writes and deletes files in it); replace the "
+                             "link with a directory or use another --out")
+
+
+def check_run_to_resume(out: str) -> None:
+    """UsageError when `train --resume` names an --out that does not exist or is empty: most
+    likely a mistyped path, and a fresh run there would silently leave the run the user meant
+    to continue. (A sweep's --resume may start a new sweep: `scripts/bootstrap.sh sweep`
+    passes it on the first run too. A run killed before its first checkpoint has its
+    config.json and marker, so it starts again from step 0.)"""
+    what = ("does not exist" if not os.path.lexists(out) else "is empty" if _empty_dir(out) else None)
+    require(what is None, f"--resume: no checkpoint found in {out!r} (the directory {what}); expected "
+                          "the --out of an earlier run: check the path, or drop --resume to start a new run")
+
+
+def _empty_dir(path: str) -> bool:
+    try:
+        return os.path.isdir(path) and not os.listdir(path)
+    except OSError:  # unreadable: check_out_dir says so
+        return False
 
 
 def claim_out_dir(out: str, kind: str, *, remove: tuple[str, ...] = ()) -> None:

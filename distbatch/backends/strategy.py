@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -121,6 +122,30 @@ def logical_cpu_devices(n: int) -> list[str]:
             f"distbatch.create_backend(\"mirrored\", cpu_replicas={n}), then fit(..., "
             f"backend=backend)", "cpu_replicas")
     return devices[:n]
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+_WARNED: set = set()
+
+
+def warn_if_more_than_cores(n: int) -> None:
+    """One warning line (once per process and n) when n logical CPU replicas (split by
+    logical_cpu_devices) outnumber the cores: they only share the cores, so a step takes
+    ever longer (64 replicas on 2 cores: 179 s for 2 steps), which looks like a hang.
+    Called once the run's checks passed: a refused command prints its error line only."""
+    cores = available_cores()
+    if n > cores and n not in _WARNED:
+        _WARNED.add(n)
+        print(f"distbatch: warning: {n} logical CPU replicas on {cores} CPU core(s): logical CPU "
+              f"replicas are for tests and demos, share the cores and run slowly (64 of them took "
+              f"179 s for 2 steps on 2 cores); expected at most {cores}", file=sys.stderr, flush=True)
 
 
 def tensorflow_started() -> bool:

@@ -155,6 +155,38 @@ def load_dataset(
     return _validated(spec, x_tr, y_tr, x_va, y_va, num_classes)
 
 
+FINGERPRINT_SAMPLE = 64  # examples of each split hashed by fingerprint()
+
+
+def fingerprint(data) -> dict | None:
+    """What identifies the data of a run read from files, for --resume: the example counts
+    plus a SHA-256 of a fixed sample (FINGERPRINT_SAMPLE evenly spaced examples of each split
+    in memory; the first records of evenly spaced files when streamed). A file replaced by
+    another of the same size (labels permuted, inputs negated) changes it; a change outside
+    the sample does not (hashing everything would read the whole dataset at every start).
+
+    None for the built-in sets (generated or downloaded): their flags (name, seed, sizes)
+    already identify them, and regenerating on another machine may differ in the last bit.
+    """
+    if str(data.name).strip().split(":", 1)[0] in BUILTIN_NAMES:
+        return None
+    if hasattr(data, "x_train"):
+        digest = hashlib.sha256()
+        for x, y in ((data.x_train, data.y_train), (data.x_val, data.y_val)):
+            pick = np.unique(np.linspace(0, len(x) - 1, min(len(x), FINGERPRINT_SAMPLE)).astype(np.int64))
+            digest.update(f"{x.shape[1:]} {x.dtype} {y.dtype}".encode())
+            digest.update(np.ascontiguousarray(x[pick]).tobytes())
+            digest.update(np.ascontiguousarray(y[pick]).tobytes())
+        return {"train_examples": data.train_size, "val_examples": data.val_size,
+                "sample_sha256": digest.hexdigest()[:16]}
+    train, val = data.train_source, data.val_source
+    if not hasattr(train, "sample_digest"):
+        return None
+    samples = [train.sample_digest()] + ([val.sample_digest()] if val.files != train.files else [])
+    return {"train_examples": sum(train.file_counts()), "val_examples": sum(val.file_counts()),
+            "sample_sha256": hashlib.sha256(" ".join(samples).encode()).hexdigest()[:16]}
+
+
 # --------------------------------------------------------------------- routing
 
 _OPTIONS = {
@@ -369,9 +401,9 @@ def _load_image_dir(spec, *, seed, train_size, val_size, options):
     color_mode = options.pop("color_mode", "rgb")
     try:
         train, val = keras.utils.image_dataset_from_directory(
-            spec, labels="inferred", label_mode="int", color_mode=color_mode, batch_size=None,
-            image_size=size, shuffle=True, seed=seed, validation_split=frac, subset="both",
-            verbose=False)
+            spec, labels="inferred", label_mode="int", class_names=_class_dirs(spec),
+            color_mode=color_mode, batch_size=None, image_size=size, shuffle=True, seed=seed,
+            validation_split=frac, subset="both", verbose=False)
     except Exception as exc:
         raise UsageError(f"cannot read image directory {spec!r} ({type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:160]})") from None
@@ -392,6 +424,20 @@ def _load_image_dir(spec, *, seed, train_size, val_size, options):
         raise UsageError(f"cannot decode image {bad or spec!r} in image directory {spec!r} "
                          f"({type(exc).__name__}); remove or replace it") from None
     return x_tr, y_tr, x_va, y_va, len(train.class_names)
+
+
+def _class_dirs(spec: str) -> list[str] | None:
+    """The class sub-directories of image directory `spec`, as Keras lists them (sorted, not
+    hidden) but without distbatch run directories (those holding the .distbatch-run marker):
+    an --out inside the dataset would otherwise become an extra, empty class.
+    None (Keras lists them itself) when the directory cannot be listed here."""
+    from distbatch.outdir import MARKER
+    try:
+        names = sorted(os.listdir(spec))
+    except OSError:
+        return None
+    return [n for n in names if not n.startswith(".") and os.path.isdir(os.path.join(spec, n))
+            and not os.path.exists(os.path.join(spec, n, MARKER))]
 
 
 def _first_undecodable(paths: list[str]) -> str | None:
@@ -449,9 +495,12 @@ def _read_tfrecords(files, shape, x_key, y_key, spec):
     except UsageError:
         raise
     except Exception as exc:  # DataLossError (corrupt), InvalidArgumentError (wrong types)
-        raise UsageError(f"cannot read TFRecords {spec!r} ({type(exc).__name__}: "
-                         f"{' '.join(str(exc).split())[:160]})") from None
-    for path in files:  # TensorFlow reads a file cut inside a record as if it ended before it
+        from distbatch.data.files import tf_reason, unreadable
+        if type(exc).__name__ == "DataLossError":  # name the file, not TensorFlow's blob
+            raise unreadable(exc, files, spec, records=None) from None
+        raise UsageError(f"cannot read TFRecords {spec!r} ({type(exc).__name__}: {tf_reason(exc)})") from None
+    # TensorFlow reads a file cut inside a record's 12-byte header as if it ended before it
+    for path in files:
         _check_tfrecord_framing(path)
     if not xs:
         raise UsageError(f"TFRecords {spec!r} contain no records")

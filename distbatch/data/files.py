@@ -51,6 +51,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -208,8 +209,20 @@ class FileSource:
         try:
             return int(self._read_file(tf, tf.constant(path)).reduce(np.int64(0), lambda c, _: c + 1))
         except Exception as exc:  # DataLossError, NotFoundError, ...
-            raise UsageError(f"cannot read {path!r} ({type(exc).__name__}: "
-                             f"{' '.join(str(exc).split())[:160]})") from None
+            raise UsageError(f"cannot read {path!r} ({type(exc).__name__}: {tf_reason(exc)})") from None
+
+    def sample_digest(self, files: int = 8, records: int = 8) -> str:
+        """SHA-256 (16 hex digits) of the first `records` records of up to `files` files spread
+        evenly over the sorted list: a fixed sample that --resume compares (distbatch.data.
+        datasets.fingerprint). Reads those records only, never the whole files."""
+        import hashlib
+
+        import tensorflow as tf
+        digest = hashlib.sha256()
+        for i in sorted({int(i) for i in np.linspace(0, len(self.files) - 1, min(files, len(self.files)))}):
+            for record in self._read_file(tf, self.files[i]).take(records):
+                digest.update(np.asarray(record.numpy()).tobytes())
+        return digest.hexdigest()[:16]
 
     def sharding(self, num_workers: int) -> str:
         """"file" when there are at least as many files as workers, else "element"."""
@@ -428,9 +441,13 @@ def tfrecord_source(pattern: str | Sequence[str], *, x_key: str = "x", y_key: st
         val = FileSource(train_files, parse_fn, name=f"{label} (held out)", holdout=split("val"),
                          **{**options, "shuffle_buffer": 0})
     if num_classes is None:
-        sample = tf.data.TFRecordDataset(list(train.files) + list(val.files), compression_type=compression)
-        labels = [int(r[y_key][0]) for r in sample.take(LABEL_SAMPLE).map(
-            lambda s: tf.io.parse_single_example(s, {y_key: spec[y_key]}))]
+        paths = list(train.files) + list(val.files)
+        sample = tf.data.TFRecordDataset(paths, compression_type=compression)
+        try:
+            labels = [int(r[y_key][0]) for r in sample.take(LABEL_SAMPLE).map(
+                lambda s: tf.io.parse_single_example(s, {y_key: spec[y_key]}))]
+        except Exception as exc:  # DataLossError: a file cut inside a record, a bad CRC
+            raise unreadable(exc, paths, label, compression) from None
         require(min(labels) >= 0, f"TFRecords {label!r}: labels must be class indices >= 0, got {min(labels)}")
         num_classes = max(labels) + 1
     require(isinstance(num_classes, (int, np.integer)) and not isinstance(num_classes, bool)
@@ -443,9 +460,48 @@ def _first_record(tf, paths: list[str], compression: str | None, label: str):
         for record in tf.data.TFRecordDataset(paths, compression_type=compression).take(1):
             return record
     except Exception as exc:  # DataLossError (corrupt or compressed), ...
-        raise UsageError(f"cannot read TFRecords {label!r} ({type(exc).__name__}: "
-                         f"{' '.join(str(exc).split())[:160]})") from None
+        raise unreadable(exc, paths, label, compression, records=1) from None
     raise UsageError(f"TFRecords {label!r} contain no records")
+
+
+def unreadable(exc: Exception, paths: Sequence[str], label: str, compression: str | None = None,
+               *, records: int | None = LABEL_SAMPLE) -> UsageError:
+    """One line naming the FILE, for a read of the first `records` records (None: all) of
+    the TFRecord files `paths`, in that order, that failed with `exc`.
+
+    TensorFlow's error names no file ("{{function_node __wrapped__IteratorGetNext...}}
+    truncated record at 30900' failed with Read less bytes than requested"), so the files
+    are read again one by one, up to the records the failed read covered.
+    """
+    import tensorflow as tf
+    left = -1 if records is None else records + 1  # take(-1): all of them
+    for path in paths:
+        ds = tf.data.TFRecordDataset(path, compression_type=compression).take(left)
+        try:
+            read = int(ds.reduce(np.int64(0), lambda c, _: c + 1))
+        except Exception as bad:  # noqa: BLE001 - any failure to read this file is the answer
+            return _unreadable_file(path, bad, compression)
+        if records is not None:
+            left -= read
+            if left <= 0:
+                break
+    return UsageError(f"cannot read TFRecords {label!r} ({type(exc).__name__}: {tf_reason(exc)})")
+
+
+def _unreadable_file(path: str, exc: Exception, compression: str | None) -> UsageError:
+    reason = tf_reason(exc)
+    if "truncated" in reason and compression is None and "://" not in path:
+        _count_tfrecord_frames(path)  # raises "... is truncated or corrupt: record N at byte B ..."
+    return UsageError(f"cannot read TFRecords {path!r} ({type(exc).__name__}: {reason})")
+
+
+def tf_reason(exc: BaseException) -> str:
+    """TensorFlow's own words from an op error, without its {{function_node ...}} prefix and
+    [Op:...] suffix."""
+    text = str(getattr(exc, "message", None) or exc)
+    text = re.sub(r"\{\{[^}]*\}\}", "", text)
+    text = re.sub(r"\s*\[Op:[^\]]*\].*$", "", text, flags=re.S)
+    return " ".join(text.split())[:160]
 
 
 def _shape(shape, label: str) -> tuple[int, ...]:

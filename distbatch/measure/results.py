@@ -124,14 +124,16 @@ def read_rows(out_dir: str | os.PathLike,
     A final line without its newline that does not parse is dropped (it can only
     come from a foreign writer; ours never leaves one); a bad line elsewhere is
     an error naming the line number, and so is a row for which ``check(row)``
-    returns a problem.
+    returns a problem. Two rows of one point_id are refused, naming both lines:
+    averaged into the report, a copied row would weigh that point twice, and which
+    copy is right only the user can tell.
     """
     path = Path(out_dir) / JSONL_NAME
     if not path.is_file():
         return []
     text = path.read_text(encoding="utf-8")
     lines = text.split("\n")
-    rows = []
+    rows, first_line = [], {}
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -146,8 +148,19 @@ def read_rows(out_dir: str | os.PathLike,
         problem = check(row) if check else None
         if problem:
             raise UsageError(f"{path}:{number}: {problem}; fix or delete that row")
+        _refuse_duplicate(path, number, row.get("point_id"), first_line)
         rows.append(row)
     return rows
+
+
+def _refuse_duplicate(path: Path, number: int, point_id, first_line: dict) -> None:
+    """UsageError when `point_id` was already recorded on an earlier line of `path`."""
+    if not isinstance(point_id, str):
+        return
+    if point_id in first_line:
+        raise UsageError(f"{path} lines {first_line[point_id]} and {number} both record point {point_id!r}; "
+                         "expected one row per point: delete one of the two lines")
+    first_line[point_id] = number
 
 
 def done_point_ids(out_dir: str | os.PathLike) -> set[str]:

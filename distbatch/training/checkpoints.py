@@ -14,19 +14,25 @@ newest first, and one counts only if
 
 Each damaged one is skipped with a one-line warning. If checkpoints exist
 but none is intact, resume is refused (UsageError) rather than silently
-starting again. Nothing here writes or deletes a file, so a refused or
+starting again. Choosing writes or deletes no file, so a refused or
 fallen-back resume never prunes an older checkpoint.
+
+Also here: the temporary directory a non-chief worker saves its (never read)
+checkpoint copies to, :func:`temp_checkpoint_dir`.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 
 from distbatch.errors import UsageError
 
 _CKPT = re.compile(r"^ckpt-(\d+)\.index$")
+_TEMP = re.compile(r"^distbatch-ckpt-w\d+-p(\d+)-")
 
 
 def candidates(directory: str) -> list[tuple[int, str]]:
@@ -91,3 +97,37 @@ def newest_intact(directory: str, *, warn: bool = False) -> str | None:
         raise UsageError(f"--resume: no intact checkpoint in {directory!r} ({'; '.join(problems)}); "
                          "nothing was changed; use --overwrite (or another --out) to start again")
     return None
+
+
+def temp_checkpoint_dir(worker_index: int, root: str | None = None) -> str:
+    """A new temporary directory for a non-chief worker's checkpoint copies (TensorFlow needs
+    every worker in a save; only the chief's copy is ever read), named with this process's id.
+
+    First removes those of processes that no longer run: a worker SIGKILLed by a restart or
+    a dead peer cannot remove its own, and each copy is a model plus optimizer state."""
+    root = root or tempfile.gettempdir()
+    remove_orphaned_temp_dirs(root)
+    return tempfile.mkdtemp(prefix=f"distbatch-ckpt-w{worker_index}-p{os.getpid()}-", dir=root)
+
+
+def remove_orphaned_temp_dirs(root: str) -> list[str]:
+    """Remove (and return the names of) the temp checkpoint directories in `root` whose process
+    is gone. Those of live processes (any user's) and older names without a process id stay."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    gone = [n for n in names if (m := _TEMP.match(n)) and not _alive(int(m.group(1)))]
+    for name in gone:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: another user's live process
+        return True
+    return True

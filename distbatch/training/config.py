@@ -142,8 +142,12 @@ class TrainConfig:
 
     def _check_batch(self) -> None:
         g, r = self.global_batch_size, self.recipe
+        m = self.max_global_batch_size
+        if m is not None and g != "auto":  # else it would be accepted and silently ignored
+            got = "no {global_batch_size}" if g is None else f"{{global_batch_size}} {g}"
+            require_param(False, f"{{max_global_batch_size}} {m} only applies to {{global_batch_size}} "
+                                 f"auto, got {got}", "max_global_batch_size", "global_batch_size")
         if g == "auto":
-            m = self.max_global_batch_size
             require_param(m is not None, "{global_batch_size} auto needs {max_global_batch_size} (the "
                                          "largest batch it may choose)", "global_batch_size",
                           "max_global_batch_size")

@@ -87,6 +87,9 @@ def candidate_batches(base_batch: int, max_batch: int, *, units: int, num_exampl
     each a multiple of units = replicas x accumulation steps and at most the training set."""
     if max_batch < base_batch:
         raise ValueError(f"max_global_batch_size {max_batch} is below the base batch {base_batch}")
+    if base_batch > num_examples:  # no candidate at all, whatever the replicas
+        raise ValueError(f"the base batch {base_batch} is larger than the training set "
+                         f"({num_examples} examples)")
     out, b = [], base_batch
     while b <= min(max_batch, num_examples):
         if b % units == 0:

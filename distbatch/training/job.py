@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 from distbatch import __version__
 from distbatch.errors import ParameterError, UsageError, require_param
 from distbatch.fileio import atomic_write_json, json_roundtrip
-from distbatch.outdir import check_out_dir, claim_out_dir
+from distbatch.outdir import (check_out_dir, check_out_outside_dataset, check_run_to_resume,
+                              claim_out_dir)
 from distbatch.training.config import TrainConfig
 from distbatch.training.sync_batchnorm import apply_sync_batchnorm
 
@@ -86,6 +87,8 @@ def plan_run(config: TrainConfig, backend, data, *, flag: str = "--global-batch-
     from distbatch.models import check_model
     from distbatch.training.plan import BatchPlan
 
+    if config.out is not None:
+        check_out_outside_dataset(config.out, config.dataset)
     n_train = num_train_examples(data, backend.num_workers)
     recipe, batch_schedule = config.recipe, None
     global_batch_size = config.global_batch_size
@@ -99,6 +102,10 @@ def plan_run(config: TrainConfig, backend, data, *, flag: str = "--global-batch-
     candidates = None
     if adaptive:  # the goodput-adaptive batch starts at the smallest candidate
         from distbatch.training.goodput import candidate_batches
+        require_param(recipe.base_batch_size <= n_train,
+                      f"{{base_batch_size}} {recipe.base_batch_size} is larger than the training set "
+                      f"({n_train} examples); {{global_batch_size}} auto starts at the base batch",
+                      "base_batch_size", "global_batch_size")
         try:
             candidates = candidate_batches(recipe.base_batch_size, config.max_global_batch_size,
                                            units=backend.num_replicas * config.accumulation_steps,
@@ -151,11 +158,14 @@ def train(config: TrainConfig, *, backend=None, data=None, record: dict | None =
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     require_param(config.out is not None, "{out} is required: the directory for the run's files", "out")
     check_out_dir(config.out, resume=config.resume, overwrite=config.overwrite, holds=RUN_FILES)
+    if config.resume:
+        check_run_to_resume(config.out)
     import keras
 
     from distbatch.backends import create_backend
     from distbatch.models import build_model
     from distbatch.training.preemption import checkpoint_seconds
+    from distbatch.training.step import wire_compression
     from distbatch.training.trainer import LoopOptions, Trainer
 
     reason = "given"
@@ -195,13 +205,19 @@ def train(config: TrainConfig, *, backend=None, data=None, record: dict | None =
         optimizer.build(model.trainable_variables)
     backend.prepare(model, optimizer)
 
+    from distbatch.data.datasets import fingerprint
+    data_fingerprint = fingerprint(data)
     written = run_config(config, **(record or {}), backend=backend.name, backend_reason=reason,
                          replicas=backend.num_replicas, plan=plan.as_dict(),
-                         total_steps=total_steps, recipe=recipe)
+                         total_steps=total_steps, recipe=recipe,
+                         **({"data_fingerprint": data_fingerprint} if data_fingerprint else {}))
     if config.resume:  # refused here, before anything is written
         check_resume_matches(written, config.out)
         from distbatch.training.checkpoints import newest_intact
         newest_intact(os.path.join(config.out, "checkpoints"))
+    if chief and config.cpu_replicas:  # after every check: bad input prints its error line only
+        from distbatch.backends.strategy import warn_if_more_than_cores
+        warn_if_more_than_cores(config.cpu_replicas)
     if chief:
         claim_out_dir(config.out, "train", remove=RUN_OUTPUTS if config.overwrite else ())
         atomic_write_json(os.path.join(config.out, "config.json"), written)
@@ -274,6 +290,7 @@ def train(config: TrainConfig, *, backend=None, data=None, record: dict | None =
         "accumulation_steps": plan.accumulation_steps, "steps_per_epoch": plan.steps_per_epoch,
         "total_steps": total_steps, "seed": config.seed, "dataset": config.dataset, "model": config.model,
         "mixed_precision": config.mixed_precision,
+        "grad_compression": wire_compression(backend, config.grad_compression),  # as applied
         "distbatch_version": __version__, "tensorflow_version": _tf_version(),
         **recipe, **result.metrics,
         "generalization_gap": _gap(result.metrics),
@@ -355,12 +372,30 @@ def check_resume_matches(config: dict, out: str, *, may_change=RESUME_MAY_CHANGE
     except ValueError as e:
         raise UsageError(f"--resume: {path} is not a distbatch config ({e}); cannot tell which "
                          "run this is") from None
+    _check_same_data(old, config, out)
     diff = _first_difference(_comparable({k: v for k, v in old.items() if k not in may_change}),
                              _comparable(config))
     if diff:
         key, was, now = diff
         raise UsageError(f"--resume: {key.replace('_', '-')} is {now!r} but the run in {out!r} "
                          f"used {was!r}; resume with the same flags or use another --out")
+
+
+def _check_same_data(old: dict, new: dict, out: str) -> None:
+    """A dataset file replaced by another under the same name (even of the same size) would
+    continue the run on other data. A run written before config.json had a fingerprint (no
+    key) is not compared."""
+    was, now = old.get("data_fingerprint"), new.get("data_fingerprint")
+    if was is None or now is None or was == now:
+        return
+    raise UsageError(f"--resume: dataset {new.get('dataset')!r} is not the data the run in {out!r} "
+                     f"trained on ({_data_line(now)} now, {_data_line(was)} then); resume with the "
+                     "same data or use another --out")
+
+
+def _data_line(fp: dict) -> str:
+    return (f"{fp.get('train_examples')} train / {fp.get('val_examples')} val examples, sample "
+            f"sha256 {fp.get('sample_sha256')}")
 
 
 def _comparable(config: dict) -> dict:

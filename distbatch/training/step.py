@@ -144,6 +144,14 @@ def _nest_slice(tf, nest, lo, hi):
     return tf.nest.map_structure(lambda t: t[lo:hi], nest)
 
 
+def wire_compression(backend, requested: str) -> str:
+    """The gradients' type on the wire: `requested`, except on the single backend, whose
+    all-reduce returns its input: nothing travels, so a cast there would only round the
+    gradients (the cast is for the all-reduce only, docs/scaling.md)."""
+    from distbatch.backends.single import SingleBackend
+    return "none" if isinstance(backend, SingleBackend) else requested
+
+
 def _all_reduce_buckets(tf, backend: Backend, grads: list, packed, options: StepOptions) -> tuple:
     """All-reduce `grads` (each exactly once) and the float32 metrics tensor `packed`.
 
@@ -157,7 +165,8 @@ def _all_reduce_buckets(tf, backend: Backend, grads: list, packed, options: Step
     and tf.distribute refuse mixed types in one call, so a compressed bucket
     sends its float32 metrics as a second call of the same bucket.
     """
-    wire = {"none": None, "fp16": tf.float16, "bf16": tf.bfloat16}[options.grad_compression]
+    wire = {"none": None, "fp16": tf.float16,
+            "bf16": tf.bfloat16}[wire_compression(backend, options.grad_compression)]
     sizes = [int(g.shape.num_elements() or 0) * (2 if wire is not None else g.dtype.size)
              for g in grads]
     buckets = bucket_partition(sizes, resolve_bucket_mb(options.bucket_mb, backend) * 2 ** 20)

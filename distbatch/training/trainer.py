@@ -12,7 +12,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -202,7 +201,8 @@ class Trainer:
         directory = self.opt.checkpoint_dir
         self._temp_checkpoint_dir = None
         if not self.chief:
-            directory = tempfile.mkdtemp(prefix=f"distbatch-ckpt-w{self.backend.worker_index}-")
+            from distbatch.training.checkpoints import temp_checkpoint_dir
+            directory = temp_checkpoint_dir(self.backend.worker_index)
             self._temp_checkpoint_dir = directory
         return ckpt, tf.train.CheckpointManager(ckpt, directory, max_to_keep=2)
 
@@ -246,6 +246,19 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> RunResult:
+        try:
+            return self._run()
+        finally:  # after the last save (a save recreates the directory), and on an error too
+            self._remove_temp_checkpoints()
+
+    def _remove_temp_checkpoints(self) -> None:
+        """A non-chief worker's checkpoint copies are never read (every worker resumes from the
+        chief's): nothing of them may stay in the temp directory once the run ends."""
+        directory, self._temp_checkpoint_dir = getattr(self, "_temp_checkpoint_dir", None), None
+        if directory:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def _run(self) -> RunResult:
         step_fn, eval_fn, tracker = self._build_steps()
         loop = self._start()
         if tracker is not None and self._tracker_state:
@@ -281,8 +294,6 @@ class Trainer:
                 self._stop_preempted(loop.step)
             loop.t_last = time.perf_counter()  # evaluation and checkpoints are not training time
         interrupts.disarm_preemption()
-        if getattr(self, "_temp_checkpoint_dir", None):
-            shutil.rmtree(self._temp_checkpoint_dir, ignore_errors=True)
         metrics = self._finish(loop, eval_fn, tracker, time.perf_counter() - wall0)
         self._hooks.train_end(metrics)
         self._tb.close()
