@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import secrets
 import shlex
 import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from distbatch.backends.cluster import SECRET_ENV, resolve_secret
 from distbatch.launch import launcher
 from distbatch.launch import restarts
 from distbatch.launch import supervisor
@@ -49,11 +51,15 @@ def _write_stdout(text: str) -> None:
         raise SystemExit(EXIT_STDOUT_CLOSED) from None
 
 
+# Printed in place of a secret's value: --dry-run output is pasted into issues and logs.
+SECRET_SHOWN_AS = "<secret, not shown>"
+
+
 def _env_lines(env: Mapping[str, str]) -> list[str]:
-    """Comment lines with the inherited variables that matter to the ranks."""
+    """Comment lines with the inherited variables that matter to the ranks (a secret's value hidden)."""
     names = launcher.mpi_export_names(env)
     return ["# environment: inherited from this shell; relevant variables:"] + [
-        f"#   {n}={env[n]}" for n in names]
+        f"#   {n}={SECRET_SHOWN_AS if n == SECRET_ENV else env[n]}" for n in names]
 
 
 # Open MPI's --tag-output labels each write() of a rank separately; an
@@ -79,12 +85,21 @@ def _path_env() -> dict[str, str]:
 
 
 def _prepare_restarts(args: argparse.Namespace, command: list[str]) -> None:
-    """--max-restarts: check it and the worker command; workers checkpoint by time by default."""
+    """--max-restarts: check it, its back-off and the worker command; workers checkpoint by time
+    by default."""
     restarts.check_max_restarts(args.max_restarts)
+    restarts.check_backoff(args.restart_backoff, "--restart-backoff")
+    restarts.check_backoff(args.restart_backoff_max, "--restart-backoff-max")
     if args.max_restarts:
-        restarts.check_resumable(command)
+        restarts.check_restart_command(command, args.max_restarts)
         # Before commands are built: mpirun forwards DISTBATCH_* variables set here (-x).
         os.environ.setdefault(CHECKPOINT_SECONDS_ENV, f"{LAUNCH_CHECKPOINT_SECONDS:g}")
+
+
+def _with_restarts(once, command: list[str], args: argparse.Namespace, workers: int) -> int:
+    return restarts.run_with_restarts(once, command, max_restarts=args.max_restarts, workers=workers,
+                                      backoff=args.restart_backoff, backoff_max=args.restart_backoff_max,
+                                      restart_deterministic=args.restart_deterministic)
 
 
 def _run_or_show(build, args: argparse.Namespace, unset: Sequence[str] = ()) -> int:
@@ -102,14 +117,18 @@ def _run_or_show(build, args: argparse.Namespace, unset: Sequence[str] = ()) -> 
         return supervisor.run_launcher(build(cmd), env=_path_env(), unset_env=unset,
                                        grace_seconds=args.grace_seconds, failures=failures)
 
-    return restarts.run_with_restarts(once, command, max_restarts=args.max_restarts, workers=args.np)
+    return _with_restarts(once, command, args, args.np)
 
 
-def _write(path: Path, text: str, flag: str) -> None:
+def _write(path: Path, text: str, flag: str, mode: int = 0o755) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        path.chmod(0o755)
+        # Created with `mode` (a script that holds a secret is never readable by others, not even
+        # for a moment), and set again for a file that existed.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        path.chmod(mode)
     except OSError as e:
         raise UsageError(f"{flag}: cannot write {str(path)!r} ({e.strerror or e})") from None
 
@@ -167,9 +186,25 @@ def _multiworker(args: argparse.Namespace) -> int:
         return _multiworker_once(args, command, failures, check_ports=len(starts) == 1)
 
     if args.max_restarts and not (args.dry_run or args.write_scripts):
-        return restarts.run_with_restarts(once, _worker_command(args), max_restarts=args.max_restarts,
-                                          workers=args.workers)
+        return _with_restarts(once, _worker_command(args), args, args.workers)
     return _multiworker_once(args, _worker_command(args), None)
+
+
+# What the user reads instead of the secret in printed commands (stderr, after them: stdout
+# stays exactly the commands, and `--dry-run | head -1` stays quiet).
+DRY_RUN_SECRET_NOTE = (f"distbatch launch: --dry-run: each worker also gets {SECRET_ENV}={SECRET_SHOWN_AS} "
+                       "(a random one made for each start; the workers' rendezvous key, docs/security.md)")
+HOSTS_SECRET_NOTE = (f"distbatch launch: these commands set no {SECRET_ENV}: export the same one on every "
+                     "host first (python3 -c 'import secrets; print(secrets.token_hex(16))'), or use "
+                     "--write-scripts, which puts a new one into the scripts; without it the workers meet "
+                     "with a key anyone who knows the addresses can compute (docs/security.md)")
+TASK_SECRET_NOTE = (f"distbatch launch: no {SECRET_ENV} in this environment: the workers meet with a key "
+                    "anyone who knows the addresses can compute; export the same secret on every host "
+                    "(docs/security.md)")
+
+
+def _note(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _multiworker_once(args: argparse.Namespace, command: list[str], failures: list | None,
@@ -188,23 +223,36 @@ def _multiworker_once(args: argparse.Namespace, command: list[str], failures: li
                 launcher.check_ports_free([args.port + i for i in range(args.workers)])
         else:
             addresses = [f"localhost:{p}" for p in launcher.find_free_ports(args.workers)]
+    # Printed commands never carry the secret (the value is shown nowhere); the workers started
+    # here get a new one for each start, the scripts one for the job.
     specs = launcher.multiworker_specs(addresses, command)
     if args.task_index is not None and not 0 <= args.task_index < len(specs):
         raise UsageError(f"--task-index must be in 0..{len(specs) - 1}, got {args.task_index}")
 
     if args.write_scripts:
         out = Path(args.write_scripts)
-        for i, ((env, argv), addr) in enumerate(zip(specs, addresses)):
+        secret = secrets.token_hex(16)
+        for i, ((env, argv), addr) in enumerate(zip(launcher.multiworker_specs(addresses, command, secret),
+                                                    addresses)):
             path = out / f"worker{i}.sh"
             _write(path, launcher.host_script(env, argv, host=addr.rpartition(":")[0], index=i),
-                   "--write-scripts")
+                   "--write-scripts", mode=0o700)
             _print(f"wrote {path}  (run on {addr.rpartition(':')[0]})")
+        _print(f"each script holds the job's {SECRET_ENV} and is readable by you only (mode 700): "
+               "copy them with scp, never to a shared place")
         return 0
     if args.dry_run or (args.hosts and args.task_index is None):
         for i, ((env, argv), addr) in enumerate(zip(specs, addresses)):
             if args.task_index is None or args.task_index == i:
                 _print(f"# worker {i} on {addr.rpartition(':')[0]}", launcher.env_command_line(env, argv))
+        _note(HOSTS_SECRET_NOTE if args.hosts else DRY_RUN_SECRET_NOTE)
         return 0
+    if args.task_index is not None:
+        # This host's worker only: the secret must be the one every host exported.
+        if resolve_secret(os.environ) is None:
+            _note(TASK_SECRET_NOTE)
+    else:
+        specs = launcher.multiworker_specs(addresses, command, secrets.token_hex(16))
     worker_specs = supervisor.rank_specs([({**_path_env(), **env}, argv) for env, argv in specs])
     if args.task_index is not None:
         worker_specs = [worker_specs[args.task_index]]
@@ -238,6 +286,15 @@ def _common(p: argparse.ArgumentParser, *, local: bool = True) -> None:
                             "(default 0); workers then also checkpoint every "
                             f"{LAUNCH_CHECKPOINT_SECONDS:g} s unless --checkpoint-every-seconds "
                             "says otherwise (see docs/reliability.md)")
+        p.add_argument("--restart-backoff", type=float, default=restarts.DEFAULT_BACKOFF, metavar="SECONDS",
+                       help="wait before the first restart, doubled at each further one "
+                            f"(default {restarts.DEFAULT_BACKOFF:g}; 0: restart at once)")
+        p.add_argument("--restart-backoff-max", type=float, default=restarts.DEFAULT_BACKOFF_MAX,
+                       metavar="SECONDS",
+                       help=f"longest wait between two restarts (default {restarts.DEFAULT_BACKOFF_MAX:g})")
+        p.add_argument("--restart-deterministic", action="store_true",
+                       help="also restart after exit 2 (bad input) and 3 (divergence), which a "
+                            "resumed run repeats exactly (default: exit with that status)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND... (the worker command)")
 
 

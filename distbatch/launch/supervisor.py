@@ -114,19 +114,79 @@ def root_cause(codes: Sequence[int | None], states: Sequence[str | None], failed
     return failed, f"failed with {describe_exit(codes[failed])}"
 
 
+class LauncherTracebackFilter:
+    """Drops horovodrun's own Python traceback after a failed or stopped job, keeps every other line.
+
+    After any rank fails, or after distbatch stops the job on SIGTERM, horovodrun raises
+    ``RuntimeError: Horovod detected that one or more processes exited with non-zero status
+    ...`` (Gloo; with --mpi ``RuntimeError: mpirun failed with exit code N``): a 15-line
+    traceback under distbatch's own line that says the same. The traceback and that line go;
+    the message's own ``Process name: R`` / ``Exit code: C`` lines stay (horovodrun's word on
+    which rank ended first). Rank lines carry horovodrun's prefix (``[0]<stderr>:``,
+    ``[1,0]<stdout>:``) and never start a traceback here, so a rank's own traceback is kept.
+    A traceback is held until its exception line shows which one it is: any other (an ssh
+    failure, a bug in horovodrun) is passed on whole.
+    """
+
+    REDUNDANT = (re.compile(r"RuntimeError: Horovod detected that one or more processes exited with "
+                            r"non-zero status"),
+                 re.compile(r"RuntimeError: mpirun failed with exit code -?\d+$"))
+    TAIL = re.compile(r"Process name: \S+|Exit code: -?\d+")  # the message's last lines, then a blank
+
+    def __init__(self) -> None:
+        self.held: list[str] = []
+        self.tail = False
+
+    def feed(self, line: str) -> list[str]:
+        """The lines to show now for one input line (ending in a newline)."""
+        text = line.rstrip("\n")
+        if self.tail:
+            self.tail = bool(self.TAIL.fullmatch(text))
+            if self.tail:
+                return [line]
+            if text == "":  # the blank line that ends the message
+                return []
+        if self.held:
+            if text[:1] in (" ", "\t"):  # a frame or its source line
+                self.held.append(line)
+                return []
+            if any(p.match(text) for p in self.REDUNDANT):
+                self.held, self.tail = [], True
+                return []
+            shown, self.held = self.held + [line], []
+            return shown
+        if text == "Traceback (most recent call last):":
+            self.held = [line]
+            return []
+        return [line]
+
+    def flush(self) -> list[str]:
+        """Lines still held at the end of the stream (a traceback cut short): shown as they are."""
+        shown, self.held = self.held, []
+        return shown
+
+
 def _pump(pipe: IO[bytes], stream: IO[str], prefix: str, lock: threading.Lock,
-          on_line: Callable[[str], None] | None = None) -> None:
-    """Copy lines from a child's pipe to ``stream`` with ``prefix``, until EOF."""
+          on_line: Callable[[str], None] | None = None,
+          line_filter: LauncherTracebackFilter | None = None) -> None:
+    """Copy lines from a child's pipe to ``stream`` with ``prefix``, until EOF; ``on_line`` sees
+    every line, ``line_filter`` decides which are shown."""
     with pipe:
         for raw in iter(pipe.readline, b""):
             line = raw.decode("utf-8", errors="replace")
             if not line.endswith("\n"):
                 line += "\n"
             with lock:
-                stream.write(prefix + line)
+                for shown in (line_filter.feed(line) if line_filter is not None else [line]):
+                    stream.write(prefix + shown)
                 stream.flush()
                 if on_line is not None:
                     on_line(line)
+        if line_filter is not None:
+            with lock:
+                for shown in line_filter.flush():
+                    stream.write(prefix + shown)
+                stream.flush()
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -163,14 +223,16 @@ def run_workers(specs: Sequence[WorkerSpec], *, grace_seconds: float = 5.0,
                 stderr: IO[str] | None = None, name: str = "distbatch launch",
                 unbuffered: bool = True, failures: list | None = None,
                 on_line: Callable[[str], None] | None = None,
-                stop_wait_seconds: float | None = None) -> int:
+                stop_wait_seconds: float | None = None,
+                line_filter: Callable[[], LauncherTracebackFilter] | None = None) -> int:
     """Run ``specs`` concurrently and return the job's exit code (see module docstring).
 
     ``failures`` (a list) receives ``(who, how)`` of the worker that caused a failure, e.g.
     ``("rank 1", "failed with signal 9 (SIGKILL)")``; nothing when all succeeded or the
     launcher itself was stopped. ``on_line`` sees every output line. ``stop_wait_seconds``:
     how long to wait after forwarding the launcher's SIGTERM (default
-    max(grace_seconds, PREEMPT_WAIT_SECONDS)).
+    max(grace_seconds, PREEMPT_WAIT_SECONDS)). ``line_filter``: makes one filter per output
+    pipe (:class:`LauncherTracebackFilter`).
 
     Each worker's environment is ``os.environ`` updated with ``spec.env``.
     With ``unbuffered`` it also gets ``PYTHONUNBUFFERED=1`` (unless set), so
@@ -211,7 +273,8 @@ def run_workers(specs: Sequence[WorkerSpec], *, grace_seconds: float = 5.0,
                 return 127
             procs.append(p)
             for pipe, stream in ((p.stdout, stdout), (p.stderr, stderr)):
-                t = threading.Thread(target=_pump, args=(pipe, stream, spec.prefix, lock, on_line),
+                t = threading.Thread(target=_pump, args=(pipe, stream, spec.prefix, lock, on_line,
+                                                         line_filter() if line_filter else None),
                                      daemon=True)
                 t.start()
                 pumps.append(t)
@@ -304,22 +367,43 @@ def record_exit_code(code: int, env: Mapping[str, str] | None = None) -> None:
         pass  # only a better exit status is lost
 
 
-def first_failed_rank(directory: str) -> tuple[int, int] | None:
-    """(rank, exit status) of the rank that exited non-zero first, from record_exit_code's files."""
+def recorded_exits(directory: str) -> dict[int, tuple[float, int]]:
+    """{rank: (time, exit status)} from record_exit_code's files (unreadable ones skipped)."""
     import json
-    failed = []
+    rows: dict[int, tuple[float, int]] = {}
     for name in os.listdir(directory):
         try:
             with open(os.path.join(directory, name)) as f:
                 row = json.load(f)
-            if row["code"] != 0:
-                failed.append((float(row["time"]), int(row["rank"]), int(row["code"])))
+            rows[int(row["rank"])] = (float(row["time"]), int(row["code"]))
         except (OSError, ValueError, KeyError, TypeError):
             continue
-    if not failed:
-        return None
-    _, rank, code = min(failed)
-    return rank, code
+    return rows
+
+
+def first_failed_rank(directory: str) -> tuple[int, int] | None:
+    """(rank, exit status) of the rank that exited non-zero first, from record_exit_code's files."""
+    failed = sorted((t, rank, code) for rank, (t, code) in recorded_exits(directory).items() if code != 0)
+    return (failed[0][1], failed[0][2]) if failed else None
+
+
+def failed_first(reported: Sequence[tuple[int, int]],
+                 recorded: Mapping[int, tuple[float, int]]) -> tuple[int, int] | None:
+    """(rank, shell exit status) of the rank whose failure ended the job: ONE answer, used both
+    for the exit status and for the restart line, so an attempt is described one way only.
+
+    ``reported``: (rank, status) from the launcher's own lines, in the order it printed them;
+    ``recorded``: the ranks' own records (:func:`recorded_exits`). The first rank the launcher
+    reported wins when it recorded nothing (killed by a signal before its exit code ran: the
+    cause, its peers failed after it); otherwise the earliest recorded failure (exact times,
+    where the launcher's order is only the order it noticed the exits in).
+    """
+    if reported and reported[0][0] not in recorded:
+        return reported[0]
+    failed = sorted((t, rank, code) for rank, (t, code) in recorded.items() if code != 0)
+    if failed:
+        return failed[0][1], shell_exit_code(failed[0][2])
+    return reported[0] if reported else None
 
 
 # How horovodrun (Gloo) and Open MPI's mpirun name the rank that failed; the first such line
@@ -349,12 +433,11 @@ def run_launcher(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                  stderr: IO[str] | None = None, failures: list | None = None, **kwargs) -> int:
     """run_single for horovodrun/mpirun, returning the failed rank's own exit status.
 
-    When the launcher fails and a distbatch rank recorded a non-zero status
-    (see :data:`EXIT_DIR_ENV`), that status is returned (e.g. 3 for a diverged
-    run) with one line naming the rank; otherwise the launcher's own status.
-    ``failures`` receives ``("rank R", how)`` of the rank that failed first: from the
-    launcher's own report of it (its line for a rank killed by a signal), else from
-    the ranks' recorded statuses.
+    When the launcher fails, the rank that failed first (:func:`failed_first`: the ranks'
+    recorded statuses, see :data:`EXIT_DIR_ENV`, and the launcher's own lines for a rank
+    killed by a signal) gives the status returned (e.g. 3 for a diverged run), with one line
+    naming it; otherwise the launcher's own status. ``failures`` receives ``("rank R", how)``
+    of that same rank. The launcher's own traceback is not shown (LauncherTracebackFilter).
     """
     import shutil
     import tempfile
@@ -368,21 +451,21 @@ def run_launcher(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
 
     try:
         mine: list = []
+        kwargs.setdefault("line_filter", LauncherTracebackFilter)
         code = run_single(argv, env={**(env or {}), EXIT_DIR_ENV: directory}, unset_env=unset_env,
                           grace_seconds=grace_seconds, stderr=stderr, failures=mine, on_line=watch,
                           **kwargs)
-        first = first_failed_rank(directory) if code != 0 else None
+        cause = failed_first(reported, recorded_exits(directory)) if code != 0 else None
         if failures is not None and mine:  # the launcher failed (not stopped by us)
-            rank, rank_code = reported[0] if reported else (first or (None, None))
-            failures.append((f"rank {rank}", f"failed with {describe_exit(rank_code)}")
-                            if rank is not None else mine[0])
-        if first is not None and first[1] != code:
-            rank, rank_code = first
+            failures.append((f"rank {cause[0]}", f"failed with {describe_exit(cause[1])}")
+                            if cause is not None else mine[0])
+        if cause is not None and cause[1] != code:
+            rank, rank_code = cause
             (stderr or sys.stderr).write(
                 f"distbatch launch: rank {rank} exited first, with {describe_exit(rank_code)}; "
                 f"exiting with that status ({os.path.basename(argv[0])} reported "
                 f"{describe_exit(code)})\n")
-            code = shell_exit_code(rank_code)
+            code = rank_code
         return code
     finally:
         shutil.rmtree(directory, ignore_errors=True)
