@@ -93,11 +93,34 @@ class Attempts:
         return code
 
 
-CMD = ["distbatch", "train", "--out", "OUT-does-not-exist"]
+CMD = ["distbatch", "train", "--out", "OUT-with-a-run"]
 KILLED = (137, [("rank 1", "failed with signal 9 (SIGKILL)")])
 
 
-def test_restarts_back_off_exponentially_with_one_line_each():
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """CMD's --out exists and holds a run's file, so restarts add --resume."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "OUT-with-a-run").mkdir()
+    (tmp_path / "OUT-with-a-run" / "config.json").write_text("{}")
+    return tmp_path
+
+
+def test_a_run_that_wrote_nothing_restarts_without_resume(tmp_path, monkeypatch):
+    """--resume refuses a missing or empty --out, so an attempt that died before writing
+    anything is restarted as it was."""
+    monkeypatch.chdir(tmp_path)
+    err = io.StringIO()
+    attempts = Attempts([KILLED, (0, [])])
+    assert restarts.run_with_restarts(attempts, CMD, max_restarts=1, workers=2, stderr=err,
+                                      sleep=lambda s: None) == 0
+    assert attempts.commands == [CMD, CMD]
+    assert err.getvalue().splitlines()[-1] == (
+        "distbatch launch: restart 1/1: rank 1 failed with signal 9 (SIGKILL); restarting all 2 "
+        "workers from the start, without --resume (the run wrote nothing yet)")
+
+
+def test_restarts_back_off_exponentially_with_one_line_each(in_tmp):
     slept, err = [], io.StringIO()
     attempts = Attempts([KILLED, KILLED, KILLED, (0, [])])
     code = restarts.run_with_restarts(attempts, CMD, max_restarts=3, workers=2, stderr=err,
@@ -132,7 +155,7 @@ def test_deterministic_failure_is_not_restarted(code, why):
         "restarts anyway)\n")
 
 
-def test_restart_deterministic_restarts_exit_3_anyway():
+def test_restart_deterministic_restarts_exit_3_anyway(in_tmp):
     err = io.StringIO()
     attempts = Attempts([(3, [("rank 1", "failed with exit code 3")])] * 3)
     assert restarts.run_with_restarts(attempts, CMD, max_restarts=2, workers=2, stderr=err,
@@ -187,7 +210,7 @@ def test_failed_first_is_one_answer(reported, recorded, cause):
     assert supervisor.failed_first(reported, recorded) == cause
 
 
-def test_exit_status_line_and_restart_line_name_the_same_rank(monkeypatch, tmp_path):
+def test_exit_status_line_and_restart_line_name_the_same_rank(monkeypatch, tmp_path, in_tmp):
     """Was: 'rank 1 exited first, with exit code 3' then 'restart 2/3: rank 0 failed with exit code 3'."""
     def fake_run_single(argv, *, env, failures, on_line, stderr, **kwargs):
         d = env[supervisor.EXIT_DIR_ENV]

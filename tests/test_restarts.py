@@ -99,6 +99,7 @@ def test_run_with_restarts_adds_resume_and_stops_when_told(tmp_path):
         return code
 
     cmd = ["distbatch", "train", "--out", str(tmp_path)]
+    (tmp_path / "config.json").write_text("{}")  # the first attempt wrote something: --resume
     assert restarts.run_with_restarts(once, cmd, max_restarts=2, workers=2, stderr=err) == 0
     assert calls == [cmd, cmd + ["--resume"]]
     assert err.getvalue() == ("distbatch launch: restart 1/2: rank 1 failed with signal 9 (SIGKILL); restarting "

@@ -127,12 +127,15 @@ def newest_checkpoint(out: str) -> tuple[int, str] | None:
 
 
 def restart_line(attempt: int, max_restarts: int, who: str, how: str, workers: int,
-                 checkpoint: tuple[int, str] | None) -> str:
+                 checkpoint: tuple[int, str] | None, resume: bool = True) -> str:
     """The one line printed before restart `attempt` (1-based) of `max_restarts`.
 
     >>> restart_line(1, 2, "rank 1", "failed with signal 9 (SIGKILL)", 2, (24, "r/checkpoints"))
     'distbatch launch: restart 1/2: rank 1 failed with signal 9 (SIGKILL); restarting all 2 workers with --resume from step 24 (r/checkpoints)'
     """
+    if not resume:
+        return (f"distbatch launch: restart {attempt}/{max_restarts}: {who} {how}; restarting all "
+                f"{workers} workers from the start, without --resume (the run wrote nothing yet)")
     where = (f"from step {checkpoint[0]} ({checkpoint[1]})" if checkpoint else
              "from the start (no checkpoint yet)")
     return (f"distbatch launch: restart {attempt}/{max_restarts}: {who} {how}; restarting all "
@@ -261,6 +264,10 @@ def run_with_restarts(run_once: Callable[[list[str], list], int], command: Seque
                 return e.code
         out = out_dir(cmd)
         checkpoint = newest_checkpoint(out) if out else None
-        say(restart_line(attempt + 1, max_restarts, who, how, workers, checkpoint))
-        cmd = resume_command(cmd)
+        # --resume refuses a directory that does not exist or is empty (a typo would otherwise
+        # start over silently): an attempt that died before writing anything starts again fresh.
+        resume = out is None or (os.path.isdir(out) and bool(os.listdir(out)))
+        say(restart_line(attempt + 1, max_restarts, who, how, workers, checkpoint, resume))
+        if resume:
+            cmd = resume_command(cmd)
     return code  # not reached
