@@ -6,10 +6,13 @@ Distributed tests run in subprocesses because TensorFlow's device layout
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +131,46 @@ def run_cli_cases(cases: list[dict], work, *, env: dict | None = None, timeout: 
                           timeout=timeout, env=env or cli_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((work / "out.json").read_text())
+
+
+def cli_in_process(capfd, *argv) -> subprocess.CompletedProcess:
+    """`distbatch ARGV` in this process, as the console script runs it: sys.exit(main())."""
+    from distbatch.cli import main
+    capfd.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except Exception:  # the console script would print the traceback and exit 1
+        traceback.print_exc()
+        code = 1
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
+def assert_one_line_error(proc, line: str) -> None:
+    """Exit 2, stderr is exactly `distbatch: error: LINE`, no traceback anywhere."""
+    both = proc.stdout + proc.stderr
+    assert "Traceback" not in both, both[-3000:]
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{both[-3000:]}"
+    assert proc.stderr.splitlines() == [f"distbatch: error: {line}"], proc.stderr[-3000:]
+
+
+def free_ports(n: int) -> list[int]:
+    """n ports free on 127.0.0.1 right now (closed again: a test binds them next)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file (content hash) and directory under root: equal snapshots = nothing touched."""
+    def what(p: Path) -> str:
+        if p.is_symlink():
+            return "-> " + os.readlink(p)
+        return "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return {str(p.relative_to(root)): what(p) for p in sorted(root.rglob("*"))}

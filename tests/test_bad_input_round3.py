@@ -21,33 +21,15 @@ import numpy as np
 import pytest
 
 from conftest import DISTBATCH, cli_env, run_cli_cases
+from conftest import cli_in_process as cli, assert_one_line_error as assert_error
 
 TRAIN = ["train", "--backend", "single", "--train-size", "256", "--val-size", "64",
          "--global-batch-size", "32", "--steps", "2"]
 GIB = 2**30
 
 
-def cli(capfd, *argv) -> subprocess.CompletedProcess:
-    """`distbatch ARGV` in this process, as the console script runs it: sys.exit(main())."""
-    from distbatch.cli import main
-    capfd.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    except Exception:  # the console script would print the traceback and exit 1
-        traceback.print_exc()
-        code = 1
-    out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(argv, code, out, err)
 
 
-def assert_error(proc, line: str) -> None:
-    """Exit 2, stderr is exactly `distbatch: error: LINE`, no traceback anywhere."""
-    both = proc.stdout + proc.stderr
-    assert "Traceback" not in both, both[-3000:]
-    assert proc.returncode == 2, f"exit {proc.returncode}\n{both[-3000:]}"
-    assert proc.stderr.splitlines() == [f"distbatch: error: {line}"], proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")

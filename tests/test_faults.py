@@ -12,7 +12,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DISTBATCH, cli_env, load_summary, load_weights, max_weight_diff, run_cli
+from conftest import DISTBATCH, cli_env, load_summary, load_weights, max_weight_diff, run_cli, free_ports
 
 TINY = ["--dataset", "mnist1d", "--train-size", "256", "--val-size", "64", "--global-batch-size", "32"]
 TRAINING_LINE = re.compile(r"epoch +[0-9.]+ step [0-9]+/")
@@ -251,21 +250,11 @@ def test_killed_horovod_rank_ends_the_launched_job(tmp_path, dataset_cache):
     assert elapsed < 60 and not left, (elapsed, left)
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.mark.slow
 def test_surviving_multiworker_worker_exits_on_its_own(tmp_path, dataset_cache):
     """Without a launcher: TF's coordination service notices the missing heartbeats,
     aborts the collective, and distbatch prints one line instead of a traceback."""
-    workers = [f"localhost:{p}" for p in _free_ports(2)]
+    workers = [f"localhost:{p}" for p in free_ports(2)]
     argv = [DISTBATCH, *LONG, "--backend", "multiworker", "--out", str(tmp_path / "mw")]
     jobs = [_Job(argv, {"TF_CONFIG": json.dumps({"cluster": {"worker": workers},
                                                   "task": {"type": "worker", "index": i}})})

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_ports
 from distbatch.launch import supervisor
 from distbatch.backends import choose_backend
 from distbatch.backends.strategy import parse_tf_config
@@ -32,14 +33,6 @@ REPO = str(Path(__file__).resolve().parents[1])
 ENV = {**os.environ, "PYTHONPATH": REPO, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def alive(pid: int) -> bool:

@@ -33,6 +33,7 @@ from distbatch.backends.cluster import SECRET_ENV, listen_hosts, rendezvous
 from distbatch.cli import launch as launch_cli
 from distbatch.errors import ClusterSetupError, UsageError
 from distbatch.launch import launcher, restarts, supervisor
+from conftest import free_ports
 
 PY = sys.executable
 BIN = os.path.dirname(PY)
@@ -45,16 +46,6 @@ def _cli(argv, capsys):
     code = launch_cli.main(argv)
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 # =========================================================================== A1: back-off

@@ -13,7 +13,6 @@ small tmpfs and are skipped (with the reason) where mount is not permitted.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,8 @@ import numpy as np
 import pytest
 
 from conftest import load_summary, run_cli
+from conftest import cli_in_process as cli
+from conftest import snapshot
 
 TINY = ["--backend", "single", "--dataset", "mnist1d", "--train-size", "256", "--val-size", "64"]
 TRAIN = ["train", *TINY, "--global-batch-size", "32", "--steps", "8", "--checkpoint-every", "4"]
@@ -35,19 +36,6 @@ SWEEP = ["sweep", *TINY, "--model", "mlp", "--batch-sizes", "32,64", "--steps", 
 
 # -- helpers ---------------------------------------------------------------------------------
 
-def cli(capfd, *argv) -> subprocess.CompletedProcess:
-    """`distbatch ARGV` in this process, as the console script runs it: sys.exit(main())."""
-    from distbatch.cli import main
-    capfd.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    except Exception:  # the console script would print the traceback and exit 1
-        traceback.print_exc()
-        code = 1
-    out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(argv, code, out, err)
 
 
 def one_line(proc, code: int = 2, *parts: str) -> str:
@@ -75,15 +63,6 @@ def ends_with_one_error(proc, code: int, *parts: str) -> str:
     for part in parts:
         assert part in errors[0], f"{part!r} not in {errors[0]!r}"
     return errors[0]
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file (content hash) and directory under root: equal snapshots = nothing touched."""
-    def what(p: Path) -> str:
-        if p.is_symlink():
-            return "-> " + os.readlink(p)
-        return "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-    return {str(p.relative_to(root)): what(p) for p in sorted(root.rglob("*"))}
 
 
 def user_dir(path: Path) -> Path:

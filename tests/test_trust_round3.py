@@ -9,19 +9,19 @@ their own (logical CPU devices, a restricted CPU affinity) run under `-m slow`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import tempfile
-import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import DISTBATCH, cli_env, load_summary, load_weights
+from conftest import cli_in_process as cli, assert_one_line_error as assert_error
+from conftest import snapshot
 
 TINY = ["--backend", "single", "--train-size", "256", "--val-size", "64"]
 TRAIN = ["train", *TINY, "--global-batch-size", "32", "--steps", "8", "--checkpoint-every", "4"]
@@ -29,40 +29,12 @@ TRAIN = ["train", *TINY, "--global-batch-size", "32", "--steps", "8", "--checkpo
 
 # -- helpers ---------------------------------------------------------------------------------
 
-def cli(capfd, *argv) -> subprocess.CompletedProcess:
-    """`distbatch ARGV` in this process, as the console script runs it: sys.exit(main())."""
-    from distbatch.cli import main
-    capfd.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    except Exception:  # the console script would print the traceback and exit 1
-        traceback.print_exc()
-        code = 1
-    out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(argv, code, out, err)
 
 
-def assert_error(proc, line: str) -> None:
-    """Exit 2, stderr is exactly `distbatch: error: LINE`, no traceback anywhere."""
-    both = proc.stdout + proc.stderr
-    assert "Traceback" not in both, both[-3000:]
-    assert proc.returncode == 2, f"exit {proc.returncode}\n{both[-3000:]}"
-    assert proc.stderr.splitlines() == [f"distbatch: error: {line}"], proc.stderr[-3000:]
 
 
 def assert_ok(proc) -> None:
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file (content hash), directory and link under root."""
-    def what(p: Path) -> str:
-        if p.is_symlink():
-            return "-> " + os.readlink(p)
-        return "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-    return {str(p.relative_to(root)): what(p) for p in sorted(root.rglob("*"))}
 
 
 def _tfrecords(path: Path, n: int = 40, *, negate: bool = False, labels=None) -> Path:
