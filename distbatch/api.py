@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from distbatch.recipes.recipe import Recipe
+from distbatch.training.seeding import seed_everything
 from distbatch.training.trainer import LoopOptions, RunResult
 
 
@@ -92,7 +93,8 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None
         cpu_replicas: int | None = None, seed: int = 0, accumulation_steps: int = 1,
         steps_per_epoch: int | None = None, shuffle_buffer: int = 10_000,
         loss_fn: Callable | None = None, stall_timeout: float | None = None,
-        sync_batchnorm: bool = False, **loop_options) -> FitResult:
+        sync_batchnorm: bool = False, deterministic: bool = False,
+        **loop_options) -> FitResult:
     """Train model_fn() on `data` at a GLOBAL batch size; return a FitResult.
 
     data / validation_data: (x, y) or (x, y, sample_weight) NumPy arrays (x, y may be
@@ -110,6 +112,8 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None
     TerminateOnNaN, TensorBoard, your own).
     Exactly one of optimizer_fn (() -> keras optimizer) and recipe (distbatch.Recipe).
     `backend` is a name (see distbatch.backends.BACKENDS) or a Backend instance.
+    deterministic: TensorFlow's op determinism on top of the seeds: two runs on the same
+    backend end bit-identical (distbatch/training/seeding.py).
     sync_batchnorm: BatchNormalization layers normalise with the moments of the GLOBAL batch
     on every backend (distbatch/training/sync_batchnorm.py); default: each replica's own.
     stall_timeout: Horovod: seconds a rank waits for the others in a collective before the
@@ -150,8 +154,9 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None
     loss = loss if loss is not None else loss_fn
     _check_positive_int("global_batch_size", global_batch_size)
     _check_positive_int("accumulation_steps", accumulation_steps)
-    if not isinstance(sync_batchnorm, bool):
-        raise TypeError(f"sync_batchnorm must be True or False, got {sync_batchnorm!r}")
+    for name, flag in (("sync_batchnorm", sync_batchnorm), ("deterministic", deterministic)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     _check_length(epochs, steps)
     unknown = sorted(set(loop_options) - set(LoopOptions.__dataclass_fields__) | (
         set(loop_options) & {"total_steps", "seed"}))
@@ -200,7 +205,7 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None
     else:
         base_plan = plan
 
-    keras.utils.set_random_seed(seed)
+    seed_everything(seed, deterministic)
     with backend.scope():
         model = model_fn()
         if not isinstance(model, keras.Model):

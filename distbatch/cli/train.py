@@ -55,6 +55,10 @@ def add_train_args(parser: argparse.ArgumentParser, *, sweep: bool = False) -> N
                    help="gradient accumulation: global = per_replica x replicas x K")
     g.add_argument("--mixed-precision", choices=("off", "float16", "bfloat16"), default="off",
                    help="keras.mixed_precision policy; float16 uses dynamic loss scaling")
+    g.add_argument("--deterministic", action="store_true",
+                   help="TensorFlow's op determinism on top of the seeds: two runs on the same "
+                        "backend and hardware end bit-identical (ops without a deterministic "
+                        "kernel then fail)")
     g.add_argument("--sync-batchnorm", action="store_true",
                    help="BatchNormalization with the moments of the GLOBAL batch on every backend "
                         "(default: each replica's own slice; docs/correctness.md)")

@@ -56,6 +56,7 @@ class TrainConfig:
     accumulation_steps: int = 1
     mixed_precision: str = "off"
     sync_batchnorm: bool = False
+    deterministic: bool = False
     noise_scale: bool = False
     target_accuracy: float | None = None
     evals_per_epoch: int = 1

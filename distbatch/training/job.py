@@ -23,6 +23,7 @@ from distbatch.fileio import atomic_write_json, json_roundtrip
 from distbatch.outdir import (check_out_dir, check_out_outside_dataset, check_run_to_resume,
                               claim_out_dir)
 from distbatch.training.config import TrainConfig
+from distbatch.training.seeding import seed_everything
 from distbatch.training.sync_batchnorm import apply_sync_batchnorm
 
 if TYPE_CHECKING:
@@ -185,7 +186,7 @@ def train(config: TrainConfig, *, backend=None, data=None, record: dict | None =
     adaptive = candidates is not None
     chief = backend.is_chief
 
-    keras.utils.set_random_seed(config.seed)
+    seed_everything(config.seed, config.deterministic)
     set_precision(config.mixed_precision)
     with backend.scope():
         model = build_model(config.model, data.input_shape, data.num_classes)
@@ -343,7 +344,7 @@ RESUME_MAY_CHANGE = frozenset({"out", "resume", "overwrite", "progress", "verbos
                                "tensorboard_dir", "checkpoint_every", "checkpoint_every_seconds",
                                "backend_reason", "machine",
                                # how the gradients are grouped into all-reduces: the same sums
-                               "bucket_mb", "stall_timeout",
+                               "bucket_mb", "stall_timeout", "deterministic",
                                "batch_sizes", "seeds"})
 
 
