@@ -90,12 +90,10 @@ def test_weights_changed_on_one_rank_are_an_error_on_every_rank(tmp_path):
     proc = _run(tmp_path / "hvd", "nudge", "horovod")
     assert proc.returncode != 0
     err = proc.stdout + proc.stderr
-    assert ("rank 0: RanksDriftedError: ranks drifted apart: after step 7 this rank (0)'s weights "
-            "differ from the chief's") not in err  # the chief is the reference
-    assert ("rank 1: RanksDriftedError: ranks drifted apart: after step 7 this rank (1)'s weights "
-            "differ from the chief's; something changed the model on some ranks only") in err, err[-3000:]
-    assert ("rank 0: RanksDriftedError: ranks drifted apart: after step 7 another rank's weights "
-            "differ from the chief's (see its line)") in err, err[-3000:]
+    for rank in (0, 1):  # the same line on every rank, naming the drifted one
+        assert (f"rank {rank}: RanksDriftedError: ranks drifted apart: after step 7 the weights of "
+                f"worker(s) 1 differ from the chief's; something changed the model on some ranks "
+                f"only") in err, err[-3000:]
 
 
 BN_SCRIPT = textwrap.dedent('''

@@ -109,6 +109,24 @@ class Backend(abc.ABC):
                 else np.rint(o.numpy()).astype(np.asarray(a).dtype)
                 for o, a in zip(share(), arrays)]
 
+    def gather_from_workers(self, value: float) -> list[float]:
+        """Every worker's `value` (a float64-exact number), in worker order, on every worker:
+        one all-reduce of a vector where each worker fills its own entry."""
+        if self.num_workers == 1:
+            return [float(value)]
+        import numpy as np
+        import tensorflow as tf
+        mine = np.zeros(self.num_workers)
+        mine[self.worker_index] = float(value) / self.local_replicas
+        fn = self.__dict__.get("_gather_fn")
+        if fn is None:  # traced once: the vector is an argument, not a captured constant
+            @tf.function
+            def fn(t):
+                out = self.run(lambda: self.all_reduce_sum([tf.identity(t)], name="distbatch_gather"))
+                return self.local_value(out[0])
+            self._gather_fn = fn
+        return [float(v) for v in fn(tf.constant(mine)).numpy()]
+
     def average_replica_state(self, variables: list) -> None:
         """Set every replica's copy of the float `variables` (Keras variables, e.g. a
         BatchNormalization layer's moving mean and variance) to their mean over all replicas.

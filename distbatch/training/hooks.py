@@ -145,19 +145,17 @@ def weights_checksum(model) -> int:
 
 
 def check_ranks_agree(backend, model, step: int) -> None:
-    """Raise RanksDriftedError on every rank when any rank's weights differ from the chief's
-    (two small collectives: the chief's checksum, then whether anyone differs)."""
+    """Raise RanksDriftedError on every rank when any worker's weights differ from the
+    chief's (one small collective: every worker's checksum)."""
     if backend.num_workers == 1:
         return
-    mine = weights_checksum(model)
-    chief = int(backend.broadcast_from_chief([np.int64(mine)])[0])
-    differs = mine != chief
-    if backend.sync_flag(differs):
-        who = (f"this rank ({backend.worker_index})'s weights differ from the chief's"
-               if differs else "another rank's weights differ from the chief's (see its line)")
+    sums = backend.gather_from_workers(weights_checksum(model))
+    drifted = [w for w, s in enumerate(sums) if s != sums[0]]
+    if drifted:
         raise RanksDriftedError(
-            f"ranks drifted apart: after step {step} {who}; something changed the model on "
-            f"some ranks only (a callback or code outside distbatch acting on one rank)")
+            f"ranks drifted apart: after step {step} the weights of worker(s) "
+            f"{', '.join(map(str, drifted))} differ from the chief's; something changed the model "
+            f"on some ranks only (a callback or code outside distbatch acting on one rank)")
 
 
 def _keras_logs(record: dict) -> dict:
