@@ -705,3 +705,26 @@ def test_real_local_job_meets_with_a_secret_that_is_never_printed(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert sorted(p.stdout.splitlines()) == ["[rank 0] MET 0 secret-chars 32", "[rank 1] MET 1 secret-chars 32"]
     assert not re.search(r"[0-9a-f]{32}", p.stdout + p.stderr), p.stdout + p.stderr
+
+
+def test_tensorflow_start_up_lines_are_dropped_unless_verbose():
+    """horovodrun's own process and the ranks of a user's script print TensorFlow's start-up
+    notices before TF_CPP_MIN_LOG_LEVEL applies; `distbatch launch` drops them (row: start-up
+    lines silenced on every rank), `distbatch --verbose launch` keeps them."""
+    noise = [
+        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
+        "I0000 00:00:1796668971.522614   24347 port.cc:153] oneDNN custom operations are on. You may "
+        "see slightly different numerical results.\n",
+        "[1]<stderr>:I0000 00:00:1796665874.609638    4331 cpu_feature_guard.cc:227] This TensorFlow "
+        "binary is optimized to use available CPU instructions in performance-critical operations.\n",
+        "[1]<stderr>:To enable the following instructions: AVX2 AVX512F FMA, in other operations, "
+        "rebuild TensorFlow with the appropriate compiler flags.\n",
+        "[1,0]<stderr>:WARNING: All log messages before absl::InitializeLog() is called are written "
+        "to STDERR\n",
+    ]
+    kept = ["[0]<stdout>:epoch 1 loss 0.5\n", "[0]<stderr>:W0000 a runtime warning stays\n",
+            "I0000 a line that only starts alike stays\n"]
+    quiet = supervisor.LauncherTracebackFilter(quiet=True)
+    assert [ln for line in noise + kept for ln in quiet.feed(line)] == kept
+    verbose = supervisor.LauncherTracebackFilter(quiet=False)
+    assert [ln for line in noise + kept for ln in verbose.feed(line)] == noise + kept

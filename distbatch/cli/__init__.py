@@ -126,6 +126,8 @@ def _run(argv: list[str]) -> tuple[int, bool]:
     needs_tensorflow = command not in NO_TENSORFLOW
     if not args.verbose:
         quiet_tensorflow(import_now=needs_tensorflow)
+    else:
+        os.environ["DISTBATCH_VERBOSE"] = "1"  # launchers pass TensorFlow's own lines on
     if needs_tensorflow:  # the launcher's supervisor handles its own signals
         from distbatch import interrupts
         interrupts.install()

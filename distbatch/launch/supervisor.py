@@ -114,6 +114,9 @@ def root_cause(codes: Sequence[int | None], states: Sequence[str | None], failed
     return failed, f"failed with {describe_exit(codes[failed])}"
 
 
+VERBOSE_ENV = "DISTBATCH_VERBOSE"  # set by `distbatch --verbose`: show TensorFlow's own lines
+
+
 class LauncherTracebackFilter:
     """Drops horovodrun's own Python traceback after a failed or stopped job, keeps every other line.
 
@@ -132,14 +135,26 @@ class LauncherTracebackFilter:
                             r"non-zero status"),
                  re.compile(r"RuntimeError: mpirun failed with exit code -?\d+$"))
     TAIL = re.compile(r"Process name: \S+|Exit code: -?\d+")  # the message's last lines, then a blank
+    # TensorFlow's start-up notices, printed before it reads TF_CPP_MIN_LOG_LEVEL, by horovodrun's
+    # own process (it imports TensorFlow) and by ranks running the user's script; `distbatch
+    # train` alone silences them (cli.quiet_tensorflow), `--verbose` shows them.
+    START_UP = re.compile(
+        r"(\[\d+(,\d+)?\]<std(out|err)>:)?("
+        r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+        r"|I0000 00:00:\S+\s+\d+ (port|cpu_feature_guard)\.cc:\d+\] .*"
+        r"|To enable the following instructions: .* rebuild TensorFlow with the appropriate "
+        r"compiler flags\.)")
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool | None = None) -> None:
         self.held: list[str] = []
         self.tail = False
+        self.quiet = os.environ.get(VERBOSE_ENV) != "1" if quiet is None else quiet
 
     def feed(self, line: str) -> list[str]:
         """The lines to show now for one input line (ending in a newline)."""
         text = line.rstrip("\n")
+        if self.quiet and self.START_UP.fullmatch(text):
+            return []
         if self.tail:
             self.tail = bool(self.TAIL.fullmatch(text))
             if self.tail:
