@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "fit": "distbatch.api",
     "evaluate": "distbatch.api",
+    "predict": "distbatch.api",
     "load_model": "distbatch.api",
     "FitResult": "distbatch.api",
     "BatchPlan": "distbatch.training.plan",

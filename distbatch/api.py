@@ -291,6 +291,65 @@ def evaluate(model, data, *, global_batch_size: int, backend="auto", cpu_replica
                           eval_iterator(backend, plan, source, repeat=False))
 
 
+def predict(model, x, *, global_batch_size: int, backend="auto", cpu_replicas: int | None = None,
+            stall_timeout: float | None = None):
+    """`model`'s outputs for every example of `x`, in order, on every rank: the examples are
+    split across all replicas and workers as fit's validation splits them (the last batch
+    padded and masked), each replica writes its rows into a zero buffer and one all-reduce per
+    batch sums the buffers, so every rank returns the same full array (exact: each row comes
+    from one replica, all others add zeros). Returns what model.predict returns: an array, or
+    the model's structure of arrays for several outputs."""
+    import keras
+    import tensorflow as tf
+
+    from distbatch.backends import create_backend
+    from distbatch.data.inputs import ArraySource, _leaves, _map
+    from distbatch.training.pipeline import eval_indices
+    from distbatch.training.plan import BatchPlan
+
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"model must be a keras.Model, got {type(model).__name__}")
+    _check_positive_int("global_batch_size", global_batch_size)
+    if isinstance(x, tf.data.Dataset) or callable(x):
+        raise TypeError(f"x must be an array (or a dict/tuple of arrays), got {type(x).__name__}")
+    n = len(np.asarray(_leaves(x)[0])) if _leaves(x) else 0
+    source = ArraySource(x, np.zeros(n, np.int32), name="x")  # the same checks as fit's data
+    if isinstance(backend, str):
+        backend, _ = create_backend(backend, cpu_replicas=cpu_replicas, stall_timeout=stall_timeout)
+    plan = BatchPlan.derive(global_batch_size=global_batch_size, replicas=backend.num_replicas,
+                            num_train_examples=max(n, global_batch_size), flag="global_batch_size")
+    example = model(_map(lambda a: np.asarray(a[:1]), source.x), training=False)
+    leaves = [tf.convert_to_tensor(t) for t in tf.nest.flatten(example)]
+    xs, steps = _map(tf.constant, source.x), {}
+
+    def make(w, L):
+        idx, steps["n"] = eval_indices(plan, n, worker_index=w, local_replicas=L)
+        return idx.map(lambda i: (_map(lambda a: tf.gather(a, tf.maximum(i, 0)), xs), i))
+    iterator = backend.iterator(make)
+
+    def replica(xb, i):
+        keep = i >= 0
+        rows = tf.expand_dims(tf.boolean_mask(i, keep), 1)
+        parts = [tf.scatter_nd(rows, tf.cast(tf.boolean_mask(p, keep), tf.float32),
+                               [n, *p.shape[1:]])
+                 for p in tf.nest.flatten(model(xb, training=False))]
+        return backend.all_reduce_sum(parts, name="distbatch_predict")
+
+    @tf.function
+    def predict_all(it, count):
+        total = [tf.zeros([n, *t.shape[1:]]) for t in leaves]
+        for _ in tf.range(count):
+            tf.autograph.experimental.set_loop_options(parallel_iterations=1)
+            out = backend.run(replica, tuple(next(iterator)))
+            total = [a + backend.local_value(b) for a, b in zip(total, out)]
+        return total
+
+    with backend.waiting("prediction"):
+        outs = predict_all(iterator, tf.constant(steps["n"], tf.int32))
+    arrays = [o.numpy().astype(t.dtype.as_numpy_dtype) for o, t in zip(outs, leaves)]
+    return tf.nest.pack_sequence_as(example, arrays) if len(arrays) > 1 else arrays[0]
+
+
 def _check_data(loss, example, train_src, val_src) -> None:
     """Before any step: validation shapes match training; with the default loss, logits of
     shape (batch, classes) and class-index labels in range (distbatch/data/checks.py)."""

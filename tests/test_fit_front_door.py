@@ -192,3 +192,24 @@ def test_evaluate_uses_the_compiled_loss_and_refuses_bad_arguments(arrays):
         distbatch.evaluate(lambda: model, (x, y), global_batch_size=16, backend="single")
     with pytest.raises(ValueError, match="data: labels must be class indices in \\[0, 1\\]"):
         distbatch.evaluate(model, (x, y + 5), global_batch_size=16, backend="single")
+
+
+def test_predict_equals_keras_predict_in_order(arrays):
+    """distbatch.predict over 203 examples at global batch 32 (the last batch short): Keras's
+    model.predict, row for row; two outputs come back as the model's structure."""
+    import keras
+
+    import distbatch
+    x, _ = arrays
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+    np.testing.assert_allclose(distbatch.predict(model, x[:203], global_batch_size=32, backend="single"),
+                               model.predict(x[:203], verbose=0), atol=1e-6)
+    inp = keras.Input((8,))
+    two = keras.Model(inp, {"a": keras.layers.Dense(2)(inp), "b": keras.layers.Dense(1)(inp)})
+    mine, ref = (distbatch.predict(two, x[:50], global_batch_size=16, backend="single"),
+                 two.predict(x[:50], verbose=0))
+    assert set(mine) == {"a", "b"}
+    for k in mine:
+        np.testing.assert_allclose(mine[k], ref[k], atol=1e-6)
+    with pytest.raises(ValueError, match="x: x holds NaN"):
+        distbatch.predict(model, np.full((4, 8), np.nan), global_batch_size=2, backend="single")

@@ -146,3 +146,35 @@ def test_batchnorm_reported_metrics_are_the_returned_models(tmp_path):
         assert ranks[-1] == ranks[0]
         results[backend] = ranks[0]["reported"]
     assert results["horovod"] == pytest.approx(results["mirrored"], abs=1e-6)
+
+
+PREDICT_SCRIPT = textwrap.dedent('''
+    import sys, distbatch
+    b, out = sys.argv[1], sys.argv[2]
+    backend = distbatch.create_backend(b, cpu_replicas=2 if b == "mirrored" else None)[0]
+    import numpy as np, keras
+    keras.utils.set_random_seed(1)
+    x = np.random.default_rng(0).normal(size=(203, 8)).astype("float32")
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(3)])
+    rank = backend.worker_index
+    np.save(f"{out}/{b}{rank}.npy", distbatch.predict(model, x, global_batch_size=32, backend=backend))
+    np.save(f"{out}/keras{rank}.npy", model.predict(x, verbose=0))
+''')
+
+
+@pytest.mark.slow
+@NEEDS_HOROVODRUN
+def test_predict_is_keras_predict_on_every_rank(tmp_path):
+    """distbatch.predict splits 203 examples over 2 replicas (mirrored) and 2 ranks (Horovod):
+    every rank returns all rows, in order, equal to Keras's predict."""
+    (tmp_path / "p.py").write_text(PREDICT_SCRIPT)
+    for backend in ("mirrored", "horovod"):
+        cmd = ([str(VENV_BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo"]
+               if backend == "horovod" else [])
+        proc = subprocess.run([*cmd, sys.executable, str(tmp_path / "p.py"), backend, str(tmp_path)],
+                              capture_output=True, text=True, timeout=300, env=cli_env())
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("mirrored0", "horovod0", "horovod1"):
+        mine = np.load(tmp_path / f"{name}.npy")
+        assert mine.shape == (203, 3)
+        np.testing.assert_allclose(mine, np.load(tmp_path / "keras0.npy"), atol=1e-6)
