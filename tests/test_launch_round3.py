@@ -641,6 +641,8 @@ def test_real_horovod_divergence_is_not_restarted_and_described_one_way(tmp_path
 def test_real_horovod_restarts_back_off_and_name_the_same_rank(tmp_path):
     pytest.importorskip("horovod")
     worker = _fake_distbatch(tmp_path)
+    (tmp_path / "o").mkdir()  # the run wrote something, so restarts add --resume
+    (tmp_path / "o" / "config.json").write_text("{}")
     t0 = time.monotonic()
     p = subprocess.run([os.path.join(BIN, "distbatch"), "launch", "horovod", "--gloo", "-np", "2",
                         "--max-restarts", "2", "--restart-deterministic", "--restart-backoff", "1",

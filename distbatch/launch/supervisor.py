@@ -474,7 +474,9 @@ def run_launcher(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
         if failures is not None and mine:  # the launcher failed (not stopped by us)
             failures.append((f"rank {cause[0]}", f"failed with {describe_exit(cause[1])}")
                             if cause is not None else mine[0])
-        if cause is not None and cause[1] != code:
+        # Stopped by us (Ctrl-C, SIGTERM: nothing in `mine`), the ranks' own statuses are the
+        # echo of that stop, not a cause: the launcher's 130/143 stands.
+        if mine and cause is not None and cause[1] != code:
             rank, rank_code = cause
             (stderr or sys.stderr).write(
                 f"distbatch launch: rank {rank} exited first, with {describe_exit(rank_code)}; "
