@@ -213,8 +213,8 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None
         if sync_batchnorm:
             from distbatch.training.sync_batchnorm import apply_sync_batchnorm
             apply_sync_batchnorm(model, backend)
-        example = _example_output(model, train_src, plan)  # builds a subclassed model here
-        _check_data(loss, example, train_src, val_src)
+        x_example, example = _example_output(model, train_src, plan)  # builds a subclassed model
+        _check_data(loss, example, x_example, train_src, val_src)
         adascale = None
         if recipe is not None:
             if adascale_scale is not None:
@@ -283,8 +283,8 @@ def evaluate(model, data, *, global_batch_size: int, backend="auto", cpu_replica
     n = source.num_examples(1)
     plan = BatchPlan.derive(global_batch_size=global_batch_size, replicas=backend.num_replicas,
                             num_train_examples=max(n, global_batch_size), flag="global_batch_size")
-    example = _example_output(model, source, plan)
-    _check_data(loss, example, source, None)
+    x_example, example = _example_output(model, source, plan)
+    _check_data(loss, example, x_example, source, None)
     task = _task(model, loss, metrics, example)
     eval_fn = make_eval_step(backend, model, task=task)
     return run_evaluation(backend, eval_fn, task, source,
@@ -350,14 +350,14 @@ def predict(model, x, *, global_batch_size: int, backend="auto", cpu_replicas: i
     return tf.nest.pack_sequence_as(example, arrays) if len(arrays) > 1 else arrays[0]
 
 
-def _check_data(loss, example, train_src, val_src) -> None:
+def _check_data(loss, example, x_example, train_src, val_src) -> None:
     """Before any step: validation shapes match training; with the default loss, logits of
     shape (batch, classes) and class-index labels in range (distbatch/data/checks.py)."""
     from distbatch.data import checks
     from distbatch.data.inputs import ArraySource, DatasetSource, _leaves
     y, pred = example
     if val_src is not None and hasattr(val_src, "example_batch"):
-        checks.check_same_shapes("validation_data", (_x_of(train_src), y), val_src.example_batch())
+        checks.check_same_shapes("validation_data", (x_example, y), val_src.example_batch())
     if not _is_sparse_classification(loss) or len(_leaves(y)) != 1 or len(_leaves(pred)) != 1:
         return
     for name, src in (("data", train_src), ("validation_data", val_src)):
@@ -376,15 +376,12 @@ def _is_sparse_classification(loss) -> bool:
             or isinstance(loss, keras.losses.SparseCategoricalCrossentropy))
 
 
-def _x_of(source):
-    return source.example_batch()[0] if hasattr(source, "example_batch") else None
-
-
 def _example_output(model, train_src, plan) -> tuple:
-    """(y, model(x)) of one example: what the loss and metrics are resolved against."""
+    """(x, (y, model(x))) of one example: what the loss and metrics are resolved against,
+    and the input the validation data's shapes are compared with."""
     import tensorflow as tf
     x, y = _example_batch(tf, train_src, plan)
-    return y, model(x, training=False)
+    return x, (y, model(x, training=False))
 
 
 def _task(model, loss, metrics, example):
