@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
+from distbatch.errors import ParameterError, UsageError
 from distbatch.recipes.recipe import Recipe
-from distbatch.training.seeding import seed_everything
+from distbatch.training.assembly import (check_data, compile_model, example_output,  # noqa: F401
+                                         resolve_task)
 from distbatch.training.trainer import LoopOptions, RunResult
 
 
@@ -71,7 +74,6 @@ def _check_resume_dir(checkpoint_dir, resume) -> None:
     """resume=True with a checkpoint_dir that does not exist is most likely a typo: training
     would silently start from scratch instead of continuing the run that was meant."""
     if resume and checkpoint_dir and not os.path.isdir(checkpoint_dir):
-        from distbatch.errors import ParameterError
         raise ParameterError(f"{{checkpoint_dir}} {str(checkpoint_dir)!r} does not exist, so resume=True "
                              "found no checkpoint there; expected the checkpoint_dir of an earlier run "
                              "(or resume=False to start a new one)", "checkpoint_dir")
@@ -87,30 +89,87 @@ def _check_length(epochs, steps) -> None:
         raise ValueError(f"epochs must be a finite number > 0, got {epochs!r}")
 
 
-def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None, data,
-        validation_data=None, loss=None, metrics=None, callbacks=None, global_batch_size: int,
-        epochs: float | None = None, steps: int | None = None, backend="auto",
-        cpu_replicas: int | None = None, seed: int = 0, accumulation_steps: int = 1,
-        steps_per_epoch: int | None = None, shuffle_buffer: int = 10_000,
-        loss_fn: Callable | None = None, stall_timeout: float | None = None,
-        sync_batchnorm: bool = False, deterministic: bool = False,
-        **loop_options) -> FitResult:
+def _check_batch(global_batch_size, max_global_batch_size, batch_size_schedule) -> None:
+    if global_batch_size == "auto":
+        if max_global_batch_size is None:
+            raise ValueError("global_batch_size='auto' needs max_global_batch_size (the largest "
+                             "batch it may choose)")
+        _check_positive_int("max_global_batch_size", max_global_batch_size)
+        return
+    if max_global_batch_size is not None:
+        raise ValueError(f"max_global_batch_size={max_global_batch_size} only applies to "
+                         f"global_batch_size='auto', got global_batch_size={global_batch_size!r}")
+    if global_batch_size is None:
+        if batch_size_schedule is None:
+            raise TypeError("global_batch_size is required: an int, 'auto', or None with "
+                            "batch_size_schedule=[(epoch, global batch), ...]")
+        return
+    if isinstance(global_batch_size, str):
+        raise ValueError(f"global_batch_size must be an int or 'auto', got {global_batch_size!r}")
+    _check_positive_int("global_batch_size", global_batch_size)
+
+
+def _named_model(name: str, data):
+    """model_fn given as a built-in model name: built for the data's input shape and classes."""
+    from distbatch.models import MODELS, build_model
+    if name not in MODELS:
+        raise ValueError(f"model_fn: unknown built-in model {name!r}; expected a function returning "
+                         f"a keras.Model or one of {', '.join(MODELS)}")
+    if data is None:
+        raise TypeError(f"model_fn={name!r} needs data with a known input shape and classes")
+    shape, classes = data
+    return lambda: build_model(name, shape, classes)
+
+
+def _shape_and_classes(train_src, num_classes):
+    """(input shape, classes) of array data for a built-in model: classes = max label + 1."""
+    from distbatch.data.inputs import ArraySource, _leaves
+    if not isinstance(train_src, ArraySource) or len(_leaves(train_src.x)) != 1:
+        return None
+    x, y = np.asarray(_leaves(train_src.x)[0]), np.asarray(_leaves(train_src.y)[0])
+    classes = num_classes if num_classes is not None else int(y.max()) + 1 if y.size else 2
+    return tuple(x.shape[1:]), classes
+
+
+def fit(*, model_fn: Callable | str, optimizer_fn: Callable | None = None, recipe=None, data,
+        validation_data=None, loss=None, metrics=None, loss_weights=None, callbacks=None,
+        global_batch_size: int | str | None = None, max_global_batch_size: int | None = None,
+        batch_size_schedule=None, epochs: float | None = None, steps: int | None = None,
+        backend="auto", cpu_replicas: int | None = None, seed: int = 0,
+        accumulation_steps: int = 1, steps_per_epoch: int | None = None,
+        shuffle_buffer: int = 10_000, mixed_precision: str | None = None,
+        num_classes: int | None = None, train_size: int | None = None,
+        val_size: int | None = None, data_seed: int = 0, loss_fn: Callable | None = None,
+        stall_timeout: float | None = None, sync_batchnorm: bool = False,
+        deterministic: bool = False, **loop_options) -> FitResult:
     """Train model_fn() on `data` at a GLOBAL batch size; return a FitResult.
 
+    model_fn: () -> a NEW keras.Model (called inside the backend's scope), or a built-in
+    model name ("mlp", "convnet", ... as `distbatch train --model` takes).
     data / validation_data: (x, y) or (x, y, sample_weight) NumPy arrays (x, y may be
     dicts/tuples for several inputs/outputs); a tf.data.Dataset of SINGLE examples (x, y)
     or (x, y, sample_weight), batched and sharded by distbatch (seeded shuffle buffer of
     `shuffle_buffer`); dataset_fn(ctx: tf.distribute.InputContext) returning the per-worker
     dataset batched to ctx.get_per_replica_batch_size(global_batch_size) (its batches per
     epoch, or `steps_per_epoch`, set the epoch); distbatch.data.files(pattern, parse_fn);
-    or a distbatch ArrayDataset (validation included).
+    a distbatch ArrayDataset (validation included); or a dataset spec string as `distbatch
+    train --dataset` takes (a built-in name or a path; with data_seed, train_size, val_size,
+    num_classes as the CLI's flags), whose validation split is used unless validation_data
+    is given.
     loss: a Keras loss object or name (any reduction: distbatch takes per-example values),
-    a per-example function, or one per output; default: sparse categorical cross-entropy
-    from logits. metrics default: ["accuracy"] when loss is not given (or given as loss_fn,
-    its older name), else none. metrics: Keras metrics or names.
+    a per-example function, or one per output; loss_weights: one number per output (list or
+    {output name: weight}), as Keras compile takes them. Default loss: sparse categorical
+    cross-entropy from logits, with metrics ["accuracy"] when neither is given.
     callbacks: keras.callbacks.Callback objects (EarlyStopping, ModelCheckpoint, CSVLogger,
-    TerminateOnNaN, TensorBoard, your own).
-    Exactly one of optimizer_fn (() -> keras optimizer) and recipe (distbatch.Recipe).
+    TerminateOnNaN, TensorBoard, ReduceLROnPlateau, your own); they run on the chief with
+    global metrics, and their lr and stop decisions reach every rank.
+    Exactly one of optimizer_fn (() -> keras optimizer) and recipe (distbatch.Recipe; AdaScale
+    with Recipe(scaling="adascale")).
+    global_batch_size: an int; "auto" (chosen by goodput at each epoch, up to
+    max_global_batch_size, with an AdaScale recipe); or None with batch_size_schedule
+    [(epoch, global batch), ...] (or "0:64,10:128"), which raises the batch at whole epochs.
+    mixed_precision: "off" | "float16" (loss scaling) | "bfloat16"; None (default) keeps
+    Keras's global dtype policy as it is.
     `backend` is a name (see distbatch.backends.BACKENDS) or a Backend instance.
     deterministic: TensorFlow's op determinism on top of the seeds: two runs on the same
     backend end bit-identical (distbatch/training/seeding.py).
@@ -118,26 +177,27 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None
     on every backend (distbatch/training/sync_batchnorm.py); default: each replica's own.
     stall_timeout: Horovod: seconds a rank waits for the others in a collective before the
     job ends with one line naming the ranks that did not arrive (default: derived from the
-    measured call time, see distbatch/backends/arrivals.py). Extra
-    keyword arguments go to LoopOptions (evals_per_epoch, noise_scale, steps_per_execution,
-    early_stopping_metric, checkpoint_dir, resume, tensorboard_dir, verbose, ...).
+    measured call time, see distbatch/backends/arrivals.py). Extra keyword arguments go to
+    LoopOptions (evals_per_epoch, noise_scale, target_accuracy, steps_per_execution,
+    early_stopping_metric, checkpoint_dir, resume, tensorboard_dir, verbose, ...);
+    verbose=True prints the CLI's start line and progress.
     """
     import keras
 
     from distbatch.backends import create_backend
-    from distbatch.data.inputs import FnSource, array_sources, as_source
-    from distbatch.training.plan import BatchPlan
-    from distbatch.training.trainer import Trainer
+    from distbatch.data.inputs import array_sources, as_source
+    from distbatch.training import assembly
 
     if isinstance(model_fn, keras.Model):
         raise TypeError(f"model_fn must be a function returning a NEW keras.Model (called inside "
                         f"the backend's scope), got a built {type(model_fn).__name__} model; wrap the "
                         f"code that builds it: model_fn=lambda: keras.Sequential([...])")
-    if not callable(model_fn):
-        raise TypeError(f"model_fn must be a function returning a keras.Model, got {type(model_fn).__name__}")
+    if not callable(model_fn) and not isinstance(model_fn, str):
+        raise TypeError(f"model_fn must be a function returning a keras.Model or a built-in model "
+                        f"name, got {type(model_fn).__name__}")
     if data is None:
         raise TypeError("data is required: (x, y) arrays, a tf.data.Dataset of single examples, a "
-                        "dataset_fn(ctx) or distbatch.data.files(...); got None")
+                        "dataset_fn(ctx), distbatch.data.files(...) or a dataset name or path; got None")
     if (optimizer_fn is None) == (recipe is None):
         raise ValueError("give exactly one of optimizer_fn and recipe")
     if recipe is not None and not isinstance(recipe, Recipe):
@@ -149,100 +209,145 @@ def fit(*, model_fn: Callable, optimizer_fn: Callable | None = None, recipe=None
                         f"{type(optimizer_fn).__name__}")
     if loss is not None and loss_fn is not None:
         raise ValueError("give loss or loss_fn (its older name), not both")
-    if loss is None and metrics is None:  # the classification default (also for loss_fn=)
-        metrics = ["accuracy"]
+    if loss is None and loss_fn is not None and metrics is None:
+        metrics = ["accuracy"]  # loss_fn= kept the classification default's metrics
     loss = loss if loss is not None else loss_fn
-    _check_positive_int("global_batch_size", global_batch_size)
+    _check_batch(global_batch_size, max_global_batch_size, batch_size_schedule)
     _check_positive_int("accumulation_steps", accumulation_steps)
     for name, flag in (("sync_batchnorm", sync_batchnorm), ("deterministic", deterministic)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
+    if mixed_precision is not None and mixed_precision not in assembly.MIXED_PRECISION:
+        raise ValueError(f"mixed_precision must be one of {', '.join(assembly.MIXED_PRECISION)} "
+                         f"(or None: Keras's global policy), got {mixed_precision!r}")
+    for name, value in (("num_classes", num_classes), ("train_size", train_size), ("val_size", val_size)):
+        if value is not None:
+            _check_positive_int(name, value)
+    if not isinstance(data, str) and (train_size, val_size) != (None, None):
+        raise ValueError("train_size and val_size apply to data given as a dataset name or path")
+    if batch_size_schedule is not None:
+        from distbatch.training.batch_schedule import parse_batch_schedule
+        parse_batch_schedule(batch_size_schedule)
     _check_length(epochs, steps)
     unknown = sorted(set(loop_options) - set(LoopOptions.__dataclass_fields__) | (
-        set(loop_options) & {"total_steps", "seed"}))
+        set(loop_options) & {"total_steps", "seed", "step_offset", "epoch_offset"}))
     if unknown:
         raise TypeError(f"fit() got unexpected keyword arguments {unknown}")
     _check_resume_dir(loop_options.get("checkpoint_dir"), loop_options.get("resume"))
     if callbacks is not None and not all(isinstance(c, keras.callbacks.Callback) for c in callbacks):
         raise TypeError("callbacks must be a list of keras.callbacks.Callback objects")
 
+    reason = "given"
     if isinstance(backend, str):
-        backend, _ = create_backend(backend, cpu_replicas=cpu_replicas, stall_timeout=stall_timeout)
+        backend, reason = create_backend(backend, cpu_replicas=cpu_replicas, stall_timeout=stall_timeout)
+    shape_classes = None
+    if isinstance(data, str):
+        from distbatch.training.job import load_named_data
+        try:
+            data = load_named_data(data, seed=data_seed, train_size=train_size, val_size=val_size,
+                                   num_classes=num_classes)
+        except ParameterError:
+            raise
+        except UsageError as e:  # the dataset's own line, said of the parameter
+            raise ParameterError(f"{{data}}: {e}", "data") from None
+        shape_classes = (data.input_shape, data.num_classes)
     if hasattr(data, "x_train"):  # an ArrayDataset: training and validation arrays
         train_src, val_src = array_sources(data)
-        if validation_data is not None:
-            val_src = as_source(validation_data, "validation_data", shuffle_buffer=shuffle_buffer)
+    elif hasattr(data, "train_source"):  # files streamed
+        train_src, val_src = data.train_source, data.val_source
     else:
-        train_src = as_source(data, "data", shuffle_buffer=shuffle_buffer)
+        train_src, val_src = as_source(data, "data", shuffle_buffer=shuffle_buffer), None
+    if validation_data is not None or val_src is None:
         val_src = as_source(validation_data, "validation_data", shuffle_buffer=shuffle_buffer)
-    if isinstance(train_src, FnSource):
-        if steps_per_epoch is not None:
-            _check_positive_int("steps_per_epoch", steps_per_epoch)
-            per_epoch = steps_per_epoch
-        else:
-            per_epoch = train_src.batches_per_epoch(
-                worker_index=backend.worker_index, num_workers=backend.num_workers,
-                num_replicas=backend.num_replicas, global_batch=global_batch_size
-            ) // backend.local_replicas
-        if per_epoch < 1:
-            raise ValueError("data: dataset_fn(ctx) gave fewer batches than local replicas")
-        num_examples = per_epoch * global_batch_size
-    else:
-        num_examples = train_src.num_examples(backend.num_workers)
-    plan = BatchPlan.derive(global_batch_size=global_batch_size, replicas=backend.num_replicas,
-                            accumulation_steps=accumulation_steps,
-                            num_train_examples=num_examples, flag="global_batch_size")
-    total = plan.total_steps(epochs=epochs, steps=steps)
-    adascale_scale = None
-    if recipe is not None and getattr(recipe, "scaling", None) == "adascale":
-        if global_batch_size < recipe.base_batch_size:
-            raise ValueError(f"global_batch_size must be >= recipe.base_batch_size "
-                             f"({recipe.base_batch_size}) with scaling='adascale', got {global_batch_size}")
-        base_plan = BatchPlan.derive(global_batch_size=recipe.base_batch_size, replicas=1,
-                                     num_train_examples=num_examples, flag="recipe.base_batch_size")
-        total = base_plan.total_steps(epochs=epochs, steps=steps)
-        adascale_scale = global_batch_size / recipe.base_batch_size
-    else:
-        base_plan = plan
-
-    seed_everything(seed, deterministic)
-    with backend.scope():
-        model = model_fn()
-        if not isinstance(model, keras.Model):
-            raise TypeError(f"model_fn must return a keras.Model, got {type(model).__name__}")
-        if sync_batchnorm:
-            from distbatch.training.sync_batchnorm import apply_sync_batchnorm
-            apply_sync_batchnorm(model, backend)
-        x_example, example = _example_output(model, train_src, plan)  # builds a subclassed model
-        _check_data(loss, example, x_example, train_src, val_src)
-        adascale = None
-        if recipe is not None:
-            if adascale_scale is not None:
-                from distbatch.recipes.adascale import AdaScaleState
-                adascale = AdaScaleState(scale=adascale_scale, base_batch_size=recipe.base_batch_size,
-                                         total_base_steps=total)
-            optimizer, _, _ = recipe.build(global_batch_size=base_plan.global_batch_size,
-                                           steps_per_epoch=base_plan.steps_per_epoch,
-                                           total_steps=total, adascale=adascale)
-        else:
-            optimizer = optimizer_fn()
-            if not isinstance(optimizer, keras.optimizers.Optimizer):
-                raise TypeError(f"optimizer_fn must return a keras optimizer (e.g. "
-                                f"keras.optimizers.SGD(0.1)), got {type(optimizer).__name__} "
-                                f"{optimizer!r}")
-        optimizer.build(model.trainable_variables)
-    backend.prepare(model, optimizer)
-    task = _task(model, loss, metrics, example)
-    # Compiled before training: Keras callbacks find the metrics' directions (EarlyStopping,
-    # ModelCheckpoint with mode="auto"); the saved model.keras is compiled.
-    compile_model(model, optimizer, loss, task, example)
+    if isinstance(model_fn, str):
+        model_fn = _named_model(model_fn, shape_classes or _shape_and_classes(train_src, num_classes))
+    if steps_per_epoch is not None:
+        _check_positive_int("steps_per_epoch", steps_per_epoch)
+    spec = assembly.RunSpec(
+        model_fn=model_fn, train_source=train_src, val_source=val_src, recipe=recipe,
+        optimizer_fn=optimizer_fn, global_batch_size=global_batch_size,
+        max_global_batch_size=max_global_batch_size, batch_size_schedule=batch_size_schedule,
+        epochs=epochs, steps=steps, accumulation_steps=accumulation_steps,
+        steps_per_epoch=steps_per_epoch, seed=seed, deterministic=deterministic,
+        mixed_precision=mixed_precision, sync_batchnorm=sync_batchnorm,
+        noise_scale=bool(loop_options.get("noise_scale")), loss=loss, metrics=metrics,
+        loss_weights=loss_weights, early_stopping=bool(loop_options.get("early_stopping_metric")),
+        resume=bool(loop_options.get("resume")))
+    rp = assembly.plan_run(spec, backend)
     loop_options.setdefault("verbose", False)
-    options = LoopOptions(total_steps=total, seed=seed, **loop_options)
-    result: RunResult = Trainer(backend, model, optimizer, plan, train_src, options, task=task,
-                                validation_data=val_src, callbacks=callbacks,
-                                adascale=adascale).run()
-    return FitResult(history=history_dict(result.history), model=model, metrics=result.metrics,
+    options = LoopOptions(total_steps=rp.total_steps, seed=seed, **loop_options)
+    settings = resume_settings(spec, rp, backend)
+    if options.checkpoint_dir and options.resume:  # before anything is built or written
+        check_resume_settings(settings, options.checkpoint_dir)
+    policy = keras.mixed_precision.dtype_policy()
+    try:
+        run = assembly.build_run(spec, backend, rp)
+        if options.checkpoint_dir and backend.is_chief:
+            from distbatch.fileio import atomic_write_json
+            os.makedirs(options.checkpoint_dir, exist_ok=True)
+            atomic_write_json(os.path.join(options.checkpoint_dir, FIT_SETTINGS), settings)
+        if options.verbose and backend.is_chief:
+            for line in run.start_lines(reason):
+                print(line, file=sys.stderr, flush=True)
+        result: RunResult = run.train(options, callbacks=callbacks, log=(
+            lambda m: print(m, file=sys.stderr, flush=True)) if options.verbose and backend.is_chief
+            else None)
+    finally:
+        keras.mixed_precision.set_dtype_policy(policy)
+    return FitResult(history=history_dict(result.history), model=run.model, metrics=result.metrics,
                      records=result.history)
+
+
+FIT_SETTINGS = "fit_settings.json"
+# Settings a resumed fit may change: they do not change what is trained.
+FIT_MAY_CHANGE = frozenset({"backend"})
+
+
+def resume_settings(spec, rp, backend) -> dict:
+    """What identifies a fit's run for resume=True: the batch arithmetic, the length, the
+    recipe, the seed and a fingerprint of the training data."""
+    import dataclasses
+
+    from distbatch.fileio import json_roundtrip
+    from distbatch.training.assembly import source_fingerprint
+    settings = {
+        "global_batch_size": rp.plan.global_batch_size, "replicas": rp.plan.replicas,
+        "accumulation_steps": rp.plan.accumulation_steps, "total_steps": rp.total_steps,
+        "steps_per_epoch": rp.plan.steps_per_epoch, "seed": spec.seed,
+        "batch_size_schedule": None if rp.batch_schedule is None else rp.batch_schedule.as_dict(),
+        "recipe": dataclasses.asdict(spec.recipe) if spec.recipe is not None else None,
+        "mixed_precision": spec.mixed_precision, "sync_batchnorm": spec.sync_batchnorm,
+        "data": source_fingerprint(spec.train_source), "backend": backend.name,
+    }
+    return json_roundtrip(settings)
+
+
+def check_resume_settings(settings: dict, checkpoint_dir: str) -> None:
+    """resume=True with other settings than the run in checkpoint_dir would silently train
+    something else: ParameterError naming the first setting that differs and both values."""
+    import json
+
+    from distbatch.training.job import first_difference
+    path = os.path.join(checkpoint_dir, FIT_SETTINGS)
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except ValueError as e:
+        raise ParameterError(f"{{resume}}: {path} is not readable JSON ({e}); cannot tell which run "
+                             "this is", "resume") from None
+    diff = first_difference({k: v for k, v in old.items() if k not in FIT_MAY_CHANGE}, settings)
+    if diff:
+        key, was, now = diff
+        name = "data" if key.startswith("data") else key
+        raise ParameterError(f"{{resume}}=True: {key} is {now!r} but the run in "
+                             f"{str(checkpoint_dir)!r} used {was!r}; resume with the same settings "
+                             "or another {checkpoint_dir}", "resume", "checkpoint_dir",
+                             *([name] if name in FIT_PARAMS else []))
+
+
+FIT_PARAMS = ("global_batch_size", "accumulation_steps", "seed", "data")
 
 
 def evaluate(model, data, *, global_batch_size: int, backend="auto", cpu_replicas: int | None = None,
@@ -283,9 +388,9 @@ def evaluate(model, data, *, global_batch_size: int, backend="auto", cpu_replica
     n = source.num_examples(1)
     plan = BatchPlan.derive(global_batch_size=global_batch_size, replicas=backend.num_replicas,
                             num_train_examples=max(n, global_batch_size), flag="global_batch_size")
-    x_example, example = _example_output(model, source, plan)
-    _check_data(loss, example, x_example, source, None)
-    task = _task(model, loss, metrics, example)
+    x_example, example = example_output(model, source, plan)
+    check_data(loss, example, x_example, source, None)
+    task = resolve_task(model, loss, metrics, example)
     eval_fn = make_eval_step(backend, model, task=task)
     return run_evaluation(backend, eval_fn, task, source,
                           eval_iterator(backend, plan, source, repeat=False))
@@ -348,92 +453,6 @@ def predict(model, x, *, global_batch_size: int, backend="auto", cpu_replicas: i
         outs = predict_all(iterator, tf.constant(steps["n"], tf.int32))
     arrays = [o.numpy().astype(t.dtype.as_numpy_dtype) for o, t in zip(outs, leaves)]
     return tf.nest.pack_sequence_as(example, arrays) if len(arrays) > 1 else arrays[0]
-
-
-def _check_data(loss, example, x_example, train_src, val_src) -> None:
-    """Before any step: validation shapes match training; with the default loss, logits of
-    shape (batch, classes) and class-index labels in range (distbatch/data/checks.py)."""
-    from distbatch.data import checks
-    from distbatch.data.inputs import ArraySource, DatasetSource, _leaves
-    y, pred = example
-    if val_src is not None and hasattr(val_src, "example_batch"):
-        checks.check_same_shapes("validation_data", (x_example, y), val_src.example_batch())
-    if not _is_sparse_classification(loss) or len(_leaves(y)) != 1 or len(_leaves(pred)) != 1:
-        return
-    for name, src in (("data", train_src), ("validation_data", val_src)):
-        if src is None:
-            continue
-        labels = (np.asarray(_leaves(src.y)[0]) if isinstance(src, ArraySource) else
-                  checks.dataset_labels(src.ds) if isinstance(src, DatasetSource) else None)
-        checks.check_classification(name, labels, tuple(np.shape(_leaves(y)[0])),
-                                    tuple(_leaves(pred)[0].shape))
-
-
-def _is_sparse_classification(loss) -> bool:
-    """The default loss, or sparse categorical cross-entropy given by name or object."""
-    import keras
-    return (loss is None or loss == "sparse_categorical_crossentropy"
-            or isinstance(loss, keras.losses.SparseCategoricalCrossentropy))
-
-
-def _example_output(model, train_src, plan) -> tuple:
-    """(x, (y, model(x))) of one example: what the loss and metrics are resolved against,
-    and the input the validation data's shapes are compared with."""
-    import tensorflow as tf
-    x, y = _example_batch(tf, train_src, plan)
-    return x, (y, model(x, training=False))
-
-
-def _task(model, loss, metrics, example):
-    """Resolve loss and metrics against the model's outputs and one example's targets.
-
-    Called OUTSIDE the backend's scope: metric variables made inside a strategy's scope are
-    sync-on-read, and reading one under MultiWorkerMirroredStrategy is a collective (a chief
-    reading alone, e.g. a Keras callback saving the model, would wait for the others)."""
-    import tensorflow as tf
-
-    from distbatch.training.task import Task
-    y, pred = example
-    names = list(getattr(model, "output_names", None) or [])
-    n_out = len(tf.nest.flatten(pred))
-    if len(names) != n_out:
-        names = [f"output_{i}" for i in range(n_out)] if n_out > 1 else ["output"]
-    return Task(loss=loss, metrics=metrics, output_names=names, y_example=y, pred_example=pred)
-
-
-def compile_model(model, optimizer, loss, task, example=None) -> None:
-    """Compile the model with its optimizer (and schedule), loss and metrics, so a saved
-    model.keras continues with keras.models.load_model(path).fit(...). `example` (y, y_pred)
-    builds the compiled metrics now (Keras builds them at the first fit step)."""
-    import keras
-    if loss is None:
-        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    metrics = None
-    if task.metrics:
-        metrics = ([s.metric for s in task.slots] if task.n_outputs == 1 else
-                   {n: [s.metric for s in task.slots if s.output == i]
-                    for i, n in enumerate(task.output_names)})
-    # Outside the backend's scope (see _task): the compiled metrics' variables stay plain,
-    # so a callback saving the model on the chief alone does not start a collective.
-    # weighted_metrics: distbatch weights its metrics by the sample weights (as Keras's
-    # weighted_metrics do); without weights both are the same.
-    model.compile(optimizer=optimizer, loss=loss, weighted_metrics=metrics)
-    compiled = getattr(model, "_compile_metrics", None)  # Keras 3's CompileMetrics
-    if example is not None and compiled is not None and not compiled.built:
-        compiled.build(*example)
-
-
-def _example_batch(tf, source, plan):
-    """(x, y) of one example with a batch axis: what the model and metrics are resolved on."""
-    example = getattr(source, "example_batch", None)
-    if example is not None:
-        return example()
-    # one worker driving all the plan's replicas: a layout every source accepts for this plan
-    spec = source.train_dataset(plan, seed=0, worker_index=0, num_workers=1,
-                                local_replicas=plan.replicas, start_step=0, total_steps=1,
-                                epoch_offset=0).element_spec
-    zeros = lambda s: tf.zeros([1] + [d or 1 for d in s.shape[1:]], s.dtype)  # noqa: E731
-    return tf.nest.map_structure(zeros, spec[0]), tf.nest.map_structure(zeros, spec[1])
 
 
 def load_model(path: str, **kwargs):

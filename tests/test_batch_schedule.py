@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distbatch.training.batch_schedule import (parse_batch_schedule, plan_schedule, schedule_from_config,
-                                      schedule_recipe)
+from distbatch.training.batch_schedule import (check_schedule_run, parse_batch_schedule, plan_schedule,
+                                               schedule_recipe)
 from distbatch.errors import ParameterError, UsageError
 
 
@@ -14,6 +14,7 @@ from distbatch.errors import ParameterError, UsageError
     ("0:64", [(0, 64)]),
     ("0:64,10:128,20:256", [(0, 64), (10, 128), (20, 256)]),
     (" 0:32 , 3.0:64 ,", [(0, 32), (3, 64)]),
+    ([(0, 32), (3.0, 64)], [(0, 32), (3, 64)]),   # distbatch.fit's form
 ])
 def test_parse(text, expected):
     assert parse_batch_schedule(text) == expected
@@ -24,13 +25,16 @@ def test_parse(text, expected):
     ("64", "EPOCH:BATCH, got '64'"),
     ("0:64:2", "EPOCH:BATCH"),
     ("1:64", "must start at epoch 0, got 1"),
-    ("0:64,0.5:128", "whole numbers >= 0 .* got '0.5'"),
+    ("0:64,0.5:128", "whole numbers >= 0 .* got 0.5:128"),
+    ([(0, 64), (1, 2.5)], r"\(epoch, global batch\) pairs of numbers, got \(1, 2.5\)"),
+    (64, "must be 'E0:B0,E1:B1,...' or a list of \\(epoch, global batch\\) pairs, got int 64"),
     ("0:64,10:128,5:256", r"increase strictly, got \[0, 10, 5\]"),
     ("0:0", "batches must be >= 1, got 0"),
 ])
 def test_parse_errors(text, message):
-    with pytest.raises(UsageError, match=message):
+    with pytest.raises(ParameterError, match="^batch_size_schedule .*" + message) as err:
         parse_batch_schedule(text)
+    assert str(err.value.for_flags()).startswith("--batch-size-schedule ")
 
 
 def test_segments_rederive_batch_and_steps():
@@ -48,8 +52,9 @@ def test_segments_rederive_batch_and_steps():
 
 
 def test_segment_errors():
-    with pytest.raises(UsageError, match=r"epoch 10 is not before the end of training \(--epochs 10\)"):
+    with pytest.raises(ParameterError, match=r"epoch 10 is not before the end of training \(epochs 10\)") as err:
         plan_schedule([(0, 64), (10, 128)], epochs=10, replicas=1, num_train_examples=1000)
+    assert "(--epochs 10)" in str(err.value.for_flags())
     with pytest.raises(UsageError, match="not divisible by replicas"):
         plan_schedule([(0, 64), (1, 100)], epochs=2, replicas=8, num_train_examples=1000)
     with pytest.raises(UsageError, match="larger than the training set"):
@@ -65,18 +70,26 @@ def _config(**kw):
     return TrainConfig(recipe=Recipe(**recipe), **base)
 
 
+def _check(config):
+    check_schedule_run(config.batch_size_schedule, global_batch_size=config.global_batch_size,
+                       steps=config.steps, epochs=config.epochs, resume=config.resume,
+                       early_stopping=bool(config.early_stopping_metric))
+    return plan_schedule(config.batch_size_schedule, epochs=config.epochs, replicas=1,
+                         num_train_examples=256)
+
+
 def test_flag_interactions():
-    s = schedule_from_config(_config(), replicas=1, num_train_examples=256)
+    s = _check(_config())
     assert s.total_steps == 2 * 8 + 2 * 4
     with pytest.raises(ParameterError, match="needs the length in epochs .* got steps 10") as err:
         _config(steps=10, epochs=None)
     assert "needs the length in --epochs (the batch changes at epochs), got --steps 10" in str(
         err.value.for_flags())
     with pytest.raises(ParameterError, match="global_batch_size 64 disagrees .* \\(32\\)") as err:
-        schedule_from_config(_config(global_batch_size=64), replicas=1, num_train_examples=256)
+        _check(_config(global_batch_size=64))
     assert str(err.value.for_flags()).startswith("--global-batch-size 64 disagrees with the first "
                                                  "batch of --batch-size-schedule (32)")
-    assert schedule_from_config(_config(global_batch_size=32), replicas=1, num_train_examples=256)
+    assert _check(_config(global_batch_size=32))
     config = _config(warmup_epochs=3.0)
     r = schedule_recipe(config.recipe, s)
     assert r.decay == "constant" and config.recipe.decay == "step"  # a new Recipe; the config's is frozen

@@ -293,8 +293,10 @@ def test_bad_arguments_name_the_parameter():
         _fit(loss="msee")
     with pytest.raises(ValueError, match="metrics: duplicate names"):
         _fit(metrics=["mae", keras.metrics.MeanAbsoluteError(name="mae")])
-    with pytest.raises(TypeError, match="data must be"):
-        _fit(data="train.csv")
+    with pytest.raises(ValueError, match="^data: dataset path not found: 'train.csv'"):
+        _fit(data="train.csv")  # a string is a dataset spec, as `distbatch train --dataset` takes
+    with pytest.raises(TypeError, match="^data is required"):
+        _fit(data=None)
     with pytest.raises(TypeError, match="unexpected keyword arguments \\['evals_per_epok'\\]"):
         _fit(evals_per_epok=2)
     with pytest.raises(ValueError, match="epochs must be a finite number > 0"):

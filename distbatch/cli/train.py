@@ -43,8 +43,11 @@ def add_train_args(parser: argparse.ArgumentParser, *, sweep: bool = False) -> N
                             "--max-global-batch-size, with --scaling adascale")
         g.add_argument("--max-global-batch-size", type=int, default=None, metavar="M",
                        help="largest batch --global-batch-size auto may choose")
-        from distbatch.training.batch_schedule import add_batch_schedule_args
-        add_batch_schedule_args(g)
+        g.add_argument(
+            "--batch-size-schedule", default=None, metavar="E0:B0,E1:B1,...",
+            help="raise the global batch at whole epochs instead of decaying the lr "
+                 "(Smith et al. 2017), e.g. '0:64,10:128,20:256'; the first batch replaces "
+                 "--global-batch-size; the lr stays at its peak after warmup")
     length = g.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, default=None, help="training length in epochs")
     length.add_argument("--steps", type=int, default=None, help="training length in steps")

@@ -399,7 +399,10 @@ class SourceDataset:
 
 
 def num_train_examples(data, num_workers: int = 1) -> int:
-    """Examples per epoch of an ArrayDataset or a SourceDataset (on `num_workers` workers)."""
+    """Examples per epoch of an ArrayDataset, a SourceDataset or a training source (on
+    `num_workers` workers)."""
     if hasattr(data, "x_train"):
         return len(data.x_train)
-    return data.train_source.num_examples(num_workers)
+    if hasattr(data, "train_source"):
+        return data.train_source.num_examples(num_workers)
+    return data.num_examples(num_workers)

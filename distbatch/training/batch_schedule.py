@@ -4,10 +4,10 @@ Smith, Kindermans, Le 2017, "Don't Decay the Learning Rate, Increase the Batch
 Size" (arXiv:1711.00489): SGD's noise scale is g ~ lr * N / B (N training
 examples, B batch), so multiplying B by k lowers the noise like dividing the lr
 by k, with k times fewer optimizer steps per epoch. distbatch runs a schedule
-such as ``--batch-size-schedule "0:64,10:128,20:256"`` (epoch:global batch) as a
+such as ``batch_size_schedule="0:64,10:128,20:256"`` (epoch:global batch) as a
 sequence of fixed-batch segments:
 
-    segment i covers epochs [e_i, e_{i+1})  (the last one ends at --epochs)
+    segment i covers epochs [e_i, e_{i+1})  (the last one ends at the run's epochs)
     plan_i   = BatchPlan(global batch B_i)   per-replica batch and steps re-derived
     steps_i  = round((e_{i+1} - e_i) * floor(N / B_i))
     start_i  = steps_0 + ... + steps_{i-1}   (global step where segment i starts)
@@ -22,7 +22,7 @@ Learning rate (a choice, documented in docs/choosing_batch_size.md): a function
 of the GLOBAL step: the warmup of the recipe, then the CONSTANT peak lr scaled
 for the FIRST batch B_0 (``scaled_learning_rate(base_lr, base_batch, B_0)``).
 Batch growth replaces the decay, as in Smith et al.; an lr decay on top
-(``--decay cosine/linear`` or ``--decay-epochs``) is refused rather than
+(decay cosine/linear, or decay_epochs) is refused rather than
 guessed at. Warmup given in epochs is converted with the schedule's own
 steps-per-epoch of each segment.
 """
@@ -31,45 +31,55 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
-from distbatch.errors import ParameterError, UsageError, require, require_param
+from distbatch.errors import ParameterError, require_param
 from distbatch.training.plan import BatchPlan
 
 
-def add_batch_schedule_args(group) -> None:
-    """Add --batch-size-schedule to an argparse group (used by `distbatch train`)."""
-    group.add_argument(
-        "--batch-size-schedule", default=None, metavar="E0:B0,E1:B1,...",
-        help="raise the global batch at whole epochs instead of decaying the lr "
-             "(Smith et al. 2017), e.g. '0:64,10:128,20:256'; the first batch replaces "
-             "--global-batch-size; the lr stays at its peak after warmup")
+def parse_batch_schedule(schedule) -> list[tuple[int, int]]:
+    """"0:64,10:128" or [(0, 64), (10, 128)] -> [(0, 64), (10, 128)]: whole epochs, strictly
+    increasing, from 0; batches >= 1. Errors name the parameter batch_size_schedule."""
+    def bad(message: str):
+        raise ParameterError("{batch_size_schedule} " + message, "batch_size_schedule")
 
-
-def parse_batch_schedule(text: str) -> list[tuple[int, int]]:
-    """Parse "0:64,10:128" into [(0, 64), (10, 128)]: whole epochs, strictly increasing, from 0."""
+    if isinstance(schedule, str):
+        items = []
+        for part in schedule.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                e_text, b_text = part.split(":")
+                items.append((float(e_text), int(b_text), part))
+            except ValueError:
+                bad(f"entries must be EPOCH:BATCH, got {part!r} in {schedule!r}")
+    elif isinstance(schedule, (list, tuple)):
+        items = []
+        for point in schedule:
+            if (not isinstance(point, (list, tuple)) or len(point) != 2
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in point)
+                    or int(point[1]) != point[1]):
+                bad(f"entries must be (epoch, global batch) pairs of numbers, got {point!r}")
+            items.append((float(point[0]), int(point[1]), repr(tuple(point))))
+    else:
+        bad(f"must be 'E0:B0,E1:B1,...' or a list of (epoch, global batch) pairs, got "
+            f"{type(schedule).__name__} {schedule!r}")
     points: list[tuple[int, int]] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            e_text, b_text = part.split(":")
-            epoch_f, batch = float(e_text), int(b_text)
-        except ValueError:
-            raise UsageError(f"--batch-size-schedule entries must be EPOCH:BATCH, got {part!r} "
-                             f"in {text!r}") from None
-        require(math.isfinite(epoch_f) and epoch_f >= 0 and epoch_f == int(epoch_f),
-                f"--batch-size-schedule epochs must be whole numbers >= 0 (data order is per "
-                f"epoch), got {e_text!r} in {text!r}")
-        require(batch >= 1, f"--batch-size-schedule batches must be >= 1, got {batch} in {text!r}")
+    for epoch_f, batch, text in items:
+        if not (math.isfinite(epoch_f) and epoch_f >= 0 and epoch_f == int(epoch_f)):
+            bad(f"epochs must be whole numbers >= 0 (data order is per epoch), got {text} in "
+                f"{schedule!r}")
+        if batch < 1:
+            bad(f"batches must be >= 1, got {batch} in {schedule!r}")
         points.append((int(epoch_f), batch))
-    require(bool(points), f"--batch-size-schedule needs at least one EPOCH:BATCH, got {text!r}")
-    require(points[0][0] == 0,
-            f"--batch-size-schedule must start at epoch 0, got {points[0][0]} in {text!r}")
+    if not points:
+        bad(f"needs at least one EPOCH:BATCH, got {schedule!r}")
+    if points[0][0] != 0:
+        bad(f"must start at epoch 0, got {points[0][0]} in {schedule!r}")
     epochs = [e for e, _ in points]
-    require(all(b > a for a, b in zip(epochs, epochs[1:])),
-            f"--batch-size-schedule epochs must increase strictly, got {epochs}")
+    if not all(b > a for a, b in zip(epochs, epochs[1:])):
+        bad(f"epochs must increase strictly, got {epochs}")
     return points
 
 
@@ -101,7 +111,8 @@ class BatchSchedule:
 
     def global_step_at_epoch(self, epoch: float) -> int:
         """Global step reached after `epoch` epochs (each segment at its own steps/epoch)."""
-        require(epoch >= 0, f"epoch must be >= 0, got {epoch}")
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
         for seg in self.segments:
             if epoch <= seg.end_epoch or seg is self.segments[-1]:
                 within = max(0.0, epoch - seg.start_epoch)
@@ -116,45 +127,49 @@ class BatchSchedule:
                  "start_step": s.start_step, "steps": s.steps} for s in self.segments]
 
 
-def plan_schedule(points: Sequence[tuple[int, int]], *, epochs: float, replicas: int,
-                  accumulation_steps: int = 1, num_train_examples: int) -> BatchSchedule:
-    """Turn (epoch, global batch) points and the run length into fixed-batch segments."""
-    require(epochs is not None and epochs > 0,
-            f"--batch-size-schedule needs --epochs > 0 (the batch changes at epochs), got {epochs}")
+def plan_schedule(schedule, *, epochs: float, replicas: int, accumulation_steps: int = 1,
+                  num_train_examples: int) -> BatchSchedule:
+    """Turn (epoch, global batch) points ("0:64,10:128" or pairs) and the run length into
+    fixed-batch segments."""
+    points = parse_batch_schedule(schedule)
+    require_param(epochs is not None and epochs > 0, f"{{batch_size_schedule}} needs {{epochs}} > 0 "
+                  f"(the batch changes at epochs), got {epochs}", "batch_size_schedule", "epochs")
     last = points[-1][0]
-    require(last < epochs, f"--batch-size-schedule point at epoch {last} is not before the end "
-                           f"of training (--epochs {epochs:g})")
+    require_param(last < epochs, f"{{batch_size_schedule}} point at epoch {last} is not before the "
+                  f"end of training ({{epochs}} {epochs:g})", "batch_size_schedule", "epochs")
     segments, start_step = [], 0
     for i, (start, batch) in enumerate(points):
         end = points[i + 1][0] if i + 1 < len(points) else float(epochs)
         plan = BatchPlan.derive(global_batch_size=batch, replicas=replicas,
                                 accumulation_steps=accumulation_steps,
-                                num_train_examples=num_train_examples)
+                                num_train_examples=num_train_examples, flag="--batch-size-schedule")
         steps = int(math.floor((end - start) * plan.steps_per_epoch + 0.5))
-        require(steps >= 1, f"--batch-size-schedule segment from epoch {start} to {end:g} at batch "
-                            f"{batch} has no optimizer step ({plan.steps_per_epoch} steps/epoch)")
+        require_param(steps >= 1, f"{{batch_size_schedule}} segment from epoch {start} to {end:g} at "
+                      f"batch {batch} has no optimizer step ({plan.steps_per_epoch} steps/epoch)",
+                      "batch_size_schedule")
         segments.append(Segment(start, end, plan, start_step, steps))
         start_step += steps
     return BatchSchedule(tuple(segments))
 
 
-def schedule_from_config(config, *, replicas: int, num_train_examples: int) -> BatchSchedule:
-    """Check what in a TrainConfig interacts with its batch_size_schedule, and build it."""
-    points = parse_batch_schedule(config.batch_size_schedule)
-    require_param(config.steps is None, f"{{batch_size_schedule}} needs the length in {{epochs}} (the "
-                  f"batch changes at epochs), got {{steps}} {config.steps}",
-                  "batch_size_schedule", "epochs", "steps")
-    given = config.global_batch_size
-    require_param(given is None or given == points[0][1],
-                  f"{{global_batch_size}} {given} disagrees with the first batch of {{batch_size_schedule}} "
-                  f"({points[0][1]}); give only the schedule", "global_batch_size", "batch_size_schedule")
-    require_param(not config.early_stopping_metric, "{early_stopping_metric} is not supported with "
+def check_schedule_run(schedule, *, global_batch_size, steps, epochs, early_stopping: bool,
+                       resume: bool, recipe=None) -> None:
+    """What of a run interacts with its batch_size_schedule, checked before anything is built."""
+    points = parse_batch_schedule(schedule)
+    require_param(steps is None, f"{{batch_size_schedule}} needs the length in {{epochs}} (the batch "
+                  f"changes at epochs), got {{steps}} {steps}", "batch_size_schedule", "epochs", "steps")
+    require_param(global_batch_size is None or global_batch_size == points[0][1],
+                  f"{{global_batch_size}} {global_batch_size} disagrees with the first batch of "
+                  f"{{batch_size_schedule}} ({points[0][1]}); give only the schedule",
+                  "global_batch_size", "batch_size_schedule")
+    require_param(not early_stopping, "{early_stopping_metric} is not supported with "
                   "{batch_size_schedule} yet", "early_stopping_metric", "batch_size_schedule")
-    require_param(not config.resume, "{resume} is not supported with {batch_size_schedule} yet",
+    require_param(not resume, "{resume} is not supported with {batch_size_schedule} yet",
                   "resume", "batch_size_schedule")
-    return plan_schedule(points, epochs=config.epochs_or_default, replicas=replicas,
-                         accumulation_steps=config.accumulation_steps,
-                         num_train_examples=num_train_examples)
+    if epochs is not None:
+        require_param(points[-1][0] < epochs, f"{{batch_size_schedule}} point at epoch {points[-1][0]} "
+                      f"is not before the end of training ({{epochs}} {epochs:g})",
+                      "batch_size_schedule", "epochs")
 
 
 def schedule_recipe(recipe, schedule: BatchSchedule):
@@ -178,17 +193,17 @@ def schedule_recipe(recipe, schedule: BatchSchedule):
 
 
 def run_schedule(backend, model, optimizer, schedule: BatchSchedule, data, options,
-                 loss_fn: Callable | None = None,
-                 learning_rate_fn: Callable[[int], float] | None = None):
+                 learning_rate_fn: Callable[[int], float] | None = None, **trainer_kwargs):
     """Run the segments one after another on the same model/optimizer; merge the results.
 
     `options` is the LoopOptions of the whole run (its total_steps is ignored:
     each segment gets its absolute end step, step_offset and epoch_offset).
+    `trainer_kwargs` (task, validation_data, callbacks) go to every segment's Trainer.
     Returns a trainer.RunResult whose metrics also hold "segments".
     """
     from distbatch.training.trainer import RunResult, Trainer
 
-    results, seg_info = [], []
+    results, seg_info, cache = [], [], {}
     for seg in schedule.segments:
         opts = dataclasses.replace(options, total_steps=seg.end_step, step_offset=seg.start_step,
                                    epoch_offset=seg.start_epoch, resume=False)
@@ -198,7 +213,8 @@ def run_schedule(backend, model, optimizer, schedule: BatchSchedule, data, optio
                   f"{seg.plan.global_batch_size} ({seg.plan.per_replica_batch_size} per replica), "
                   f"{seg.plan.steps_per_epoch} steps/epoch, steps {seg.start_step}..{seg.end_step}",
                   file=sys.stderr, flush=True)
-        res = Trainer(backend, model, optimizer, seg.plan, data, opts, loss_fn=loss_fn).run()
+        res = Trainer(backend, model, optimizer, seg.plan, data, opts, step_cache=cache,
+                      **trainer_kwargs).run()
         results.append(res)
         info = {"start_epoch": seg.start_epoch, "global_batch_size": seg.plan.global_batch_size,
                 "per_replica_batch_size": seg.plan.per_replica_batch_size,

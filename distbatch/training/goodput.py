@@ -103,13 +103,14 @@ def candidate_batches(base_batch: int, max_batch: int, *, units: int, num_exampl
 
 def run_adaptive(backend, model, optimizer, data, options, *, adascale, candidates: list[int],
                  probe: Callable[[int], float], accumulation_steps: int = 1,
-                 loss_fn=None, log: Callable[[str], None] = lambda m: None):
+                 log: Callable[[str], None] = lambda m: None, **trainer_kwargs):
     """Train with a batch chosen by goodput at every data-epoch boundary; returns a RunResult.
 
     `adascale`: AdaScaleState (always_measure=True) whose schedule the optimizer follows;
     the run ends when its tau reaches the base budget. `probe(batch)` -> seconds per step
     (the slowest rank's), measured once per candidate before training.
-    `options.total_steps` is an upper bound on the steps.
+    `options.total_steps` is an upper bound on the steps. `trainer_kwargs` (task,
+    validation_data, callbacks) go to every segment's Trainer.
     """
     import dataclasses
 
@@ -132,8 +133,8 @@ def run_adaptive(backend, model, optimizer, data, options, *, adascale, candidat
         adascale.set_scale(batch / base)
         opts = dataclasses.replace(options, total_steps=min(options.total_steps, step + plan.steps_per_epoch),
                                    step_offset=step, epoch_offset=epoch, resume=False)
-        res = Trainer(backend, model, optimizer, plan, data, opts, loss_fn=loss_fn,
-                      adascale=adascale, step_cache=cache).run()
+        res = Trainer(backend, model, optimizer, plan, data, opts, adascale=adascale,
+                      step_cache=cache, **trainer_kwargs).run()
         results.append(res)
         done = res.metrics["steps"] - step
         b_noise = adascale.noise_scale()
@@ -174,13 +175,14 @@ def _weighted_mean_gain(results: list, segments: list[dict]) -> float | None:
     return sum(g * n for g, n in pairs) / sum(n for _, n in pairs) if pairs else None
 
 
-def probe_step_seconds(backend, make_model: Callable, optimizer_fn: Callable, input_shape,
-                       num_classes: int, batch: int, *, accumulation_steps: int = 1,
-                       steps: int = 30, repeats: int = 3) -> float:
+def probe_step_seconds(backend, make_model: Callable, optimizer_fn: Callable, example, batch: int,
+                       *, task=None, accumulation_steps: int = 1, steps: int = 30,
+                       repeats: int = 3) -> float:
     """Seconds per train step at `batch` (the slowest rank's), on a throwaway model from
-    make_model() with the real step (noise statistics on, as in the adaptive run) on random
-    inputs; the model being trained is not touched. Compilation is not timed; the fastest
-    of `repeats` timed calls counts (other load on the machine only ever slows a call)."""
+    make_model() with the real step (noise statistics on, as in the adaptive run) on copies
+    of one example (x, y) of the data; the model being trained is not touched. Compilation
+    is not timed; the fastest of `repeats` timed calls counts (other load on the machine
+    only ever slows a call)."""
     import time
 
     import numpy as np
@@ -196,11 +198,10 @@ def probe_step_seconds(backend, make_model: Callable, optimizer_fn: Callable, in
         optimizer = optimizer_fn()
         optimizer.build(model.trainable_variables)
     backend.prepare(model, optimizer)
-    rng = np.random.default_rng(0)
     per_worker = batch // backend.num_workers // backend.local_replicas
-    x = rng.standard_normal((per_worker, *input_shape)).astype(np.float32)
-    y = rng.integers(0, num_classes, size=per_worker).astype(np.int32)
-    step = make_train_step(backend, model, optimizer, plan,
+    x, y = tf.nest.map_structure(
+        lambda t: np.repeat(np.asarray(t)[:1], per_worker, axis=0), tuple(example))
+    step = make_train_step(backend, model, optimizer, plan, task=task,
                            options=StepOptions(noise_scale=True, noise_splits=noise_splits_for(plan)))
     it = backend.iterator(lambda w, L: tf.data.Dataset.from_tensors((x, y)).repeat())
     n = tf.constant(steps, tf.int32)

@@ -7,28 +7,21 @@ the sweep and recommend all run their jobs through :func:`train`.
 """
 from __future__ import annotations
 
-import math
 import os
 import platform
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from distbatch import __version__
-from distbatch.errors import ParameterError, UsageError, require_param
+from distbatch.errors import UsageError, require_param
 from distbatch.fileio import atomic_write_json, json_roundtrip
 from distbatch.outdir import (check_out_dir, check_out_outside_dataset, check_run_to_resume,
                               claim_out_dir)
+from distbatch.training import assembly
+from distbatch.training.assembly import RunPlan, RunSpec, set_precision  # noqa: F401 (re-exported)
 from distbatch.training.config import TrainConfig
-from distbatch.training.seeding import seed_everything
-from distbatch.training.sync_batchnorm import apply_sync_batchnorm
-
-if TYPE_CHECKING:
-    from distbatch.recipes.recipe import Recipe
-    from distbatch.training.plan import BatchPlan
 
 RUN_FILES = ("summary.json", "config.json", "model.keras")
 RUN_OUTPUTS = RUN_FILES + ("tensorboard", "checkpoints")  # all overwrite=True removes
@@ -44,108 +37,80 @@ def machine_info(backend) -> dict:
             "backend": backend.describe()}
 
 
-def set_precision(policy: str) -> None:
-    import keras
-    keras.mixed_precision.set_dtype_policy(
-        {"off": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}[policy])
-
-
 def load_data(config: TrainConfig):
-    """The named dataset in memory (ArrayDataset), or TFRecords (`--dataset` ending in .tfrecord
-    or a glob) streamed from the files (distbatch.data.files; subsets with --train-size or
-    --val-size are read into memory instead)."""
+    """The data a TrainConfig names (see load_named_data)."""
+    return load_named_data(config.dataset, seed=config.data_seed, train_size=config.train_size,
+                           val_size=config.val_size, num_classes=config.num_classes)
+
+
+def load_named_data(spec: str, *, seed: int = 0, train_size: int | None = None,
+                    val_size: int | None = None, num_classes: int | None = None):
+    """A dataset by name or path in memory (ArrayDataset), or TFRecords (a path ending in
+    .tfrecord, or a glob) streamed from the files (distbatch.data.files; subsets with
+    train_size or val_size are read into memory instead)."""
     from distbatch.data.datasets import load_dataset, streams_from_files
-    if streams_from_files(config.dataset) and config.train_size is None and config.val_size is None:
+    if streams_from_files(spec) and train_size is None and val_size is None:
         from distbatch.data.files import tfrecord_source
         from distbatch.data.inputs import SourceDataset
-        train, val, shape, classes = tfrecord_source(config.dataset, num_classes=config.num_classes,
-                                                     seed=config.data_seed)
-        return SourceDataset(config.dataset, train, val, shape, classes)
-    extra = {} if config.num_classes is None else {"num_classes": config.num_classes}
-    return load_dataset(config.dataset, seed=config.data_seed, train_size=config.train_size,
-                        val_size=config.val_size, **extra)
+        train, val, shape, classes = tfrecord_source(spec, num_classes=num_classes, seed=seed)
+        return SourceDataset(spec, train, val, shape, classes)
+    extra = {} if num_classes is None else {"num_classes": num_classes}
+    return load_dataset(spec, seed=seed, train_size=train_size, val_size=val_size, **extra)
 
 
-@dataclass(frozen=True)
-class RunPlan:
-    plan: "BatchPlan"                 # the (first) global batch
-    total_steps: int                  # AdaScale: the base batch's budget (an upper bound)
-    batch_schedule: object = None     # batch_schedule.BatchSchedule
-    recipe: "Recipe" = None           # the recipe to build (the schedule's, or the config's)
-    recipe_plan: "BatchPlan" = None   # the batch the lr schedule is written for
-    adascale_scale: float | None = None
-    candidates: list | None = None    # --global-batch-size auto
+def run_spec(config: TrainConfig, data, *, batch_param: str = "global_batch_size") -> RunSpec:
+    """The run a TrainConfig describes, on `data` (a loaded dataset)."""
+    from distbatch.data.inputs import array_sources
+    from distbatch.models import build_model
+    if hasattr(data, "x_train"):
+        train_src, val_src = array_sources(data)
+    else:  # SourceDataset (files streamed)
+        train_src, val_src = data.train_source, data.val_source
+    return RunSpec(
+        model_fn=lambda: build_model(config.model, data.input_shape, data.num_classes),
+        train_source=train_src, val_source=val_src, recipe=config.recipe,
+        global_batch_size=config.global_batch_size,
+        max_global_batch_size=config.max_global_batch_size,
+        batch_size_schedule=config.batch_size_schedule, epochs=config.epochs_or_default,
+        steps=config.steps, accumulation_steps=config.accumulation_steps, seed=config.seed,
+        deterministic=config.deterministic, mixed_precision=config.mixed_precision,
+        sync_batchnorm=config.sync_batchnorm, noise_scale=config.noise_scale,
+        early_stopping=bool(config.early_stopping_metric), resume=config.resume,
+        batch_param=batch_param)
 
 
 def plan_run(config: TrainConfig, backend, data, *, flag: str = "--global-batch-size") -> RunPlan:
-    """Every check that needs the backend and the data, before a model or a file exists:
-    batch arithmetic, length, noise scale, model vs input shape, the recipe.
-
-    Returns a RunPlan. A sweep calls it for every point before it writes anything.
-    ``flag`` names the global batch in BatchPlan's errors (the sweep's is --batch-sizes).
-    """
-    from distbatch.data.inputs import num_train_examples
+    """Every check that needs the backend and the data, before a model or a file exists
+    (distbatch.training.assembly.plan_run, plus the named model against the input shape).
+    A sweep calls it for every point before it writes anything. ``flag`` names the global
+    batch in errors (the sweep's is --batch-sizes)."""
     from distbatch.models import check_model
-    from distbatch.training.plan import BatchPlan
-
     if config.out is not None:
         check_out_outside_dataset(config.out, config.dataset)
-    n_train = num_train_examples(data, backend.num_workers)
-    recipe, batch_schedule = config.recipe, None
-    global_batch_size = config.global_batch_size
-    if config.batch_size_schedule:
-        from distbatch.training.batch_schedule import schedule_from_config, schedule_recipe
-        batch_schedule = schedule_from_config(config, replicas=backend.num_replicas,
-                                              num_train_examples=n_train)
-        global_batch_size = batch_schedule.first_plan.global_batch_size
-        recipe = schedule_recipe(recipe, batch_schedule)
-    adaptive = global_batch_size == "auto"
-    candidates = None
-    if adaptive:  # the goodput-adaptive batch starts at the smallest candidate
-        from distbatch.training.goodput import candidate_batches
-        require_param(recipe.base_batch_size <= n_train,
-                      f"{{base_batch_size}} {recipe.base_batch_size} is larger than the training set "
-                      f"({n_train} examples); {{global_batch_size}} auto starts at the base batch",
-                      "base_batch_size", "global_batch_size")
-        try:
-            candidates = candidate_batches(recipe.base_batch_size, config.max_global_batch_size,
-                                           units=backend.num_replicas * config.accumulation_steps,
-                                           num_examples=n_train)
-        except ValueError as e:
-            raise ParameterError(f"{{global_batch_size}} auto: {e}", "global_batch_size") from None
-    plan = BatchPlan.derive(global_batch_size=candidates[0] if adaptive else global_batch_size,
-                            replicas=backend.num_replicas, accumulation_steps=config.accumulation_steps,
-                            num_train_examples=n_train, flag=flag)
-    epochs, steps = config.epochs_or_default, config.steps
-    total_steps = (batch_schedule.total_steps if batch_schedule else
-                   plan.total_steps(epochs=epochs, steps=steps))
-    recipe_plan = plan  # the batch the lr schedule is written for
-    adascale_scale = None
-    if recipe.scaling == "adascale":
-        require_param(batch_schedule is None, "{scaling} adascale adapts the lr to a fixed global batch; "
-                                              "it does not combine with {batch_size_schedule}",
-                      "scaling", "batch_size_schedule")
-        require_param(plan.global_batch_size >= recipe.base_batch_size,
-                      f"{{scaling}} adascale needs {{global_batch_size}} >= {{base_batch_size}} "
-                      f"({recipe.base_batch_size}), got {plan.global_batch_size}",
-                      "scaling", "global_batch_size", "base_batch_size")
-        # The length is the BASE batch's; the run ends when tau reaches it (at most that many steps).
-        recipe_plan = BatchPlan.derive(global_batch_size=recipe.base_batch_size, replicas=1,
-                                       num_train_examples=n_train, flag="--base-batch-size")
-        total_steps = recipe_plan.total_steps(epochs=epochs, steps=steps)
-        adascale_scale = plan.global_batch_size / recipe.base_batch_size
-    if config.noise_scale or (adascale_scale or 1) > 1:
-        from distbatch.training.step import check_noise_scale, noise_splits_for
-        check_noise_scale(plan, noise_splits_for(plan))
     check_model(config.model, data.input_shape)
-    # Only to validate the recipe against the run (e.g. warmup longer than training); train
-    # builds the real optimizer inside the backend's scope. AdaScale's schedule is the base
-    # batch's plain one.
-    check = recipe.replace(scaling="none") if adascale_scale is not None else recipe
-    check.build(global_batch_size=recipe_plan.global_batch_size,
-                steps_per_epoch=recipe_plan.steps_per_epoch, total_steps=total_steps)
-    return RunPlan(plan, total_steps, batch_schedule, recipe, recipe_plan, adascale_scale,
-                   candidates)
+    return assembly.plan_run(run_spec(config, data, batch_param=flag.lstrip("-").replace("-", "_")),
+                             backend)
+
+
+def loop_options(config: TrainConfig, total_steps: int):
+    """The loop's options for a TrainConfig's run writing under config.out."""
+    from distbatch.training.preemption import checkpoint_seconds
+    from distbatch.training.trainer import LoopOptions
+    return LoopOptions(
+        total_steps=total_steps, seed=config.seed, evals_per_epoch=config.evals_per_epoch,
+        noise_scale=config.noise_scale, target_accuracy=config.target_accuracy,
+        early_stopping_metric=config.early_stopping_metric,
+        early_stopping_patience=config.early_stopping_patience, min_delta=config.min_delta,
+        checkpoint_dir=os.path.join(config.out, "checkpoints"), checkpoint_every=config.checkpoint_every,
+        checkpoint_every_seconds=checkpoint_seconds(config.checkpoint_every_seconds),
+        resume=config.resume,
+        tensorboard_dir=config.tensorboard_dir or os.path.join(config.out, "tensorboard"),
+        stop_at_target=config.stop_at_target,
+        steps_per_execution=config.steps_per_execution,
+        jit_compile=config.jit_compile == "on",
+        bucket_mb=config.bucket_mb,
+        grad_compression=config.grad_compression,
+        verbose=config.progress)
 
 
 def train(config: TrainConfig, *, backend=None, data=None, record: dict | None = None
@@ -161,13 +126,8 @@ def train(config: TrainConfig, *, backend=None, data=None, record: dict | None =
     check_out_dir(config.out, resume=config.resume, overwrite=config.overwrite, holds=RUN_FILES)
     if config.resume:
         check_run_to_resume(config.out)
-    import keras
-
     from distbatch.backends import create_backend
-    from distbatch.models import build_model
-    from distbatch.training.preemption import checkpoint_seconds
     from distbatch.training.step import wire_compression
-    from distbatch.training.trainer import LoopOptions, Trainer
 
     reason = "given"
     if backend is None:
@@ -181,30 +141,12 @@ def train(config: TrainConfig, *, backend=None, data=None, record: dict | None =
     plan, total_steps, batch_schedule = rp.plan, rp.total_steps, rp.batch_schedule
     if batch_schedule is not None:  # config.json records the first batch, as the flag would
         config = config.replace(global_batch_size=plan.global_batch_size)
-    base_batch_size = config.recipe.base_batch_size
-    recipe_plan, adascale_scale, candidates = rp.recipe_plan, rp.adascale_scale, rp.candidates
+    candidates = rp.candidates
     adaptive = candidates is not None
     chief = backend.is_chief
 
-    seed_everything(config.seed, config.deterministic)
-    set_precision(config.mixed_precision)
-    with backend.scope():
-        model = build_model(config.model, data.input_shape, data.num_classes)
-        if config.sync_batchnorm:
-            apply_sync_batchnorm(model, backend)
-        adascale = None
-        if adascale_scale is not None:
-            from distbatch.recipes.adascale import AdaScaleState
-            adascale = AdaScaleState(scale=adascale_scale, base_batch_size=base_batch_size,
-                                     total_base_steps=total_steps, always_measure=adaptive)
-        optimizer, schedule, recipe = rp.recipe.build(
-            global_batch_size=recipe_plan.global_batch_size,
-            steps_per_epoch=recipe_plan.steps_per_epoch, total_steps=total_steps, adascale=adascale)
-        if config.mixed_precision == "float16":
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        # Slots must exist before the first distributed step (Keras 3 + MirroredStrategy).
-        optimizer.build(model.trainable_variables)
-    backend.prepare(model, optimizer)
+    run = assembly.build_run(run_spec(config, data), backend, rp)
+    model, optimizer, recipe = run.model, run.optimizer, run.recipe
 
     from distbatch.data.datasets import fingerprint
     data_fingerprint = fingerprint(data)
@@ -222,59 +164,15 @@ def train(config: TrainConfig, *, backend=None, data=None, record: dict | None =
     if chief:
         claim_out_dir(config.out, "train", remove=RUN_OUTPUTS if config.overwrite else ())
         atomic_write_json(os.path.join(config.out, "config.json"), written)
-        print(f"distbatch: {backend.describe()} ({reason}); global batch {plan.global_batch_size} = "
-              f"{plan.per_replica_batch_size} per replica x {plan.replicas} replicas x "
-              f"{plan.accumulation_steps} accumulation; {plan.steps_per_epoch} steps/epoch, "
-              f"{total_steps} steps; peak lr {recipe['peak_lr']:.4g}, warmup {recipe['warmup_steps']} "
-              f"steps", file=sys.stderr, flush=True)
-        if adaptive:
-            print(f"distbatch: global batch auto: chosen by goodput at each epoch among "
-                  f"{candidates}; AdaScale lr; ends when tau reaches {total_steps} base-batch steps",
-                  file=sys.stderr, flush=True)
-        elif adascale is not None:
-            print(f"distbatch: AdaScale at S = {adascale.scale:g} x base batch {base_batch_size}: "
-                  f"lr = gain x schedule(tau); ends when tau reaches {total_steps} base-batch steps "
-                  f"(between {math.ceil(total_steps / adascale.scale)} and {total_steps} steps)",
-                  file=sys.stderr, flush=True)
+        for line in run.start_lines(reason):
+            print(line, file=sys.stderr, flush=True)
 
-    options = LoopOptions(
-        total_steps=total_steps, seed=config.seed, evals_per_epoch=config.evals_per_epoch,
-        noise_scale=config.noise_scale, target_accuracy=config.target_accuracy,
-        early_stopping_metric=config.early_stopping_metric,
-        early_stopping_patience=config.early_stopping_patience, min_delta=config.min_delta,
-        checkpoint_dir=os.path.join(config.out, "checkpoints"), checkpoint_every=config.checkpoint_every,
-        checkpoint_every_seconds=checkpoint_seconds(config.checkpoint_every_seconds),
-        resume=config.resume,
-        tensorboard_dir=config.tensorboard_dir or os.path.join(config.out, "tensorboard"),
-        stop_at_target=config.stop_at_target,
-        steps_per_execution=config.steps_per_execution,
-        jit_compile=config.jit_compile == "on",
-        bucket_mb=config.bucket_mb,
-        grad_compression=config.grad_compression,
-        verbose=config.progress)
+    options = loop_options(config, total_steps)
     started = time.time()
     say = chief and config.progress  # a sweep's points stay quiet
     try:
-        if adaptive:
-            from distbatch.training.goodput import probe_step_seconds, run_adaptive
-
-            def probe(batch: int) -> float:
-                return probe_step_seconds(
-                    backend, lambda: build_model(config.model, data.input_shape, data.num_classes),
-                    lambda: keras.optimizers.SGD(0.01, momentum=0.9), data.input_shape,
-                    data.num_classes, batch, accumulation_steps=config.accumulation_steps)
-
-            result = run_adaptive(backend, model, optimizer, data, options, adascale=adascale,
-                                  candidates=candidates, probe=probe,
-                                  accumulation_steps=config.accumulation_steps,
-                                  log=lambda m: print(m, file=sys.stderr, flush=True)
-                                  if chief and options.verbose else None)
-        elif batch_schedule is not None:
-            from distbatch.training.batch_schedule import run_schedule
-            result = run_schedule(backend, model, optimizer, batch_schedule, data, options,
-                                  learning_rate_fn=lambda s: float(schedule(s)))
-        else:
-            result = Trainer(backend, model, optimizer, plan, data, options, adascale=adascale).run()
+        result = run.train(options, log=lambda m: print(m, file=sys.stderr, flush=True)
+                           if chief and options.verbose else None)
     except Exception as e:  # out of memory -> one line with the failing batch and what to try
         from distbatch.measure.oom import OutOfMemory, is_out_of_memory, oom_message
         if not is_out_of_memory(e):
@@ -374,7 +272,7 @@ def check_resume_matches(config: dict, out: str, *, may_change=RESUME_MAY_CHANGE
         raise UsageError(f"--resume: {path} is not a distbatch config ({e}); cannot tell which "
                          "run this is") from None
     _check_same_data(old, config, out)
-    diff = _first_difference(_comparable({k: v for k, v in old.items() if k not in may_change}),
+    diff = first_difference(_comparable({k: v for k, v in old.items() if k not in may_change}),
                              _comparable(config))
     if diff:
         key, was, now = diff
@@ -410,12 +308,12 @@ def _comparable(config: dict) -> dict:
     return config
 
 
-def _first_difference(old: dict, new: dict, prefix: str = ""):
+def first_difference(old: dict, new: dict, prefix: str = ""):
     """(key, old value, new value) of the first differing common key; flags before nested."""
     for key in sorted(old.keys() & new.keys(), key=lambda k: (isinstance(old[k], dict), k)):
         a, b = old[key], new[key]
         if isinstance(a, dict) and isinstance(b, dict):
-            diff = _first_difference(a, b, f"{prefix}{key}.")
+            diff = first_difference(a, b, f"{prefix}{key}.")
             if diff:
                 return diff
         elif a != b:
@@ -435,13 +333,10 @@ def _tf_version() -> str:
 
 
 def _save_model(model, optimizer, out: str, backend) -> None:
-    """Chief writes out/model.keras, compiled with the optimizer that trained it (its schedule
-    and step count), sparse cross-entropy from logits and accuracy, so
+    """Chief writes out/model.keras, compiled (by assembly.build_run) with the optimizer that
+    trained it (its schedule and step count), sparse cross-entropy from logits and accuracy, so
     distbatch.load_model(path).fit(...) continues; other multiworker workers save to a temp
     dir (TF needs all)."""
-    from distbatch.api import compile_model
-    from distbatch.training.step import default_task
-    compile_model(model, optimizer, None, default_task())
     if backend.is_chief:
         tmp = os.path.join(out, ".model.keras.tmp.keras")
         model.save(tmp)

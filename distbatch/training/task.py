@@ -64,6 +64,31 @@ def sparse_ce_from_logits(y, logits):
                                                         from_logits=True)
 
 
+def _loss_weights(weights, output_names: list, n_out: int) -> list:
+    """One float per output from Keras's loss_weights (None: all 1)."""
+    import math
+    if weights is None:
+        return [1.0] * n_out
+    if isinstance(weights, dict):
+        unknown = sorted(set(weights) - set(output_names))
+        if unknown or len(output_names) != n_out:
+            raise ValueError(f"loss_weights: unknown outputs {unknown}; the model's outputs are "
+                             f"{output_names}")
+        values = [weights.get(n, 1.0) for n in output_names]
+    elif isinstance(weights, (list, tuple)):
+        if len(weights) != n_out:
+            raise ValueError(f"loss_weights: a list needs one number per output ({n_out}), got "
+                             f"{len(weights)}")
+        values = list(weights)
+    else:
+        raise TypeError(f"loss_weights must be a list (one number per output) or a dict "
+                        f"{{output name: number}}, got {type(weights).__name__}")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"loss_weights: each weight must be a finite number >= 0, got {v!r}")
+    return [float(v) for v in values]
+
+
 @dataclass
 class _MetricSlot:
     name: str
@@ -82,10 +107,12 @@ class Task:
     `output_names`: the model's output names (keras.Model.output_names), for dicts and logs.
     `y_example`, `pred_example`: nests of example tensors (shape matters: Keras picks the
     accuracy kind from them) used to resolve metric names like "accuracy".
+    `loss_weights`: as Keras compile takes them: a list (one number per output) or a dict
+    {output name: number}; the loss is the weighted sum of the outputs' losses.
     """
 
     def __init__(self, loss=None, metrics=None, *, output_names=None, y_example=None,
-                 pred_example=None) -> None:
+                 pred_example=None, loss_weights=None) -> None:
         import keras
         import tensorflow as tf
         self.output_names = list(output_names or [])
@@ -112,6 +139,7 @@ class Task:
             fns = [_loss_callable(loss)] * n_out
         self._loss_fns = fns
         self.loss_config = loss
+        self.loss_weights = _loss_weights(loss_weights, self.output_names, n_out)
         # Metrics per output.
         if isinstance(metrics, dict):
             per_output = [list(metrics.get(n, []) or []) for n in self.output_names]
@@ -167,10 +195,12 @@ class Task:
         import tensorflow as tf
         ys, preds = _flatten_outputs(tf, y), _flatten_outputs(tf, y_pred)
         total = None
-        for fn, yt, yp in zip(self._loss_fns, ys, preds):
+        for fn, yt, yp, weight in zip(self._loss_fns, ys, preds, self.loss_weights):
             if yp.dtype in (tf.float16, tf.bfloat16):
                 yp = tf.cast(yp, tf.float32)
             value = _per_example(tf, fn(yt, yp))
+            if weight != 1.0:
+                value = value * weight
             total = value if total is None else total + value
         return total
 
