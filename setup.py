@@ -11,10 +11,14 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["distbatch", "distbatch.*"]),
+    # The operators' CRD schemas, trimmed (distbatch/launch/k8s_schemas/README.md).
+    package_data={"distbatch.launch": ["k8s_schemas/*.json", "k8s_schemas/README.md"]},
     install_requires=[
         "numpy>=1.26",
         "tensorboard>=2.20",
         "matplotlib>=3.8",
+        # Validates `distbatch launch k8s` manifests against the vendored CRD schemas.
+        "jsonschema>=4",
     ],
     extras_require={
         # CPU-only machines (CI, laptops, the logical-device demos).

@@ -52,10 +52,13 @@ BASELINES = {
     ("launch", "mpirun"): {"-np": "2", "--mpirun": "/usr/bin/mpirun", "--dry-run": None},
     ("launch", "multiworker"): {"--workers": "2", "--dry-run": None},
     ("launch", "slurm"): {"--nodes": "1", "--gpus-per-node": "1", "--dry-run": None},
+    ("launch", "k8s"): {"--kind": "tfjob", "--name": "x", "--image": "img", "--workers": "1",
+                        "--gpus-per-worker": "0", "--dry-run": None},
 }
 POSITIONAL = {("report",): ["REPORT_DIR"]}
 TAIL = {("launch", "horovod"): ["--", "x"], ("launch", "mpirun"): ["--", "x"],
-        ("launch", "multiworker"): ["--", "x"], ("launch", "slurm"): ["--", "x"]}
+        ("launch", "multiworker"): ["--", "x"], ("launch", "slurm"): ["--", "x"],
+        ("launch", "k8s"): ["--", "x"]}
 EXCLUSIVE = {"--epochs": "--steps", "--steps": "--epochs", "--warmup-epochs": "--warmup-steps",
              "--warmup-steps": "--warmup-epochs", "--global-batch-size": "--per-replica-batch-size",
              "--per-replica-batch-size": "--global-batch-size"}

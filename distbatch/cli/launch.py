@@ -1,4 +1,4 @@
-"""``distbatch launch {horovod,mpirun,multiworker,slurm} [options] -- COMMAND...``
+"""``distbatch launch {horovod,mpirun,multiworker,slurm,k8s} [options] -- COMMAND...``
 
 Thin front door: parse flags, call a pure builder in :mod:`distbatch.launch.launcher`,
 then either print the result (``--dry-run``, multi-host commands, sbatch
@@ -274,6 +274,25 @@ def _slurm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _k8s(args: argparse.Namespace) -> int:
+    from distbatch.launch import k8s
+    job = k8s.K8sJob(
+        kind=args.kind, name=args.name, image=args.image, workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker, command=tuple(args.command), min_workers=args.min_workers,
+        max_workers=args.max_workers, max_restarts=args.max_restarts, namespace=args.namespace,
+        pvc=args.pvc, mount_path=args.mount_path, cluster_secret=args.cluster_secret,
+        mpi_launcher=args.mpi_launcher)
+    text = k8s.render(k8s.build_manifest(job))  # every check before anything is written
+    if args.dry_run or not args.output:
+        _write_stdout(text)
+    else:
+        path = k8s.write_manifest(args.output, text)
+        _print(f"wrote {path}", f"submit with: kubectl apply -f {shlex.quote(str(path))}")
+    if not args.pvc:
+        _note(k8s.NO_VOLUME_NOTE)
+    return 0
+
+
 def _common(p: argparse.ArgumentParser, *, local: bool = True) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="print the exact command(s) and environment; run nothing")
@@ -305,10 +324,11 @@ def _hosts(p: argparse.ArgumentParser) -> None:
 
 
 def add_launch_parser(subparsers) -> None:
-    """Add ``launch`` with sub-commands horovod, mpirun, multiworker, slurm to ``subparsers``."""
-    launch = subparsers.add_parser("launch", help="start a distributed job (horovodrun, mpirun, TF_CONFIG, Slurm)",
+    """Add ``launch`` with sub-commands horovod, mpirun, multiworker, slurm, k8s to ``subparsers``."""
+    launch = subparsers.add_parser("launch", help="start a distributed job (horovodrun, mpirun, TF_CONFIG, "
+                                                  "Slurm, Kubernetes)",
                                    description=__doc__.split("\n\n")[0])
-    which = launch.add_subparsers(dest="launcher", metavar="{horovod,mpirun,multiworker,slurm}")
+    which = launch.add_subparsers(dest="launcher", metavar="{horovod,mpirun,multiworker,slurm,k8s}")
     which.required = True
 
     h = which.add_parser("horovod", help="run horovodrun")
@@ -362,6 +382,35 @@ def add_launch_parser(subparsers) -> None:
     s.add_argument("--output", help="where to write the script (default JOB_NAME.sbatch)")
     _common(s, local=False)
     s.set_defaults(func=_slurm)
+
+    k = which.add_parser("k8s", help="write a Kubernetes MPIJob, TFJob or JobSet (docs/kubernetes.md)")
+    k.add_argument("--kind", required=True, choices=("mpijob", "tfjob", "jobset"),
+                   help="mpijob: MPI Operator + horovod; tfjob: Training Operator + multiworker; "
+                        "jobset: JobSet + multiworker")
+    k.add_argument("--name", required=True, help="the job's name (a DNS-1035 label)")
+    k.add_argument("--image", required=True, help="container image with distbatch installed")
+    k.add_argument("--workers", type=int, required=True, metavar="N", help="worker pods")
+    k.add_argument("--gpus-per-worker", type=int, required=True, metavar="G",
+                   help="nvidia.com/gpu per worker pod (0: CPU)")
+    k.add_argument("--min-workers", type=int, metavar="M",
+                   help="mpijob: Horovod Elastic's fewest workers (default --workers)")
+    k.add_argument("--max-workers", type=int, metavar="N",
+                   help="mpijob: Horovod Elastic's most workers (default --workers)")
+    k.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                   help="restarts after a failure, each resuming from --out's checkpoint "
+                        "(needs --pvc; default 0)")
+    k.add_argument("--pvc", metavar="CLAIM", help="PersistentVolumeClaim (ReadWriteMany) for the run's --out")
+    k.add_argument("--mount-path", default="/workspace", metavar="DIR",
+                   help="where --pvc is mounted, and the working directory (default /workspace)")
+    k.add_argument("--namespace", metavar="NS", help="metadata.namespace (default: kubectl's)")
+    k.add_argument("--cluster-secret", metavar="SECRET",
+                   help=f"tfjob/jobset: Kubernetes Secret whose key 'secret' becomes ${SECRET_ENV}")
+    k.add_argument("--mpi-launcher", choices=("mpirun", "horovodrun"),
+                   help="mpijob: the launcher's program (default mpirun; horovodrun when elastic)")
+    k.add_argument("-o", "--output", metavar="FILE", help="write the YAML here (atomically; default stdout)")
+    k.add_argument("--dry-run", action="store_true", help="print the YAML, even with -o; write nothing")
+    k.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND... (the worker command)")
+    k.set_defaults(func=_k8s)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
