@@ -292,6 +292,9 @@ def fit(*, model_fn: Callable | str, optimizer_fn: Callable | None = None, recip
         result: RunResult = run.train(options, callbacks=callbacks, log=(
             lambda m: print(m, file=sys.stderr, flush=True)) if options.verbose and backend.is_chief
             else None)
+        if getattr(backend, "strategy", None) is not None:
+            # (after the last collective: releasing is local to each worker)
+            assembly.release_from_strategy(run.model, run.optimizer)
     finally:
         keras.mixed_precision.set_dtype_policy(policy)
     return FitResult(history=history_dict(result.history), model=run.model, metrics=result.metrics,

@@ -430,3 +430,25 @@ def source_fingerprint(source) -> dict | None:
     else:
         return None
     return {"examples": int(n), "sample_sha256": digest.hexdigest()[:16]}
+
+
+def release_from_strategy(model, optimizer) -> None:
+    """Make a model trained under a tf.distribute strategy a plain Keras model again, so the
+    user can compile, evaluate, predict and fit it outside any scope (Keras otherwise refuses:
+    "Mixing different tf.distribute.Strategy objects"): every model and optimizer variable
+    gets a plain tf.Variable with its current value, and both forget the strategy."""
+    import tensorflow as tf
+    seen: set = set()
+    opt = getattr(optimizer, "inner_optimizer", None)
+    optimizers = [o for o in (optimizer, opt) if o is not None]
+    for v in [*model.variables, *(w for o in optimizers for w in o.variables)]:
+        inner = getattr(v, "_value", None)
+        if id(v) in seen or not isinstance(inner, tf.distribute.DistributedValues):
+            continue
+        seen.add(id(v))
+        v._value = tf.Variable(tf.convert_to_tensor(inner), trainable=inner.trainable,
+                               name=inner.name.split(":")[0])
+    model._distribute_strategy = None
+    for o in optimizers:
+        if hasattr(o, "_distribution_strategy"):
+            o._distribution_strategy = tf.distribute.get_strategy()
