@@ -273,6 +273,8 @@ def fit(*, model_fn: Callable | str, optimizer_fn: Callable | None = None, recip
         noise_scale=bool(loop_options.get("noise_scale")), loss=loss, metrics=metrics,
         loss_weights=loss_weights, early_stopping=bool(loop_options.get("early_stopping_metric")),
         resume=bool(loop_options.get("resume")))
+    if loop_options.get("resume") and loop_options.get("checkpoint_dir"):
+        spec = _resplit_for_resume(spec, backend, loop_options["checkpoint_dir"])
     rp = assembly.plan_run(spec, backend)
     loop_options.setdefault("verbose", False)
     options = LoopOptions(total_steps=rp.total_steps, seed=seed, **loop_options)
@@ -302,8 +304,38 @@ def fit(*, model_fn: Callable | str, optimizer_fn: Callable | None = None, recip
 
 
 FIT_SETTINGS = "fit_settings.json"
-# Settings a resumed fit may change: they do not change what is trained.
-FIT_MAY_CHANGE = frozenset({"backend"})
+# Settings a resumed fit may change: they do not change what is trained (the global batch
+# stays; on another number of replicas it is split again).
+FIT_MAY_CHANGE = frozenset({"backend", "replicas", "accumulation_steps"})
+
+
+def _read_settings(checkpoint_dir: str) -> dict | None:
+    import json
+    path = os.path.join(checkpoint_dir, FIT_SETTINGS)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except ValueError as e:
+        raise ParameterError(f"{{resume}}: {path} is not readable JSON ({e}); cannot tell which run "
+                             "this is", "resume") from None
+    return old if isinstance(old, dict) else {}
+
+
+def _resplit_for_resume(spec, backend, checkpoint_dir: str):
+    """resume=True on another number of replicas: the run's global batch split across these
+    replicas (the accumulation steps lowered where the old split no longer divides it)."""
+    import dataclasses
+
+    from distbatch.training import assembly
+    old = _read_settings(checkpoint_dir) or {}
+    gb = spec.global_batch_size
+    if not isinstance(gb, int) or old.get("replicas") in (None, backend.num_replicas):
+        return spec
+    k = assembly.resume_accumulation(gb, backend.num_replicas, spec.accumulation_steps,
+                                     was=old["replicas"])
+    return dataclasses.replace(spec, accumulation_steps=k)
 
 
 def resume_settings(spec, rp, backend) -> dict:
@@ -328,18 +360,11 @@ def resume_settings(spec, rp, backend) -> dict:
 def check_resume_settings(settings: dict, checkpoint_dir: str) -> None:
     """resume=True with other settings than the run in checkpoint_dir would silently train
     something else: ParameterError naming the first setting that differs and both values."""
-    import json
 
     from distbatch.training.job import first_difference
-    path = os.path.join(checkpoint_dir, FIT_SETTINGS)
-    if not os.path.exists(path):
+    old = _read_settings(checkpoint_dir)
+    if old is None:
         return
-    try:
-        with open(path) as f:
-            old = json.load(f)
-    except ValueError as e:
-        raise ParameterError(f"{{resume}}: {path} is not readable JSON ({e}); cannot tell which run "
-                             "this is", "resume") from None
     diff = first_difference({k: v for k, v in old.items() if k not in FIT_MAY_CHANGE}, settings)
     if diff:
         key, was, now = diff

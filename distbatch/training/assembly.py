@@ -84,6 +84,28 @@ class RunPlan:
     candidates: list | None = None    # global_batch_size "auto"
 
 
+# What a run may change when it resumes on another number of workers or replicas: the
+# global batch stays, so these only change how it is split (the same sums).
+WORLD_KEYS = frozenset({"backend", "cpu_replicas", "replicas", "accumulation_steps",
+                        "mwms_implementation", "bytes_per_pack", "collective_timeout",
+                        "plan.replicas", "plan.per_replica_batch_size", "plan.accumulation_steps"})
+
+
+def resume_accumulation(global_batch_size: int, replicas: int, accumulation_steps: int, *,
+                        was: int | None = None, param: str = "global_batch_size") -> int:
+    """Accumulation steps for resuming a run at `global_batch_size` on `replicas`: the run's
+    own when they still divide the batch, else the largest k below them that does (the
+    micro-batches stay at most as large as before); ParameterError when no split exists."""
+    for k in range(accumulation_steps, 0, -1):
+        if global_batch_size % (replicas * k) == 0:
+            return k
+    raise ParameterError(
+        f"{{resume}}: the run's {{{param}}} {global_batch_size} cannot be split across {replicas} "
+        f"replicas{f' (it ran on {was})' if was else ''}: {global_batch_size} is not a multiple of "
+        f"{replicas} x k for any accumulation k <= {accumulation_steps}; resume on a number of "
+        f"replicas that divides it", "resume", param)
+
+
 def train_examples(spec: RunSpec, backend) -> int:
     """Examples in one epoch of the training data as this backend reads them."""
     from distbatch.data.inputs import FnSource

@@ -137,6 +137,18 @@ def train(config: TrainConfig, *, backend=None, data=None, record: dict | None =
                                          stall_timeout=config.stall_timeout)
     if data is None:
         data = load_data(config)
+    world_line = None
+    if config.resume:  # on another number of replicas: the same global batch, re-split
+        old = read_run_config(config.out)
+        if isinstance(config.global_batch_size, int) and old.get("replicas") not in (
+                None, backend.num_replicas):
+            k = assembly.resume_accumulation(config.global_batch_size, backend.num_replicas,
+                                             config.accumulation_steps, was=old["replicas"])
+            config = config.replace(accumulation_steps=k)
+            world_line = (f"distbatch: resuming on {backend.num_replicas} replicas (the run used "
+                          f"{old['replicas']}): global batch {config.global_batch_size} = "
+                          f"{config.global_batch_size // backend.num_replicas // k} per replica x "
+                          f"{backend.num_replicas} replicas x {k} accumulation")
     rp = plan_run(config, backend, data)
     plan, total_steps, batch_schedule = rp.plan, rp.total_steps, rp.batch_schedule
     if batch_schedule is not None:  # config.json records the first batch, as the flag would
@@ -164,7 +176,7 @@ def train(config: TrainConfig, *, backend=None, data=None, record: dict | None =
     if chief:
         claim_out_dir(config.out, "train", remove=RUN_OUTPUTS if config.overwrite else ())
         atomic_write_json(os.path.join(config.out, "config.json"), written)
-        for line in run.start_lines(reason):
+        for line in run.start_lines(reason) + ([world_line] if world_line else []):
             print(line, file=sys.stderr, flush=True)
 
     options = loop_options(config, total_steps)
@@ -243,7 +255,7 @@ RESUME_MAY_CHANGE = frozenset({"out", "resume", "overwrite", "progress", "verbos
                                "backend_reason", "machine",
                                # how the gradients are grouped into all-reduces: the same sums
                                "bucket_mb", "stall_timeout", "deterministic",
-                               "batch_sizes", "seeds"})
+                               "batch_sizes", "seeds"}) | assembly.WORLD_KEYS
 
 
 def run_config(config: TrainConfig | dict, **derived) -> dict:
@@ -251,6 +263,17 @@ def run_config(config: TrainConfig | dict, **derived) -> dict:
     flags) plus derived values, as it reads back from disk."""
     flags = config.as_flags() if isinstance(config, TrainConfig) else dict(config)
     return json_roundtrip(dict(sorted({**flags, **derived}.items())))
+
+
+def read_run_config(out: str) -> dict:
+    """config.json of the run in `out` ({} when there is none or it is not a JSON object)."""
+    import json
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return old if isinstance(old, dict) else {}
 
 
 def check_resume_matches(config: dict, out: str, *, may_change=RESUME_MAY_CHANGE) -> None:
@@ -272,8 +295,7 @@ def check_resume_matches(config: dict, out: str, *, may_change=RESUME_MAY_CHANGE
         raise UsageError(f"--resume: {path} is not a distbatch config ({e}); cannot tell which "
                          "run this is") from None
     _check_same_data(old, config, out)
-    diff = first_difference(_comparable({k: v for k, v in old.items() if k not in may_change}),
-                             _comparable(config))
+    diff = first_difference(_comparable(old), _comparable(config), skip=may_change)
     if diff:
         key, was, now = diff
         raise UsageError(f"--resume: {key.replace('_', '-')} is {now!r} but the run in {out!r} "
@@ -308,12 +330,15 @@ def _comparable(config: dict) -> dict:
     return config
 
 
-def first_difference(old: dict, new: dict, prefix: str = ""):
-    """(key, old value, new value) of the first differing common key; flags before nested."""
+def first_difference(old: dict, new: dict, prefix: str = "", skip=frozenset()):
+    """(key, old value, new value) of the first differing common key; flags before nested;
+    dotted keys in `skip` (e.g. "plan.replicas") are not compared."""
     for key in sorted(old.keys() & new.keys(), key=lambda k: (isinstance(old[k], dict), k)):
         a, b = old[key], new[key]
+        if f"{prefix}{key}" in skip:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
-            diff = first_difference(a, b, f"{prefix}{key}.")
+            diff = first_difference(a, b, f"{prefix}{key}.", skip)
             if diff:
                 return diff
         elif a != b:
