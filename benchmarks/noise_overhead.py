@@ -117,7 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=10, help="untimed steps first (compilation)")
     p.add_argument("--noise-every", type=int, default=1,
                    help="one replica: split-batch measurement every N steps (default 1: every "
-                        "step, as the Trainer does; round 1 used 8)")
+                        "step, as the Trainer does; its first version used 8)")
     p.add_argument("--out", default="noise_overhead.json", help="JSON output file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)

@@ -365,9 +365,10 @@ def baseline_of(variant: str) -> str:
 
 
 # The share of the all-reduce engine's time (copies, reduction) hidden behind the wire in the
-# "engine" form of the model: 1/2, picked from the session-4 points at 1 Gbit/s (between none
-# hidden, -6..-9% off for float32, and all hidden, -19% and -26% off for MWMS and fp16) and then
-# checked on a link it was not picked on (3 Gbit/s, session 5; docs/scaling.md).
+# "engine" form of the model: 1/2, picked from the 1 Gbit/s points of results/scale_out/
+# 2026-11-26_1gbit_unlimited_after_loop_fixes (between none hidden, -6..-9% off for float32, and
+# all hidden, -19% and -26% off for MWMS and fp16) and then checked on a link it was not picked
+# on (3 Gbit/s, results/scale_out/2026-11-27_3gbit_unlimited_one_group; docs/scaling.md).
 ENGINE_HIDDEN = 0.5
 
 
@@ -381,7 +382,7 @@ def predicted_efficiency(t_compute: float, grad_bytes: float, bandwidth: float, 
     core) the all-reduce is a two-stage pipeline, wire and engine: the slower stage sets the
     pace and the share `engine_hidden` of the faster one hides behind it:
     t_comm = max(wire, engine time) + (1 - engine_hidden) x min(wire, engine time). On a link
-    slower than the engine this is wire + (1 - engine_hidden) x engine time (session 5's
+    slower than the engine this is wire + (1 - engine_hidden) x engine time (the earlier
     "engine" form); on a faster link the engine is the bottleneck and the wire half-hidden."""
     share = 2 * (n - 1) / n * grad_bytes if n > 1 else 0.0
     t_comm = (1 - overlap) * share / bandwidth
@@ -495,7 +496,7 @@ def timeline_overlap(path: str) -> dict:
     ran while backprop was still computing: that is the overlap. An upper bound of it: a
     request is seen (NEGOTIATE begins) only when the background thread runs its next cycle, so
     a gradient that is ready while an earlier all-reduce is still running counts as produced
-    when that all-reduce ends (session 6: with one all-reduce per tensor the step's last
+    when that all-reduce ends (2026-11-27: with one all-reduce per tensor the step's last
     gradients are seen ~150 ms after the first all-reduce started, but backprop after it
     computes for only ~15-20 ms)."""
     text = open(path).read().rstrip().rstrip(",")

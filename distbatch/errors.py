@@ -9,6 +9,7 @@ A disk that is full, read-only or not ours to write (ENOSPC, EROFS, EACCES,
 ...) is not the user's input and not out of memory: the CLI prints one
 ``distbatch: error: I/O error: ...`` line and exits with :data:`EXIT_IO`.
 """
+import contextlib
 import errno
 import os
 import re
@@ -25,8 +26,9 @@ class ParameterError(UsageError):
 
     ``template`` writes each parameter of ``params`` as ``{name}``; the message is the
     template with the names, and :meth:`for_flags` gives the same error as the CLI shows
-    it, with the flags instead ("--base-lr must be > 0, got -1"). So the library
-    validates once and never needs to know its flag names.
+    it, each parameter written as the CLI's flag instead (two dashes, then the name with
+    dashes for underscores, unless `flags` says otherwise). So the library validates once and
+    never needs to know its flag names.
     """
 
     def __init__(self, template: str, *params: str):
@@ -40,9 +42,35 @@ class ParameterError(UsageError):
         return message
 
     def for_flags(self, flags: dict | None = None) -> UsageError:
-        """This error with each parameter written as ``flags[name]`` or ``--name-with-dashes``."""
-        return UsageError(self._render({p: (flags or {}).get(p, "--" + p.replace("_", "-"))
-                                        for p in self.params}))
+        """This error with each parameter written as ``flags[name]`` or as its default flag."""
+        return UsageError(self._render({p: flag_name(p, flags) for p in self.params}))
+
+
+def flag_name(param: str, flags: dict | None = None) -> str:
+    """The CLI's flag for `param`: ``flags[param]``, else two dashes and the name with dashes."""
+    return (flags or {}).get(param, "--" + param.replace("_", "-"))
+
+
+# How a message that is not a ParameterError (a progress line, a ClusterSetupError, the
+# preemption notice) writes a parameter: as its name, unless the front door the user came
+# through names parameters otherwise. The CLI runs each command inside flag_names(...).
+_FLAG_NAMES: dict | None = None
+
+
+@contextlib.contextmanager
+def flag_names(flags: dict | None):
+    """Within this block param_name() writes parameters as the CLI's flags (see flag_name)."""
+    global _FLAG_NAMES
+    saved, _FLAG_NAMES = _FLAG_NAMES, dict(flags or {})
+    try:
+        yield
+    finally:
+        _FLAG_NAMES = saved
+
+
+def param_name(param: str) -> str:
+    """`param` as the user knows it: the parameter's name, or its flag under the CLI."""
+    return param if _FLAG_NAMES is None else flag_name(param, _FLAG_NAMES)
 
 
 class ClusterSetupError(RuntimeError):
@@ -91,7 +119,8 @@ def peer_failure_message(exc: BaseException) -> str | None:
             kept.append(line)
     detail = " ".join(" ".join(kept).split()) or name
     return (f"a collective operation failed, most likely because another worker died or was "
-            f"stopped ({name}: {detail[:240]}); rerun with --resume to continue from the last checkpoint")
+            f"stopped ({name}: {detail[:240]}); rerun with {param_name('resume')} to continue from "
+            "the last checkpoint")
 
 
 # A write (or read) the file system refused. TensorFlow wraps these in its own errors
@@ -123,4 +152,4 @@ def io_failure_message(exc: BaseException) -> str | None:
 
 def _io_line(what: str, where: str) -> str:
     return (f"I/O error: {what}{where}; free space or fix the file system's permissions, then "
-            "rerun (--resume continues from the last checkpoint)")
+            f"rerun ({param_name('resume')} continues from the last checkpoint)")

@@ -21,7 +21,7 @@ def check_output_layer(features: int | None, num_classes: int, memory: int | Non
     """ParameterError unless a (features + 1) x num_classes float32 output layer, times
     OUTPUT_LAYER_COPIES, fits in this machine's memory (`memory` bytes; default: its RAM).
 
-    Without it an impossible class count (--num-classes 50000001, or a label that large) ends
+    Without it an impossible class count (num_classes 50000001, or a label that large) ends
     in TensorFlow's ResourceExhaustedError traceback while the model is built. The limit is
     the RAM: a GPU holds less, so this refuses only what cannot work anywhere on the machine."""
     from distbatch.data.datasets import physical_memory
@@ -80,7 +80,8 @@ def resnet(keras, input_shape, num_classes, blocks_per_stage: int = 3):
     al. 2017, sec. 5.1), so each block starts as the identity.
     """
     if len(input_shape) != 3:
-        raise UsageError(f"--model resnet needs image inputs (H, W, C), got input shape {tuple(input_shape)}")
+        raise ParameterError(f"{{model}} resnet needs image inputs (H, W, C), got input shape "
+                             f"{tuple(input_shape)}", "model")
     L = keras.layers
     inputs = keras.Input(input_shape)
     x = L.Conv2D(16, 3, padding="same", use_bias=False)(inputs)
@@ -104,20 +105,22 @@ APPLICATION_MIN_SIZE = 32
 
 
 def check_model(name: str, input_shape: Sequence[int]) -> None:
-    """UsageError unless the named model can take inputs of `input_shape` (checked before building)."""
+    """UsageError unless the named model can take inputs of `input_shape` (checked before building;
+    a ParameterError naming `model` when the model does not fit the inputs)."""
     shape = tuple(int(d) for d in input_shape)
     if name not in MODELS:
         raise UsageError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
     if name == "convnet" and not 1 <= len(shape) <= 3:
-        raise UsageError(f"--model convnet takes sequences (L,), (L, C) or images (H, W, C), "
-                         f"got input shape {shape}")
+        raise ParameterError(f"{{model}} convnet takes sequences (L,), (L, C) or images (H, W, C), "
+                             f"got input shape {shape}", "model")
     if name == "resnet" or name in APPLICATIONS:
         if len(shape) != 3:
-            raise UsageError(f"--model {name} needs image inputs (H, W, C), got input shape {shape}")
+            raise ParameterError(f"{{model}} {name} needs image inputs (H, W, C), got input shape "
+                                 f"{shape}", "model")
     if name in APPLICATIONS and min(shape[:2]) < APPLICATION_MIN_SIZE:
-        raise UsageError(f"--model {name} needs images of at least {APPLICATION_MIN_SIZE}x"
-                         f"{APPLICATION_MIN_SIZE}, got input shape {shape}; use --model convnet "
-                         "or resnet for small images")
+        raise ParameterError(f"{{model}} {name} needs images of at least {APPLICATION_MIN_SIZE}x"
+                             f"{APPLICATION_MIN_SIZE}, got input shape {shape}; use {{model}} convnet "
+                             "or resnet for small images", "model")
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int):
@@ -135,7 +138,8 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int):
         return resnet(keras, input_shape, num_classes)
     if name in APPLICATIONS:
         if len(input_shape) != 3:
-            raise UsageError(f"--model {name} needs image inputs (H, W, C), got {input_shape}")
+            raise ParameterError(f"{{model}} {name} needs image inputs (H, W, C), got {input_shape}",
+                                 "model")
         app = getattr(keras.applications, name)
         base = app(weights=None, include_top=False, input_shape=input_shape, pooling="avg")
         return keras.Model(base.input, _logits(keras, base.output, num_classes), name=name)

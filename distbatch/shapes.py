@@ -11,7 +11,7 @@ def parse_shape(value: str | Sequence[int], name: str = "input_shape") -> tuple[
     """'32x32x3', '32,32,3' (the two spellings the commands used to take separately),
     '40' or a sequence of ints -> (32, 32, 3); every dimension an integer >= 1.
 
-    Errors name ``name`` (a ParameterError, so the CLI shows the flag: --input-shape).
+    Errors name ``name`` (a ParameterError, so the CLI shows its flag for ``input_shape``).
     """
     if isinstance(value, str):
         parts = re.split(r"[x,]", value.strip().lower())

@@ -54,9 +54,9 @@ def test_bucket_partition_sizes_are_about_the_cap():
 
 # -- validation --------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw,message", [
-    ({"bucket_mb": -1.0}, "--bucket-mb must be a number >= 0 (0 = one all-reduce) or 'auto', got -1.0"),
-    ({"bucket_mb": "big"}, "--bucket-mb must be a number >= 0 (0 = one all-reduce) or 'auto', got 'big'"),
-    ({"grad_compression": "int8"}, "--grad-compression must be one of none, fp16, bf16, got 'int8'"),
+    ({"bucket_mb": -1.0}, "bucket_mb must be a number >= 0 (0 = one all-reduce) or 'auto', got -1.0"),
+    ({"bucket_mb": "big"}, "bucket_mb must be a number >= 0 (0 = one all-reduce) or 'auto', got 'big'"),
+    ({"grad_compression": "int8"}, "grad_compression must be one of none, fp16, bf16, got 'int8'"),
 ])
 def test_step_comm_options_errors(kw, message):
     with pytest.raises(UsageError) as e:
@@ -73,10 +73,10 @@ def test_horovod_refuses_bf16():
 
 
 @pytest.mark.parametrize("kw,message", [
-    ({"implementation": "mpi"}, "--mwms-implementation must be one of auto, ring, nccl, got 'mpi'"),
-    ({"bytes_per_pack": -1}, "--bytes-per-pack must be a whole number >= 0"),
-    ({"bytes_per_pack": 1.5}, "--bytes-per-pack must be a whole number >= 0"),
-    ({"timeout_seconds": 0}, "--collective-timeout must be a finite number > 0 of seconds, got 0"),
+    ({"implementation": "mpi"}, "mwms_implementation must be one of auto, ring, nccl, got 'mpi'"),
+    ({"bytes_per_pack": -1}, "bytes_per_pack must be a whole number >= 0"),
+    ({"bytes_per_pack": 1.5}, "bytes_per_pack must be a whole number >= 0"),
+    ({"timeout_seconds": 0}, "collective_timeout must be a finite number > 0 of seconds, got 0"),
 ])
 def test_collective_options_errors(kw, message):
     from distbatch.backends.strategy import CollectiveOptions
@@ -87,7 +87,7 @@ def test_collective_options_errors(kw, message):
 
 def test_collective_options_only_for_multiworker():
     from distbatch.backends import CollectiveOptions, create_backend
-    with pytest.raises(UsageError, match="apply to --backend multiworker, not single"):
+    with pytest.raises(UsageError, match="apply to backend multiworker, not single"):
         create_backend("single", collective=CollectiveOptions(bytes_per_pack=1 << 20))
 
 

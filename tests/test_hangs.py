@@ -85,10 +85,10 @@ def test_cluster_timeout_from_flag_env_or_default():
 
 
 @pytest.mark.parametrize("flag, env, message", [
-    (0.0, {}, "--cluster-timeout must be a number of seconds > 0, got 0.0"),
-    (-1.0, {}, "--cluster-timeout must be a number of seconds > 0, got -1.0"),
-    (float("nan"), {}, "--cluster-timeout must be a number of seconds > 0, got nan"),
-    (float("inf"), {}, "--cluster-timeout must be a number of seconds > 0, got inf"),
+    (0.0, {}, "cluster_timeout must be a number of seconds > 0, got 0.0"),
+    (-1.0, {}, "cluster_timeout must be a number of seconds > 0, got -1.0"),
+    (float("nan"), {}, "cluster_timeout must be a number of seconds > 0, got nan"),
+    (float("inf"), {}, "cluster_timeout must be a number of seconds > 0, got inf"),
     (None, {"DISTBATCH_CLUSTER_TIMEOUT": "soon"},
      "$DISTBATCH_CLUSTER_TIMEOUT must be a number of seconds > 0, got 'soon'"),
 ])
@@ -135,7 +135,7 @@ def test_rendezvous_names_the_worker_that_never_came():
     assert time.monotonic() - t0 < 4
     assert str(e.value) == (
         f"cluster set-up timed out after 1 s: worker 1 at localhost:{p1} never came (nothing accepts "
-        "connections there); start every worker with the same TF_CONFIG cluster, or raise --cluster-timeout")
+        "connections there); start every worker with the same TF_CONFIG cluster, or raise cluster_timeout")
 
 
 def test_rendezvous_does_not_mistake_another_program_for_a_worker():
@@ -187,7 +187,7 @@ def test_rendezvous_says_what_it_waits_for():
     finally:
         cluster.WAITING_NOTICE_AFTER = old
     assert said == [f"distbatch: worker 0 waiting for worker 1 at localhost:{p1} "
-                    "(gives up after --cluster-timeout 1 s)"]
+                    "(gives up after cluster_timeout 1 s)"]
 
 
 # --------------------------------------------------------------------------- signals

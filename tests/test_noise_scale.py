@@ -373,7 +373,7 @@ def test_tracker_skips_non_finite_steps():
 
 @pytest.mark.parametrize("gb,splits,message", [
     (33, 2, "batch of 33 into 2 equal micro-batches; 33 is not divisible by 2 (global batch 33); "
-            "try --global-batch-size 32"),
+            "try global_batch_size 32"),
     (32, 1, "needs two batch sizes"),
 ])
 def test_train_step_rejects_unsplittable_batch(gb, splits, message):

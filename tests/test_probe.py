@@ -33,7 +33,7 @@ def test_exact_answer_37():
 @pytest.mark.parametrize("max_batch", [1, 7, 64, 100])
 def test_every_limit_gives_the_exact_answer(start, max_batch):
     if start > max_batch:
-        with pytest.raises(UsageError, match=r"--start-batch \d+ is larger than --max-batch"):
+        with pytest.raises(UsageError, match=r"start_batch \d+ is larger than max_batch"):
             find_max_batch(lambda b: True, start=start, max_batch=max_batch)
         return
     for limit in range(start, 130):
@@ -69,7 +69,7 @@ def test_oom_message_names_batch_and_remedies():
     assert "\n" not in msg
     assert "per-replica batch 128" in msg
     assert "global batch 512 = 128 per replica x 2 replicas x 2 accumulation steps" in msg
-    assert "--accumulation-steps 4 keeps global batch 512 at per-replica 64" in msg
+    assert "accumulation_steps 4 keeps global batch 512 at per-replica 64" in msg
     assert "more replicas" in msg and "probe-batch" in msg
 
 

@@ -9,7 +9,7 @@ from distbatch.backends.arrivals import resolve_timeout
 from distbatch.backends.base import Backend
 from distbatch.backends.horovod import launched_by_horovod_or_mpi
 from distbatch.backends.strategy import CollectiveOptions, slurm_task_count
-from distbatch.errors import UsageError
+from distbatch.errors import ParameterError, UsageError, param_name
 
 BACKENDS = ("auto", "single", "mirrored", "multiworker", "horovod")
 
@@ -34,7 +34,7 @@ def choose_backend(env: Mapping[str, str], num_gpus: int, cpu_replicas: int | No
     if slurm_task_count(env) > 1:
         return "multiworker", f"Slurm job with {slurm_task_count(env)} tasks"
     if cpu_replicas:
-        return "mirrored", f"--cpu-replicas {cpu_replicas}"
+        return "mirrored", f"{param_name('cpu_replicas')} {cpu_replicas}"
     if num_gpus > 1:
         return "mirrored", f"{num_gpus} local GPUs"
     return "single", f"{num_gpus} GPU(s), no launcher"
@@ -64,12 +64,14 @@ def create_backend(name: str = "auto", *, cpu_replicas: int | None = None,
         name, reason = choose_backend(env, len(tf.config.list_physical_devices("GPU")),
                                       cpu_replicas)
     if cpu_replicas is not None and name != "mirrored":
-        raise UsageError(f"--cpu-replicas {cpu_replicas} only applies to --backend mirrored, "
-                         f"not {name}")
+        raise ParameterError(f"{{cpu_replicas}} {cpu_replicas} only applies to {{backend}} mirrored, "
+                             f"not {name}", "cpu_replicas", "backend")
     if collective is not None and not collective.is_default and name != "multiworker":
-        raise UsageError(f"--mwms-implementation/--bytes-per-pack/--collective-timeout apply to "
-                         f"--backend multiworker, not {name} (Horovod: `distbatch launch horovod "
-                         f"--fusion-threshold-mb/--cycle-time-ms`)")
+        raise ParameterError(f"{{mwms_implementation}}/{{bytes_per_pack}}/{{collective_timeout}} apply "
+                             f"to {{backend}} multiworker, not {name} (Horovod: `distbatch launch "
+                             f"horovod {{fusion_threshold_mb}}/{{cycle_time_ms}}`)",
+                             "mwms_implementation", "bytes_per_pack", "collective_timeout", "backend",
+                             "fusion_threshold_mb", "cycle_time_ms")
     if name == "single":
         from distbatch.backends.single import SingleBackend
         return SingleBackend(), reason

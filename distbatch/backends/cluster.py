@@ -26,7 +26,7 @@ signal interrupts, on its own TF_CONFIG port:
    still be waiting to reach a closed port: done on one worker implies done
    on all of them.
 
-If that does not happen within ``timeout`` seconds (``--cluster-timeout``,
+If that does not happen within ``timeout`` seconds (``cluster_timeout``,
 ``$DISTBATCH_CLUSTER_TIMEOUT``, default 120), the worker stops with one line
 naming each worker address that never came, before TensorFlow is involved.
 """
@@ -47,7 +47,7 @@ import threading
 import time
 from typing import Callable, Mapping, Sequence
 
-from distbatch.errors import ClusterSetupError, UsageError
+from distbatch.errors import ClusterSetupError, ParameterError, UsageError, param_name
 
 DEFAULT_CLUSTER_TIMEOUT = 120.0
 TIMEOUT_ENV = "DISTBATCH_CLUSTER_TIMEOUT"
@@ -57,22 +57,24 @@ MIN_SECRET_CHARS = 16
 WAITING_NOTICE_AFTER = 5.0  # seconds of waiting before saying what we wait for
 
 
-def check_timeout(value, where: str) -> float:
-    """A positive, finite number of seconds; UsageError naming ``where`` otherwise."""
+def check_timeout(value, where: str, *params: str) -> float:
+    """A positive, finite number of seconds; UsageError naming ``where`` otherwise (a
+    ParameterError when ``where`` writes parameters `params` as ``{name}``)."""
     try:
         seconds = float(value)
     except (TypeError, ValueError):
         seconds = math.nan
     if not (math.isfinite(seconds) and seconds > 0):
-        raise UsageError(f"{where} must be a number of seconds > 0, got {value!r}")
+        message = f"{where} must be a number of seconds > 0, got {value!r}"
+        raise ParameterError(message, *params) if params else UsageError(message)
     return seconds
 
 
 def resolve_cluster_timeout(flag: float | None, env: Mapping[str, str] | None = None) -> float:
-    """--cluster-timeout if given, else $DISTBATCH_CLUSTER_TIMEOUT, else 120 s."""
+    """cluster_timeout (`flag`) if given, else $DISTBATCH_CLUSTER_TIMEOUT, else 120 s."""
     env = os.environ if env is None else env
     if flag is not None:
-        return check_timeout(flag, "--cluster-timeout")
+        return check_timeout(flag, "{cluster_timeout}", "cluster_timeout")
     if env.get(TIMEOUT_ENV):
         return check_timeout(env[TIMEOUT_ENV], f"${TIMEOUT_ENV}")
     return DEFAULT_CLUSTER_TIMEOUT
@@ -85,7 +87,7 @@ def check_tf_config_entries(workers: Sequence[str], task: Mapping) -> None:
     * a task index that is not a JSON integer ("0" would be reported as out of range);
     * one worker named twice in spellings that differ (host names ignore case, as DNS does;
       "[::1]" and "[0::1]" are one address): both workers would bind the same port, and the
-      job would wait out --cluster-timeout instead of failing at once.
+      job would wait out the cluster timeout instead of failing at once.
     """
     index = task.get("index")
     # JSON true/false stays with the range check below it (tests/test_hangs.py pins that line).
@@ -402,7 +404,7 @@ def rendezvous(workers: Sequence[str], index: int, timeout: float, *,
                 noticed = True
                 say(f"distbatch: worker {index} waiting for "
                     + ", ".join(f"worker {j} at {workers[j]}" for j in missing)
-                    + f" (gives up after --cluster-timeout {timeout:g} s)")
+                    + f" (gives up after {param_name('cluster_timeout')} {timeout:g} s)")
             time.sleep(poll)
     finally:
         listener.stop.set()
@@ -421,4 +423,5 @@ def timeout_message(workers: Sequence[str], index: int, missing: Sequence[int], 
         else:
             parts.append(f"worker {j} at {workers[j]} never came ({why.get(j, 'no answer')})")
     return (f"cluster set-up timed out after {timeout:g} s: " + "; ".join(parts)
-            + "; start every worker with the same TF_CONFIG cluster, or raise --cluster-timeout")
+            + f"; start every worker with the same TF_CONFIG cluster, or raise "
+            f"{param_name('cluster_timeout')}")

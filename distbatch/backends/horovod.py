@@ -23,7 +23,7 @@ from typing import Mapping
 from distbatch.backends import model_check
 from distbatch.backends.arrivals import Arrivals, resolve_timeout
 from distbatch.backends.base import PER_TENSOR_BUCKET_MB, Backend
-from distbatch.errors import UsageError
+from distbatch.errors import ParameterError, UsageError
 
 # Variables that horovodrun (Gloo) or an MPI launcher set in every worker.
 LAUNCHER_MARKERS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
@@ -73,12 +73,12 @@ class HorovodBackend(Backend):
     # Horovod 0.28.1's TensorFlow all-reduce takes uint8/int8/int32/int64/float16/32/64:
     # no bfloat16.
     grad_compressions = ("none", "fp16")
-    # --bucket-mb auto: one all-reduce per gradient tensor, as Horovod's DistributedGradientTape
+    # bucket_mb "auto": one all-reduce per gradient tensor, as Horovod's DistributedGradientTape
     # issues them. Each is enqueued the moment backprop produces it; the background thread
     # fuses what is ready in one cycle and reduces the last layers' gradients while the earlier
     # ones are still being computed or queued. Measured against one grouped all-reduce (2
     # workers, mlp-wide, 6 repeats): +5% at 1 Gbit/s, +7% at 3 Gbit/s, +3% on an unlimited
-    # link (docs/scaling.md, session 6).
+    # link (docs/scaling.md; benchmarks/results/scale_out/2026-11-27_per_tensor_allreduce).
     auto_bucket_mb = PER_TENSOR_BUCKET_MB
 
     def __init__(self, env: Mapping[str, str] | None = None, *,
@@ -88,12 +88,12 @@ class HorovodBackend(Backend):
         try:
             import horovod.tensorflow as hvd
         except ImportError as e:
-            raise UsageError(f"--backend horovod: Horovod is not installed ({e}); "
-                             "run `bash scripts/bootstrap.sh setup`")
+            raise ParameterError(f"{{backend}} horovod: Horovod is not installed ({e}); "
+                                 "run `bash scripts/bootstrap.sh setup`", "backend")
         if not launched_by_horovod_or_mpi(env):
-            raise UsageError("--backend horovod: not launched by horovodrun or mpirun "
-                             "(no HOROVOD_RANK/OMPI_COMM_WORLD_RANK in the environment); use "
-                             "`distbatch launch horovod -np N -- distbatch train ...`")
+            raise ParameterError("{backend} horovod: not launched by horovodrun or mpirun "
+                                 "(no HOROVOD_RANK/OMPI_COMM_WORLD_RANK in the environment); use "
+                                 "`distbatch launch horovod -np N -- distbatch train ...`", "backend")
         import tensorflow as tf
         hvd.init()
         self.hvd = hvd

@@ -162,7 +162,7 @@ class MirroredBackend(StrategyBackend):
         import tensorflow as tf
         if cpu_replicas is not None:
             if cpu_replicas < 1:
-                raise UsageError(f"--cpu-replicas must be >= 1, got {cpu_replicas}")
+                raise ParameterError(f"{{cpu_replicas}} must be >= 1, got {cpu_replicas}", "cpu_replicas")
             devices = logical_cpu_devices(cpu_replicas)
             strategy = tf.distribute.MirroredStrategy(
                 devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
@@ -201,8 +201,8 @@ def parse_tf_config(raw: str | None) -> dict:
     address, and "worker") are accepted; every address must be host:port.
     """
     if not raw:
-        raise UsageError("--backend multiworker needs TF_CONFIG (or a Slurm job with several tasks); "
-                         "TF_CONFIG is not set")
+        raise ParameterError("{backend} multiworker needs TF_CONFIG (or a Slurm job with several "
+                             "tasks); TF_CONFIG is not set", "backend")
     try:
         cfg = json.loads(raw)
     except (json.JSONDecodeError, RecursionError) as e:
@@ -263,6 +263,8 @@ class CollectiveOptions:
     implementation: auto (TF picks), ring (gRPC ring, CPU and GPU) or nccl (GPUs);
     bytes_per_pack: 0 lets TF choose (one pack), else collectives of about this size;
     timeout_seconds: a collective that takes longer fails instead of hanging (None: never).
+    Errors name them as a run's parameters: mwms_implementation, bytes_per_pack and
+    collective_timeout (TrainConfig's fields).
     """
     implementation: str = "auto"
     bytes_per_pack: int = 0
@@ -270,15 +272,16 @@ class CollectiveOptions:
 
     def __post_init__(self) -> None:
         if self.implementation not in MWMS_IMPLEMENTATIONS:
-            raise UsageError(f"--mwms-implementation must be one of {', '.join(MWMS_IMPLEMENTATIONS)}, "
-                             f"got {self.implementation!r}")
+            raise ParameterError(f"{{mwms_implementation}} must be one of "
+                                 f"{', '.join(MWMS_IMPLEMENTATIONS)}, got {self.implementation!r}",
+                                 "mwms_implementation")
         if isinstance(self.bytes_per_pack, bool) or not isinstance(self.bytes_per_pack, int) \
                 or self.bytes_per_pack < 0:
-            raise UsageError(f"--bytes-per-pack must be a whole number >= 0 (0 = TensorFlow's "
-                             f"choice), got {self.bytes_per_pack!r}")
+            raise ParameterError(f"{{bytes_per_pack}} must be a whole number >= 0 (0 = TensorFlow's "
+                                 f"choice), got {self.bytes_per_pack!r}", "bytes_per_pack")
         if self.timeout_seconds is not None and not 0 < self.timeout_seconds < float("inf"):
-            raise UsageError(f"--collective-timeout must be a finite number > 0 of seconds, "
-                             f"got {self.timeout_seconds}")
+            raise ParameterError(f"{{collective_timeout}} must be a finite number > 0 of seconds, "
+                                 f"got {self.timeout_seconds}", "collective_timeout")
 
     @property
     def is_default(self) -> bool:

@@ -7,7 +7,8 @@ import os
 import sys
 
 from distbatch import __version__
-from distbatch.errors import ClusterSetupError, ParameterError, RanksDriftedError, UsageError
+from distbatch.errors import ClusterSetupError, ParameterError, RanksDriftedError, UsageError, flag_names
+from distbatch.recipes.recipe import FLAG_NAMES
 from distbatch.training.preemption import EXIT_PREEMPTED, Preempted
 
 QUIET_ENV = {
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run one `distbatch` command; returns its exit status (see docs/reliability.md)."""
     code, stop_now = 1, False  # an uncaught exception ends the process with status 1
     try:
-        code, stop_now = _run(list(sys.argv[1:] if argv is None else argv))
+        with flag_names(FLAG_NAMES):  # messages name the flags the library calls parameters
+            code, stop_now = _run(list(sys.argv[1:] if argv is None else argv))
         return code
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         code = e.code if isinstance(e.code, int) else 1
@@ -136,7 +138,6 @@ def _run(argv: list[str]) -> tuple[int, bool]:
         code = handler(args)
     except UsageError as e:
         if isinstance(e, ParameterError):  # the library names its parameter; the user gave a flag
-            from distbatch.recipes.recipe import FLAG_NAMES
             e = e.for_flags(FLAG_NAMES)
         print(f"distbatch: error: {e}", file=sys.stderr)
         return 2, False

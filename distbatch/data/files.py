@@ -51,18 +51,19 @@ from __future__ import annotations
 import glob
 import math
 import os
-import re
-import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from distbatch.data.tfrecord_io import (  # noqa: F401 (unreadable, tf_reason: importable from here)
+    LABEL_SAMPLE, count_tfrecord_frames, first_record, is_tfrecord_reader, tf_reason, unreadable)
 from distbatch.errors import UsageError, require
+
+_is_tfrecord_reader = is_tfrecord_reader  # the name tests import
 
 DEFAULT_CYCLE_LENGTH = 4
 EVAL_MIN_BATCH = 256           # per-replica validation batch, as in training/pipeline.py
-LABEL_SAMPLE = 10_000          # records read to infer num_classes in tfrecord_source
 _FILES_OPTIONS = {"shuffle_buffer", "shuffle_files", "compression", "num_parallel_reads",
                   "cycle_length"}
 _P = 2147483647                # 2**31 - 1: the hold-out hash works modulo this prime
@@ -203,8 +204,8 @@ class FileSource:
         return self._counts
 
     def _count_records(self, path: str) -> int:
-        if _is_tfrecord_reader(self.reader) and self.compression is None and "://" not in path:
-            return _count_tfrecord_frames(path)
+        if is_tfrecord_reader(self.reader) and self.compression is None and "://" not in path:
+            return count_tfrecord_frames(path)
         import tensorflow as tf
         try:
             return int(self._read_file(tf, tf.constant(path)).reduce(np.int64(0), lambda c, _: c + 1))
@@ -213,7 +214,7 @@ class FileSource:
 
     def sample_digest(self, files: int = 8, records: int = 8) -> str:
         """SHA-256 (16 hex digits) of the first `records` records of up to `files` files spread
-        evenly over the sorted list: a fixed sample that --resume compares (distbatch.data.
+        evenly over the sorted list: a fixed sample that a resumed run compares (distbatch.data.
         datasets.fingerprint). Reads those records only, never the whole files."""
         import hashlib
 
@@ -359,33 +360,11 @@ def _check_layout(plan, W: int, L: int, w: int) -> None:
     require(0 <= w < W, f"worker_index must be in [0, {W}), got {w}")
 
 
-def _is_tfrecord_reader(reader) -> bool:
-    """True for the default reader, also when passed explicitly as tf.data.TFRecordDataset."""
-    return reader is None or (getattr(reader, "__module__", "").startswith("tensorflow.")
-                              and getattr(reader, "__name__", "").startswith("TFRecordDataset"))
-
-
 def _file_size(path: str) -> int:
     if "://" in path:
         import tensorflow as tf
         return int(tf.io.gfile.stat(path).length)
     return os.path.getsize(path)
-
-
-def _count_tfrecord_frames(path: str) -> int:
-    """Records in an uncompressed TFRecord file: walk the 8-byte length headers, seek over
-    the data (length, length CRC, data, data CRC); a frame past the end is an error."""
-    size, offset, count = os.path.getsize(path), 0, 0
-    with open(path, "rb") as f:
-        while offset < size:
-            header = f.read(12)
-            end = offset + 12 + (struct.unpack("<Q", header[:8])[0] if len(header) == 12 else size) + 4
-            if end > size:
-                raise UsageError(f"TFRecord file {path!r} is truncated or corrupt: record {count + 1} "
-                                 f"at byte {offset} runs past the end of the file ({size} bytes)")
-            count += 1
-            offset = f.seek(end)
-    return count
 
 
 # ------------------------------------------------------- the CLI's TFRecord format
@@ -415,7 +394,7 @@ def tfrecord_source(pattern: str | Sequence[str], *, x_key: str = "x", y_key: st
     train_files = list_files(pattern)
     compression = options.get("compression")
     label = str(pattern)
-    first = _first_record(tf, train_files, compression, label)
+    first = first_record(tf, train_files, compression, label)
     parsed = tf.io.parse_single_example(first, {x_key: tf.io.VarLenFeature(tf.float32),
                                                 y_key: tf.io.VarLenFeature(tf.int64),
                                                 "shape": tf.io.VarLenFeature(tf.int64)})
@@ -453,55 +432,6 @@ def tfrecord_source(pattern: str | Sequence[str], *, x_key: str = "x", y_key: st
     require(isinstance(num_classes, (int, np.integer)) and not isinstance(num_classes, bool)
             and num_classes >= 2, f"num_classes must be an integer >= 2, got {num_classes!r}")
     return train, val, input_shape, int(num_classes)
-
-
-def _first_record(tf, paths: list[str], compression: str | None, label: str):
-    try:
-        for record in tf.data.TFRecordDataset(paths, compression_type=compression).take(1):
-            return record
-    except Exception as exc:  # DataLossError (corrupt or compressed), ...
-        raise unreadable(exc, paths, label, compression, records=1) from None
-    raise UsageError(f"TFRecords {label!r} contain no records")
-
-
-def unreadable(exc: Exception, paths: Sequence[str], label: str, compression: str | None = None,
-               *, records: int | None = LABEL_SAMPLE) -> UsageError:
-    """One line naming the FILE, for a read of the first `records` records (None: all) of
-    the TFRecord files `paths`, in that order, that failed with `exc`.
-
-    TensorFlow's error names no file ("{{function_node __wrapped__IteratorGetNext...}}
-    truncated record at 30900' failed with Read less bytes than requested"), so the files
-    are read again one by one, up to the records the failed read covered.
-    """
-    import tensorflow as tf
-    left = -1 if records is None else records + 1  # take(-1): all of them
-    for path in paths:
-        ds = tf.data.TFRecordDataset(path, compression_type=compression).take(left)
-        try:
-            read = int(ds.reduce(np.int64(0), lambda c, _: c + 1))
-        except Exception as bad:  # noqa: BLE001 - any failure to read this file is the answer
-            return _unreadable_file(path, bad, compression)
-        if records is not None:
-            left -= read
-            if left <= 0:
-                break
-    return UsageError(f"cannot read TFRecords {label!r} ({type(exc).__name__}: {tf_reason(exc)})")
-
-
-def _unreadable_file(path: str, exc: Exception, compression: str | None) -> UsageError:
-    reason = tf_reason(exc)
-    if "truncated" in reason and compression is None and "://" not in path:
-        _count_tfrecord_frames(path)  # raises "... is truncated or corrupt: record N at byte B ..."
-    return UsageError(f"cannot read TFRecords {path!r} ({type(exc).__name__}: {reason})")
-
-
-def tf_reason(exc: BaseException) -> str:
-    """TensorFlow's own words from an op error, without its {{function_node ...}} prefix and
-    [Op:...] suffix."""
-    text = str(getattr(exc, "message", None) or exc)
-    text = re.sub(r"\{\{[^}]*\}\}", "", text)
-    text = re.sub(r"\s*\[Op:[^\]]*\].*$", "", text, flags=re.S)
-    return " ".join(text.split())[:160]
 
 
 def _shape(shape, label: str) -> tuple[int, ...]:

@@ -4,10 +4,10 @@ distbatch/cli/bench.py).
 Like Horovod's synthetic benchmark (tensorflow2_synthetic_benchmark.py), but
 measured honestly:
 
-- Each timed iteration is --steps-per-iter steps of the REAL distbatch step
+- Each timed iteration is ``steps_per_iter`` steps of the REAL distbatch step
   (distbatch.training.step.make_train_step, forward + backward + all-reduce + update) on
   fixed random inputs of the model's shape, ended by fetching a result (so the
-  device work is finished). One compiling step and --warmup-iters warm-up
+  device work is finished). One compiling step and ``warmup_iters`` warm-up
   iterations run first and are not timed.
 - The AGGREGATE rate is measured across all replicas:
 
@@ -23,11 +23,11 @@ measured honestly:
 
       efficiency(N) = throughput(N) / ((N / n0) * throughput(n0)),   n0 = 1 usually
 
-  `--cpu-replicas-list 1,2` runs one subprocess per replica count (TensorFlow
-  fixes the logical devices once per process); `--baseline FILE` takes the JSON
-  of an earlier 1-replica bench for a horovod/multiworker run.
+  A list of replica counts (``cpu_replicas_list`` "1,2") runs one subprocess per
+  count (TensorFlow fixes the logical devices once per process); a ``baseline``
+  file takes the JSON of an earlier 1-replica bench for a horovod/multiworker run.
 
-Logical CPU replicas (--cpu-replicas) split the SAME cores: they exercise the
+Logical CPU replicas (``cpu_replicas``) split the SAME cores: they exercise the
 distributed code paths, they do not add compute, so their efficiency on a CPU
 says nothing about GPU scaling.
 """
@@ -41,7 +41,7 @@ import sys
 import time
 from typing import Sequence
 
-from distbatch.errors import ParameterError, UsageError, require
+from distbatch.errors import ParameterError, require, require_param
 from distbatch.shapes import parse_shape
 
 SCHEMA = "distbatch.bench/1"
@@ -65,9 +65,13 @@ def parse_replica_list(text: str) -> list[int]:
     try:
         counts = [int(p) for p in str(text).split(",") if p.strip()]
     except ValueError:
-        raise UsageError(f"--cpu-replicas-list must be comma-separated integers, got {text!r}") from None
-    require(bool(counts), f"--cpu-replicas-list must name at least one count, got {text!r}")
-    require(all(c >= 1 for c in counts), f"--cpu-replicas-list counts must be >= 1, got {text!r}")
+        counts = None
+    problem = ("must be comma-separated integers" if counts is None else
+               "must name at least one count" if not counts else
+               "counts must be >= 1" if not all(c >= 1 for c in counts) else None)
+    if problem:  # the flag's own text, parsed here for the CLI only (as parse_input_shape)
+        raise ParameterError(f"{{cpu_replicas_list}} {problem}, got {text!r}",
+                             "cpu_replicas_list").for_flags()
     return sorted(set(counts))
 
 
@@ -123,39 +127,50 @@ def format_table(rows: Sequence[dict]) -> str:
 def resolve_batch(per_replica: int | None, global_batch: int | None, replicas: int) -> tuple[int, int]:
     """(per_replica_batch, global_batch) from whichever one the user gave (default per-replica 64)."""
     if per_replica is not None and global_batch is not None:
-        raise UsageError(f"give --per-replica-batch-size ({per_replica}) or --global-batch-size "
-                         f"({global_batch}), not both")
+        raise ParameterError(f"give {{per_replica_batch_size}} ({per_replica}) or "
+                             f"{{global_batch_size}} ({global_batch}), not both",
+                             "per_replica_batch_size", "global_batch_size")
     if global_batch is not None:
-        require(global_batch >= 1, f"--global-batch-size must be >= 1, got {global_batch}")
-        if global_batch % replicas:
-            raise UsageError(f"--global-batch-size {global_batch} is not divisible by the "
-                             f"{replicas} replicas")
+        require_param(global_batch >= 1, f"{{global_batch_size}} must be >= 1, got {global_batch}",
+                      "global_batch_size")
+        require_param(global_batch % replicas == 0, f"{{global_batch_size}} {global_batch} is not "
+                      f"divisible by the {replicas} replicas", "global_batch_size")
         return global_batch // replicas, global_batch
     b = DEFAULT_PER_REPLICA_BATCH if per_replica is None else per_replica
-    require(b >= 1, f"--per-replica-batch-size must be >= 1, got {b}")
+    require_param(b >= 1, f"{{per_replica_batch_size}} must be >= 1, got {b}", "per_replica_batch_size")
     return b, b * replicas
 
 
 def load_baseline(path: str) -> dict:
-    """A bench JSON written by `distbatch bench --json` (single run, not a scaling table)."""
+    """A bench JSON written by `distbatch bench` (its ``json`` file; a single run, not a scaling
+    table). Errors name the flag ``baseline`` (the CLI's only; see _baseline_error)."""
     try:
         with open(path, "rb") as f:  # decoded whole, so an error's offset is the file's
             data = json.loads(f.read().decode("utf-8"))
     except OSError as e:
-        raise UsageError(f"--baseline {path!r}: cannot read it ({e.strerror})") from None
+        raise _baseline_error(f"{{baseline}} {path!r}: cannot read it ({e.strerror})", "baseline") from None
     except json.JSONDecodeError as e:
-        raise UsageError(f"--baseline {path!r} is not JSON ({e.msg} at char {e.pos})") from None
+        raise _baseline_error(f"{{baseline}} {path!r} is not JSON ({e.msg} at char {e.pos})",
+                              "baseline") from None
     except UnicodeDecodeError as e:  # a binary file (an .npz, a checkpoint) given by mistake
-        raise UsageError(f"--baseline {path!r} is not a text file (byte 0x{e.object[e.start]:02x} at "
-                         f"offset {e.start} is not UTF-8); expected the JSON that `distbatch bench "
-                         f"--json` writes") from None
+        raise _baseline_error(f"{{baseline}} {path!r} is not a text file (byte 0x{e.object[e.start]:02x} "
+                              f"at offset {e.start} is not UTF-8); expected the JSON that `distbatch "
+                              "bench {json}` writes", "baseline", "json") from None
     except RecursionError:
-        raise UsageError(f"--baseline {path!r} is not JSON (nested too deeply)") from None
+        raise _baseline_error(f"{{baseline}} {path!r} is not JSON (nested too deeply)", "baseline") from None
     ok = (isinstance(data, dict) and data.get("schema") == SCHEMA
           and isinstance(data.get("replicas"), int)
           and isinstance(data.get("samples_per_sec"), dict) and "mean" in data["samples_per_sec"])
-    require(ok, f"--baseline {path!r} is not a `distbatch bench --json` file of schema {SCHEMA}")
+    if not ok:
+        raise _baseline_error(f"{{baseline}} {path!r} is not a `distbatch bench {{json}}` file of "
+                              f"schema {SCHEMA}", "baseline", "json")
     return data
+
+
+def _baseline_error(template: str, *params: str):
+    """A baseline file is a flag of `distbatch bench` only: its errors are the CLI's lines (as
+    parse_input_shape's), also where cli/bench.py's handler is called without the CLI."""
+    return ParameterError(template, *params).for_flags()
 
 
 # Bytes per input value while the random batch is made: drawn as float64, kept as float32.
@@ -181,12 +196,15 @@ def check_baseline_matches(result: dict, baseline: dict) -> None:
     """Efficiency compares like with like: same model, input shape and per-replica batch."""
     for key in ("model", "input_shape", "num_classes", "per_replica_batch_size"):
         if result[key] != baseline[key]:
-            raise UsageError(f"--baseline was measured with {key} {baseline[key]!r}, this run "
-                             f"uses {result[key]!r}; efficiency needs the same workload")
+            raise ParameterError(f"{{baseline}} was measured with {key} {baseline[key]!r}, this "
+                                 f"run uses {result[key]!r}; efficiency needs the same workload",
+                                 "baseline")
 
 
 def replica_run_command(argv: Sequence[str], count: int, json_path: str) -> list[str]:
-    """The child command of --cpu-replicas-list: this bench at one logical-CPU replica count."""
+    """The child command of a list of replica counts (cpu_replicas_list): this bench at one
+    logical-CPU replica count. It builds the CLI's own argv, so it belongs with the CLI
+    (distbatch/cli/bench.py): the flags here wait for that move (tests/test_house.py, PENDING)."""
     return [sys.executable, "-m", "distbatch.cli", "bench", *argv, "--backend", "mirrored",
             "--cpu-replicas", str(count), "--json", json_path]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from distbatch.errors import UsageError, io_failure_message
+from distbatch.errors import UsageError, io_failure_message, param_name
 
 
 class OutOfMemory(UsageError):
@@ -34,7 +34,7 @@ def oom_message(plan) -> str:
     """The one-line advice after an out-of-memory step at `plan` (a BatchPlan)."""
     b, R, K, B = (plan.per_replica_batch_size, plan.replicas, plan.accumulation_steps,
                   plan.global_batch_size)
-    hint = (f"--accumulation-steps {2 * K} keeps global batch {B} at per-replica {b // 2}; "
+    hint = (f"{param_name('accumulation_steps')} {2 * K} keeps global batch {B} at per-replica {b // 2}; "
             if b >= 2 else "")
     return (f"out of memory at per-replica batch {b} (global batch {B} = {b} per replica x {R} "
             f"replicas x {K} accumulation steps); use a smaller per-replica batch: {hint}"

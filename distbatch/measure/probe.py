@@ -14,8 +14,8 @@ change what fits; it multiplies the global batch the answer allows):
 
 A trial "does not fit" when TensorFlow raises ResourceExhaustedError (device
 OOM) or Python raises MemoryError. On machines where real memory must not be
-exhausted (CPU test boxes), `--max-batch` caps the search and
-`--memory-limit-mb` SIMULATES a device: a trial whose estimated step memory
+exhausted (CPU test boxes), ``max_batch`` caps the search and
+``memory_limit_mb`` SIMULATES a device: a trial whose estimated step memory
 (`estimate_step_bytes`) exceeds the limit counts as out of memory without
 running.
 """
@@ -25,7 +25,7 @@ import gc
 import math
 from typing import Callable, Sequence
 
-from distbatch.errors import UsageError, require
+from distbatch.errors import ParameterError, UsageError, require_param
 from distbatch.measure.oom import OutOfMemory, is_out_of_memory, oom_message  # noqa: F401
 
 DEFAULT_MAX_BATCH = 4096
@@ -39,10 +39,11 @@ def find_max_batch(fits: Callable[[int], bool], start: int = 1,
     binary search between the last success and the first failure. Raises
     OutOfMemory if even `start` does not fit.
     """
-    for name, v in (("--start-batch", start), ("--max-batch", max_batch)):
+    for name, v in (("start_batch", start), ("max_batch", max_batch)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise UsageError(f"{name} must be an integer >= 1, got {v!r}")
-    require(start <= max_batch, f"--start-batch {start} is larger than --max-batch {max_batch}")
+            raise ParameterError(f"{{{name}}} must be an integer >= 1, got {v!r}", name)
+    require_param(start <= max_batch, f"{{start_batch}} {start} is larger than {{max_batch}} {max_batch}",
+                  "start_batch", "max_batch")
     if not fits(start):
         raise OutOfMemory(f"even per-replica batch {start} does not fit in memory; use a smaller "
                           f"model or input, mixed precision, or a device with more memory")
@@ -98,7 +99,7 @@ def estimate_step_bytes(model, per_replica_batch: int, *, optimizer_slots: int =
                                   kept for backward, plus their gradients)
 
     times `bytes_per_float`. It ignores workspace and framework overhead, so a
-    real device holds somewhat less; it is what `--memory-limit-mb` compares with.
+    real device holds somewhat less; it is what ``memory_limit_mb`` compares with.
     """
     P = int(model.count_params())
     A = activation_elements_per_example(model)

@@ -1,4 +1,4 @@
-"""Which checkpoint `--resume` continues from: the newest INTACT one.
+"""Which checkpoint a resumed run (``resume``) continues from: the newest INTACT one.
 
 TensorFlow's own choice (`tf.train.latest_checkpoint`) trusts the
 `checkpoint` index file: garbage there means "no checkpoint" (a silent
@@ -13,7 +13,7 @@ newest first, and one counts only if
   read back.
 
 Each damaged one is skipped with a one-line warning. If checkpoints exist
-but none is intact, resume is refused (UsageError) rather than silently
+but none is intact, resume is refused (ParameterError) rather than silently
 starting again. Choosing writes or deletes no file, so a refused or
 fallen-back resume never prunes an older checkpoint.
 
@@ -29,7 +29,7 @@ import shutil
 import sys
 import tempfile
 
-from distbatch.errors import UsageError
+from distbatch.errors import ParameterError
 
 _CKPT = re.compile(r"^ckpt-(\d+)\.index$")
 _TEMP = re.compile(r"^distbatch-ckpt-w\d+-p(\d+)-")
@@ -81,7 +81,7 @@ def newest_intact(directory: str, *, warn: bool = False) -> str | None:
     """The prefix of the newest intact checkpoint in `directory`, or None if there is none at all.
 
     With `warn`, prints one stderr line per damaged checkpoint it skips. Raises
-    UsageError when checkpoints exist but every one is damaged.
+    ParameterError (naming resume) when checkpoints exist but every one is damaged.
     """
     found = candidates(directory)
     problems = []
@@ -94,8 +94,9 @@ def newest_intact(directory: str, *, warn: bool = False) -> str | None:
             print(f"distbatch: warning: skipping damaged checkpoint {prefix} ({why}); trying an "
                   "older one", file=sys.stderr, flush=True)
     if found:
-        raise UsageError(f"--resume: no intact checkpoint in {directory!r} ({'; '.join(problems)}); "
-                         "nothing was changed; use --overwrite (or another --out) to start again")
+        raise ParameterError(f"{{resume}}: no intact checkpoint in {directory!r} "
+                             f"({'; '.join(problems)}); nothing was changed; use {{overwrite}} (or "
+                             "another {out}) to start again", "resume", "overwrite", "out")
     return None
 
 

@@ -14,8 +14,8 @@ step and exit; distbatch does the same with its own pieces:
    time-based checkpoint cadence follows the chief's clock.
 3. Every worker saves the checkpoint of that step, waits for the others (a
    barrier, so the chief's files are complete before anyone exits) and exits
-   with :data:`EXIT_PREEMPTED`. ``--resume`` (or a launcher restart)
-   continues from there exactly.
+   with :data:`EXIT_PREEMPTED`. A resumed run (``resume``, or a launcher
+   restart) continues from there exactly.
 
 Exit status 75 (EX_TEMPFAIL in sysexits.h, "temporary failure, try again")
 means "stopped on SIGTERM after saving a checkpoint at a step boundary";
@@ -29,9 +29,12 @@ import os
 import time
 from typing import Callable
 
+from distbatch.errors import param_name
+
 EXIT_PREEMPTED = 75
-# Set by `distbatch launch ... --max-restarts N` in every worker's environment: the default of
-# `train --checkpoint-every-seconds` (a restart repeats at most this much training).
+# Set in every worker's environment by `distbatch launch` when it restarts workers (its
+# max_restarts > 0): the default of a run's checkpoint_every_seconds (a restart repeats at most
+# this much training).
 CHECKPOINT_SECONDS_ENV = "DISTBATCH_CHECKPOINT_EVERY_SECONDS"
 LAUNCH_CHECKPOINT_SECONDS = 300.0
 
@@ -46,12 +49,12 @@ class Preempted(Exception):
     def message(self) -> str:
         where = f" in {self.checkpoint_dir}" if self.checkpoint_dir else ""
         return (f"preempted by SIGTERM: every worker saved a checkpoint at step {self.step}{where}; "
-                f"continue with --resume")
+                f"continue with {param_name('resume')}")
 
 
 def checkpoint_seconds(flag: float | None, env: dict | None = None) -> float:
-    """--checkpoint-every-seconds as given, else the launcher's default from the environment,
-    else 0 (off). A bad environment value counts as off: it is not the user's flag."""
+    """checkpoint_every_seconds as given (`flag`), else the launcher's default from the
+    environment, else 0 (off). A bad environment value counts as off: the user did not give it."""
     if flag is not None:
         return float(flag)
     raw = (os.environ if env is None else env).get(CHECKPOINT_SECONDS_ENV, "")
@@ -121,7 +124,7 @@ def chief_ints(backend, *values: int) -> tuple[int, ...]:
     Used once per run, after the first timed call: each worker timed its own calls, but
     steps_per_execution="auto" and the decision cadence above need the same call boundaries
     everywhere. It was 2 x 16 one-bit all-reduces: on 2 Horovod workers at 1 Gbit/s the step
-    after them took 379 ms, 351 ms with this one (Horovod timelines, docs/scaling.md session 6).
+    after them took 379 ms, 351 ms with this one (Horovod timelines of 2026-11-27, docs/scaling.md).
     """
     if backend.num_workers == 1:
         return tuple(int(v) for v in values)

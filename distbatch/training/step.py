@@ -74,7 +74,7 @@ def bucket_partition(nbytes: Sequence[int], bucket_bytes: float) -> list[list[in
 
 
 def resolve_bucket_mb(value: float | str, backend: Backend | None = None) -> float:
-    """--bucket-mb as a number: "auto" is the backend's `auto_bucket_mb` (Horovod: one
+    """`bucket_mb` as a number: "auto" is the backend's `auto_bucket_mb` (Horovod: one
     all-reduce per tensor; the tf.distribute backends and one device: one all-reduce)."""
     if value == "auto":
         return float(getattr(backend, "auto_bucket_mb", 0.0))
@@ -82,18 +82,20 @@ def resolve_bucket_mb(value: float | str, backend: Backend | None = None) -> flo
 
 
 def check_comm_options(options: "StepOptions", backend: Backend | None = None) -> None:
-    """UsageError for a bucket size or compression this backend cannot do (one line each)."""
-    from distbatch.errors import UsageError
+    """ParameterError for a bucket size or compression this backend cannot do (one line each)."""
+    from distbatch.errors import ParameterError
     b = options.bucket_mb
     if b != "auto" and (isinstance(b, (bool, str)) or not b >= 0):
-        raise UsageError(f"--bucket-mb must be a number >= 0 (0 = one all-reduce) or 'auto', got {b!r}")
+        raise ParameterError(f"{{bucket_mb}} must be a number >= 0 (0 = one all-reduce) or 'auto', "
+                             f"got {b!r}", "bucket_mb")
     if options.grad_compression not in GRAD_COMPRESSION:
-        raise UsageError(f"--grad-compression must be one of {', '.join(GRAD_COMPRESSION)}, "
-                         f"got {options.grad_compression!r}")
+        raise ParameterError(f"{{grad_compression}} must be one of {', '.join(GRAD_COMPRESSION)}, "
+                             f"got {options.grad_compression!r}", "grad_compression")
     allowed = getattr(backend, "grad_compressions", GRAD_COMPRESSION)
     if backend is not None and options.grad_compression not in allowed:
-        raise UsageError(f"--grad-compression {options.grad_compression} is not supported by the "
-                         f"{backend.name} backend (it supports {', '.join(allowed)})")
+        raise ParameterError(f"{{grad_compression}} {options.grad_compression} is not supported by "
+                             f"the {backend.name} backend (it supports {', '.join(allowed)})",
+                             "grad_compression")
 
 
 def noise_splits_for(plan: BatchPlan) -> int:
@@ -103,17 +105,19 @@ def noise_splits_for(plan: BatchPlan) -> int:
 
 
 def check_noise_scale(plan: BatchPlan, splits: int) -> None:
-    """UsageError unless the noise scale can see two batch sizes with equal micro-batches."""
-    from distbatch.errors import UsageError
+    """ParameterError unless the noise scale can see two batch sizes with equal micro-batches."""
+    from distbatch.errors import ParameterError
     gb, splits = plan.global_batch_size, max(1, splits)
     if plan.replicas * plan.accumulation_steps * splits == 1:
-        raise UsageError("--noise-scale needs two batch sizes: more than one replica, "
-                         "--accumulation-steps > 1, or noise_splits > 1 (got 1 of each)")
+        raise ParameterError("{noise_scale} needs two batch sizes: more than one replica, "
+                             "{accumulation_steps} > 1, or noise_splits > 1 (got 1 of each)",
+                             "noise_scale", "accumulation_steps")
     if plan.per_replica_batch_size % splits:
-        b = plan.per_replica_batch_size
-        raise UsageError(f"--noise-scale splits each replica's batch of {b} into {splits} equal "
-                         f"micro-batches; {b} is not divisible by {splits} (global batch {gb}); "
-                         f"try --global-batch-size {gb - gb % (splits * plan.replicas * plan.accumulation_steps)}")
+        b, units = plan.per_replica_batch_size, splits * plan.replicas * plan.accumulation_steps
+        raise ParameterError(f"{{noise_scale}} splits each replica's batch of {b} into {splits} equal "
+                             f"micro-batches; {b} is not divisible by {splits} (global batch {gb}); "
+                             f"try {{global_batch_size}} {gb - gb % units}",
+                             "noise_scale", "global_batch_size")
 
 
 def _sq_norm(tf, tensors):

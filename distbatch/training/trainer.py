@@ -13,141 +13,29 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
 from distbatch import interrupts
 from distbatch.backends.base import Backend
-from distbatch.errors import require_param
 from distbatch.data.inputs import without_autotune_thread
+from distbatch.measure.noise import NoiseScaleTracker
 from distbatch.training.checkpoints import newest_intact
-from distbatch.training.early_stopping import EarlyStopping, load_weights, save_weights, weights_file
+from distbatch.training.early_stopping import EarlyStopping, save_weights, weights_file
 from distbatch.training.evaluation import eval_iterator, run_evaluation
 from distbatch.training.hooks import CallbackHooks, TensorBoardHook, check_ranks_agree
-from distbatch.measure.noise import NoiseScaleTracker
+# The options and result, the loop's state and its files, and the progress line live in their
+# own modules; LoopOptions, RunResult and the rest stay importable from here.
+from distbatch.training.loop_options import (  # noqa: F401
+    AUTO_CALL_SECONDS, AUTO_MAX_STEPS, LoopOptions, RunResult, resolve_steps_per_execution)
+from distbatch.training.loop_state import (
+    LoopState, checkpoint_state, fresh_counters, load_state, prune_states, restore_early_stopping,
+    restore_loop, save_state, zero_sums)
 from distbatch.training.plan import BatchPlan
 from distbatch.training.preemption import CallBoundary, Preempted, chief_ints, sync_every_calls
+from distbatch.training.progress import progress_line
 from distbatch.training.step import StepOptions, make_eval_step, make_train_step, noise_splits_for
-
-
-@dataclass
-class LoopOptions:
-    total_steps: int
-    seed: int = 0
-    evals_per_epoch: int = 1
-    noise_scale: bool = False
-    target_accuracy: float | None = None
-    stop_at_target: bool = False               # budget "until target" (capped by total_steps)
-    early_stopping_metric: str | None = None   # "val_loss" or "val_accuracy"
-    early_stopping_patience: int = 5
-    min_delta: float = 0.0
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 0                  # steps; 0 = at evaluations (see below)
-    # With checkpoint_every = 0: an evaluation checkpoints only when the last checkpoint is at
-    # least this many seconds old (the first evaluation and the last step always do). Saving
-    # model and optimizer costs ~60 ms for a small MLP: at every epoch of a tiny epoch that
-    # was a quarter of the run time.
-    checkpoint_min_seconds: float = 60.0
-    checkpoint_every_seconds: float = 0.0      # also when this long passed (chief's clock); 0 = off
-    resume: bool = False
-    tensorboard_dir: str | None = None
-    verbose: bool = True
-    log_every: int = 50                        # one TensorBoard point per this many steps
-    # Steps run inside one tf.function call (a tf.while_loop). "auto": measured after the
-    # compile step so that one call takes about AUTO_CALL_SECONDS. Calls never cross an
-    # evaluation, checkpoint or segment boundary, so every result is the same as with 1.
-    steps_per_execution: int | str = "auto"
-    jit_compile: bool = False                  # XLA for the per-replica forward/backward
-    bucket_mb: float | str = "auto"            # gradient all-reduce buckets (MB); 0 = one group;
-                                               # auto: the backend's choice (Horovod: per tensor)
-    grad_compression: str = "none"             # none | fp16 | bf16: gradient type on the wire
-    # Batch-size schedules (distbatch.training.batch_schedule) run one Trainer per fixed-batch
-    # segment. step_offset: global steps done before this segment (steps, history and
-    # total_steps are absolute); epoch_offset: absolute epoch where the segment starts
-    # (the data order is a function of (seed, absolute epoch)). Default 0: one segment.
-    step_offset: int = 0
-    epoch_offset: int = 0
-
-    def __post_init__(self) -> None:
-        """Each option's range, named as the parameter (distbatch.fit passes them through)."""
-        def whole(name, low):
-            v = getattr(self, name)
-            require_param(isinstance(v, int) and not isinstance(v, bool) and v >= low,
-                          f"{{{name}}} must be a whole number >= {low}, got {v!r}", name)
-
-        def number(name, low, high=math.inf, optional=False):
-            v = getattr(self, name)
-            if optional and v is None:
-                return
-            require_param(isinstance(v, (int, float)) and not isinstance(v, bool)
-                          and math.isfinite(v) and low <= v <= high,
-                          f"{{{name}}} must be a finite number in [{low}, {high}], got {v!r}"
-                          if high != math.inf else
-                          f"{{{name}}} must be a finite number >= {low}, got {v!r}", name)
-        whole("evals_per_epoch", 1)
-        whole("log_every", 1)
-        whole("checkpoint_every", 0)
-        whole("early_stopping_patience", 0)
-        number("min_delta", 0)
-        number("checkpoint_min_seconds", 0)
-        number("checkpoint_every_seconds", 0)
-        number("target_accuracy", 0, 1, optional=True)
-        spe = self.steps_per_execution
-        require_param(spe == "auto" or (isinstance(spe, int) and not isinstance(spe, bool) and spe >= 1),
-                      f"{{steps_per_execution}} must be a whole number >= 1 or 'auto', got {spe!r}",
-                      "steps_per_execution")
-
-
-# Target duration of one call with steps_per_execution="auto". 1 s, not less: with steps of
-# 0.35 s (2 Horovod workers on a 1 Gbit/s link) 0.2 s meant one step per call, and the host
-# work of each call cost ~1% (docs/scaling.md, db-hvd-spe4); a SIGTERM waits at most one call
-# plus the decision cadence (preemption.SYNC_SECONDS), about 2 s.
-AUTO_CALL_SECONDS = 1.0
-AUTO_MAX_STEPS = 1000
-
-
-def resolve_steps_per_execution(value, step_seconds: float) -> int:
-    """An int as given; "auto": enough steps that one call takes ~AUTO_CALL_SECONDS, so the
-    per-call host work (dispatch, fetching results) is amortised while a call stays short
-    enough for prompt signals and progress."""
-    if value != "auto":
-        return int(value)
-    if not step_seconds > 0:
-        return AUTO_MAX_STEPS
-    return int(min(AUTO_MAX_STEPS, max(1, round(AUTO_CALL_SECONDS / step_seconds))))
-
-
-@dataclass
-class RunResult:
-    metrics: dict[str, Any]
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _zero_sums(size: int) -> dict:
-    return {"loss_sum": 0.0, "metrics": np.zeros(size), "steps": 0}
-
-
-@dataclass
-class _Loop:
-    """What the loop carries from call to call (saved with every checkpoint, see loop_state)."""
-    step: int
-    history: list
-    sums: dict           # since the last evaluation: the history's train metrics
-    window: dict         # since the last TensorBoard point / batch hook
-    counters: dict       # train_time, timed_samples, steps_to_target, time_to_target
-    stopped: bool = False
-    diverged_step: int | None = None
-    per_call: int = 1    # the first call compiles: one step, then steps_per_execution
-    timed: bool = False  # the first call after the compile was timed (steps per call chosen)
-    gains: list = field(default_factory=list)
-    t_last: float | None = None
-    last_lr: float | None = None
-
-
-def _counters() -> dict:
-    return {"train_time": 0.0, "timed_samples": 0, "steps_to_target": None, "time_to_target": None}
 
 
 class Trainer:
@@ -212,7 +100,7 @@ class Trainer:
                 or self._finished)
 
     def _at_checkpoint(self, step: int) -> bool:
-        """--checkpoint-every N: every N steps, at an evaluation or not; 0: at every evaluation."""
+        """checkpoint_every N: every N steps, at an evaluation or not; 0: at every evaluation."""
         opt = self.opt
         if self._manager is None:
             return False
@@ -281,8 +169,8 @@ class Trainer:
             save, stop = self._boundary.decide()
             if not self._at_eval(loop.step):
                 if save or self._at_checkpoint(loop.step):
-                    self._save_checkpoint(loop.step, loop.history, self._loop_state(loop, tracker),
-                                          preempting=stop)
+                    state = checkpoint_state(loop, tracker, self._early_stopping)
+                    self._save_checkpoint(loop.step, loop.history, state, preempting=stop)
                     loop.t_last = time.perf_counter()  # checkpoints are not training time
                 if stop:
                     self._stop_preempted(loop.step)
@@ -324,14 +212,14 @@ class Trainer:
         tracker = NoiseScaleTracker(step_fn.b_small, plan.global_batch_size) if noise else None
         return step_fn, self.step_cache["eval"], tracker
 
-    def _start(self) -> _Loop:
-        """A fresh loop, or the one of the newest intact checkpoint (--resume)."""
+    def _start(self) -> LoopState:
+        """A fresh loop, or the one of the newest intact checkpoint (resume)."""
         opt, ada = self.opt, self.adascale
         self._finished = False  # AdaScale: tau reached the base-batch budget
         ckpt, self._manager = self._checkpoint()
         size = self.task.state_size
-        loop = _Loop(step=opt.step_offset, history=[], sums=_zero_sums(size),
-                     window=_zero_sums(size), counters=_counters())
+        loop = LoopState(step=opt.step_offset, history=[], sums=zero_sums(size),
+                     window=zero_sums(size), counters=fresh_counters())
         self._early_stopping = (EarlyStopping(opt.early_stopping_metric, opt.early_stopping_patience,
                                               opt.min_delta) if opt.early_stopping_metric else None)
         self._tracker_state = None
@@ -343,37 +231,15 @@ class Trainer:
             return loop
         ckpt.restore(latest)
         loop.step = int(self._step_var.numpy())
-        loop.history, state = _load_state(opt.checkpoint_dir, loop.step)
-        loop.stopped = _restore_early_stopping(self._early_stopping, state, opt.checkpoint_dir)
-        if state:  # the loop's own counters, saved with the checkpoint (see _loop_state)
-            loop.sums = self._restore_sums(state["sums"], state["window_count"])
-            window = state.get("window")
-            loop.window = (self._restore_sums(window, window["steps"]) if window
-                           else {k: np.copy(v) if k == "metrics" else v for k, v in loop.sums.items()})
-            loop.counters = {k: state[k] for k in _counters()}
+        loop.history, state = load_state(opt.checkpoint_dir, loop.step)
+        loop.stopped = restore_early_stopping(self._early_stopping, state, opt.checkpoint_dir)
+        if state:  # the loop's own counters, saved with the checkpoint (see checkpoint_state)
+            restore_loop(loop, state, self.task, self.plan.global_batch_size)
             self._tracker_state = state.get("noise")
         if ada is not None:  # a run resumed at its end must not take more steps
             self._finished = float(ada.tau.numpy()) >= ada.total_base_steps
         self.log(f"resumed from {latest} at step {loop.step}")
         return loop
-
-    def _restore_sums(self, saved: dict, steps: int) -> dict:
-        metrics = saved.get("metrics")
-        if metrics is None and "correct" in saved and self.task.metric_names == ["accuracy"]:
-            # a checkpoint of distbatch <= 0.1 (argmax accuracy): its state is (correct, count)
-            metrics = [saved["correct"], steps * self.plan.global_batch_size]
-        return {"loss_sum": saved["loss_sum"], "steps": steps,
-                "metrics": np.asarray(metrics if metrics is not None else np.zeros(self.task.state_size),
-                                      dtype=np.float64)}
-
-    def _loop_state(self, loop: _Loop, tracker) -> dict:
-        es = self._early_stopping
-        plain = lambda s: {"loss_sum": s["loss_sum"], "metrics": s["metrics"].tolist(),  # noqa: E731
-                           "steps": s["steps"]}
-        return {"sums": plain(loop.sums), "window_count": loop.sums["steps"],
-                "window": plain(loop.window), **loop.counters,
-                "noise": tracker.state() if tracker is not None else None,
-                "early_stopping": es.state() if es is not None else None, "stopped": loop.stopped}
 
     def _train_iterator(self, start_step: int):
         opt = self.opt
@@ -384,7 +250,7 @@ class Trainer:
             total_steps=opt.total_steps - opt.step_offset, epoch_offset=opt.epoch_offset))
         return self.backend.iterator(make)
 
-    def _run_call(self, loop: _Loop, step_fn, iterator, tracker) -> bool:
+    def _run_call(self, loop: LoopState, step_fn, iterator, tracker) -> bool:
         """One call of up to steps_per_execution steps; False when the loss diverged."""
         import tensorflow as tf
         opt, plan, ada = self.opt, self.plan, self.adascale
@@ -432,7 +298,7 @@ class Trainer:
             loop.stopped = True
         return True
 
-    def _evaluation(self, loop: _Loop, eval_fn, tracker, save: bool, stop: bool) -> None:
+    def _evaluation(self, loop: LoopState, eval_fn, tracker, save: bool, stop: bool) -> None:
         """At an evaluation step: validation metrics, the history record, target, early
         stopping, callbacks, checkpoint; sets loop.stopped when the run should end."""
         opt, step, c = self.opt, loop.step, loop.counters
@@ -442,7 +308,7 @@ class Trainer:
         check_ranks_agree(self.backend, self.model, step)  # before the callbacks act
         val = self._evaluate(eval_fn) if self.val_source is not None else {}
         train = self._means(loop.sums)
-        loop.sums = _zero_sums(self.task.state_size)
+        loop.sums = zero_sums(self.task.state_size)
         epoch = self._epoch_at(step)
         rec = {"step": step, "epoch": round(epoch, 4),
                **{f"train_{k}": v for k, v in train.items()},
@@ -453,7 +319,7 @@ class Trainer:
                 and rec.get("val_accuracy", -1.0) >= opt.target_accuracy):
             c["steps_to_target"], c["time_to_target"] = step, c["train_time"]
             loop.stopped = loop.stopped or opt.stop_at_target
-        self._log_progress(loop, rec, epoch)
+        self.log(progress_line(rec, epoch, step, opt.total_steps, self.plan.global_batch_size, c))
         # Early stopping on the GLOBAL metric: every rank takes the same decision.
         es = self._early_stopping
         if es is not None:
@@ -466,7 +332,8 @@ class Trainer:
             # across workers guarantees it (a rank that stopped alone would hang the others).
             loop.stopped = self.backend.sync_flag(loop.stopped)
         if save or (self._at_checkpoint(step) and self._checkpoint_due(step)):
-            self._save_checkpoint(step, loop.history, self._loop_state(loop, tracker), preempting=stop)
+            self._save_checkpoint(step, loop.history, checkpoint_state(loop, tracker, es),
+                                  preempting=stop)
         if not loop.stopped and step < opt.total_steps:
             self._hooks.epoch_begin(self._eval_index(step))
 
@@ -480,17 +347,7 @@ class Trainer:
         return {"loss": sums["loss_sum"] / count if count else float("nan"),
                 **self.task.results(sums["metrics"])}
 
-    def _log_progress(self, loop: _Loop, rec: dict, epoch: float) -> None:
-        c, opt, step = loop.counters, self.opt, loop.step
-        speed = c["timed_samples"] / c["train_time"] if c["train_time"] > 0 else float("nan")
-        eta = ((opt.total_steps - step) * self.plan.global_batch_size / speed
-               if speed == speed and speed > 0 else float("nan"))
-        shown = " ".join(f"{k.replace('train_', '').replace('accuracy', 'acc')} {v:.4f}"
-                         for k, v in rec.items() if isinstance(v, float) and k not in ("epoch", "lr"))
-        self.log(f"epoch {epoch:6.2f} step {step}/{opt.total_steps}  {shown}  "
-                 f"{speed:,.0f} samples/s  ETA {_fmt_eta(eta)}")
-
-    def _finish(self, loop: _Loop, eval_fn, tracker, wall: float) -> dict:
+    def _finish(self, loop: LoopState, eval_fn, tracker, wall: float) -> dict:
         """The run's summary metrics (summary.json), with early stopping's best weights
         restored and the final weights evaluated on (part of) the training set."""
         step, c, ada, es = loop.step, loop.counters, self.adascale, self._early_stopping
@@ -567,10 +424,10 @@ class Trainer:
                 path = os.path.join(self.opt.checkpoint_dir, weights_file(es.best_step))
                 if not os.path.exists(path):  # written once per new best
                     save_weights(path, es.best_weights)
-            _save_state(self.opt.checkpoint_dir, step, history, state)
+            save_state(self.opt.checkpoint_dir, step, history, state)
         self._manager.save(checkpoint_number=step)
         if self.chief:
-            _prune_states(self.opt.checkpoint_dir, self._manager.checkpoints)
+            prune_states(self.opt.checkpoint_dir, self._manager.checkpoints)
         self._boundary.saved()
 
     def _stop_preempted(self, step: int) -> None:
@@ -587,7 +444,7 @@ class Trainer:
         """Absolute epoch after `step` global steps (segments of a batch schedule add offsets)."""
         return self.opt.epoch_offset + (step - self.opt.step_offset) / self.plan.steps_per_epoch
 
-    def _consume(self, loop: _Loop, values: dict, tracker) -> int | None:
+    def _consume(self, loop: LoopState, values: dict, tracker) -> int | None:
         """Take the per-step outputs of one call (steps step+1 .. step+n) on the host: running
         sums, the noise-scale averages, one TensorBoard point and batch hook per log window
         (the window's mean loss and metrics, the lr and B_simple of its last step). Returns the
@@ -616,7 +473,7 @@ class Trainer:
                                    adascale_tau=float(values["tau"][i]))
                 self._tb.scalars("train", s, scalars)
                 self._hooks.batch_end(s, scalars)
-                loop.window = _zero_sums(self.task.state_size)
+                loop.window = zero_sums(self.task.state_size)
         if lrs:
             loop.last_lr = lrs[-1]
         return None
@@ -630,58 +487,3 @@ class Trainer:
         else:
             iterator = eval_iterator(self.backend, self.plan, source, repeat=False)
         return run_evaluation(self.backend, eval_fn, self.task, source, iterator)
-
-
-def _fmt_eta(seconds: float) -> str:
-    if not seconds == seconds or seconds == float("inf"):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def _save_state(directory: str, step: int, history: list, state: dict) -> None:
-    import json
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"state-{step}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"step": step, "history": history, "loop": state}, f)
-    os.replace(path + ".tmp", path)
-
-
-def _prune_states(directory: str, kept_checkpoints: list) -> None:
-    """Remove the state files of pruned checkpoints, and best weights no kept state names."""
-    import json
-    keep = {f"state-{p.rsplit('-', 1)[-1]}.json" for p in kept_checkpoints}
-    for name in list(keep):
-        try:
-            with open(os.path.join(directory, name)) as f:
-                best = ((json.load(f).get("loop") or {}).get("early_stopping") or {}).get("best_step")
-        except (OSError, ValueError):
-            continue
-        if best is not None:
-            keep.add(weights_file(best))
-    for name in os.listdir(directory):
-        if ((name.startswith("state-") and name.endswith(".json"))
-                or (name.startswith("best-") and name.endswith(".npz"))) and name not in keep:
-            os.remove(os.path.join(directory, name))
-
-
-def _restore_early_stopping(es: EarlyStopping | None, state: dict, directory: str) -> bool:
-    """Early stopping's state from a checkpoint's loop state; True if the run had stopped."""
-    saved = state.get("early_stopping")
-    if es is not None and saved:
-        best = saved["best_step"]
-        es.restore(saved, load_weights(os.path.join(directory, weights_file(best)))
-                   if best is not None else None)
-    return bool(state.get("stopped", False))
-
-
-def _load_state(directory: str, step: int) -> tuple[list, dict]:
-    """(history, loop counters) saved with the checkpoint of `step`."""
-    import json
-    path = os.path.join(directory, f"state-{step}.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        return saved["history"], saved["loop"]
-    return [], {}
