@@ -145,7 +145,7 @@ def fit(*, model_fn: Callable | str, optimizer_fn: Callable | None = None, recip
     """Train model_fn() on `data` at a GLOBAL batch size; return a FitResult.
 
     model_fn: () -> a NEW keras.Model (called inside the backend's scope), or a built-in
-    model name ("mlp", "convnet", ... as `distbatch train --model` takes).
+    model name ("mlp", "convnet", ... the names `distbatch train` takes).
     data / validation_data: (x, y) or (x, y, sample_weight) NumPy arrays (x, y may be
     dicts/tuples for several inputs/outputs); a tf.data.Dataset of SINGLE examples (x, y)
     or (x, y, sample_weight), batched and sharded by distbatch (seeded shuffle buffer of
@@ -153,7 +153,7 @@ def fit(*, model_fn: Callable | str, optimizer_fn: Callable | None = None, recip
     dataset batched to ctx.get_per_replica_batch_size(global_batch_size) (its batches per
     epoch, or `steps_per_epoch`, set the epoch); distbatch.data.files(pattern, parse_fn);
     a distbatch ArrayDataset (validation included); or a dataset spec string as `distbatch
-    train --dataset` takes (a built-in name or a path; with data_seed, train_size, val_size,
+    train` takes it (a built-in name or a path; with data_seed, train_size, val_size,
     num_classes as the CLI's flags), whose validation split is used unless validation_data
     is given.
     loss: a Keras loss object or name (any reduction: distbatch takes per-example values),

@@ -328,7 +328,7 @@ def test_resume_with_other_flags_is_refused(tmp_path, dataset_cache):
     before = (out / "config.json").read_bytes()
     proc = run_cli([*base, "--global-batch-size", "32", "--resume"], check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == (f"distbatch: error: --resume: global-batch-size is 32 but the run in "
-                                   f"{str(out)!r} used 64; resume with the same flags or use another --out")
+    assert proc.stderr.strip() == (f"distbatch: error: --resume: --global-batch-size is 32 but the run in "
+                                   f"{str(out)!r} used 64; resume with the same settings or use another --out")
     assert (out / "config.json").read_bytes() == before
     run_cli([*base, "--global-batch-size", "64", "--resume"])  # the same flags resume fine

@@ -47,7 +47,7 @@ def test_an_old_run_with_other_spelled_milestones_still_resumes(tmp_path):
     check_resume_matches(run_config(config_from_args(args), **record_of(args)), str(tmp_path))
     other = build_parser("train").parse_args(["train", "--global-batch-size", "64", "--decay-epochs",
                                               "3,7", "--out", str(tmp_path)])
-    with pytest.raises(UsageError, match="--resume: decay-epochs is"):
+    with pytest.raises(UsageError, match="^resume: decay_epochs is"):
         check_resume_matches(run_config(config_from_args(other)), str(tmp_path))
 
 
@@ -61,8 +61,9 @@ def test_a_run_from_before_bucket_auto_resumes_but_compression_must_match(tmp_pa
     (tmp_path / "config.json").write_text(__import__("json").dumps(config_json("--bucket-mb", "0")))
     check_resume_matches(config_json(), str(tmp_path))
     check_resume_matches(config_json("--bucket-mb", "4"), str(tmp_path))
-    with pytest.raises(UsageError, match="^--resume: grad-compression is 'fp16' but the run in"):
+    with pytest.raises(UsageError, match="^resume: grad_compression is 'fp16' but the run in") as err:
         check_resume_matches(config_json("--grad-compression", "fp16"), str(tmp_path))
+    assert str(err.value.for_flags()).startswith("--resume: --grad-compression is 'fp16' but the run in")
 
 
 def test_frozen_and_replace_validates_again():

@@ -256,7 +256,7 @@ def test_train_resume_refuses_a_changed_flag(trained, tmp_path, capfd, change, k
     out = copy(trained, tmp_path)
     before = snapshot(out)
     proc = cli(capfd, *TRAIN, *change, "--resume", "--out", out)
-    one_line(proc, 2, f"--resume: {key} is ", f"but the run in {str(out)!r} used ")
+    one_line(proc, 2, f"--resume: --{key} is ", f"but the run in {str(out)!r} used ")
     assert snapshot(out) == before
 
 
@@ -278,7 +278,7 @@ def test_sweep_resume_refuses_another_model_length_or_lr(swept, tmp_path, capfd,
         i = argv.index(change[0])
         del argv[i:i + 2]
     proc = cli(capfd, *argv, *change, "--resume", "--out", out)
-    one_line(proc, 2, f"--resume: {key} is ")
+    one_line(proc, 2, f"--resume: --{key} is ")
     assert snapshot(out) == before
 
 

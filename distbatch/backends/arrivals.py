@@ -16,8 +16,8 @@ every wait it starts:
 
 While every rank waits at the same label they are all inside the same call (a long
 compile, a long evaluation): that is work, not a stall, and is only ended when the user set
-the bound explicitly. The bound: ``timeout`` when given (``stall_timeout`` /
-``--stall-timeout`` / $DISTBATCH_STALL_TIMEOUT); otherwise STARTUP_SECONDS until two waits
+the bound explicitly. The bound: ``timeout`` when given (``stall_timeout`` (the
+CLI's flag of that name) / $DISTBATCH_STALL_TIMEOUT); otherwise STARTUP_SECONDS until two waits
 completed, then max(FLOOR_SECONDS, MULTIPLIER x the median completed wait). It is the time
 the other ranks may spend alone (the chief's checkpoints, callbacks and logs) before the
 waiting ones give up.

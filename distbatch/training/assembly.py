@@ -162,7 +162,7 @@ def plan_run(spec: RunSpec, backend) -> RunPlan:
         gb = candidates[0]
     plan = BatchPlan.derive(global_batch_size=gb, replicas=backend.num_replicas,
                             accumulation_steps=spec.accumulation_steps, num_train_examples=n_train,
-                            flag=_flag(spec.batch_param))
+                            param=spec.batch_param)
     total = schedule.total_steps if schedule else plan.total_steps(epochs=spec.epochs, steps=spec.steps)
     recipe_plan, scale = plan, None
     if recipe is not None and recipe.scaling == "adascale":
@@ -175,7 +175,7 @@ def plan_run(spec: RunSpec, backend) -> RunPlan:
                       "scaling", spec.batch_param, "base_batch_size")
         # The length is the BASE batch's; the run ends when tau reaches it (at most that many steps).
         recipe_plan = BatchPlan.derive(global_batch_size=recipe.base_batch_size, replicas=1,
-                                       num_train_examples=n_train, flag="--base-batch-size")
+                                       num_train_examples=n_train, param="base_batch_size")
         total = recipe_plan.total_steps(epochs=spec.epochs, steps=spec.steps)
         scale = plan.global_batch_size / recipe.base_batch_size
     if spec.noise_scale or (scale or 1) > 1:
@@ -189,11 +189,6 @@ def plan_run(spec: RunSpec, backend) -> RunPlan:
         check.build(global_batch_size=recipe_plan.global_batch_size,
                     steps_per_epoch=recipe_plan.steps_per_epoch, total_steps=total)
     return RunPlan(plan, total, n_train, schedule, recipe, recipe_plan, scale, candidates)
-
-
-def _flag(param: str) -> str:
-    """BatchPlan names the batch as a flag; the CLI maps flags, so pass the flag form."""
-    return "--" + param.replace("_", "-")
 
 
 @dataclass

@@ -142,7 +142,7 @@ def plan_schedule(schedule, *, epochs: float, replicas: int, accumulation_steps:
         end = points[i + 1][0] if i + 1 < len(points) else float(epochs)
         plan = BatchPlan.derive(global_batch_size=batch, replicas=replicas,
                                 accumulation_steps=accumulation_steps,
-                                num_train_examples=num_train_examples, flag="--batch-size-schedule")
+                                num_train_examples=num_train_examples, param="batch_size_schedule")
         steps = int(math.floor((end - start) * plan.steps_per_epoch + 0.5))
         require_param(steps >= 1, f"{{batch_size_schedule}} segment from epoch {start} to {end:g} at "
                       f"batch {batch} has no optimizer step ({plan.steps_per_epoch} steps/epoch)",

@@ -3,8 +3,8 @@
 The CLI builds it once from its flags (distbatch.cli.train.config_from_args);
 the sweep, recommend and the benchmarks derive one per run with
 ``dataclasses.replace``. Every field is checked in ``__post_init__`` with errors
-that name the FIELD ("epochs must be > 0, got -1"); the CLI shows the flag
-("--epochs must be > 0, got -1"). Checks that need the backend or the data
+that name the FIELD ("epochs must be > 0, got -1"); the CLI shows the same error
+with the field's flag. Checks that need the backend or the data
 (batch arithmetic) happen later, in distbatch.training.job.plan_run.
 
 ``config.json`` of a run is :meth:`TrainConfig.as_flags` plus derived values:
@@ -30,7 +30,7 @@ _POINT_ONLY = {"tensorboard_dir": None, "progress": True, "stop_at_target": Fals
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything one `distbatch train` run is given (the flags of `distbatch train --help`).
+    """Everything one `distbatch train` run is given (one field per flag of `distbatch train`).
 
     ``epochs`` and ``steps`` exclude each other; with neither the run is
     ``DEFAULT_EPOCHS`` long (:attr:`epochs_or_default`). ``global_batch_size`` is an

@@ -15,7 +15,7 @@ import tempfile
 import time
 
 from distbatch import __version__
-from distbatch.errors import UsageError, require_param
+from distbatch.errors import ParameterError, param_name, require_param
 from distbatch.fileio import atomic_write_json, json_roundtrip
 from distbatch.outdir import (check_out_dir, check_out_outside_dataset, check_run_to_resume,
                               claim_out_dir)
@@ -79,17 +79,19 @@ def run_spec(config: TrainConfig, data, *, batch_param: str = "global_batch_size
         batch_param=batch_param)
 
 
-def plan_run(config: TrainConfig, backend, data, *, flag: str = "--global-batch-size") -> RunPlan:
+def plan_run(config: TrainConfig, backend, data, *, param: str = "global_batch_size",
+             flag: str | None = None) -> RunPlan:
     """Every check that needs the backend and the data, before a model or a file exists
     (distbatch.training.assembly.plan_run, plus the named model against the input shape).
-    A sweep calls it for every point before it writes anything. ``flag`` names the global
-    batch in errors (the sweep's is --batch-sizes)."""
+    A sweep calls it for every point before it writes anything. ``param`` names the global
+    batch in errors (the sweep's is batch_sizes); ``flag`` is its older spelling."""
+    if flag is not None:
+        param = flag.strip("-{}").replace("-", "_")
     from distbatch.models import check_model
     if config.out is not None:
         check_out_outside_dataset(config.out, config.dataset)
     check_model(config.model, data.input_shape)
-    return assembly.plan_run(run_spec(config, data, batch_param=flag.lstrip("-").replace("-", "_")),
-                             backend)
+    return assembly.plan_run(run_spec(config, data, batch_param=param), backend)
 
 
 def loop_options(config: TrainConfig, total_steps: int):
@@ -215,7 +217,7 @@ def train(config: TrainConfig, *, backend=None, data=None, record: dict | None =
     if summary["diverged"]:
         if chief:
             print(f"distbatch: training diverged (loss not finite) at step {summary['diverged_step']}; "
-                  f"lower --base-lr or add warmup. Summary in {config.out}/summary.json", file=sys.stderr)
+                  f"lower {param_name('base_lr')} or add warmup. Summary in {config.out}/summary.json", file=sys.stderr)
         return summary, EXIT_DIVERGED
     if say:
         print(f"distbatch: done; wrote {output_listing(config.out)}", file=sys.stderr, flush=True)
@@ -277,7 +279,7 @@ def read_run_config(out: str) -> dict:
 
 
 def check_resume_matches(config: dict, out: str, *, may_change=RESUME_MAY_CHANGE) -> None:
-    """--resume with another configuration than the run in `out` would silently train (or
+    """Resuming with another configuration than the run in `out` would silently train (or
     report) something else: refuse the first key that differs, naming both values.
 
     Keys only one side has (a flag older or newer than the run) are not compared.
@@ -292,14 +294,16 @@ def check_resume_matches(config: dict, out: str, *, may_change=RESUME_MAY_CHANGE
         if not isinstance(old, dict):
             raise ValueError("not a JSON object")
     except ValueError as e:
-        raise UsageError(f"--resume: {path} is not a distbatch config ({e}); cannot tell which "
-                         "run this is") from None
+        raise ParameterError(f"{{resume}}: {path} is not a distbatch config ({e}); cannot tell which "
+                             "run this is", "resume") from None
     _check_same_data(old, config, out)
     diff = first_difference(_comparable(old), _comparable(config), skip=may_change)
     if diff:
         key, was, now = diff
-        raise UsageError(f"--resume: {key.replace('_', '-')} is {now!r} but the run in {out!r} "
-                         f"used {was!r}; resume with the same flags or use another --out")
+        named = key.isidentifier()  # a setting of its own, else a derived value like plan.steps
+        raise ParameterError(f"{{resume}}: {'{' + key + '}' if named else key} is {now!r} but the run "
+                             f"in {out!r} used {was!r}; resume with the same settings or use another "
+                             "{out}", "resume", *([key] if named else []), "out")
 
 
 def _check_same_data(old: dict, new: dict, out: str) -> None:
@@ -309,9 +313,9 @@ def _check_same_data(old: dict, new: dict, out: str) -> None:
     was, now = old.get("data_fingerprint"), new.get("data_fingerprint")
     if was is None or now is None or was == now:
         return
-    raise UsageError(f"--resume: dataset {new.get('dataset')!r} is not the data the run in {out!r} "
-                     f"trained on ({_data_line(now)} now, {_data_line(was)} then); resume with the "
-                     "same data or use another --out")
+    raise ParameterError(f"{{resume}}: dataset {new.get('dataset')!r} is not the data the run in "
+                         f"{out!r} trained on ({_data_line(now)} now, {_data_line(was)} then); resume "
+                         "with the same data or use another {out}", "resume", "out")
 
 
 def _data_line(fp: dict) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed Python, NumPy, TensorFlow and Keras (keras.utils.set_random_seed); with
-    `deterministic` (`deterministic=True`, `--deterministic`) also TensorFlow's op
+    `deterministic` (`deterministic=True`, or the CLI flag) also TensorFlow's op
     determinism, so two runs of the same configuration on the same backend and hardware end
     bit-identical; an op without a deterministic kernel then raises instead of varying. The
     data order is already a function of the seed (distbatch/data)."""

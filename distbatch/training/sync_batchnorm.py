@@ -1,5 +1,5 @@
 """BatchNormalization over the GLOBAL batch on every backend (`sync_batchnorm=True`,
-`--sync-batchnorm`).
+or the CLI flag).
 
 Without it each replica normalises with the moments of its own slice (B / R examples), so R
 replicas do not train the model one device trains at B. With it every BatchNormalization
