@@ -464,7 +464,7 @@ def test_a_worker_with_another_secret_is_not_taken_for_a_peer(mine, theirs, why)
     assert isinstance(results[0], ClusterSetupError), results
     assert str(results[0]) == (
         f"cluster set-up timed out after 3 s: worker 1 at {workers[1]} never came ({why}); start every "
-        "worker with the same TF_CONFIG cluster, or raise --cluster-timeout")
+        "worker with the same TF_CONFIG cluster, or raise cluster_timeout")
 
 
 def test_the_secret_never_crosses_the_wire():

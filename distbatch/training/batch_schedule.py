@@ -194,60 +194,16 @@ def schedule_recipe(recipe, schedule: BatchSchedule):
 
 def run_schedule(backend, model, optimizer, schedule: BatchSchedule, data, options,
                  learning_rate_fn: Callable[[int], float] | None = None, **trainer_kwargs):
-    """Run the segments one after another on the same model/optimizer; merge the results.
+    """Run the schedule's segments on ONE Trainer (batch_policy.ScheduledBatch): the same
+    model, optimizer, callbacks and history throughout; returns a trainer.RunResult whose
+    metrics also hold "segments". `options.total_steps` is ignored (the schedule's)."""
+    import sys
 
-    `options` is the LoopOptions of the whole run (its total_steps is ignored:
-    each segment gets its absolute end step, step_offset and epoch_offset).
-    `trainer_kwargs` (task, validation_data, callbacks) go to every segment's Trainer.
-    Returns a trainer.RunResult whose metrics also hold "segments".
-    """
-    from distbatch.training.trainer import RunResult, Trainer
-
-    results, seg_info, cache = [], [], {}
-    for seg in schedule.segments:
-        opts = dataclasses.replace(options, total_steps=seg.end_step, step_offset=seg.start_step,
-                                   epoch_offset=seg.start_epoch, resume=False)
-        if backend.is_chief and options.verbose:
-            import sys
-            print(f"distbatch: segment from epoch {seg.start_epoch}: global batch "
-                  f"{seg.plan.global_batch_size} ({seg.plan.per_replica_batch_size} per replica), "
-                  f"{seg.plan.steps_per_epoch} steps/epoch, steps {seg.start_step}..{seg.end_step}",
-                  file=sys.stderr, flush=True)
-        res = Trainer(backend, model, optimizer, seg.plan, data, opts, step_cache=cache,
-                      **trainer_kwargs).run()
-        results.append(res)
-        info = {"start_epoch": seg.start_epoch, "global_batch_size": seg.plan.global_batch_size,
-                "per_replica_batch_size": seg.plan.per_replica_batch_size,
-                "steps_per_epoch": seg.plan.steps_per_epoch, "start_step": seg.start_step,
-                "steps": res.metrics["steps"] - seg.start_step,
-                "samples_per_sec": res.metrics.get("samples_per_sec")}
-        if learning_rate_fn is not None:
-            info["lr_at_start"] = float(learning_rate_fn(seg.start_step))
-        seg_info.append(info)
-        if res.metrics.get("diverged"):
-            break
-    history = [h for r in results for h in r.history]
-    return RunResult(metrics=merge_metrics([r.metrics for r in results], seg_info, history),
-                     history=history)
-
-
-def merge_metrics(parts: list[dict], segments: list[dict], history: list[dict] = ()) -> dict:
-    """Whole-run metrics from per-segment ones: last values, summed times, first target hit."""
-    merged = dict(parts[-1])
-    times = [p.get("train_time_s") or 0.0 for p in parts]
-    samples = sum((p.get("samples_per_sec") or 0.0) * t for p, t in zip(parts, times))
-    merged["train_time_s"] = sum(times)
-    merged["wall_time_s"] = sum(p.get("wall_time_s") or 0.0 for p in parts)
-    merged["samples_per_sec"] = samples / sum(times) if sum(times) > 0 else None
-    merged["steps_to_target"] = merged["time_to_target_s"] = None
-    for i, p in enumerate(parts):
-        if p.get("steps_to_target") is not None:
-            merged["steps_to_target"] = p["steps_to_target"]
-            merged["time_to_target_s"] = sum(times[:i]) + (p.get("time_to_target_s") or 0.0)
-            break
-    if any("b_simple_trajectory" in p for p in parts):
-        merged["b_simple_trajectory"] = [x for p in parts for x in p.get("b_simple_trajectory", [])]
-    if history:
-        merged["best_val_loss_epoch"] = min(history, key=lambda r: r["val_loss"])["epoch"]
-    merged["segments"] = segments
-    return merged
+    from distbatch.training.batch_policy import ScheduledBatch
+    from distbatch.training.trainer import Trainer
+    say = backend.is_chief and options.verbose
+    policy = ScheduledBatch(schedule, learning_rate_fn,
+                            log=lambda m: print(m, file=sys.stderr, flush=True) if say else None)
+    options = dataclasses.replace(options, total_steps=schedule.total_steps)
+    return Trainer(backend, model, optimizer, schedule.first_plan, data, options, policy=policy,
+                   **trainer_kwargs).run()

@@ -29,6 +29,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from distbatch.training.plan import BatchPlan
+
 
 MIN_GAIN = 0.05
 
@@ -104,61 +106,27 @@ def candidate_batches(base_batch: int, max_batch: int, *, units: int, num_exampl
 def run_adaptive(backend, model, optimizer, data, options, *, adascale, candidates: list[int],
                  probe: Callable[[int], float], accumulation_steps: int = 1,
                  log: Callable[[str], None] = lambda m: None, **trainer_kwargs):
-    """Train with a batch chosen by goodput at every data-epoch boundary; returns a RunResult.
+    """Train with a batch chosen by goodput at every data-epoch boundary, on ONE Trainer
+    (batch_policy.GoodputBatch); returns a RunResult.
 
     `adascale`: AdaScaleState (always_measure=True) whose schedule the optimizer follows;
     the run ends when its tau reaches the base budget. `probe(batch)` -> seconds per step
     (the slowest rank's), measured once per candidate before training.
     `options.total_steps` is an upper bound on the steps. `trainer_kwargs` (task,
-    validation_data, callbacks) go to every segment's Trainer.
+    validation_data, callbacks) go to the Trainer.
     """
-    import dataclasses
-
-    from distbatch.training.batch_schedule import merge_metrics
-    from distbatch.training.plan import BatchPlan
-    from distbatch.training.trainer import RunResult, Trainer
-
-    base = adascale.base_batch_size
-    measured = {b: probe(b) for b in candidates}
-    log("distbatch: goodput probe (seconds/step): "
-        + ", ".join(f"{b}: {t * 1e3:.2f} ms" for b, t in measured.items()))
-    batch = candidates[0]
     from distbatch.data.inputs import num_train_examples
-    n_train = num_train_examples(data, backend.num_workers)
-    step, epoch, results, segments, cache = options.step_offset, 0, [], [], {}
-    while step < options.total_steps and not bool(adascale.finished()):
-        plan = BatchPlan.derive(global_batch_size=batch, replicas=backend.num_replicas,
-                                accumulation_steps=accumulation_steps,
-                                num_train_examples=n_train)
-        adascale.set_scale(batch / base)
-        opts = dataclasses.replace(options, total_steps=min(options.total_steps, step + plan.steps_per_epoch),
-                                   step_offset=step, epoch_offset=epoch, resume=False)
-        res = Trainer(backend, model, optimizer, plan, data, opts, adascale=adascale,
-                      step_cache=cache, **trainer_kwargs).run()
-        results.append(res)
-        done = res.metrics["steps"] - step
-        b_noise = adascale.noise_scale()
-        segments.append({"start_epoch": epoch, "start_step": step, "steps": done,
-                         "global_batch_size": batch, "b_noise": b_noise,
-                         "samples_per_sec": res.metrics.get("samples_per_sec"),
-                         "per_replica_batch_size": plan.per_replica_batch_size,
-                         "steps_per_epoch": plan.steps_per_epoch})
-        step, epoch = res.metrics["steps"], epoch + 1
-        if res.metrics.get("diverged") or res.metrics.get("stopped_early"):
-            break
-        sps = res.metrics.get("samples_per_sec")
-        if sps:  # a real measurement replaces the probe's
-            measured[batch] = backend_slowest(backend, batch / sps)
-        model_t = ThroughputModel.fit(measured)
-        new = choose_batch(candidates, model_t, b_noise, base, batch)
-        log(f"distbatch: epoch {epoch}: B_noise {b_noise if b_noise is None else round(b_noise, 1)}, "
-            f"goodput-best batch {new} (was {batch})")
-        batch = new
-    history = [h for r in results for h in r.history]
-    metrics = merge_metrics([r.metrics for r in results], segments, history)
-    metrics["batch_trajectory"] = [(s["start_step"], s["global_batch_size"]) for s in segments]
-    metrics["adascale_mean_gain"] = _weighted_mean_gain(results, segments)
-    return RunResult(metrics=metrics, history=history)
+    from distbatch.training.batch_policy import GoodputBatch
+    from distbatch.training.trainer import Trainer
+    policy = GoodputBatch(backend, adascale=adascale, candidates=candidates, probe=probe,
+                          num_train_examples=num_train_examples(data, backend.num_workers),
+                          total_steps=options.total_steps, accumulation_steps=accumulation_steps,
+                          log=log)
+    first = BatchPlan.derive(global_batch_size=candidates[0], replicas=backend.num_replicas,
+                             accumulation_steps=accumulation_steps,
+                             num_train_examples=num_train_examples(data, backend.num_workers))
+    return Trainer(backend, model, optimizer, first, data, options, adascale=adascale,
+                   policy=policy, **trainer_kwargs).run()
 
 
 def backend_slowest(backend, seconds: float) -> float:
@@ -167,12 +135,6 @@ def backend_slowest(backend, seconds: float) -> float:
         return seconds
     from distbatch.measure.bench import _slowest_worker_times
     return _slowest_worker_times(backend, [seconds])[0]
-
-
-def _weighted_mean_gain(results: list, segments: list[dict]) -> float | None:
-    pairs = [(r.metrics.get("adascale_mean_gain"), seg["steps"]) for r, seg in zip(results, segments)]
-    pairs = [(g, n) for g, n in pairs if g is not None and n]
-    return sum(g * n for g, n in pairs) / sum(n for _, n in pairs) if pairs else None
 
 
 def probe_step_seconds(backend, make_model: Callable, optimizer_fn: Callable, example, batch: int,

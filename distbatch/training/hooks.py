@@ -13,7 +13,9 @@ import math
 import os
 import zlib
 
+import keras
 import numpy as np
+import tensorflow as tf
 
 from distbatch.errors import RanksDriftedError
 
@@ -25,7 +27,6 @@ class TensorBoardHook:
     def __init__(self, directory: str | None) -> None:
         self.writers = {}
         if directory:
-            import tensorflow as tf
             self.writers = {k: tf.summary.create_file_writer(os.path.join(directory, k))
                             for k in ("train", "val")}
         self.active = bool(self.writers)
@@ -33,7 +34,6 @@ class TensorBoardHook:
     def scalars(self, kind: str, step: int, scalars: dict) -> None:
         if kind not in self.writers:
             return
-        import tensorflow as tf
         with self.writers[kind].as_default(step=step):
             for name, value in scalars.items():
                 if isinstance(value, (int, float)):
@@ -48,7 +48,6 @@ def learning_rate_variable(optimizer):
     """The optimizer's learning-rate variable, or None when it follows a schedule (a pure
     function of the step, the same on every rank). Wrappers (LossScaleOptimizer, AdaScale)
     delegate to their inner optimizer."""
-    import keras
     while optimizer is not None:
         lr = getattr(optimizer, "_learning_rate", None)
         if isinstance(lr, keras.Variable):
@@ -73,11 +72,10 @@ class CallbackHooks:
         self.lr = learning_rate_variable(optimizer)
         self.list = None
         if self.active and backend.is_chief:
-            import keras
             self.list = keras.callbacks.CallbackList(
                 callbacks, add_history=False, add_progbar=False, model=model, verbose=0,
-                epochs=max(1, math.ceil((options.total_steps - options.step_offset)
-                                        / max(1, plan.steps_per_epoch // max(1, options.evals_per_epoch)))),
+                epochs=max(1, math.ceil(options.total_steps / max(
+                    1, plan.steps_per_epoch // max(1, options.evals_per_epoch)))),
                 steps=plan.steps_per_epoch)
         model.stop_training = False
 

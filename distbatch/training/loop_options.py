@@ -41,12 +41,6 @@ class LoopOptions:
     bucket_mb: float | str = "auto"            # gradient all-reduce buckets (MB); 0 = one group;
                                                # auto: the backend's choice (Horovod: per tensor)
     grad_compression: str = "none"             # none | fp16 | bf16: gradient type on the wire
-    # Batch-size schedules (distbatch.training.batch_schedule) run one Trainer per fixed-batch
-    # segment. step_offset: global steps done before this segment (steps, history and
-    # total_steps are absolute); epoch_offset: absolute epoch where the segment starts
-    # (the data order is a function of (seed, absolute epoch)). Default 0: one segment.
-    step_offset: int = 0
-    epoch_offset: int = 0
 
     def __post_init__(self) -> None:
         """Each option's range, named as the parameter (distbatch.fit passes them through)."""

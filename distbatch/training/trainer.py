@@ -9,42 +9,41 @@ temporary directory).
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import sys
 import time
 from typing import Callable
-
-import numpy as np
 
 from distbatch import interrupts
 from distbatch.backends.base import Backend
 from distbatch.data.inputs import without_autotune_thread
 from distbatch.measure.noise import NoiseScaleTracker
 from distbatch.training.checkpoints import newest_intact
-from distbatch.training.early_stopping import EarlyStopping, save_weights, weights_file
+from distbatch.training.batch_policy import FixedBatch, GoodputBatch, Segment, segment_record
+from distbatch.training.early_stopping import EarlyStopping
 from distbatch.training.evaluation import eval_iterator, run_evaluation
 from distbatch.training.hooks import CallbackHooks, TensorBoardHook, check_ranks_agree
 # The options and result, the loop's state and its files, and the progress line live in their
 # own modules; LoopOptions, RunResult and the rest stay importable from here.
-from distbatch.training.loop_options import (  # noqa: F401
+from distbatch.training.loop_options import (  # noqa: F401  (AUTO_*: re-exported)
     AUTO_CALL_SECONDS, AUTO_MAX_STEPS, LoopOptions, RunResult, resolve_steps_per_execution)
 from distbatch.training.loop_state import (
-    LoopState, checkpoint_state, fresh_counters, load_state, prune_states, restore_early_stopping,
-    restore_loop, save_state, zero_sums)
+    LoopState, checkpoint_state, fresh_counters, load_state, restore_early_stopping, restore_loop,
+    zero_sums)
 from distbatch.training.plan import BatchPlan
-from distbatch.training.preemption import CallBoundary, Preempted, chief_ints, sync_every_calls
+from distbatch.training.preemption import CallBoundary, chief_ints, sync_every_calls
 from distbatch.training.progress import progress_line
+from distbatch.training.run_checkpoints import RunCheckpoints
 from distbatch.training.step import StepOptions, make_eval_step, make_train_step, noise_splits_for
 
 
-class Trainer:
-    """Runs `total_steps` of the shared step on one backend."""
+class Trainer(RunCheckpoints):
+    """Runs a whole run of the shared step on one backend: `total_steps` at one batch, or the
+    segments of a batch policy (distbatch.training.batch_policy)."""
 
     def __init__(self, backend: Backend, model, optimizer, plan: BatchPlan, data,
                  options: LoopOptions, loss_fn: Callable | None = None, adascale=None,
                  step_cache: dict | None = None, *, task=None, validation_data=None,
-                 callbacks=None) -> None:
+                 callbacks=None, policy=None) -> None:
         """`data`: a distbatch ArrayDataset (train and validation arrays) or a training source
         (distbatch.data.inputs; then `validation_data` is a source or None).
         `task` (distbatch.training.task.Task): loss and metrics; default `loss_fn` (per
@@ -52,8 +51,9 @@ class Trainer:
         `callbacks`: Keras callbacks, called on the chief with global metrics.
         `adascale`: a distbatch.recipes.adascale.AdaScaleState whose schedule the optimizer uses;
         the run then ends when its tau reaches the base-batch budget (or at total_steps).
-        `step_cache`: a dict shared by Trainers of one model and optimizer (segments of a
-        changing batch) so a batch seen before does not compile its step again."""
+        `step_cache`: compiled steps by batch plan (a batch seen before does not compile again).
+        `policy`: the batch policy (FixedBatch(plan, options.total_steps) by default): the
+        segments of the run, each at its own global batch; one evaluation ends each."""
         from distbatch.data.inputs import array_sources
         from distbatch.training.step import default_task
         self.step_cache = {} if step_cache is None else step_cache
@@ -71,32 +71,17 @@ class Trainer:
         self.task = self.step_cache["task"]
         self.callbacks = list(callbacks or [])
         self.chief = backend.is_chief
+        self.policy = policy or FixedBatch(plan, options.total_steps)
+        self._seg = self.policy_segment = None
 
     # -- output helpers -------------------------------------------------------------------
     def log(self, msg: str) -> None:
         if self.chief and self.opt.verbose:
             print(msg, file=sys.stderr, flush=True)
 
-    def _checkpoint(self):
-        import tensorflow as tf
-        if not self.opt.checkpoint_dir:
-            return None, None
-        self._step_var = tf.Variable(0, dtype=tf.int64, trainable=False)
-        extra = {"adascale": self.adascale.checkpoint} if self.adascale is not None else {}
-        ckpt = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self._step_var,
-                                   **extra)
-        # Multiworker: every worker must save (collectives); non-chief to a temp dir.
-        directory = self.opt.checkpoint_dir
-        self._temp_checkpoint_dir = None
-        if not self.chief:
-            from distbatch.training.checkpoints import temp_checkpoint_dir
-            directory = temp_checkpoint_dir(self.backend.worker_index)
-            self._temp_checkpoint_dir = directory
-        return ckpt, tf.train.CheckpointManager(ckpt, directory, max_to_keep=2)
-
     # -- boundaries -----------------------------------------------------------------------
     def _at_eval(self, step: int) -> bool:
-        return ((step - self.opt.step_offset) % self._eval_every == 0 or step == self.opt.total_steps
+        return ((step - self._seg.start_step) % self._eval_every == 0 or step == self._seg.end_step
                 or self._finished)
 
     def _at_checkpoint(self, step: int) -> bool:
@@ -104,12 +89,12 @@ class Trainer:
         opt = self.opt
         if self._manager is None:
             return False
-        if step == opt.total_steps or self._finished:
+        if step == self._seg.end_step or self._finished:
             return True
         return step % opt.checkpoint_every == 0 if opt.checkpoint_every else self._at_eval(step)
 
     def _at_log(self, step: int) -> bool:
-        return (step - self.opt.step_offset) % max(1, self.opt.log_every) == 0 or self._at_eval(step)
+        return (step - self._seg.start_step) % max(1, self.opt.log_every) == 0 or self._at_eval(step)
 
     def _checkpoint_due(self, step: int) -> bool:
         """At an evaluation (checkpoint_every = 0): the first one, the last step, or when the
@@ -117,7 +102,7 @@ class Trainer:
         rank follows (backend.sync_flag), so all save at the same step (TF needs every
         multiworker worker in a save)."""
         opt = self.opt
-        if opt.checkpoint_every or step == opt.total_steps or self._finished:
+        if opt.checkpoint_every or step == self._seg.end_step or self._finished:
             return True
         last = getattr(self, "_last_checkpoint_time", None)
         due = self.chief and (last is None or time.perf_counter() - last >= opt.checkpoint_min_seconds)
@@ -126,11 +111,11 @@ class Trainer:
     def _steps_until_boundary(self, step: int, limit: int) -> int:
         """How many steps one call may run from `step`: up to `limit`, never past the next
         evaluation or checkpoint (they act on the weights of exactly that step)."""
-        opt, every = self.opt, self._eval_every
-        nxt = opt.step_offset + ((step - opt.step_offset) // every + 1) * every
+        opt, every, start = self.opt, self._eval_every, self._seg.start_step
+        nxt = start + ((step - start) // every + 1) * every
         if self._manager is not None and opt.checkpoint_every:
             nxt = min(nxt, (step // opt.checkpoint_every + 1) * opt.checkpoint_every)
-        return max(1, min(limit, nxt - step, opt.total_steps - step))
+        return max(1, min(limit, nxt - step, self._seg.end_step - step))
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -139,23 +124,42 @@ class Trainer:
         finally:  # after the last save (a save recreates the directory), and on an error too
             self._remove_temp_checkpoints()
 
-    def _remove_temp_checkpoints(self) -> None:
-        """A non-chief worker's checkpoint copies are never read (every worker resumes from the
-        chief's): nothing of them may stay in the temp directory once the run ends."""
-        directory, self._temp_checkpoint_dir = getattr(self, "_temp_checkpoint_dir", None), None
-        if directory:
-            shutil.rmtree(directory, ignore_errors=True)
+    def _enter(self, seg: Segment, loop: LoopState):
+        """Start a segment: its plan, steps (compiled once per plan), noise tracker, iterator.
+        Its first call compiles (or re-times): not training time, steps per call chosen anew."""
+        if self._seg is not None and seg.plan != self.plan:
+            self._val_iterator = None  # validation batches follow the global batch
+        self._seg, self.plan = seg, seg.plan
+        step_fn, eval_fn, tracker = self._build_steps()
+        loop.t_last, loop.timed, loop.per_call = None, False, 1
+        self._seg_start = (loop.step, loop.counters["train_time"], loop.counters["timed_samples"])
+        self._left = False
+        return step_fn, eval_fn, tracker, self._train_iterator(loop.step)
+
+    def _leave(self, loop: LoopState, tracker) -> dict:
+        """What the policy learns of the segment that ended (and metrics["segments"] keeps)."""
+        step0, time0, samples0 = self._seg_start
+        seconds = loop.counters["train_time"] - time0
+        sps = (loop.counters["timed_samples"] - samples0) / seconds if seconds > 0 else None
+        self._left = True
+        if tracker is not None:
+            self._trajectory.extend(tracker.trajectory)
+        info = dict(self._seg.info)
+        return {"step": loop.step, "segment": self._seg, "samples_per_sec": sps, "info": info,
+                "steps": loop.step - step0}
 
     def _run(self) -> RunResult:
-        step_fn, eval_fn, tracker = self._build_steps()
+        self._seg = self.policy.first()
+        self.plan = self._seg.plan
         loop = self._start()
+        self._trajectory, segments = [], []
+        step_fn, eval_fn, tracker, iterator = self._enter(self._seg, loop)
         if tracker is not None and self._tracker_state:
             tracker.restore(self._tracker_state)
-        iterator = self._train_iterator(loop.step)
         self._tb = TensorBoardHook(self.opt.tensorboard_dir if self.chief else None)
         self._hooks = CallbackHooks(self.callbacks, self.model, self.backend, self.opt, self.plan,
                                     self.optimizer)
-        self._hooks.train_begin(self._eval_index(loop.step))
+        self._hooks.train_begin(len(loop.history))
         # Time-based checkpoints and SIGTERM (distbatch.training.preemption): decided at call
         # boundaries, the same on every worker. SIGTERM only sets a flag while the loop runs.
         watch = self._manager is not None and interrupts.arm_preemption()
@@ -163,7 +167,16 @@ class Trainer:
                                       if self._manager is not None else 0.0,
                                       interrupts.preemption_requested if watch else None)
         wall0 = time.perf_counter()
-        while (loop.step < self.opt.total_steps and not self._finished and not loop.stopped):
+        while not self._finished and not loop.stopped and loop.diverged_step is None:
+            if loop.step >= self._seg.end_step:  # the segment ended: the policy says what next
+                done = self._leave(loop, tracker)
+                segments.append(segment_record(self._seg, done["steps"], done["samples_per_sec"]))
+                nxt = self.policy.next(done)
+                segments[-1].update(done["info"])
+                if nxt is None:
+                    break
+                step_fn, eval_fn, tracker, iterator = self._enter(nxt, loop)
+                continue
             if not self._run_call(loop, step_fn, iterator, tracker):
                 break
             save, stop = self._boundary.decide()
@@ -176,13 +189,22 @@ class Trainer:
                     self._stop_preempted(loop.step)
                 continue
             self._evaluation(loop, eval_fn, tracker, save, stop)
-            if loop.stopped:
+            if loop.stopped or self._finished:
                 break
-            if stop and loop.step < self.opt.total_steps and not self._finished:  # else: finish
+            if stop and loop.step < self.opt.total_steps:  # else: finish
                 self._stop_preempted(loop.step)
             loop.t_last = time.perf_counter()  # evaluation and checkpoints are not training time
         interrupts.disarm_preemption()
+        if not self._left:  # stopped, finished or diverged inside the segment
+            done = self._leave(loop, tracker)
+            segments.append({**segment_record(self._seg, done["steps"], done["samples_per_sec"]),
+                             **done["info"]})
         metrics = self._finish(loop, eval_fn, tracker, time.perf_counter() - wall0)
+        if self.policy.segments_in_metrics:
+            metrics["segments"] = segments
+            if isinstance(self.policy, GoodputBatch):
+                metrics["batch_trajectory"] = [(s["start_step"], s["global_batch_size"])
+                                               for s in segments]
         self._hooks.train_end(metrics)
         self._tb.close()
         return RunResult(metrics=metrics, history=loop.history)
@@ -218,7 +240,7 @@ class Trainer:
         self._finished = False  # AdaScale: tau reached the base-batch budget
         ckpt, self._manager = self._checkpoint()
         size = self.task.state_size
-        loop = LoopState(step=opt.step_offset, history=[], sums=zero_sums(size),
+        loop = LoopState(step=0, history=[], sums=zero_sums(size),
                      window=zero_sums(size), counters=fresh_counters())
         self._early_stopping = (EarlyStopping(opt.early_stopping_metric, opt.early_stopping_patience,
                                               opt.min_delta) if opt.early_stopping_metric else None)
@@ -246,8 +268,8 @@ class Trainer:
         source, plan = self.train_source, self.plan
         make = lambda w, L: without_autotune_thread(source.train_dataset(  # noqa: E731
             plan, seed=opt.seed, worker_index=w, num_workers=self.backend.num_workers,
-            local_replicas=L, start_step=start_step - opt.step_offset,
-            total_steps=opt.total_steps - opt.step_offset, epoch_offset=opt.epoch_offset))
+            local_replicas=L, start_step=start_step - self._seg.start_step,
+            total_steps=self._seg.end_step - self._seg.start_step, epoch_offset=self._seg.start_epoch))
         return self.backend.iterator(make)
 
     def _run_call(self, loop: LoopState, step_fn, iterator, tracker) -> bool:
@@ -325,7 +347,7 @@ class Trainer:
         if es is not None:
             if es.update(rec[opt.early_stopping_metric], step, epoch, self.model.get_weights):
                 loop.stopped = True
-        if self._hooks.epoch_end(self._eval_index(step) - 1, rec):
+        if self._hooks.epoch_end(len(loop.history) - 1, rec):
             loop.stopped = True
         if es is not None or self._hooks.active:
             # The metrics are all-reduced sums, so every rank agrees already; OR-ing the flag
@@ -334,12 +356,8 @@ class Trainer:
         if save or (self._at_checkpoint(step) and self._checkpoint_due(step)):
             self._save_checkpoint(step, loop.history, checkpoint_state(loop, tracker, es),
                                   preempting=stop)
-        if not loop.stopped and step < opt.total_steps:
-            self._hooks.epoch_begin(self._eval_index(step))
-
-    def _eval_index(self, step: int) -> int:
-        """Evaluations completed after `step` (a Keras callback's epoch index)."""
-        return (step - self.opt.step_offset) // self._eval_every
+        if not loop.stopped and step < opt.total_steps and not self._finished:
+            self._hooks.epoch_begin(len(loop.history))  # a Keras epoch index counts evaluations
 
     def _means(self, sums: dict) -> dict:
         """{"loss": mean loss, <metric>: result} of running sums."""
@@ -367,17 +385,15 @@ class Trainer:
             metrics.setdefault(k, None)
         if ada is not None:
             tau = float(ada.tau.numpy())
-            # tau is the sum of all gains so far: over the whole run when it started at step 0
-            # (also after a resume); a segment of a changing batch averages its own steps.
+            # tau is the sum of all gains so far, over the whole run (also after a resume).
             gains = loop.gains
-            mean_gain = tau / step if self.opt.step_offset == 0 and step else (
-                float(np.mean(gains)) if gains else None)
+            mean_gain = tau / step if step else None
             metrics.update(adascale_scale=ada.scale, adascale_mean_gain=mean_gain,
                            adascale_final_gain=gains[-1] if gains else None,
                            scale_invariant_steps=tau, base_steps_budget=ada.total_base_steps)
         if tracker is not None:
             metrics["b_simple"] = tracker.b_simple
-            metrics["b_simple_trajectory"] = tracker.trajectory[:: max(1, len(tracker.trajectory) // 50)]
+            metrics["b_simple_trajectory"] = self._trajectory[:: max(1, len(self._trajectory) // 50)]
         if es is not None and es.best_weights is not None:
             self.model.set_weights(es.best_weights)
             val = self._evaluate(eval_fn)
@@ -403,46 +419,9 @@ class Trainer:
             metrics["best_val_loss_epoch"] = lows["epoch"]
         return metrics
 
-    # -- pieces ---------------------------------------------------------------------------
-    def _save_checkpoint(self, step: int, history: list, state: dict, *,
-                         preempting: bool = False) -> None:
-        """Save model, optimizer and step (TF checkpoint) plus history and loop counters (JSON)
-        and early stopping's best weights (best-<best step>.npz).
-
-        The best weights and the JSON (state-<step>.json) are written BEFORE the
-        checkpoint, each atomically: a kill before the checkpoint is complete leaves
-        the previous checkpoint as the latest, with its own files still there. Files
-        of pruned checkpoints go.
-        """
-        self._last_checkpoint_time = time.perf_counter()
-        if preempting:
-            interrupts.hold_watchdog()  # the save may take longer than the hang watchdog's grace
-        self._step_var.assign(step)
-        es = self._early_stopping
-        if self.chief:
-            if es is not None and es.best_weights is not None:
-                path = os.path.join(self.opt.checkpoint_dir, weights_file(es.best_step))
-                if not os.path.exists(path):  # written once per new best
-                    save_weights(path, es.best_weights)
-            save_state(self.opt.checkpoint_dir, step, history, state)
-        self._manager.save(checkpoint_number=step)
-        if self.chief:
-            prune_states(self.opt.checkpoint_dir, self._manager.checkpoints)
-        self._boundary.saved()
-
-    def _stop_preempted(self, step: int) -> None:
-        """After the preemption checkpoint of `step`: wait for every worker (the chief's files are
-        complete before anyone exits), then end the run with Preempted (exit 75)."""
-        if self.backend.num_workers > 1:
-            self.backend.sync_flag(False)  # a barrier
-        interrupts.release_watchdog()  # (still armed: a late SIGTERM must not cut the exit short)
-        if getattr(self, "_temp_checkpoint_dir", None):
-            shutil.rmtree(self._temp_checkpoint_dir, ignore_errors=True)
-        raise Preempted(step, self.opt.checkpoint_dir)
-
     def _epoch_at(self, step: int) -> float:
-        """Absolute epoch after `step` global steps (segments of a batch schedule add offsets)."""
-        return self.opt.epoch_offset + (step - self.opt.step_offset) / self.plan.steps_per_epoch
+        """Absolute epoch after `step` global steps (each segment at its own steps per epoch)."""
+        return self._seg.start_epoch + (step - self._seg.start_step) / self.plan.steps_per_epoch
 
     def _consume(self, loop: LoopState, values: dict, tracker) -> int | None:
         """Take the per-step outputs of one call (steps step+1 .. step+n) on the host: running
