@@ -43,7 +43,8 @@ def test_decay_epochs_normalised_to_a_tuple_of_floats(value):
     (dict(base_batch_size=0), "base_batch_size must be >= 1, got 0"),
     (dict(optimizer="sgdx"), "optimizer must be one of sgd, momentum, nesterov, adam, adamw, lamb, "
                              "lars, got 'sgdx'"),
-    (dict(scaling="cubic"), "scaling must be one of linear, sqrt, none, adascale, got 'cubic'"),
+    (dict(scaling="cubic"), "scaling must be one of linear, sqrt, adaptive-sqrt, none, adascale, "
+                             "got 'cubic'"),
     (dict(warmup="slow"), "warmup must be one of gradual, constant, none, got 'slow'"),
     (dict(warmup_epochs=-1.0), "warmup_epochs must be a finite number in [0, inf), got -1.0"),
     (dict(warmup_steps=-2), "warmup_steps must be >= 0, got -2"),
@@ -130,7 +131,13 @@ def test_build_equals_the_old_build_recipe(kwargs, flags, run, optimizer, summar
     assert recipe_from_args(args) == Recipe(**kwargs)
     opt, schedule, got = Recipe(**kwargs).build(global_batch_size=g, steps_per_epoch=spe, total_steps=total)
     assert type(opt).__name__ == optimizer
-    assert got.keys() == summary.keys()
+    # Keys added since (issue #29): the betas and epsilon of adam/adamw/lamb (Keras's defaults
+    # without adaptive-sqrt), adaptive-sqrt's caps, AdaScale's lr exponent; null otherwise.
+    added = {"beta_1", "beta_2", "epsilon", "scaling_capped", "adascale_lr_exponent"}
+    assert got.keys() == summary.keys() | added
+    adaptive = kwargs.get("optimizer") in ("adam", "adamw", "lamb")
+    assert [got[k] for k in ("beta_1", "beta_2", "epsilon")] == ([0.9, 0.999, 1e-7] if adaptive else [None] * 3)
+    assert got["scaling_capped"] is None and got["adascale_lr_exponent"] is None
     for key, value in summary.items():
         assert got[key] == (pytest.approx(value) if isinstance(value, float) else value), key
     for step, lr in lrs:

@@ -26,7 +26,11 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
                    help="batch size at which --base-lr was tuned (default: %(default)s)")
     g.add_argument("--scaling", choices=SCALING_RULES + ("adascale",), default="linear",
                    help="lr scaling rule for the global batch (default: linear, Goyal et al. 2017); "
-                        "adascale: the lr adapts to the gradient noise (Johnson et al. 2020), the "
+                        "adaptive-sqrt (adam/adamw/lamb): Malladi et al. 2022, with k = global / "
+                        "base batch: lr x sqrt(k), 1-beta1 and 1-beta2 x k (a beta below 0 is "
+                        "capped at 0), epsilon / sqrt(k); "
+                        "adascale: the lr adapts to the gradient noise (Johnson et al. 2020; by "
+                        "gain ** 0.5 for adam/adamw/lamb), the "
                         "length (--epochs/--steps) is counted at --base-batch-size and the run "
                         "ends when the scale-invariant step count reaches it")
     g.add_argument("--warmup", choices=WARMUP_MODES, default="gradual",
@@ -58,11 +62,6 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
                    help="scale the velocity by lr_t/lr_{t-1} when the lr changes (Goyal sec. 2.2)")
     g.add_argument("--lars-eta", type=float, default=0.001,
                    help="LARS trust coefficient (default: 0.001)")
-
-
-def validate_recipe_args(args: argparse.Namespace) -> Recipe:
-    """The recipe flags, checked before TensorFlow starts: the Recipe they describe."""
-    return recipe_from_args(args)
 
 
 def build_recipe(args: argparse.Namespace, *, global_batch_size: int, steps_per_epoch: int,

@@ -21,6 +21,10 @@ bias-corrected exponential moving averages with theta = max(1 - S/1000, 0)
 (the paper's choice); sigma^2 is clipped at >= 1e-6 and mu^2 at >= 0 before
 averaging. With S = 1 the gain is exactly 1 and lr_t = lr_0(t).
 
+With adam, adamw or lamb the lr factor is r_t ** 0.5 instead of r_t (lr_t = sqrt(r_t) *
+lr_0(floor(tau_t)), the square-root rule of adaptive optimizers, distbatch.recipes.adaptive);
+tau still advances by r_t.
+
 The state lives in TensorFlow variables updated inside the train step, so
 several steps per call, every backend, checkpoints and resume all see it.
 Under tf.distribute the variables are sync-on-read (each replica updates its
@@ -146,27 +150,41 @@ class AdaScaleState:
 
 @keras.saving.register_keras_serializable(package="distbatch")
 class AdaScaleSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """lr = gain * base(floor(tau)): the optimizer's step counter is ignored (tau replaces it).
+    """lr = gain ** lr_exponent * base(floor(tau)): the optimizer's step counter is ignored
+    (tau replaces it; tau advances by the gain itself whatever the exponent).
 
-    Serialises as the base schedule's config plus S; a loaded copy has no live state and
-    then returns base(step) (gain 1), which is what continuing at the base batch means.
+    ``lr_exponent`` is 1 for the SGD family (the paper) and 0.5 for adam/adamw/lamb
+    (distbatch.recipes.adaptive.adascale_lr_exponent: the square-root rule of adaptive
+    optimizers). Serialises as the base schedule's config plus S and the exponent; a loaded
+    copy has no live state and then returns base(step) (gain 1), which is what continuing at
+    the base batch means.
     """
 
-    def __init__(self, base, state: AdaScaleState | None = None, scale: float = 1.0):
+    def __init__(self, base, state: AdaScaleState | None = None, scale: float = 1.0,
+                 lr_exponent: float = 1.0):
+        if not (isinstance(lr_exponent, (int, float)) and 0 < lr_exponent <= 1):
+            raise ValueError(f"lr_exponent must be in (0, 1], got {lr_exponent!r}")
         self.base = base
         self.state = state
         self.scale = float(state.scale if state is not None else scale)
+        self.lr_exponent = float(lr_exponent)
 
     def __call__(self, step):
         import tensorflow as tf
         if self.state is None:
             return self.base(step)
         tau = tf.cast(tf.floor(self.state.tau), tf.float32)
-        return tf.cast(self.state.gain, tf.float32) * tf.cast(self.base(tau), tf.float32)
+        factor = tf.cast(self.state.gain, tf.float32)
+        if self.lr_exponent != 1.0:
+            factor = tf.pow(factor, self.lr_exponent)
+        return factor * tf.cast(self.base(tau), tf.float32)
 
     def get_config(self) -> dict:
-        return {"base": keras.saving.serialize_keras_object(self.base), "scale": self.scale}
+        return {"base": keras.saving.serialize_keras_object(self.base), "scale": self.scale,
+                "lr_exponent": self.lr_exponent}
 
     @classmethod
     def from_config(cls, config: dict) -> "AdaScaleSchedule":
-        return cls(keras.saving.deserialize_keras_object(config["base"]), scale=config["scale"])
+        # A model saved before the exponent existed used the linear gain.
+        return cls(keras.saving.deserialize_keras_object(config["base"]), scale=config["scale"],
+                   lr_exponent=config.get("lr_exponent", 1.0))

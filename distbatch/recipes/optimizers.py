@@ -27,7 +27,7 @@ import math
 import keras
 from keras import ops
 
-from distbatch.choices import OPTIMIZERS  # noqa: F401 - re-exported
+from distbatch.choices import ADAPTIVE_OPTIMIZERS, OPTIMIZERS  # noqa: F401 - re-exported
 from distbatch.errors import ParameterError
 
 
@@ -269,6 +269,9 @@ def build_optimizer(
     exclude_bias_and_norm: bool = True,
     momentum_correction: bool = False,
     lars_eta: float = 0.001,
+    beta_1: float | None = None,
+    beta_2: float | None = None,
+    epsilon: float | None = None,
 ) -> keras.optimizers.Optimizer:
     """Optimizer by name; ``learning_rate`` is a float or a LearningRateSchedule.
 
@@ -277,9 +280,12 @@ def build_optimizer(
       optional ``momentum_correction``).
     * ``adam``: ``keras.optimizers.Adam``; weight decay is refused because
       Keras's is decoupled, which is AdamW: use ``adamw``.
-    * ``adamw``: :class:`AdamW`; ``lamb``: :class:`Lamb` (Keras's, default
-      betas and epsilon).
+    * ``adamw``: :class:`AdamW`; ``lamb``: :class:`Lamb` (Keras's).
     * ``lars``: :class:`LARS` with trust coefficient ``lars_eta``.
+
+    ``beta_1``, ``beta_2``, ``epsilon`` (adam, adamw, lamb only; None keeps Keras's
+    defaults 0.9, 0.999, 1e-7): what ``scaling="adaptive-sqrt"`` rescales
+    (distbatch.recipes.adaptive).
 
     ``exclude_bias_and_norm`` keeps rank <= 1 variables out of weight decay
     (and out of LARS adaptation).
@@ -292,6 +298,10 @@ def build_optimizer(
         raise ParameterError(
             f"{{momentum_correction}} applies to {{optimizer}} momentum or nesterov, got {name!r}",
             "momentum_correction", "optimizer")
+    adaptive = {k: float(v) for k, v in (("beta_1", beta_1), ("beta_2", beta_2), ("epsilon", epsilon))
+                if v is not None}
+    if adaptive and name not in ADAPTIVE_OPTIMIZERS:
+        raise ValueError(f"{', '.join(adaptive)} apply to adam, adamw and lamb, not {name!r}")
     if name in ("sgd", "momentum", "nesterov"):
         return MomentumSGD(
             learning_rate,
@@ -315,7 +325,9 @@ def build_optimizer(
                 f"{{optimizer}} adam takes no weight decay (Keras's is decoupled, i.e. AdamW), "
                 f"got {{weight_decay}} {weight_decay:g}; use {{optimizer}} adamw",
                 "optimizer", "weight_decay")
-        return keras.optimizers.Adam(learning_rate)
+        return keras.optimizers.Adam(learning_rate, **adaptive)
     if name == "adamw":  # Keras's AdamW insists on a float weight decay
-        return AdamW(learning_rate, weight_decay=weight_decay, exclude_bias_and_norm=exclude_bias_and_norm)
-    return Lamb(learning_rate, weight_decay=weight_decay or None, exclude_bias_and_norm=exclude_bias_and_norm)
+        return AdamW(learning_rate, weight_decay=weight_decay, exclude_bias_and_norm=exclude_bias_and_norm,
+                     **adaptive)
+    return Lamb(learning_rate, weight_decay=weight_decay or None, exclude_bias_and_norm=exclude_bias_and_norm,
+                **adaptive)

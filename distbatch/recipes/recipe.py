@@ -8,8 +8,8 @@
 
 Every field is checked once, in ``__post_init__``, with errors that name the
 FIELD ("base_lr must be a finite number > 0, got -1"); the CLI builds the same
-object from its flags (distbatch.cli.recipe_flags.recipe_from_args) and shows the flag instead
-("--base-lr ..."). :meth:`Recipe.build` adds what needs the run's batch
+object from its flags (distbatch.cli.recipe_flags.recipe_from_args) and shows the same error
+with the flag in place of the field. :meth:`Recipe.build` adds what needs the run's batch
 arithmetic: epochs become steps here, once.
 
 Defaults are Goyal et al. 2017's ImageNet recipe (momentum 0.9, linear
@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
-from distbatch.choices import DECAYS, OPTIMIZERS, SCALING_RULES, WARMUP_MODES
+from distbatch.choices import ADAPTIVE_OPTIMIZERS, DECAYS, OPTIMIZERS, SCALING_RULES, WARMUP_MODES
 from distbatch.errors import ParameterError, UsageError
 
 if TYPE_CHECKING:  # building a Recipe (and the CLI's --help) must not import TensorFlow
@@ -112,7 +112,10 @@ class Recipe:
     warmup goes from ``min(base_lr, peak_lr)`` (``warmup_from="base"``) or 0 to it over
     ``warmup_epochs`` or ``warmup_steps`` (at most one; default 5/90 of training, capped
     at ``warmup_cap`` x training when that is set); then ``decay``. ``scaling="adascale"``:
-    the lr adapts to the gradient noise (Johnson et al. 2020; pass ``adascale=`` to build).
+    the lr adapts to the gradient noise (Johnson et al. 2020; pass ``adascale=`` to build),
+    by gain ** 0.5 for adam/adamw/lamb. ``scaling="adaptive-sqrt"`` (adam/adamw/lamb only):
+    Malladi et al. 2022's rule, lr x sqrt(k) and the betas and epsilon rescaled
+    (distbatch.recipes.adaptive).
     """
     optimizer: str = "momentum"
     base_lr: float = 0.05
@@ -141,6 +144,10 @@ class Recipe:
         _in_range("base_lr", self.base_lr, 0, low_open=True)  # inf
         _integer("base_batch_size", self.base_batch_size, 1)
         _choice("scaling", self.scaling, SCALINGS)
+        if self.scaling == "adaptive-sqrt" and self.optimizer not in ADAPTIVE_OPTIMIZERS:
+            raise ParameterError(f"{{scaling}} adaptive-sqrt rescales the betas and epsilon of "
+                                 f"{{optimizer}} {', '.join(ADAPTIVE_OPTIMIZERS)}, got {{optimizer}} "
+                                 f"{self.optimizer}; use {{scaling}} linear or sqrt", "scaling", "optimizer")
         _choice("warmup", self.warmup, WARMUP_MODES)
         if self.warmup_epochs is not None:
             _in_range("warmup_epochs", self.warmup_epochs, 0)
@@ -184,6 +191,7 @@ class Recipe:
         budget); the optimizer then follows ``gain x schedule(tau)``
         (distbatch.recipes.adascale).
         """
+        from distbatch.recipes.adaptive import KERAS_DEFAULTS, adascale_lr_exponent, sde_scaling
         from distbatch.recipes.optimizers import build_optimizer
         from distbatch.recipes.schedules import build_lr_schedule, epochs_to_steps, scaled_learning_rate
 
@@ -191,6 +199,10 @@ class Recipe:
         if (adascale is None) != (rule == self.scaling):
             raise ValueError("Recipe.build: pass adascale= exactly when scaling is 'adascale'")
         peak_lr = scaled_learning_rate(self.base_lr, self.base_batch_size, global_batch_size, rule)
+        adaptive = self.optimizer in ADAPTIVE_OPTIMIZERS
+        sde = (sde_scaling(global_batch_size / self.base_batch_size)
+               if self.scaling == "adaptive-sqrt" else None)
+        hyper = sde.optimizer_kwargs() if sde else dict(KERAS_DEFAULTS) if adaptive else {}
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise UsageError(f"total training steps must be an integer >= 1, got {total_steps!r}")
 
@@ -235,7 +247,8 @@ class Recipe:
         )
         if adascale is not None:
             from distbatch.recipes.adascale import AdaScaleSchedule
-            schedule = AdaScaleSchedule(schedule, adascale)
+            schedule = AdaScaleSchedule(schedule, adascale,
+                                        lr_exponent=adascale_lr_exponent(self.optimizer))
         optimizer = build_optimizer(
             self.optimizer,
             schedule,
@@ -244,6 +257,7 @@ class Recipe:
             exclude_bias_and_norm=self.exclude_bias_bn,
             momentum_correction=self.momentum_correction,
             lars_eta=self.lars_eta,
+            **hyper,
         )
         uses_momentum = self.optimizer in ("momentum", "nesterov", "lars")
         summary = {
@@ -264,6 +278,12 @@ class Recipe:
             "weight_decay": float(self.weight_decay),
             "exclude_bias_bn": bool(self.exclude_bias_bn),
             "lars_eta": float(self.lars_eta) if self.optimizer == "lars" else None,
+            # adam/adamw/lamb: the betas and epsilon the optimizer runs with (adaptive-sqrt's
+            # rescaled ones), and the betas the rule pushed out of [0, 1) and capped at 0.
+            **{name: hyper.get(name) for name in ("beta_1", "beta_2", "epsilon")},
+            "scaling_capped": list(sde.capped) if sde else None,
+            "adascale_lr_exponent": (adascale_lr_exponent(self.optimizer)
+                                     if adascale is not None else None),
         }
         return optimizer, schedule, summary
 

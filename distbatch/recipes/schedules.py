@@ -44,6 +44,9 @@ def scaled_learning_rate(
       for parallelizing CNNs" (arXiv:1404.5997); Hoffer et al. 2017, "Train
       longer, generalize better" (arXiv:1705.08741): keeps the covariance of
       the update constant. Goyal's Table measured it worse than linear at 8k.
+    * ``adaptive-sqrt``: ``lr = base_lr * sqrt(k)``, the lr part of Malladi et al.
+      2022's rule for Adam-family optimizers (arXiv:2205.10287), which also rescales
+      the betas and epsilon (distbatch.recipes.adaptive.sde_scaling).
     * ``none``: ``lr = base_lr``.
     """
     if rule not in SCALING_RULES:
@@ -56,7 +59,7 @@ def scaled_learning_rate(
     k = global_batch_size / base_batch_size
     if rule == "linear":
         return float(base_lr * k)
-    if rule == "sqrt":
+    if rule in ("sqrt", "adaptive-sqrt"):
         return float(base_lr * math.sqrt(k))
     return float(base_lr)
 
