@@ -10,6 +10,7 @@ Everything after ``--`` is the worker command, passed through untouched.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import secrets
@@ -23,6 +24,7 @@ from distbatch.backends.cluster import SECRET_ENV, resolve_secret
 from distbatch.launch import launcher
 from distbatch.launch import restarts
 from distbatch.launch import supervisor
+from distbatch.launch import survivors
 from distbatch.errors import UsageError
 from distbatch.training.preemption import CHECKPOINT_SECONDS_ENV, LAUNCH_CHECKPOINT_SECONDS
 
@@ -178,14 +180,26 @@ def _multiworker(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-restarts {args.max_restarts} restarts the workers of a local job; with "
                          f"--hosts each host runs its own worker (restart them with --resume)")
     _prepare_restarts(args, _worker_command(args))
+    if args.min_workers is not None and args.workers is not None:
+        launcher.check_np(args.workers, "--workers")
+    survivors.check_min_workers(args.min_workers, workers=args.workers, max_restarts=args.max_restarts,
+                                dead_after=args.dead_after, command=_worker_command(args))
 
     starts = []
+    world = None
+    if args.min_workers is not None and not (args.dry_run or args.write_scripts):
+        world = survivors.Survivors(args.workers, args.min_workers, args.dead_after)
 
     def once(command: list[str], failures: list) -> int:
         starts.append(command)
-        return _multiworker_once(args, command, failures, check_ports=len(starts) == 1)
+        return _multiworker_once(args, command, failures, check_ports=len(starts) == 1, world=world)
 
     if args.max_restarts and not (args.dry_run or args.write_scripts):
+        if world is not None:  # --min-workers: restarts may continue on fewer workers
+            return restarts.run_with_restarts(
+                once, _worker_command(args), max_restarts=args.max_restarts, workers=args.workers,
+                backoff=args.restart_backoff, backoff_max=args.restart_backoff_max,
+                restart_deterministic=args.restart_deterministic, world=world)
         return _with_restarts(once, _worker_command(args), args, args.workers)
     return _multiworker_once(args, _worker_command(args), None)
 
@@ -208,21 +222,24 @@ def _note(line: str) -> None:
 
 
 def _multiworker_once(args: argparse.Namespace, command: list[str], failures: list | None,
-                      check_ports: bool = True) -> int:
+                      check_ports: bool = True, world: survivors.Survivors | None = None) -> int:
     """One start of the multiworker job (free ports are chosen anew each time; a given --port
-    is checked only at the first start: the previous workers' sockets may linger in TIME_WAIT)."""
+    is checked only at the first start: the previous workers' sockets may linger in TIME_WAIT).
+    With ``world`` (--min-workers) it starts the workers still alive: a new TF_CONFIG of
+    ``world.size`` workers, ranks named by world.labels()."""
+    workers = world.size if world is not None else args.workers
     if args.hosts:
         addresses = launcher.host_worker_addresses(args.hosts, args.port or 12345, args.workers)
     else:
-        if args.workers is None:
+        if workers is None:
             raise UsageError("multiworker needs --workers N (local run) or --hosts h1,h2 (multi-host), got neither")
-        launcher.check_np(args.workers, "--workers")
+        launcher.check_np(workers, "--workers")
         if args.port is not None:
-            addresses = launcher.local_worker_addresses(args.workers, args.port)
+            addresses = launcher.local_worker_addresses(workers, args.port)
             if not args.dry_run and check_ports:
-                launcher.check_ports_free([args.port + i for i in range(args.workers)])
+                launcher.check_ports_free([args.port + i for i in range(workers)])
         else:
-            addresses = [f"localhost:{p}" for p in launcher.find_free_ports(args.workers)]
+            addresses = [f"localhost:{p}" for p in launcher.find_free_ports(workers)]
     # Printed commands never carry the secret (the value is shown nowhere); the workers started
     # here get a new one for each start, the scripts one for the job.
     specs = launcher.multiworker_specs(addresses, command)
@@ -256,6 +273,10 @@ def _multiworker_once(args: argparse.Namespace, command: list[str], failures: li
     worker_specs = supervisor.rank_specs([({**_path_env(), **env}, argv) for env, argv in specs])
     if args.task_index is not None:
         worker_specs = [worker_specs[args.task_index]]
+    if world is not None:  # ranks named after the original workers; their lines tell the progress
+        worker_specs = [dataclasses.replace(s, label=label) for s, label in zip(worker_specs, world.labels())]
+        return supervisor.run_workers(worker_specs, grace_seconds=args.grace_seconds, failures=failures,
+                                      on_line=world.on_line)
     return supervisor.run_workers(worker_specs, grace_seconds=args.grace_seconds, failures=failures)
 
 
@@ -363,6 +384,14 @@ def add_launch_parser(subparsers) -> None:
     w.add_argument("--port", type=int, help="local: first port (default: free ports); hosts: port (default 12345)")
     w.add_argument("--task-index", type=int, help="with --hosts: run only this worker here, supervised")
     w.add_argument("--write-scripts", metavar="DIR", help="write one worker<i>.sh per host into DIR")
+    w.add_argument("--min-workers", type=int, metavar="M",
+                   help="with --max-restarts: a worker that stays dead (--dead-after failures in a row, "
+                        "no new checkpoint in between) is dropped and the others continue with a new "
+                        "TF_CONFIG and --resume, as long as at least M remain (default: --workers, "
+                        "never shrink; see docs/reliability.md)")
+    w.add_argument("--dead-after", type=int, metavar="N",
+                   help=f"with --min-workers: failures in a row, with no new checkpoint in between, "
+                        f"after which a worker stayed dead (default {survivors.DEFAULT_DEAD_AFTER})")
     _common(w)
     w.set_defaults(func=_multiworker)
 

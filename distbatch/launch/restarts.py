@@ -13,7 +13,10 @@ Restarts know when to stop:
   checkpoint, since a resumed run repeats the same steps exactly;
 * restarts back off: before restart k the launcher waits
   min(``--restart-backoff-max``, ``--restart-backoff`` x 2^(k-1)) seconds, so a
-  crash loop does not hammer a shared filesystem or scheduler.
+  crash loop does not hammer a shared filesystem or scheduler;
+* with ``launch multiworker --min-workers M`` a worker that stays dead is dropped and the
+  others continue on a new TF_CONFIG, or the job stops below M
+  (:mod:`distbatch.launch.survivors`).
 
 The pure parts (the resumed command, the output directory a command writes,
 the newest checkpoint step, the restart line, the back-off delay) are functions
@@ -225,14 +228,19 @@ def run_with_restarts(run_once: Callable[[list[str], list], int], command: Seque
                       max_restarts: int, workers: int, stderr: IO[str] | None = None,
                       backoff: float = 0.0, backoff_max: float = 0.0,
                       restart_deterministic: bool = False,
-                      sleep: Callable[[float], None] | None = None) -> int:
+                      sleep: Callable[[float], None] | None = None, world=None) -> int:
     """Run `run_once(command, failures)` until it returns 0, the launcher itself was stopped
     (nothing appended to `failures`: Ctrl-C or SIGTERM on the launcher), a deterministic
     failure (exit 2 or 3, :data:`DETERMINISTIC`) ended it and `restart_deterministic` is off,
     or `max_restarts` restarts are used up; returns the last exit status. `failures`
     receives (who, how) of the worker that caused a failure, the same worker the job's exit
     status comes from. Before restart k it waits backoff_delay(k, backoff, backoff_max)
-    seconds (`sleep`, replaceable by a fake clock in tests), with one line saying so."""
+    seconds (`sleep`, replaceable by a fake clock in tests), with one line saying so.
+
+    `world` (:class:`distbatch.launch.survivors.Survivors`, multiworker ``--min-workers``):
+    told of every start, failure and the end; a worker that stayed dead is dropped (the
+    restart line says so and `run_once` starts fewer workers) or, below --min-workers, ends
+    the job with one line."""
     stderr = stderr or sys.stderr
     sleep = sleep or _sleep  # looked up per call: tests replace the module's _sleep
 
@@ -241,33 +249,50 @@ def run_with_restarts(run_once: Callable[[list[str], list], int], command: Seque
         stderr.flush()
 
     cmd = list(command)
-    for attempt in range(max_restarts + 1):
-        failures: list = []
-        code = run_once(cmd, failures)
-        if code == 0 or not failures:
-            return code
-        who, how = failures[0]
-        if max_restarts and code in DETERMINISTIC and not restart_deterministic:
-            say(not_restarting_line(who, how, code))
-            return code
-        if attempt == max_restarts:
-            if max_restarts:
-                say(f"distbatch launch: giving up after {max_restarts} restart(s)")
-            return code
-        delay = backoff_delay(attempt + 1, backoff, backoff_max)
-        if delay > 0:
-            say(backoff_line(attempt + 1, max_restarts, delay, backoff, backoff_max))
-            try:
-                sleep(delay)
-            except _StoppedWaiting as e:
-                say(f"distbatch launch: {e.name} while waiting to restart; not restarting")
-                return e.code
-        out = out_dir(cmd)
-        checkpoint = newest_checkpoint(out) if out else None
-        # --resume refuses a directory that does not exist or is empty (a typo would otherwise
-        # start over silently): an attempt that died before writing anything starts again fresh.
-        resume = out is None or (os.path.isdir(out) and bool(os.listdir(out)))
-        say(restart_line(attempt + 1, max_restarts, who, how, workers, checkpoint, resume))
-        if resume:
-            cmd = resume_command(cmd)
-    return code  # not reached
+    code = 0
+    try:
+        for attempt in range(max_restarts + 1):
+            failures: list = []
+            if world is not None:
+                world.started(cmd)
+            code = run_once(cmd, failures)
+            if code == 0 or not failures:
+                return code
+            who, how = failures[0]
+            if max_restarts and code in DETERMINISTIC and not restart_deterministic:
+                say(not_restarting_line(who, how, code))
+                return code
+            change = world.failed(who, how, code) if world is not None else None
+            if change is not None and change.stop:
+                say(change.line)
+                return code
+            if attempt == max_restarts:
+                if max_restarts:
+                    say(f"distbatch launch: giving up after {max_restarts} restart(s)")
+                return code
+            delay = backoff_delay(attempt + 1, backoff, backoff_max)
+            if delay > 0:
+                say(backoff_line(attempt + 1, max_restarts, delay, backoff, backoff_max))
+                try:
+                    sleep(delay)
+                except _StoppedWaiting as e:
+                    say(f"distbatch launch: {e.name} while waiting to restart; not restarting")
+                    code = e.code
+                    return code
+            out = out_dir(cmd)
+            checkpoint = newest_checkpoint(out) if out else None
+            # --resume refuses a directory that does not exist or is empty (a typo would otherwise
+            # start over silently): an attempt that died before writing anything starts again fresh.
+            resume = out is None or (os.path.isdir(out) and bool(os.listdir(out)))
+            if change is not None:
+                say(world.shrink_line(attempt + 1, max_restarts, change, checkpoint, resume))
+            else:
+                say(restart_line(attempt + 1, max_restarts, who, how,
+                                 world.size if world is not None else workers, checkpoint, resume))
+            if resume:
+                cmd = resume_command(cmd)
+        return code  # not reached
+    finally:
+        if world is not None:
+            for line in world.ended(code):
+                say(line)
