@@ -4,12 +4,15 @@ throughput-vs-generalization measurement per global batch size.
 The names below are re-exported lazily, so `import distbatch` stays cheap
 (TensorFlow loads only when a name that needs it is used).
 """
+import importlib
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
     "fit": "distbatch.api",
     "evaluate": "distbatch.api",
     "predict": "distbatch.api",
+    "sweep": "distbatch.api",
     "load_model": "distbatch.api",
     "FitResult": "distbatch.api",
     "BatchPlan": "distbatch.training.plan",
@@ -26,7 +29,7 @@ _EXPORTS = {
     "LARS": "distbatch.recipes.optimizers",
     "load_dataset": "distbatch.data.datasets",
     "build_model": "distbatch.models",
-    "NoiseScaleTracker": "distbatch.measure.noise",
+    "NoiseScaleTracker": "distbatch.training.noise_scale",
     "UsageError": "distbatch.errors",
 }
 __all__ = ["__version__", *_EXPORTS]
@@ -34,6 +37,5 @@ __all__ = ["__version__", *_EXPORTS]
 
 def __getattr__(name):
     if name in _EXPORTS:
-        import importlib
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'distbatch' has no attribute {name!r}")

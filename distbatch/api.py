@@ -483,6 +483,36 @@ def predict(model, x, *, global_batch_size: int, backend="auto", cpu_replicas: i
     return tf.nest.pack_sequence_as(example, arrays) if len(arrays) > 1 else arrays[0]
 
 
+def sweep(*, out: str, batch_sizes=None, scalings=None, seeds=1, recipe=None,
+          **settings) -> list[dict]:
+    """`distbatch sweep` from Python: train every (scaling rule, global batch, seed) point,
+    write the same files as the CLI into `out` (results.jsonl/.csv, config.json, TensorBoard,
+    report.md with its plots) and return the rows (one dict per point).
+
+    batch_sizes: the global batch sizes (default the CLI's, 32 to 1024); scalings: rules to
+    compare, e.g. ["linear", "adascale"] (default the recipe's); seeds: a count or the seeds.
+    recipe: a distbatch.Recipe replacing the sweep's default recipe fields it sets.
+    settings: TrainConfig fields as `distbatch sweep` takes them (model, dataset, epochs,
+    steps, train_size, val_size, target_accuracy, evals_per_epoch, backend, cpu_replicas,
+    resume, overwrite, progress, ... and any Recipe field, e.g. base_lr); the defaults are
+    the CLI's (distbatch.measure.sweep.SWEEP_DEFAULTS). Errors name the parameters.
+    """
+    import dataclasses
+
+    from distbatch.measure.sweep import DEFAULT_BATCH_SIZES, run_sweep, sweep_config
+    if recipe is not None:
+        if not isinstance(recipe, Recipe):
+            raise TypeError(f"recipe must be a distbatch.Recipe, got {type(recipe).__name__}")
+        settings = {**{f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe)},
+                    **settings}
+    try:
+        base = sweep_config(**settings)
+    except TypeError as e:  # an unknown field: name it as fit does
+        raise TypeError(f"sweep() got an unexpected setting: {e}") from None
+    return run_sweep(base, batch_sizes=batch_sizes or DEFAULT_BATCH_SIZES, scalings=scalings,
+                     seeds=seeds, out=out)
+
+
 def load_model(path: str, **kwargs):
     """keras.models.load_model with distbatch's schedules and optimizers registered (a plain
     keras.models.load_model works too once distbatch.recipes.schedules/optimizers are imported)."""
