@@ -95,9 +95,11 @@ shift || true
 case "$cmd" in
   setup) setup ;;
   sweep) setup
-         # No arguments: the default sweep into runs/sweep. --resume makes a second run
-         # idempotent: finished points are kept and only the report is rebuilt.
-         if [ "$#" -eq 0 ]; then set -- --out "$ROOT/runs/sweep" --resume; fi
+         # No arguments: the default sweep into runs/sweep, linear scaling + warmup and AdaScale
+         # side by side (one report, one recommendation; ~2-3 min on 2 cores, docs/sweep.md).
+         # --resume makes a second run idempotent: finished points are kept and only the
+         # report is rebuilt.
+         if [ "$#" -eq 0 ]; then set -- --scaling linear,adascale --out "$ROOT/runs/sweep" --resume; fi
          exec "$VENV/bin/distbatch" sweep "$@" ;;
   test)  setup; cd "$ROOT"; exec "$VENV/bin/python" -m pytest tests "$@" ;;
   *) echo "usage: bash scripts/bootstrap.sh {sweep|test|setup} [args...] (got '$cmd')" >&2; exit 2 ;;

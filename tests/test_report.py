@@ -1,4 +1,5 @@
-"""Report rebuilt from synthetic rows: table numbers, best-batch sentence, PNGs, CLI."""
+"""Report rebuilt from synthetic rows: table numbers, the recommendation, PNGs, CLI.
+(Several scaling rules in one report: tests/test_sweep_answer.py.)"""
 
 import argparse
 import os
@@ -8,7 +9,8 @@ import pytest
 
 from distbatch.errors import UsageError
 from distbatch.cli.report import add_report_parser
-from distbatch.measure.report import best_batch_sentence, build_report, summarize, table_lines
+from distbatch.measure.recommend import choose_from_sweep
+from distbatch.measure.report import build_report, recommendation_lines, summarize, table_lines
 from distbatch.measure.results import ROW_FIELDS, append_row, make_point_id
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -68,25 +70,34 @@ def test_table_numbers_match_hand_computation():
     assert by_batch[128].count("±") == 5
 
 
-def test_best_batch_within_tolerance():
+def test_recommendation_within_tolerance():
     summaries = summarize(make_rows())
-    # best accuracy: 128 at 91.0%; 32 (91.0%) is tied, 128 reaches the target in 13 s vs 42 s
-    sentence = best_batch_sentence(summaries, tolerance_points=1.0)
-    assert sentence.startswith("Best batch for time-to-target: **128**")
-    assert "13.0 s" in sentence and "91.00%" in sentence
+    # best accuracy: 128 at 91.0% (32 ties); 128 reaches the target in 240 ± 28 steps against
+    # 850 ± 71 at 32: fewest steps, beyond both uncertainties (seed std; histories without steps)
+    choice = choose_from_sweep(summaries, tolerance_points=1.0)
+    assert (choice.rule, choice.global_batch_size, choice.steps_to_target) == (None, 128, 240.0)
+    assert [c.global_batch_size for c in choice.eligible] == [32, 128]  # 512: 80%, not reached
+    assert [c.global_batch_size for c in choice.tied] == [128]
+    text = "\n".join(recommendation_lines(choice, {None: summaries}, 0.9, 1.0))
+    assert text.startswith("**global batch 128**: reaches 90.00% validation accuracy in 240 ± 28 "
+                           "optimizer steps and ends at 91.00%")
     # with a strict tolerance only the most accurate batch qualifies
     rows = [dict(r, val_accuracy=r["val_accuracy"] + 0.02) if r["global_batch_size"] == 32 else r
             for r in make_rows()]
-    assert best_batch_sentence(summarize(rows), 1.0).startswith("Best batch for time-to-target: **32**")
-    assert "**128**" in best_batch_sentence(summarize(rows), 3.0)
+    assert choose_from_sweep(summarize(rows), tolerance_points=1.0).global_batch_size == 32
+    assert choose_from_sweep(summarize(rows), tolerance_points=3.0).global_batch_size == 128
 
 
-def test_best_batch_when_nothing_reaches_target_or_everything_diverged():
+def test_no_recommendation_when_nothing_reaches_target_or_everything_diverged():
     rows = [dict(r, steps_to_target=None, time_to_target_s=None) for r in make_rows()]
-    sentence = best_batch_sentence(summarize(rows), 1.0)
-    assert sentence.startswith("No batch within 1 point(s)") and "batch 128 (3200 samples/s)" in sentence
-    dead = [dict(r, status="diverged", diverged=True) for r in make_rows()]
-    assert best_batch_sentence(summarize(dead)).startswith("No point finished without diverging")
+    summaries = summarize(rows)
+    assert choose_from_sweep(summaries) is None
+    text = recommendation_lines(None, {None: summaries}, 0.9, 1.0)[0]
+    assert text.startswith("No rule and batch within 1 point(s) of the best final accuracy "
+                           "(91.00%, batch 32) reached 90.00% in every run")
+    dead = summarize([dict(r, status="diverged", diverged=True) for r in make_rows()])
+    assert choose_from_sweep(dead) is None
+    assert recommendation_lines(None, {None: dead}, 0.9, 1.0)[0].startswith("No point finished without diverging")
 
 
 def test_build_report_from_jsonl_writes_only_inside_out_dir(tmp_path, monkeypatch):
@@ -110,9 +121,10 @@ def test_build_report_from_jsonl_writes_only_inside_out_dir(tmp_path, monkeypatc
         assert f"]({name})" in text
     assert "Machine: test box, 2 cores." in text and "single (1 replica(s))" in text
     assert "validation accuracy >= 90.00%" in text
-    assert "Best batch for time-to-target: **128**" in text
+    assert text.count("## Recommendation") == 1 and "**global batch 128**" in text
     assert "Shallue et al. 2019" in text and "fixed epoch budget" in text
-    assert "median B_simple over the runs): 150" in text  # median of 150, 151, 150, 151, 150
+    # no B_simple trajectories: the median of the final values 150, 151, 150, 151, 150
+    assert "**B_crit ≈ 150**" in text and "at the END of 5 run(s)" in text
     assert "\n".join(table_lines(summarize(make_rows()))) in text
 
 

@@ -3,7 +3,9 @@ then suggest a global batch size with its learning rate and warmup.
 
 The measurements are short training jobs (distbatch.training.job) derived from
 one TrainConfig; the model of the trade-off and the choice are
-distbatch.measure.recommend.
+distbatch.measure.recommend. The defaults (model, base lr and batch, decay, planned
+length, warmup) are the default sweep's (distbatch.measure.sweep.SWEEP_DEFAULTS), so
+recommend and `distbatch sweep` describe the same training.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import sys
 from distbatch.cli.train import add_train_args, config_from_args
 from distbatch.errors import require
 from distbatch.fileio import atomic_write_json
-from distbatch.measure.recommend import format_report, recommend_batch, warmup_for
+from distbatch.measure.recommend import format_report, recommend_batch, sweep_warmup_for
+from distbatch.measure.sweep import DEFAULT_EPOCHS, SWEEP_DEFAULTS
 from distbatch.outdir import check_out_dir, claim_out_dir
 from distbatch.training.config import TrainConfig
 
@@ -54,7 +57,7 @@ def suggested_command(args: argparse.Namespace, batch: int, warmup: dict) -> lis
         cmd += ["--steps", str(args.steps)]
     else:
         epochs = getattr(args, "epochs", None)
-        cmd += ["--epochs", f"{10.0 if epochs is None else epochs:g}"]
+        cmd += ["--epochs", f"{DEFAULT_EPOCHS if epochs is None else epochs:g}"]
     written = {"dataset", "model", "optimizer", "base_lr", "base_batch_size", "scaling"}
     for action in train_parser._actions:
         dest = action.dest
@@ -71,25 +74,51 @@ def suggested_command(args: argparse.Namespace, batch: int, warmup: dict) -> lis
     return cmd + ["--out", f"runs/train-bs{batch}"]
 
 
+def suggested_warmup(args: argparse.Namespace, batch: int, num_train_examples: int) -> dict:
+    """The warmup of the suggested run: the user's --warmup-epochs/--warmup-steps when given
+    (and the lr is scaled up), else the default sweep's (measure.recommend.sweep_warmup_for)."""
+    scaled_up = batch > args.base_batch_size and args.scaling != "adascale"
+    if scaled_up and getattr(args, "warmup_epochs", None) is not None:
+        return {"warmup": "gradual", "warmup_epochs": args.warmup_epochs}
+    if scaled_up and getattr(args, "warmup_steps", None) is not None:
+        return {"warmup": "gradual", "warmup_steps": args.warmup_steps}
+    return sweep_warmup_for(batch, args.base_batch_size, epochs=args.epochs, steps=args.steps,
+                            steps_per_epoch=max(1, num_train_examples // batch), scaling=args.scaling)
+
+
 def add_recommend_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "recommend", help="measure the gradient noise scale and throughput; suggest a global batch",
         description=__doc__.split("\n\n")[0])
     p.add_argument("--noise-batch-size", type=int, default=64,
                    help="global batch of the noise-scale run (default 64; a moderate batch)")
-    p.add_argument("--noise-steps", type=int, default=300,
-                   help="steps of the noise-scale run (default 300)")
+    p.add_argument("--noise-steps", type=int, default=600,
+                   help="at most this many steps of the noise-scale run: the planned run's recipe "
+                        "at constant lr after its warmup, stopped at --target-accuracy, where "
+                        "B_simple is read as the sweep reads it (default 600)")
     p.add_argument("--batch-sizes", default=DEFAULT_BATCHES,
                    help=f"global batches whose throughput is measured (default {DEFAULT_BATCHES})")
     p.add_argument("--throughput-steps", type=int, default=30,
                    help="steps per throughput run; the first (compiling) step is not timed (default 30)")
     add_train_args(p, sweep=True)
-    p.set_defaults(func=run_recommend, out="runs/recommend")
+    # The sweep's workload: the advice and the sweep's report are about the same training.
+    shared = {k: SWEEP_DEFAULTS[k] for k in ("model", "base_lr", "base_batch_size", "decay",
+                                             "target_accuracy")}
+    p.set_defaults(func=run_recommend, out="runs/recommend", **shared)
+    from distbatch.cli.sweep import show_defaults
+    show_defaults(p, {"model": f"default: {shared['model']}, the sweep's",
+                      "target_accuracy": f"default: {shared['target_accuracy']:g}, the sweep's; "
+                                         "where the noise run reads B_simple",
+                      "out": "default: runs/recommend"})
     for action in p._actions:  # --epochs/--steps here describe the PLANNED run (warmup, command)
         if action.dest == "epochs":
-            action.help = "planned length of the real run, for the suggested warmup (default 10)"
+            action.help = (f"planned length of the real run, for the suggested warmup and command "
+                           f"(default {DEFAULT_EPOCHS:g}, the sweep's)")
         elif action.dest == "steps":
             action.help = "planned length of the real run in steps (instead of --epochs)"
+        elif action.dest in ("warmup_epochs", "warmup_steps"):
+            action.help = (f"warmup of the suggested run in {action.dest.split('_')[1]} (default: "
+                           "the sweep's, 1 epoch capped at 1/6 of the run, when the lr is scaled up)")
 
 
 def _sub_config(base: TrainConfig, batch: int, steps: int, out: str, noise: bool) -> TrainConfig:
@@ -98,6 +127,20 @@ def _sub_config(base: TrainConfig, batch: int, steps: int, out: str, noise: bool
     return base.replace(global_batch_size=batch, steps=steps, epochs=None, noise_scale=noise,
                         out=out, progress=False, target_accuracy=None, early_stopping_metric=None,
                         resume=False, overwrite=True, checkpoint_every=steps)
+
+
+def _noise_config(base: TrainConfig, args: argparse.Namespace, out: str) -> TrainConfig:
+    """The noise-scale run: the first --noise-steps of the planned run at the noise batch (its
+    recipe, the sweep's warmup unless one is given, no decay yet: a 6-epoch cosine has barely
+    moved after a few hundred steps, while squeezing it into them would anneal the weights and
+    inflate B_simple), stopped when it reaches --target-accuracy."""
+    changes = {}
+    if base.recipe.warmup_epochs is None and base.recipe.warmup_steps is None:
+        from distbatch.measure.sweep import DEFAULT_WARMUP_CAP, DEFAULT_WARMUP_EPOCHS
+        changes.update(warmup_epochs=DEFAULT_WARMUP_EPOCHS, warmup_cap=DEFAULT_WARMUP_CAP)
+    return _sub_config(base, args.noise_batch_size, args.noise_steps, out, True).replace(
+        decay="constant", target_accuracy=base.target_accuracy,
+        stop_at_target=base.target_accuracy is not None, **changes)
 
 
 def validate_recommend_args(args: argparse.Namespace) -> tuple[list[int], TrainConfig]:
@@ -148,14 +191,18 @@ def run_recommend(args: argparse.Namespace) -> int:
     say(f"distbatch recommend: {backend.describe()}; noise scale over {args.noise_steps} steps "
         f"at global batch {args.noise_batch_size}")
     noise_out = os.path.join(args.out, "noise")
-    summary, code = train(_sub_config(base, args.noise_batch_size, args.noise_steps, noise_out, True),
-                          backend=backend, data=data)
+    summary, code = train(_noise_config(base, args, noise_out), backend=backend, data=data)
     if code == EXIT_DIVERGED:
         say("distbatch recommend: the noise-scale run diverged; lower --base-lr or add warmup")
         return EXIT_DIVERGED
-    b_simple = summary.get("b_simple")
+    from distbatch.measure.results import value_at_step
+    reached = summary.get("steps_to_target")
+    at_target = None if reached is None else value_at_step(summary.get("b_simple_trajectory"), reached)
+    b_simple = at_target if at_target is not None else summary.get("b_simple")
+    where = (f"at {100 * base.target_accuracy:g}% validation accuracy, step {reached}"
+             if at_target is not None else f"at the end, val accuracy {summary.get('val_accuracy')}")
     say(f"distbatch recommend: B_simple = {b_simple if b_simple is None else round(b_simple, 2)} "
-        f"(val accuracy {summary.get('val_accuracy')})")
+        f"({where})")
 
     throughputs: dict[int, float | None] = {}
     for b in batches:
@@ -170,14 +217,17 @@ def run_recommend(args: argparse.Namespace) -> int:
             + (f"{throughputs[b]:,.0f} samples/s" if throughputs[b] else "did not run"))
 
     rec = recommend_batch(b_simple, throughputs, replicas=units)
-    lr = scaled_learning_rate(args.base_lr, args.base_batch_size, rec.global_batch_size, args.scaling)
-    warmup = warmup_for(rec.global_batch_size, args.base_batch_size, epochs=args.epochs,
-                        steps=args.steps)
+    lr = (args.base_lr if args.scaling == "adascale" else  # AdaScale: x its gain while training
+          scaled_learning_rate(args.base_lr, args.base_batch_size, rec.global_batch_size, args.scaling))
+    warmup = suggested_warmup(args, rec.global_batch_size, n_train)
     command = suggested_command(args, rec.global_batch_size, warmup)
     result = {**rec.as_dict(), "peak_lr": lr, "scaling_rule": args.scaling,
               "base_lr": args.base_lr, "base_batch_size": args.base_batch_size, **warmup,
               "command": command,
               "noise_run": {"global_batch_size": args.noise_batch_size, "steps": args.noise_steps,
+                            "steps_to_target": reached, "b_simple_at_target": at_target,
+                            "b_simple_end": summary.get("b_simple"),
+                            "target_accuracy": base.target_accuracy,
                             "b_simple_trajectory": summary.get("b_simple_trajectory"),
                             "val_accuracy": summary.get("val_accuracy")},
               "backend": backend.name, "replicas": backend.num_replicas, "dataset": args.dataset,

@@ -27,6 +27,8 @@ import io
 import json
 import math
 import os
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -151,6 +153,133 @@ def read_rows(out_dir: str | os.PathLike,
         _refuse_duplicate(path, number, row.get("point_id"), first_line)
         rows.append(row)
     return rows
+
+
+# ------------------------------------------------------------- rows -> statistics
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample standard deviation (ddof=1; 0.0 for one value) of ``n`` values."""
+
+    mean: float | None
+    std: float
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> "Stat":
+        if not values:
+            return cls(None, 0.0, 0)
+        return cls(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0,
+                   len(values))
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    """All seeds of one global batch size (of one scaling rule). Metrics use status "ok" rows only.
+
+    ``steps_resolution``: the largest gap, over the runs that reached the target, between the
+    evaluation that first saw the target and the one before it: the crossing lies somewhere in
+    that gap, so steps-to-target is known to within it. ``b_simple_at_target``: B_simple read
+    on each run's trajectory at the step it first reached the target.
+    """
+
+    global_batch_size: int
+    runs: int
+    ok: int
+    diverged: int
+    oom: int
+    val_accuracy: Stat
+    generalization_gap: Stat
+    samples_per_sec: Stat
+    steps_to_target: Stat  # over the ok runs that reached the target
+    time_to_target_s: Stat
+    rule: str | None = None
+    steps_resolution: int | None = None
+    b_simple_at_target: Stat = Stat(None, 0.0, 0)
+
+
+def rule_of(row: dict) -> str | None:
+    """The row's scaling rule (None for rows that do not record one)."""
+    rule = row.get("scaling_rule")
+    return rule if isinstance(rule, str) and rule else None
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_ok(row: dict) -> bool:
+    return row.get("status", "ok") == "ok" and not row.get("diverged")
+
+
+def target_resolution(row: dict) -> int | None:
+    """Steps between the evaluation at which the row first reached its target
+    (``steps_to_target``) and the evaluation before it (step 0 when there is none); None when
+    the history does not record the evaluations' steps."""
+    reached, history = row.get("steps_to_target"), row.get("history")
+    if not finite(reached):
+        return None
+    steps = [h.get("step") for h in history or [] if isinstance(h, dict) and finite(h.get("step"))]
+    if not steps:
+        return None  # evaluations without their step: the interval is unknown
+    before = [s for s in steps if s < reached]
+    return int(reached - (max(before) if before else 0))
+
+
+def value_at_step(trajectory, step: float) -> float | None:
+    """A ``[[step, value], ...]`` trajectory read at ``step``, linearly interpolated between the
+    recorded points (the last point before ``step`` when it is past the end; None when the
+    trajectory is empty or starts after ``step``)."""
+    points = sorted((float(p[0]), float(p[1])) for p in trajectory or []
+                    if isinstance(p, (list, tuple)) and len(p) == 2 and finite(p[0]) and finite(p[1]))
+    if not points or not finite(step) or step < points[0][0]:
+        return None
+    for (s0, v0), (s1, v1) in zip(points, points[1:]):
+        if s0 <= step <= s1:
+            return v0 if s1 == s0 else v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+    return points[-1][1]
+
+
+def b_simple_at_target(row: dict) -> float | None:
+    """B_simple on the row's trajectory at the step it first reached the target (the row's own
+    ``b_simple_at_target`` when it records one)."""
+    if finite(row.get("b_simple_at_target")):
+        return float(row["b_simple_at_target"])
+    if not finite(row.get("steps_to_target")):
+        return None
+    return value_at_step(row.get("b_simple_trajectory"), row["steps_to_target"])
+
+
+def summarize(rows: list[dict], rule: str | None = None) -> list[BatchSummary]:
+    """Group rows by global batch size (ascending) and average over seeds."""
+    groups: dict[int, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(int(row["global_batch_size"]), []).append(row)
+    out = []
+    for batch in sorted(groups):
+        group = groups[batch]
+        ok = [r for r in group if is_ok(r)]
+        diverged = sum(1 for r in group if r.get("status") == "diverged" or r.get("diverged"))
+
+        def stat(field: str) -> Stat:
+            return Stat.of([float(r[field]) for r in ok if finite(r.get(field))])
+
+        gaps = [g for g in (target_resolution(r) for r in ok) if g is not None]
+        at_target = [v for v in (b_simple_at_target(r) for r in ok) if v is not None]
+        out.append(BatchSummary(
+            batch, len(group), len(ok), diverged, sum(1 for r in group if r.get("status") == "oom"),
+            stat("val_accuracy"), stat("generalization_gap"), stat("samples_per_sec"),
+            stat("steps_to_target"), stat("time_to_target_s"), rule,
+            max(gaps) if gaps else None, Stat.of(at_target)))
+    return out
+
+
+def summarize_rules(rows: list[dict]) -> dict[str | None, list[BatchSummary]]:
+    """:func:`summarize` per scaling rule, rules in the order they first appear."""
+    by_rule: dict[str | None, list[dict]] = {}
+    for row in rows:
+        by_rule.setdefault(rule_of(row), []).append(row)
+    return {rule: summarize(rs, rule) for rule, rs in by_rule.items()}
 
 
 def _refuse_duplicate(path: Path, number: int, point_id, first_line: dict) -> None:
