@@ -21,18 +21,37 @@ with global metrics (distbatch/training/trainer.py, CallbackHooks).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import keras
 import numpy as np
+import tensorflow as tf
 
+from distbatch.backends import create_backend
+from distbatch.data.indices import eval_indices
+from distbatch.data.inputs import ArraySource, _leaves, _map, array_sources, as_source
 from distbatch.errors import ParameterError, UsageError
+from distbatch.fileio import atomic_write_json
+from distbatch.measure.sweep import DEFAULT_BATCH_SIZES, run_sweep, sweep_config
+from distbatch.models import MODELS, build_model
+# distbatch's schedules and optimizers register with Keras on import (load_model needs them)
+import distbatch.recipes.adascale  # noqa: E402,F401
+import distbatch.recipes.optimizers  # noqa: E402,F401
+import distbatch.recipes.schedules  # noqa: E402,F401
 from distbatch.recipes.recipe import Recipe
+from distbatch.training import assembly, fit_resume
 from distbatch.training.assembly import (check_data, compile_model, example_output,  # noqa: F401
                                          resolve_task)
+from distbatch.training.batch_schedule import parse_batch_schedule
+from distbatch.training.evaluation import eval_iterator, run_evaluation
+from distbatch.training.job import load_named_data
+from distbatch.training.plan import BatchPlan
+from distbatch.training.step import make_eval_step
 from distbatch.training.trainer import LoopOptions, RunResult
 
 
@@ -111,7 +130,6 @@ def _check_batch(global_batch_size, max_global_batch_size, batch_size_schedule) 
 
 def _named_model(name: str, data):
     """model_fn given as a built-in model name: built for the data's input shape and classes."""
-    from distbatch.models import MODELS, build_model
     if name not in MODELS:
         raise ValueError(f"model_fn: unknown built-in model {name!r}; expected a function returning "
                          f"a keras.Model or one of {', '.join(MODELS)}")
@@ -123,7 +141,6 @@ def _named_model(name: str, data):
 
 def _shape_and_classes(train_src, num_classes):
     """(input shape, classes) of array data for a built-in model: classes = max label + 1."""
-    from distbatch.data.inputs import ArraySource, _leaves
     if not isinstance(train_src, ArraySource) or len(_leaves(train_src.x)) != 1:
         return None
     x, y = np.asarray(_leaves(train_src.x)[0]), np.asarray(_leaves(train_src.y)[0])
@@ -182,11 +199,7 @@ def fit(*, model_fn: Callable | str, optimizer_fn: Callable | None = None, recip
     early_stopping_metric, checkpoint_dir, resume, tensorboard_dir, verbose, ...);
     verbose=True prints the CLI's start line and progress.
     """
-    import keras
 
-    from distbatch.backends import create_backend
-    from distbatch.data.inputs import array_sources, as_source
-    from distbatch.training import assembly
 
     if isinstance(model_fn, keras.Model):
         raise TypeError(f"model_fn must be a function returning a NEW keras.Model (called inside "
@@ -226,7 +239,6 @@ def fit(*, model_fn: Callable | str, optimizer_fn: Callable | None = None, recip
     if not isinstance(data, str) and (train_size, val_size) != (None, None):
         raise ValueError("train_size and val_size apply to data given as a dataset name or path")
     if batch_size_schedule is not None:
-        from distbatch.training.batch_schedule import parse_batch_schedule
         parse_batch_schedule(batch_size_schedule)
     _check_length(epochs, steps)
     unknown = sorted(set(loop_options) - set(LoopOptions.__dataclass_fields__) | (
@@ -242,7 +254,6 @@ def fit(*, model_fn: Callable | str, optimizer_fn: Callable | None = None, recip
         backend, reason = create_backend(backend, cpu_replicas=cpu_replicas, stall_timeout=stall_timeout)
     shape_classes = None
     if isinstance(data, str):
-        from distbatch.training.job import load_named_data
         try:
             data = load_named_data(data, seed=data_seed, train_size=train_size, val_size=val_size,
                                    num_classes=num_classes)
@@ -274,20 +285,19 @@ def fit(*, model_fn: Callable | str, optimizer_fn: Callable | None = None, recip
         loss_weights=loss_weights, early_stopping=bool(loop_options.get("early_stopping_metric")),
         resume=bool(loop_options.get("resume")))
     if loop_options.get("resume") and loop_options.get("checkpoint_dir"):
-        spec = _resplit_for_resume(spec, backend, loop_options["checkpoint_dir"])
+        spec = fit_resume.resplit_for_resume(spec, backend, loop_options["checkpoint_dir"])
     rp = assembly.plan_run(spec, backend)
     loop_options.setdefault("verbose", False)
     options = LoopOptions(total_steps=rp.total_steps, seed=seed, **loop_options)
-    settings = resume_settings(spec, rp, backend)
+    settings = fit_resume.resume_settings(spec, rp, backend)
     if options.checkpoint_dir and options.resume:  # before anything is built or written
-        check_resume_settings(settings, options.checkpoint_dir)
+        fit_resume.check_resume_settings(settings, options.checkpoint_dir)
     policy = keras.mixed_precision.dtype_policy()
     try:
         run = assembly.build_run(spec, backend, rp)
         if options.checkpoint_dir and backend.is_chief:
-            from distbatch.fileio import atomic_write_json
             os.makedirs(options.checkpoint_dir, exist_ok=True)
-            atomic_write_json(os.path.join(options.checkpoint_dir, FIT_SETTINGS), settings)
+            atomic_write_json(os.path.join(options.checkpoint_dir, fit_resume.FIT_SETTINGS), settings)
         if options.verbose and backend.is_chief:
             for line in run.start_lines(reason):
                 print(line, file=sys.stderr, flush=True)
@@ -303,79 +313,6 @@ def fit(*, model_fn: Callable | str, optimizer_fn: Callable | None = None, recip
                      records=result.history)
 
 
-FIT_SETTINGS = "fit_settings.json"
-# Settings a resumed fit may change: they do not change what is trained (the global batch
-# stays; on another number of replicas it is split again).
-FIT_MAY_CHANGE = frozenset({"backend", "replicas", "accumulation_steps"})
-
-
-def _read_settings(checkpoint_dir: str) -> dict | None:
-    import json
-    path = os.path.join(checkpoint_dir, FIT_SETTINGS)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            old = json.load(f)
-    except ValueError as e:
-        raise ParameterError(f"{{resume}}: {path} is not readable JSON ({e}); cannot tell which run "
-                             "this is", "resume") from None
-    return old if isinstance(old, dict) else {}
-
-
-def _resplit_for_resume(spec, backend, checkpoint_dir: str):
-    """resume=True on another number of replicas: the run's global batch split across these
-    replicas (the accumulation steps lowered where the old split no longer divides it)."""
-    import dataclasses
-
-    from distbatch.training import assembly
-    old = _read_settings(checkpoint_dir) or {}
-    gb = spec.global_batch_size
-    if not isinstance(gb, int) or old.get("replicas") in (None, backend.num_replicas):
-        return spec
-    k = assembly.resume_accumulation(gb, backend.num_replicas, spec.accumulation_steps,
-                                     was=old["replicas"])
-    return dataclasses.replace(spec, accumulation_steps=k)
-
-
-def resume_settings(spec, rp, backend) -> dict:
-    """What identifies a fit's run for resume=True: the batch arithmetic, the length, the
-    recipe, the seed and a fingerprint of the training data."""
-    import dataclasses
-
-    from distbatch.fileio import json_roundtrip
-    from distbatch.training.assembly import source_fingerprint
-    settings = {
-        "global_batch_size": rp.plan.global_batch_size, "replicas": rp.plan.replicas,
-        "accumulation_steps": rp.plan.accumulation_steps, "total_steps": rp.total_steps,
-        "steps_per_epoch": rp.plan.steps_per_epoch, "seed": spec.seed,
-        "batch_size_schedule": None if rp.batch_schedule is None else rp.batch_schedule.as_dict(),
-        "recipe": dataclasses.asdict(spec.recipe) if spec.recipe is not None else None,
-        "mixed_precision": spec.mixed_precision, "sync_batchnorm": spec.sync_batchnorm,
-        "data": source_fingerprint(spec.train_source), "backend": backend.name,
-    }
-    return json_roundtrip(settings)
-
-
-def check_resume_settings(settings: dict, checkpoint_dir: str) -> None:
-    """resume=True with other settings than the run in checkpoint_dir would silently train
-    something else: ParameterError naming the first setting that differs and both values."""
-
-    from distbatch.training.job import first_difference
-    old = _read_settings(checkpoint_dir)
-    if old is None:
-        return
-    diff = first_difference({k: v for k, v in old.items() if k not in FIT_MAY_CHANGE}, settings)
-    if diff:
-        key, was, now = diff
-        name = "data" if key.startswith("data") else key
-        raise ParameterError(f"{{resume}}=True: {key} is {now!r} but the run in "
-                             f"{str(checkpoint_dir)!r} used {was!r}; resume with the same settings "
-                             "or another {checkpoint_dir}", "resume", "checkpoint_dir",
-                             *([name] if name in FIT_PARAMS else []))
-
-
-FIT_PARAMS = ("global_batch_size", "accumulation_steps", "seed", "data")
 
 
 def evaluate(model, data, *, global_batch_size: int, backend="auto", cpu_replicas: int | None = None,
@@ -389,13 +326,7 @@ def evaluate(model, data, *, global_batch_size: int, backend="auto", cpu_replica
     loss/metrics: default the model's compiled ones; an uncompiled model gets fit's default
     (sparse categorical cross-entropy from logits, with accuracy).
     """
-    import keras
 
-    from distbatch.backends import create_backend
-    from distbatch.data.inputs import as_source
-    from distbatch.training.evaluation import eval_iterator, run_evaluation
-    from distbatch.training.plan import BatchPlan
-    from distbatch.training.step import make_eval_step
 
     if not isinstance(model, keras.Model):
         raise TypeError(f"model must be a keras.Model, got {type(model).__name__}")
@@ -432,13 +363,7 @@ def predict(model, x, *, global_batch_size: int, backend="auto", cpu_replicas: i
     batch sums the buffers, so every rank returns the same full array (exact: each row comes
     from one replica, all others add zeros). Returns what model.predict returns: an array, or
     the model's structure of arrays for several outputs."""
-    import keras
-    import tensorflow as tf
 
-    from distbatch.backends import create_backend
-    from distbatch.data.inputs import ArraySource, _leaves, _map
-    from distbatch.training.pipeline import eval_indices
-    from distbatch.training.plan import BatchPlan
 
     if not isinstance(model, keras.Model):
         raise TypeError(f"model must be a keras.Model, got {type(model).__name__}")
@@ -497,9 +422,7 @@ def sweep(*, out: str, batch_sizes=None, scalings=None, seeds=1, recipe=None,
     resume, overwrite, progress, ... and any Recipe field, e.g. base_lr); the defaults are
     the CLI's (distbatch.measure.sweep.SWEEP_DEFAULTS). Errors name the parameters.
     """
-    import dataclasses
 
-    from distbatch.measure.sweep import DEFAULT_BATCH_SIZES, run_sweep, sweep_config
     if recipe is not None:
         if not isinstance(recipe, Recipe):
             raise TypeError(f"recipe must be a distbatch.Recipe, got {type(recipe).__name__}")
@@ -516,9 +439,4 @@ def sweep(*, out: str, batch_sizes=None, scalings=None, seeds=1, recipe=None,
 def load_model(path: str, **kwargs):
     """keras.models.load_model with distbatch's schedules and optimizers registered (a plain
     keras.models.load_model works too once distbatch.recipes.schedules/optimizers are imported)."""
-    import keras
-
-    import distbatch.recipes.adascale  # noqa: F401  (registers with Keras on import)
-    import distbatch.recipes.optimizers  # noqa: F401
-    import distbatch.recipes.schedules  # noqa: F401
     return keras.models.load_model(path, **kwargs)

@@ -10,3 +10,5 @@ ADAPTIVE_OPTIMIZERS = ("adam", "adamw", "lamb")
 SCALING_RULES = ("linear", "sqrt", "adaptive-sqrt", "none")
 WARMUP_MODES = ("gradual", "constant", "none")
 DECAYS = ("constant", "cosine", "step", "linear")
+# Gradient types on the wire (training/step.py checks them against the backend).
+GRAD_COMPRESSION = ("none", "fp16", "bf16")

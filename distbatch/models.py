@@ -2,6 +2,9 @@
 
 Every model ends in float32 logits (also under a mixed-precision policy), so
 the loss is computed in float32.
+
+Keras (and the data package, which loads TensorFlow) are imported inside the functions that
+need them: the CLI's parsers read MODELS from here, and its help must not load TensorFlow.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ def check_output_layer(features: int | None, num_classes: int, memory: int | Non
     Without it an impossible class count (num_classes 50000001, or a label that large) ends
     in TensorFlow's ResourceExhaustedError traceback while the model is built. The limit is
     the RAM: a GPU holds less, so this refuses only what cannot work anywhere on the machine."""
-    from distbatch.data.datasets import physical_memory
+    from distbatch.data.datasets import physical_memory  # local: see the module docstring
     if features is None:  # an unknown width: Keras reports that itself
         return
     memory = physical_memory() if memory is None else memory
@@ -125,7 +128,7 @@ def check_model(name: str, input_shape: Sequence[int]) -> None:
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int):
     """Build a named model with float32 logits. Unknown name or unfit input -> UsageError."""
-    import keras
+    import keras  # local: see the module docstring
     check_model(name, input_shape)
     input_shape = tuple(int(d) for d in input_shape)
     if name == "mlp":

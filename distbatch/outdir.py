@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 from distbatch.errors import ParameterError, require_param
@@ -83,6 +84,23 @@ def check_out_outside_dataset(out: str, dataset: str) -> None:
 # Sub-directories distbatch writes files into and prunes (train: checkpoints/, tensorboard/;
 # sweep: points/, tensorboard/).
 WRITTEN_DIRS = ("checkpoints", "tensorboard", "points")
+
+
+# A checkpoint's index file, by step: checkpoints/ckpt-<step>.index (TensorFlow's checkpoint
+# bundle; distbatch/training/checkpoints.py writes and checks them).
+CHECKPOINT_INDEX = re.compile(r"^ckpt-(\d+)\.index$")
+
+
+def checkpoint_candidates(directory: str) -> list[tuple[int, str]]:
+    """(step, prefix) of every checkpoint in `directory`, newest first, from the file names
+    alone (no TensorFlow: the launcher reads them to say where a restart resumes)."""
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = [(int(m.group(1)), os.path.join(directory, f"ckpt-{m.group(1)}"))
+             for m in map(CHECKPOINT_INDEX.match, names) if m]
+    return sorted(found, reverse=True)
 
 
 def _refuse_linked_subdirs(out: str, entries: list[str]) -> None:

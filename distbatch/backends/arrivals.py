@@ -33,6 +33,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
+import numpy as np
+
+from distbatch.errors import ParameterError, UsageError
+from distbatch.exit_records import record_exit_code
+
 FLOOR_SECONDS = 60.0
 STARTUP_SECONDS = 300.0
 MULTIPLIER = 20.0
@@ -52,7 +57,6 @@ class Status:
 
     def encode(self):
         """One int64 row: inside, age in ms, label length, label code points."""
-        import numpy as np
         codes = [min(ord(c), 0x10FFFF) for c in self.label[:LABEL_CHARS]]
         row = np.zeros(3 + LABEL_CHARS, np.int64)
         row[0], row[1], row[2] = int(self.inside), int(self.age * 1000), len(codes)
@@ -74,7 +78,6 @@ class Status:
 def resolve_timeout(value: float | None, env: Mapping[str, str] | None = None) -> float | None:
     """The configured bound in seconds (`value`, else $DISTBATCH_STALL_TIMEOUT), or None for
     the derived default."""
-    from distbatch.errors import ParameterError, UsageError
     env = os.environ if env is None else env
     from_env = value is None and bool(env.get(TIMEOUT_ENV))
     raw = env[TIMEOUT_ENV] if from_env else value
@@ -178,7 +181,6 @@ class Arrivals:
 
     # -- the exchange and the check ------------------------------------------------------
     def exchange_once(self) -> None:
-        import numpy as np
         rows = np.asarray(self.exchange(self.status().encode())).reshape(self.size, -1)
         board = {r: Status.decode(row) for r, row in enumerate(rows)}
         with self._lock:
@@ -236,7 +238,6 @@ def _end_process(message: str) -> None:
     Python. The launcher (horovodrun, mpirun) then ends the others."""
     print(f"distbatch: error: {message}", file=sys.stderr, flush=True)
     try:
-        from distbatch.launch.supervisor import record_exit_code
         record_exit_code(EXIT_STALLED)
     finally:
         sys.stdout.flush()

@@ -20,17 +20,14 @@ import json
 import os
 from typing import Mapping
 
+import numpy as np
+import tensorflow as tf
+
 from distbatch.backends import model_check
 from distbatch.backends.arrivals import Arrivals, resolve_timeout
 from distbatch.backends.base import PER_TENSOR_BUCKET_MB, Backend
+from distbatch.backends.environment import LAUNCHER_MARKERS, launched_by_horovod_or_mpi  # noqa: F401
 from distbatch.errors import ParameterError, UsageError
-
-# Variables that horovodrun (Gloo) or an MPI launcher set in every worker.
-LAUNCHER_MARKERS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
-
-
-def launched_by_horovod_or_mpi(env: Mapping[str, str]) -> bool:
-    return any(k in env for k in LAUNCHER_MARKERS)
 
 
 def pin_gpu(local_rank: int, config) -> str | None:
@@ -58,7 +55,6 @@ def _process_arrivals(hvd, timeout: float | None) -> Arrivals:
     second exchange thread would submit the same collective name while the first one's is
     in flight, which Horovod refuses). A later backend's bound replaces the earlier one."""
     if not _ARRIVALS:
-        import tensorflow as tf
         gather = tf.function(lambda t: hvd.allgather(t, name="distbatch_status"))
         arrivals = Arrivals(lambda row: gather(row.reshape(1, -1)).numpy(), hvd.rank(), hvd.size())
         if hvd.size() > 1:
@@ -85,7 +81,7 @@ class HorovodBackend(Backend):
                  stall_timeout: float | None = None) -> None:
         env = os.environ if env is None else env
         timeout = resolve_timeout(stall_timeout, env)
-        try:
+        try:  # optional: installed by scripts/bootstrap.sh, needed only on this backend
             import horovod.tensorflow as hvd
         except ImportError as e:
             raise ParameterError(f"{{backend}} horovod: Horovod is not installed ({e}); "
@@ -94,7 +90,6 @@ class HorovodBackend(Backend):
             raise ParameterError("{backend} horovod: not launched by horovodrun or mpirun "
                                  "(no HOROVOD_RANK/OMPI_COMM_WORLD_RANK in the environment); use "
                                  "`distbatch launch horovod -np N -- distbatch train ...`", "backend")
-        import tensorflow as tf
         hvd.init()
         self.hvd = hvd
         self.gpu = pin_gpu(hvd.local_rank(), tf.config)
@@ -127,8 +122,6 @@ class HorovodBackend(Backend):
         return self.hvd.grouped_allreduce(list(values), op=self.hvd.Sum, name=name)
 
     def prepare(self, model, optimizer) -> None:
-        import numpy as np
-        import tensorflow as tf
         if self.num_workers > 1:
             # Same model everywhere, compared by position (one allgather of each rank's list).
             mine = np.frombuffer(model_check.encode(model_check.signature(model, optimizer)), np.uint8)
@@ -155,14 +148,12 @@ class HorovodBackend(Backend):
     def broadcast_from_chief(self, arrays: list) -> list:
         # Horovod's own broadcast (eager): the base class's all-reduce inside a tf.function
         # fails here, as grouped_allreduce names its op after captured eager tensors' .name.
-        import numpy as np
         with self.waiting("broadcast from rank 0"):
             return [np.asarray(self.hvd.broadcast(np.asarray(a), root_rank=0,
                                                   name=f"distbatch_broadcast_{i}"))
                     for i, a in enumerate(arrays)]
 
     def sync_flag(self, flag: bool) -> bool:
-        import tensorflow as tf
         with self.waiting("flag"):
             total = self.hvd.allreduce(tf.constant(1.0 if flag else 0.0), op=self.hvd.Sum,
                                        name="distbatch_flag")

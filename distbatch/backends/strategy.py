@@ -7,15 +7,26 @@ batch that the single-device run would give it.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-from dataclasses import dataclass
 from typing import Mapping
 
+import tensorflow as tf
+from tensorflow.python.eager import context
+
+from distbatch import interrupts
 from distbatch.backends.base import Backend
-from distbatch.backends.cluster import check_tf_config_entries, rendezvous, resolve_cluster_timeout
+from distbatch.backends.cluster import rendezvous, resolve_cluster_timeout
+from distbatch.backends.environment import (  # noqa: F401 (importable from here too)
+    MULTIWORKER_JOBS, MWMS_IMPLEMENTATIONS, CollectiveOptions, check_worker_address, parse_tf_config,
+    slurm_task_count)
+from distbatch.data import inputs
 from distbatch.errors import ParameterError, UsageError
+
+try:  # TensorFlow's private multi-device iterator (StrategyBackend.iterator)
+    from tensorflow.python.data.ops import multi_device_iterator_ops as _mdi
+except ImportError:  # another TensorFlow: iterators are built as they are
+    _mdi = None
 
 
 def disable_keras_gradient_reduction(optimizer) -> None:
@@ -51,8 +62,6 @@ class StrategyBackend(Backend):
         return self.strategy.scope()
 
     def distribute(self, make_dataset):
-        import tensorflow as tf
-
         def dataset_fn(ctx: tf.distribute.InputContext):
             return make_dataset(ctx.input_pipeline_id, self.local_replicas)
 
@@ -69,32 +78,27 @@ class StrategyBackend(Backend):
         its sleep: 5 of 14 deletions of a 2-device iterator after 8-12 s of use waited 2.3-8.5 s,
         0 of 10 with this (docs/benchmarks.md, run 5). The per-device datasets get the option
         while the iterator is made; nothing else is changed (no tf.data API reaches them)."""
-        from distbatch.data.inputs import without_autotune_thread
-        try:
-            from tensorflow.python.data.ops import multi_device_iterator_ops as mdi
-            create = mdi._create_device_dataset
-        except (ImportError, AttributeError):  # another TensorFlow: build the iterator as it is
+        create = getattr(_mdi, "_create_device_dataset", None)
+        if create is None:  # another TensorFlow: build the iterator as it is
             return iter(self.distribute(make_dataset))
 
         def create_without_autotune(*args, **kwargs):
-            return without_autotune_thread(create(*args, **kwargs))
+            return inputs.without_autotune_thread(create(*args, **kwargs))
 
-        mdi._create_device_dataset = create_without_autotune
+        _mdi._create_device_dataset = create_without_autotune
         try:
             return iter(self.distribute(make_dataset))
         finally:
-            mdi._create_device_dataset = create
+            _mdi._create_device_dataset = create
 
     def run(self, fn, args=()):
         return self.strategy.run(fn, args=tuple(args))
 
     def all_reduce_sum(self, values, name=None):
-        import tensorflow as tf
         ctx = tf.distribute.get_replica_context()
         return ctx.all_reduce(tf.distribute.ReduceOp.SUM, list(values))
 
     def replica_index(self):
-        import tensorflow as tf
         return tf.distribute.get_replica_context().replica_id_in_sync_group
 
     def local_value(self, value):
@@ -106,7 +110,6 @@ class StrategyBackend(Backend):
 
 def logical_cpu_devices(n: int) -> list[str]:
     """Split the CPU into n logical devices (testing and demos only: no speed-up)."""
-    import tensorflow as tf
     cpus = tf.config.list_physical_devices("CPU")
     try:
         tf.config.set_logical_device_configuration(
@@ -151,7 +154,6 @@ def warn_if_more_than_cores(n: int) -> None:
 def tensorflow_started() -> bool:
     """True once TensorFlow's runtime is up: after that, logical devices and collective ops
     can no longer be configured."""
-    from tensorflow.python.eager import context
     return getattr(context.context(), "_context_handle", None) is not None
 
 
@@ -159,7 +161,6 @@ class MirroredBackend(StrategyBackend):
     name = "mirrored"
 
     def __init__(self, *, cpu_replicas: int | None = None) -> None:
-        import tensorflow as tf
         if cpu_replicas is not None:
             if cpu_replicas < 1:
                 raise ParameterError(f"{{cpu_replicas}} must be >= 1, got {cpu_replicas}", "cpu_replicas")
@@ -175,125 +176,6 @@ class MirroredBackend(StrategyBackend):
         super().__init__(strategy)
 
 
-# The jobs MultiWorkerMirroredStrategy runs: every task trains. A "ps" job belongs to
-# ParameterServerStrategy and an "evaluator" to a side-car evaluation loop; neither is
-# something distbatch runs, and TF would wait for (or ignore) them instead of failing.
-MULTIWORKER_JOBS = ("chief", "worker")
-
-
-def check_worker_address(address, where: str) -> tuple[str, int]:
-    """``"host:port"`` -> (host, port); UsageError naming ``where`` for anything else."""
-    if not isinstance(address, str):
-        raise UsageError(f"{where}: worker address must be a 'host:port' string, got {address!r}")
-    host, sep, port = address.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1]:port
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535 \
-            or any(c.isspace() for c in address):
-        raise UsageError(f"{where}: worker address must be host:port with a port in 1..65535, "
-                         f"got {address!r}")
-    return host, int(port)
-
-
-def parse_tf_config(raw: str | None) -> dict:
-    """Validate TF_CONFIG; return {"workers": [...], "index": i}. UsageError on anything wrong.
-
-    Only the jobs MultiWorkerMirroredStrategy uses ("chief", at most one
-    address, and "worker") are accepted; every address must be host:port.
-    """
-    if not raw:
-        raise ParameterError("{backend} multiworker needs TF_CONFIG (or a Slurm job with several "
-                             "tasks); TF_CONFIG is not set", "backend")
-    try:
-        cfg = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError) as e:
-        detail = f"{e.msg} at char {e.pos}" if isinstance(e, json.JSONDecodeError) else "nested too deeply"
-        raise UsageError(f"TF_CONFIG is not valid JSON ({detail}): {raw[:80]!r}") from None
-    if not isinstance(cfg, dict):
-        raise UsageError(f"TF_CONFIG must be a JSON object, got {raw[:80]!r}")
-    cluster = cfg.get("cluster")
-    task = cfg.get("task")
-    if not isinstance(cluster, dict) or not isinstance(task, dict):
-        raise UsageError(f"TF_CONFIG needs 'cluster' and 'task' objects, got keys {sorted(cfg)}")
-    other = sorted(set(cluster) - set(MULTIWORKER_JOBS))
-    if other:
-        raise UsageError(f"TF_CONFIG cluster has job(s) {', '.join(map(repr, other))}: distbatch runs "
-                         "MultiWorkerMirroredStrategy, whose cluster has only 'worker' (and optionally "
-                         "one 'chief'); parameter servers and evaluators are not supported")
-    for job in MULTIWORKER_JOBS:
-        if job in cluster and not isinstance(cluster[job], list):
-            raise UsageError(f"TF_CONFIG cluster '{job}' must be a list of 'host:port' addresses, "
-                             f"got {cluster[job]!r:.80}")
-    if len(cluster.get("chief", [])) > 1:
-        raise UsageError(f"TF_CONFIG cluster 'chief' must have at most one address, got {cluster['chief']}")
-    workers = list(cluster.get("chief", [])) + list(cluster.get("worker", []))
-    if not workers:
-        raise UsageError(f"TF_CONFIG cluster has no 'worker' list: {json.dumps(cluster)[:80]}")
-    for address in workers:
-        check_worker_address(address, "TF_CONFIG")
-    duplicates = sorted({a for a in workers if workers.count(a) > 1})
-    if duplicates:
-        raise UsageError(f"TF_CONFIG cluster names {duplicates[0]!r} more than once; every task needs "
-                         "its own host:port")
-    check_tf_config_entries(workers, task)
-    ttype, index = task.get("type"), task.get("index")
-    if ttype not in MULTIWORKER_JOBS:
-        raise UsageError(f"TF_CONFIG task type must be 'worker' or 'chief', got {ttype!r}")
-    names = cluster.get(ttype, [])
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(names):
-        raise UsageError(f"TF_CONFIG task index {index!r} is out of range for the {len(names)} "
-                         f"'{ttype}' address(es) in the cluster")
-    global_index = index + (len(cluster.get("chief", [])) if ttype == "worker" else 0)
-    return {"workers": workers, "index": global_index}
-
-
-def slurm_task_count(env: Mapping[str, str]) -> int:
-    try:
-        return int(env.get("SLURM_NTASKS", "0") or 0)
-    except ValueError:
-        return 0
-
-
-MWMS_IMPLEMENTATIONS = ("auto", "ring", "nccl")
-
-
-@dataclass(frozen=True)
-class CollectiveOptions:
-    """MultiWorkerMirroredStrategy's tf.distribute.experimental.CommunicationOptions.
-
-    implementation: auto (TF picks), ring (gRPC ring, CPU and GPU) or nccl (GPUs);
-    bytes_per_pack: 0 lets TF choose (one pack), else collectives of about this size;
-    timeout_seconds: a collective that takes longer fails instead of hanging (None: never).
-    Errors name them as a run's parameters: mwms_implementation, bytes_per_pack and
-    collective_timeout (TrainConfig's fields).
-    """
-    implementation: str = "auto"
-    bytes_per_pack: int = 0
-    timeout_seconds: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.implementation not in MWMS_IMPLEMENTATIONS:
-            raise ParameterError(f"{{mwms_implementation}} must be one of "
-                                 f"{', '.join(MWMS_IMPLEMENTATIONS)}, got {self.implementation!r}",
-                                 "mwms_implementation")
-        if isinstance(self.bytes_per_pack, bool) or not isinstance(self.bytes_per_pack, int) \
-                or self.bytes_per_pack < 0:
-            raise ParameterError(f"{{bytes_per_pack}} must be a whole number >= 0 (0 = TensorFlow's "
-                                 f"choice), got {self.bytes_per_pack!r}", "bytes_per_pack")
-        if self.timeout_seconds is not None and not 0 < self.timeout_seconds < float("inf"):
-            raise ParameterError(f"{{collective_timeout}} must be a finite number > 0 of seconds, "
-                                 f"got {self.timeout_seconds}", "collective_timeout")
-
-    @property
-    def is_default(self) -> bool:
-        return self == CollectiveOptions()
-
-    def to_tf(self, tf):
-        impl = getattr(tf.distribute.experimental.CommunicationImplementation, self.implementation.upper())
-        return tf.distribute.experimental.CommunicationOptions(
-            bytes_per_pack=self.bytes_per_pack, timeout_seconds=self.timeout_seconds,
-            implementation=impl)
-
-
 class MultiWorkerBackend(StrategyBackend):
     name = "multiworker"
 
@@ -303,14 +185,12 @@ class MultiWorkerBackend(StrategyBackend):
         env = os.environ if env is None else env
         timeout = resolve_cluster_timeout(cluster_timeout, env)
         if "TF_CONFIG" not in env and slurm_task_count(env) > 1:
-            import tensorflow as tf
             resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
             workers = resolver.cluster_spec().as_dict().get("worker", [])
             index = resolver.task_id
         else:
             info = parse_tf_config(env.get("TF_CONFIG"))
             workers, index = info["workers"], info["index"]
-            import tensorflow as tf
             resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
         num_workers = len(workers)
         # After TF_CONFIG's own checks; else TensorFlow's "Collective ops must be configured
@@ -330,12 +210,10 @@ class MultiWorkerBackend(StrategyBackend):
         options = (collective or CollectiveOptions()).to_tf(tf)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(
             cluster_resolver=resolver, communication_options=options)
-        from distbatch import interrupts
         interrupts.reclaim()  # the strategy installed TF's own SIGTERM handler, which swallows it
         super().__init__(strategy, num_workers=num_workers, worker_index=index)
 
     def sync_flag(self, flag: bool) -> bool:
-        import tensorflow as tf
         value = self.strategy.reduce(
             tf.distribute.ReduceOp.SUM,
             self.strategy.run(lambda: tf.constant(1.0 if flag else 0.0)), axis=None)

@@ -3,11 +3,15 @@ only wires them and turns user errors into one line and exit status 2."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import warnings
 
-from distbatch import __version__
-from distbatch.errors import ClusterSetupError, ParameterError, RanksDriftedError, UsageError, flag_names
+from distbatch import __version__, interrupts
+from distbatch.errors import (EXIT_IO, ClusterSetupError, ParameterError, RanksDriftedError, UsageError,
+                              flag_names, io_failure_message, peer_failure_message)
+from distbatch.exit_records import record_exit_code
 from distbatch.recipes.recipe import FLAG_NAMES
 from distbatch.training.preemption import EXIT_PREEMPTED, Preempted
 
@@ -32,20 +36,18 @@ def quiet_tensorflow(import_now: bool = True) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         try:
             os.dup2(devnull, 2)
-            import tensorflow  # noqa: F401
+            import tensorflow  # noqa: F401 - this function's job: the import, with stderr silenced
         finally:
             os.dup2(saved, 2)
             os.close(saved)
             os.close(devnull)
-    import logging
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    import warnings
     warnings.filterwarnings("ignore", module="keras")
     warnings.filterwarnings("ignore", module="tensorflow")
 
 
 def _train(args) -> int:
-    from distbatch.cli.train import train
+    from distbatch.cli.train import train  # the command's module, imported when it runs
     return train(args)[1]
 
 
@@ -86,7 +88,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     if command in (None, "train"):
-        from distbatch.cli.train import add_train_args
+        from distbatch.cli.train import add_train_args  # only the parsers this command needs
         p = sub.add_parser("train", help="train one model at one global batch size")
         add_train_args(p)
         p.set_defaults(func=_train)
@@ -110,10 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         # Under horovodrun/mpirun: tell the launcher this rank's own status (horovodrun
         # reports any failure as 1).
-        from distbatch.launch.supervisor import record_exit_code
         record_exit_code(code)
         if stop_now:
-            from distbatch import interrupts
             interrupts.exit_now_if_installed(code)
 
 
@@ -131,7 +131,6 @@ def _run(argv: list[str]) -> tuple[int, bool]:
     else:
         os.environ["DISTBATCH_VERBOSE"] = "1"  # launchers pass TensorFlow's own lines on
     if needs_tensorflow:  # the launcher's supervisor handles its own signals
-        from distbatch import interrupts
         interrupts.install()
     try:
         handler = getattr(args, "func", None) or args.handler
@@ -148,13 +147,11 @@ def _run(argv: list[str]) -> tuple[int, bool]:
         print(f"distbatch: {e.message()}", file=sys.stderr)
         return EXIT_PREEMPTED, True
     except KeyboardInterrupt as e:
-        from distbatch.interrupts import Terminated
-        signum = e.signum if isinstance(e, Terminated) else 2
+        signum = e.signum if isinstance(e, interrupts.Terminated) else 2
         print(f"distbatch: stopped by {e}" if signum != 2 else "distbatch: interrupted",
               file=sys.stderr)
         return 128 + signum, True
     except Exception as e:  # a peer worker died, or the disk refused: one line, not a traceback
-        from distbatch.errors import EXIT_IO, io_failure_message, peer_failure_message
         message = peer_failure_message(e)
         if message is not None:
             print(f"distbatch: error: {message}", file=sys.stderr)

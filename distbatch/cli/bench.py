@@ -1,4 +1,8 @@
-"""`distbatch bench`: its flags and output (the measurement: distbatch.measure.bench)."""
+"""`distbatch bench`: its flags and output (the measurement: distbatch.measure.bench).
+
+The parser and most checks use distbatch.measure.scaling only; the measurement module loads
+TensorFlow and is imported when the command runs (`_measurement`), so `distbatch --help`
+does not load it."""
 from __future__ import annotations
 
 import argparse
@@ -8,13 +12,17 @@ import subprocess
 import tempfile
 
 from distbatch.errors import UsageError, require
-from distbatch.fileio import unwritable_reason
-from distbatch.measure import bench
-from distbatch.measure.bench import (DEFAULT_PER_REPLICA_BATCH, LOGICAL_CPU_NOTE, SCALING_SCHEMA,
-                                     check_baseline_matches, check_inputs_fit, efficiency_table,
-                                     format_table, load_baseline, parse_input_shape,
-                                     parse_replica_list, replica_run_command, resolve_batch,
-                                     scaling_efficiency)
+from distbatch.fileio import atomic_write_json, unwritable_reason
+from distbatch.measure.scaling import (DEFAULT_PER_REPLICA_BATCH, LOGICAL_CPU_NOTE, SCALING_SCHEMA,
+                                       check_baseline_matches, efficiency_table, format_table,
+                                       load_baseline, parse_input_shape, parse_replica_list,
+                                       resolve_batch, scaling_efficiency)
+
+
+def _measurement():
+    """distbatch.measure.bench, imported when the command runs (it loads TensorFlow)."""
+    from distbatch.measure import bench
+    return bench
 
 
 def _print_result(r: dict) -> None:
@@ -39,7 +47,6 @@ def _print_result(r: dict) -> None:
 
 def _write_json(path: str | None, obj: dict) -> None:
     if path:
-        from distbatch.fileio import atomic_write_json
         atomic_write_json(path, obj)
 
 
@@ -53,7 +60,7 @@ def validate(args: argparse.Namespace) -> None:
     require(0 <= args.seed < 2**32, f"--seed must be an integer in [0, 2**32), got {args.seed}")
     per_replica, _ = resolve_batch(args.per_replica_batch_size, args.global_batch_size, 1)
     if args.global_batch_size is None:  # else the replica count (known only later) divides it
-        check_inputs_fit(shape, per_replica)
+        _measurement().check_inputs_fit(shape, per_replica)
     if args.cpu_replicas is not None:
         require(args.cpu_replicas >= 1, f"--cpu-replicas must be >= 1, got {args.cpu_replicas}")
     if args.cpu_replicas_list is not None:
@@ -102,7 +109,7 @@ def run_replica_list(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="distbatch-bench-") as tmp:
         for c in counts:
             path = os.path.join(tmp, f"bench-{c}.json")
-            cmd = replica_run_command(_child_argv(args) + ["--quiet"], c, path)
+            cmd = _measurement().replica_run_command(_child_argv(args) + ["--quiet"], c, path)
             print(f"running {c} replica(s) ...", flush=True)
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -122,7 +129,7 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.cpu_replicas_list is not None:
         _write_json(args.json, run_replica_list(args))
         return 0
-    result = bench.measure(
+    result = _measurement().measure(
         model=args.model, input_shape=args.input_shape, num_classes=args.num_classes,
         backend=args.backend, cpu_replicas=args.cpu_replicas,
         per_replica_batch_size=args.per_replica_batch_size,

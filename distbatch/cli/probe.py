@@ -1,5 +1,6 @@
 """`distbatch probe-batch`: the largest per-replica batch that fits in device memory
-(the search and the memory model: distbatch.measure.probe)."""
+(the search and the memory model: distbatch.measure.probe, imported when the command runs:
+it loads TensorFlow, and this parser is built for every `distbatch --help`)."""
 from __future__ import annotations
 
 import argparse
@@ -7,13 +8,14 @@ import json
 import math
 import sys
 
+from distbatch.backends import BACKENDS
 from distbatch.errors import ParameterError, require
-from distbatch.measure.probe import DEFAULT_MAX_BATCH, probe
+from distbatch.measure.batch_search import DEFAULT_MAX_BATCH
+from distbatch.models import MODELS
+from distbatch.shapes import parse_shape as _parse_shape
 
 
 def add_probe_parser(subparsers) -> None:
-    from distbatch.backends import BACKENDS
-    from distbatch.models import MODELS
     p = subparsers.add_parser(
         "probe-batch", help="find the largest per-replica batch that fits in device memory",
         description="Doubling then binary search over the per-replica batch, one real training "
@@ -42,9 +44,8 @@ def add_probe_parser(subparsers) -> None:
 
 def parse_shape(text: str) -> tuple[int, ...]:
     """--input-shape: '40', '32x32x3' or '32,32,3' (distbatch.shapes.parse_shape)."""
-    from distbatch.shapes import parse_shape as parse
     try:
-        return parse(text)
+        return _parse_shape(text)
     except ParameterError as e:
         raise e.for_flags() from None
 
@@ -68,10 +69,9 @@ def validate_probe_args(args: argparse.Namespace) -> None:
 
 def probe_main(args: argparse.Namespace) -> int:
     validate_probe_args(args)
+    from distbatch.measure.probe import dataset_shape, probe  # the command's code (TensorFlow)
     if args.dataset:
-        from distbatch.data.datasets import load_dataset
-        data = load_dataset(args.dataset)
-        shape, classes = data.input_shape, data.num_classes
+        shape, classes = dataset_shape(args.dataset)
     else:
         shape, classes = parse_shape(args.input_shape or "40"), args.num_classes
     result = probe(model_name=args.model, input_shape=shape, num_classes=classes,

@@ -10,6 +10,7 @@ found and what was expected.
 from __future__ import annotations
 
 import numpy as np
+import tensorflow as tf
 
 
 def check_arrays(name: str, x_leaves: list, y_leaves: list, sample_weight) -> None:
@@ -42,7 +43,6 @@ def check_arrays(name: str, x_leaves: list, y_leaves: list, sample_weight) -> No
 
 def check_element_spec(name: str, spec) -> None:
     """A tf.data dataset of single examples with known ranks."""
-    import tensorflow as tf
     for part, nest in (("x", spec[0]), ("y", spec[1])):
         for s in tf.nest.flatten(nest):
             if s.shape.rank is None:
@@ -110,7 +110,6 @@ def check_classification(name: str, labels: np.ndarray | None, y_shape: tuple, o
 def dataset_labels(ds, max_examples: int = 1_000_000) -> np.ndarray | None:
     """Every label of a dataset of single (x, y[, w]) examples with one numeric y, read in one
     pass (None for several outputs or a large dataset)."""
-    import tensorflow as tf
     if len(tf.nest.flatten(ds.element_spec[1])) != 1:
         return None
     n = int(ds.cardinality())
@@ -122,7 +121,6 @@ def dataset_labels(ds, max_examples: int = 1_000_000) -> np.ndarray | None:
 
 def check_same_shapes(name: str, train_example, other_example) -> None:
     """Validation examples have the training examples' shapes (batch axis aside)."""
-    import tensorflow as tf
     for part, a, b in (("x", train_example[0], other_example[0]),
                        ("y", train_example[1], other_example[1])):
         fa, fb = tf.nest.flatten(a), tf.nest.flatten(b)

@@ -49,13 +49,16 @@ Policies (docs/data.md, "Streaming from files"):
 from __future__ import annotations
 
 import glob
+import hashlib
 import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import tensorflow as tf
 
+from distbatch.data.inputs import block_shuffle
 from distbatch.data.tfrecord_io import (  # noqa: F401 (unreadable, tf_reason: importable from here)
     LABEL_SAMPLE, count_tfrecord_frames, first_record, is_tfrecord_reader, tf_reason, unreadable)
 from distbatch.errors import UsageError, require
@@ -63,7 +66,7 @@ from distbatch.errors import UsageError, require
 _is_tfrecord_reader = is_tfrecord_reader  # the name tests import
 
 DEFAULT_CYCLE_LENGTH = 4
-EVAL_MIN_BATCH = 256           # per-replica validation batch, as in training/pipeline.py
+EVAL_MIN_BATCH = 256           # per-replica validation batch, as in data/indices.py
 _FILES_OPTIONS = {"shuffle_buffer", "shuffle_files", "compression", "num_parallel_reads",
                   "cycle_length"}
 _P = 2147483647                # 2**31 - 1: the hold-out hash works modulo this prime
@@ -78,7 +81,6 @@ def list_files(pattern: str | Sequence[str]) -> list[str]:
     for p in patterns:
         p = str(p)
         if "://" in p:  # gs://, s3://, hdfs://: TensorFlow's file systems
-            import tensorflow as tf
             hits = tf.io.gfile.glob(p)
         else:
             hits = [h for h in glob.glob(os.path.expanduser(p)) if os.path.isfile(h)]
@@ -129,7 +131,6 @@ class _Holdout:
         return val if self.side == "val" else n - val
 
     def tf_keep(self, f, i):
-        import tensorflow as tf
         h = self._hash(tf.cast(f, tf.int64), tf.cast(i, tf.int64),
                        (tf.bitwise.right_shift, tf.bitwise.bitwise_xor, tf.math.floormod))
         is_val = h < tf.constant(int(self.fraction * _P), tf.int64)
@@ -206,7 +207,6 @@ class FileSource:
     def _count_records(self, path: str) -> int:
         if is_tfrecord_reader(self.reader) and self.compression is None and "://" not in path:
             return count_tfrecord_frames(path)
-        import tensorflow as tf
         try:
             return int(self._read_file(tf, tf.constant(path)).reduce(np.int64(0), lambda c, _: c + 1))
         except Exception as exc:  # DataLossError, NotFoundError, ...
@@ -216,9 +216,7 @@ class FileSource:
         """SHA-256 (16 hex digits) of the first `records` records of up to `files` files spread
         evenly over the sorted list: a fixed sample that a resumed run compares (distbatch.data.
         datasets.fingerprint). Reads those records only, never the whole files."""
-        import hashlib
 
-        import tensorflow as tf
         digest = hashlib.sha256()
         for i in sorted({int(i) for i in np.linspace(0, len(self.files) - 1, min(files, len(self.files)))}):
             for record in self._read_file(tf, self.files[i]).take(records):
@@ -252,7 +250,6 @@ class FileSource:
                       local_replicas: int, start_step: int, total_steps: int,
                       epoch_offset: int = 0):
         """Per-worker training batches; element i is local replica i % L of step start_step + i // L."""
-        import tensorflow as tf
         W, L, w = num_workers, local_replicas, worker_index
         _check_layout(plan, W, L, w)
         self._check_parse_fn(tf)
@@ -279,7 +276,6 @@ class FileSource:
 
     def eval_dataset(self, plan, *, worker_index: int, num_workers: int, local_replicas: int):
         """(per-worker dataset of (x, y, sample_weight, mask) batches, batches per local replica)."""
-        import tensorflow as tf
         W, L, w = num_workers, local_replicas, worker_index
         _check_layout(plan, W, L, w)
         self._check_parse_fn(tf)
@@ -334,7 +330,6 @@ class FileSource:
             records = records.shard(W, w)
         if shuffle and self.shuffle_buffer > 1:
             # -1 - epoch keeps this seed apart from the file permutation's (seed, epoch)
-            from distbatch.data.inputs import block_shuffle
             records = block_shuffle(tf, records, self.shuffle_buffer, seed, -1 - epoch)
         return records
 
@@ -348,7 +343,6 @@ class FileSource:
             raise UsageError(f"parse_fn must return (x, y) or (x, y, sample_weight), got {got}")
 
     def _parse(self, record):
-        import tensorflow as tf
         out = self.parse_fn(record)
         sw = tf.reshape(tf.cast(out[2], tf.float32), []) if len(out) == 3 else tf.ones([], tf.float32)
         return out[0], out[1], sw
@@ -362,7 +356,6 @@ def _check_layout(plan, W: int, L: int, w: int) -> None:
 
 def _file_size(path: str) -> int:
     if "://" in path:
-        import tensorflow as tf
         return int(tf.io.gfile.stat(path).length)
     return os.path.getsize(path)
 
@@ -384,7 +377,6 @@ def tfrecord_source(pattern: str | Sequence[str], *, x_key: str = "x", y_key: st
     LABEL_SAMPLE records (pass it for a large set whose first records miss a class).
     `options` go to files() (shuffle_buffer, compression, cycle_length, ...).
     """
-    import tensorflow as tf
 
     unknown = sorted(set(options) - _FILES_OPTIONS)
     require(not unknown, f"unknown option(s) {', '.join(unknown)} for tfrecord_source; "

@@ -16,7 +16,7 @@ Every source implements the same three methods (duck-typed):
 Sources here:
 - ArraySource: NumPy arrays (x may be a dict or tuple of arrays, y too), one
   seeded permutation per epoch, identical on every worker, split by worker then
-  replica (distbatch's exact global-batch semantics; training/pipeline.py).
+  replica (distbatch's exact global-batch semantics; data/indices.py).
 - DatasetSource: a tf.data.Dataset of SINGLE examples (x, y) or (x, y, w):
   every worker reads it, shuffles it in seeded blocks of shuffle_buffer examples
   (block_shuffle; the same on every worker), batches it to
@@ -35,8 +35,10 @@ import math
 from typing import Any, Callable
 
 import numpy as np
+import tensorflow as tf
 
 from distbatch.data.checks import batched_in, check_arrays, check_element_spec
+from distbatch.data.indices import eval_batch_size, eval_indices, train_indices
 from distbatch.errors import UsageError
 
 # One graph constant holds the in-memory arrays; TensorFlow refuses constants over 2 GB.
@@ -65,7 +67,7 @@ def _as_float_weight(tf, w, batch):
 
 def _split_to_local_replicas(tf, plan, worker_index: int, local_replicas: int):
     """fn(nest of [B, ...] global batch) -> nest of [L, K*b, ...]: this worker's replicas' parts,
-    the same layout as pipeline.train_dataset ([K, R, b] -> worker's L -> [L, K*b])."""
+    the same layout as indices.train_dataset ([K, R, b] -> worker's L -> [L, K*b])."""
     K, R, b, L = plan.accumulation_steps, plan.replicas, plan.per_replica_batch_size, local_replicas
     lo, hi = worker_index * L, (worker_index + 1) * L
 
@@ -122,8 +124,6 @@ class ArraySource:
     def train_dataset(self, plan, *, seed: int, worker_index: int, num_workers: int = 1,
                       local_replicas: int, start_step: int = 0, total_steps: int,
                       epoch_offset: int = 0):
-        import tensorflow as tf
-        from distbatch.training.pipeline import train_indices
         xs, ys, ws = self._constants(tf)
         idx = train_indices(plan, seed=seed, worker_index=worker_index, local_replicas=local_replicas,
                             start_step=start_step, total_steps=total_steps, epoch_offset=epoch_offset)
@@ -133,8 +133,6 @@ class ArraySource:
                        deterministic=True).prefetch(tf.data.AUTOTUNE)
 
     def eval_dataset(self, plan, *, worker_index: int, num_workers: int = 1, local_replicas: int):
-        import tensorflow as tf
-        from distbatch.training.pipeline import eval_indices
         xs, ys, ws = self._constants(tf)
         idx, steps = eval_indices(plan, self.n, worker_index=worker_index,
                                   local_replicas=local_replicas)
@@ -158,7 +156,6 @@ def without_autotune_thread(ds):
     Without the model thread, AUTOTUNE map parallelism is one call per core and
     prefetch(AUTOTUNE) buffers still grow on demand (tf.data's prefetch autotuner).
     """
-    import tensorflow as tf
     if ds.options().autotune.enabled is not None:
         return ds
     options = tf.data.Options()
@@ -196,7 +193,6 @@ def _split_example(tf, element):
 
 def count_examples(ds, name: str) -> int:
     """len(ds): its cardinality when TensorFlow knows it, else one pass over it."""
-    import tensorflow as tf
     n = int(ds.cardinality())
     if n == tf.data.INFINITE_CARDINALITY:
         raise ValueError(f"{name} is infinite (e.g. .repeat()): pass a finite dataset of single "
@@ -212,7 +208,6 @@ class DatasetSource:
     def __init__(self, ds, *, shuffle_buffer: int = 10_000, name: str = "data") -> None:
         if shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
-        import tensorflow as tf
         spec = ds.element_spec
         if not isinstance(spec, tuple) or len(spec) not in (2, 3):
             raise ValueError(f"{name}: a dataset's elements must be (x, y) or (x, y, sample_weight) "
@@ -271,7 +266,6 @@ class DatasetSource:
 
     def eval_dataset(self, plan, *, worker_index: int, num_workers: int = 1, local_replicas: int):
         tf = self._tf
-        from distbatch.training.pipeline import eval_batch_size
         R, L = plan.replicas, local_replicas
         eb = eval_batch_size(plan, self.n)
         steps = math.ceil(self.n / (R * eb))
@@ -308,7 +302,6 @@ class FnSource:
         self._cache: dict = {}
 
     def _dataset(self, *, worker_index: int, num_workers: int, num_replicas: int, global_batch: int):
-        import tensorflow as tf
         key = (worker_index, num_workers, num_replicas, global_batch)
         if key not in self._cache:
             ctx = tf.distribute.InputContext(num_input_pipelines=num_workers,
@@ -322,7 +315,6 @@ class FnSource:
         return self._cache[key]
 
     def example_batch(self):
-        import tensorflow as tf
         spec = self._dataset(worker_index=0, num_workers=1, num_replicas=1, global_batch=1).element_spec
         zeros = lambda s: tf.zeros([1] + [d or 1 for d in s.shape[1:]], s.dtype)  # noqa: E731
         return tf.nest.map_structure(zeros, spec[0]), tf.nest.map_structure(zeros, spec[1])
@@ -335,7 +327,6 @@ class FnSource:
                         "distbatch.fit derives steps per epoch from its batches")
 
     def _with_weight(self, ds, with_mask: bool = False):
-        import tensorflow as tf
 
         def add(*element):
             x, y, w = _split_example(tf, element)
@@ -348,7 +339,6 @@ class FnSource:
     def train_dataset(self, plan, *, seed: int, worker_index: int, num_workers: int = 1,
                       local_replicas: int, start_step: int = 0, total_steps: int,
                       epoch_offset: int = 0):
-        import tensorflow as tf
         ds = self._dataset(worker_index=worker_index, num_workers=num_workers,
                            num_replicas=plan.replicas, global_batch=plan.global_batch_size)
         L, S = local_replicas, plan.steps_per_epoch
@@ -364,7 +354,6 @@ class FnSource:
 
 def as_source(data: Any, name: str = "data", *, shuffle_buffer: int = 10_000):
     """A source for what a user passed as `data` / `validation_data` (see distbatch.fit)."""
-    import tensorflow as tf
     if data is None:
         return None
     if hasattr(data, "train_dataset") and hasattr(data, "eval_dataset"):

@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import keras
 import numpy as np
+import tensorflow as tf
 
 from distbatch.data.arrays import check_fraction, parse_shape, seeded_split
 from distbatch.data.tfrecord_io import count_tfrecord_frames, tf_reason, unreadable
@@ -102,7 +104,7 @@ def _load_mnist1d(spec, *, seed, train_size, val_size, options):
 def _generate_mnist1d(seed: int, n_train: int, n_val: int):
     # make_dataset seeds and draws from the GLOBAL numpy/random state; keep the
     # caller's state intact so loading data never changes anyone else's RNG.
-    from mnist1d.data import get_dataset_args, make_dataset
+    from mnist1d.data import get_dataset_args, make_dataset  # optional: only this dataset needs it
 
     args = get_dataset_args()
     total = n_train + n_val
@@ -123,7 +125,7 @@ def _generate_mnist1d(seed: int, n_train: int, n_val: int):
 
 
 def _load_digits(spec, *, seed, train_size, val_size, options):
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # optional: only this dataset needs it
 
     digits = load_digits()
     x = (digits.images.astype(np.float32) / 16.0)[..., None]
@@ -160,7 +162,6 @@ def _load_synthetic(spec, *, seed, train_size, val_size, options):
 # ------------------------------------------------------------------ file formats
 
 def _load_keras(spec, *, seed, train_size, val_size, options):
-    import keras
 
     kwargs = {}
     if spec == "cifar100":
@@ -241,7 +242,6 @@ def _load_npz(spec, *, seed, train_size, val_size, options):
 
 
 def _load_image_dir(spec, *, seed, train_size, val_size, options):
-    import keras
 
     size = options.pop("image_size", (32, 32))
     size = (size, size) if isinstance(size, int) else tuple(size)
@@ -290,7 +290,6 @@ def _class_dirs(spec: str) -> list[str] | None:
 
 
 def _first_undecodable(paths: list[str]) -> str | None:
-    import tensorflow as tf
     for path in sorted(paths):
         try:
             tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
@@ -321,7 +320,6 @@ def _expand(pattern: str) -> list[str]:
 
 
 def _read_tfrecords(files, shape, x_key, y_key, spec):
-    import tensorflow as tf
 
     features = {x_key: tf.io.VarLenFeature(tf.float32), y_key: tf.io.VarLenFeature(tf.int64),
                 "shape": tf.io.VarLenFeature(tf.int64)}

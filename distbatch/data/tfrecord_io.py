@@ -10,6 +10,7 @@ import struct
 from typing import Sequence
 
 import numpy as np
+import tensorflow as tf
 
 from distbatch.errors import UsageError
 
@@ -56,7 +57,6 @@ def unreadable(exc: Exception, paths: Sequence[str], label: str, compression: st
     truncated record at 30900' failed with Read less bytes than requested"), so the files
     are read again one by one, up to the records the failed read covered.
     """
-    import tensorflow as tf
     left = -1 if records is None else records + 1  # take(-1): all of them
     for path in paths:
         ds = tf.data.TFRecordDataset(path, compression_type=compression).take(left)

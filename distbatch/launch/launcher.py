@@ -33,6 +33,7 @@ from distbatch.errors import UsageError
 # importable from here (distbatch.cli.launch and the tests use launcher.<name>).
 from distbatch.launch.checks import (  # noqa: F401
     _HOST_RE, _whole, check_command, check_host, check_np, check_port)
+from distbatch.launch.elastic import elastic_args
 from distbatch.launch.multiworker import (  # noqa: F401
     check_ports_free, env_command_line, find_free_ports, host_script, host_worker_addresses,
     local_worker_addresses, multiworker_specs, tf_config)
@@ -189,6 +190,8 @@ def horovod_command(*, np: int, command: Sequence[str], hosts: str | None = None
                     fusion_threshold_mb: int | None = None, cycle_time_ms: float | None = None,
                     timeline_filename: str | None = None, autotune: bool = False,
                     start_timeout: int | None = None, output_filename: str | None = None,
+                    min_np: int | None = None, max_np: int | None = None,
+                    host_discovery_script: str | None = None,
                     executable: str | None = None) -> list[str]:
     """Build the horovodrun argument list (Sergeev & Del Balso 2018, arXiv:1802.05799).
 
@@ -197,7 +200,8 @@ def horovod_command(*, np: int, command: Sequence[str], hosts: str | None = None
     Tuning flags map one to one to horovodrun's: tensor fusion buffer size
     (MB), background cycle time (ms), a Chrome-trace timeline file, Bayesian
     autotuning of those two knobs, the rendezvous timeout (s), and a folder for
-    per-rank logs.
+    per-rank logs. ``min_np``/``max_np``/``host_discovery_script`` make it a Horovod Elastic
+    job (:mod:`distbatch.launch.elastic`; the hosts then come from the script).
 
     >>> horovod_command(np=2, hosts="localhost:2", gloo=True, command=["python", "x.py"],
     ...                 executable="/v/bin/horovodrun")
@@ -208,7 +212,10 @@ def horovod_command(*, np: int, command: Sequence[str], hosts: str | None = None
     if gloo and mpi:
         raise UsageError("--gloo and --mpi are exclusive; got both (pick one controller)")
     argv = [executable or resolve_executable("horovodrun"), "-np", str(np)]
-    argv += _host_args(np, hosts, hostfile, strict_hostfile=True)
+    elastic = elastic_args(np=np, min_np=min_np, max_np=max_np, mpi=mpi, hosts=hosts, hostfile=hostfile,
+                           host_discovery_script=host_discovery_script)
+    argv += elastic if host_discovery_script else elastic + _host_args(np, hosts, hostfile,
+                                                                       strict_hostfile=True)
     if gloo:
         argv.append("--gloo")
     if mpi:

@@ -116,7 +116,7 @@ def newest_checkpoint(out: str) -> tuple[int, str] | None:
     with its `state-N.json` (written before it) in OUT/checkpoints, or in the most recently
     changed OUT/points/*/checkpoints of a sweep. No TensorFlow here; the restarted worker itself
     checks every tensor and falls back further if needed (distbatch/training/checkpoints.py)."""
-    from distbatch.training.checkpoints import candidates
+    from distbatch.outdir import checkpoint_candidates as candidates
     dirs = [os.path.join(out, "checkpoints")]
     points = os.path.join(out, "points")
     if os.path.isdir(points):

@@ -363,23 +363,9 @@ def run_single(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
 # launcher therefore hands the ranks a directory in $DISTBATCH_EXIT_DIR; each
 # distbatch rank records its status there as it exits (cli.main), and the
 # launcher returns the status of the rank that failed first.
-EXIT_DIR_ENV = "DISTBATCH_EXIT_DIR"
-RANK_ENVS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
-
-
-def record_exit_code(code: int, env: Mapping[str, str] | None = None) -> None:
-    """Write ``{"rank", "code", "time"}`` to $DISTBATCH_EXIT_DIR/rank<r>.json when both are set."""
-    env = os.environ if env is None else env
-    directory = env.get(EXIT_DIR_ENV)
-    rank = next((env[k] for k in RANK_ENVS if env.get(k, "").isdigit()), None)
-    if not directory or rank is None or not os.path.isdir(directory):
-        return
-    import json
-    try:
-        with open(os.path.join(directory, f"rank{rank}.json"), "w") as f:
-            json.dump({"rank": int(rank), "code": int(code), "time": time.time()}, f)
-    except OSError:
-        pass  # only a better exit status is lost
+# record_exit_code, EXIT_DIR_ENV and RANK_ENVS live in distbatch/exit_records.py (a leaf module the
+# workers' backends and the launcher both import); importable from here too.
+from distbatch.exit_records import EXIT_DIR_ENV, RANK_ENVS, record_exit_code  # noqa: E402,F401
 
 
 def recorded_exits(directory: str) -> dict[int, tuple[float, int]]:

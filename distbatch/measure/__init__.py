@@ -1,1 +1,1 @@
-"""Measurement: gradient noise scale, probes, benchmarks, results, reports, recommendations."""
+"""Measurement: probes, benchmarks, results, reports, recommendations (the gradient noise scale itself is computed in the loop: distbatch/training/noise_scale.py)."""

@@ -33,7 +33,6 @@ says nothing about GPU scaling.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -41,43 +40,26 @@ import sys
 import time
 from typing import Sequence
 
-from distbatch.errors import ParameterError, require, require_param
+import keras
+import numpy as np
+import tensorflow as tf
+
+import distbatch
+from distbatch.backends import create_backend
+from distbatch.data import datasets
+from distbatch.errors import ParameterError, require
+from distbatch.measure.scaling import (  # noqa: F401 (the bench's inputs and tables, importable from here)
+    DEFAULT_PER_REPLICA_BATCH, LOGICAL_CPU_NOTE, SCALING_SCHEMA, SCHEMA, check_baseline_matches,
+    efficiency_table, format_table, load_baseline, parse_input_shape, parse_replica_list,
+    resolve_batch, scaling_efficiency)
+from distbatch.models import build_model
 from distbatch.shapes import parse_shape
-
-SCHEMA = "distbatch.bench/1"
-SCALING_SCHEMA = "distbatch.bench-scaling/1"
-DEFAULT_PER_REPLICA_BATCH = 64
-LOGICAL_CPU_NOTE = ("logical CPU replicas share the same cores: they test the distributed "
-                    "paths, not speed")
-
-
-# -- pure helpers (tested as tables) -----------------------------------------------------
-def parse_input_shape(text: str) -> tuple[int, ...]:
-    """'32x32x3' or '32,32,3' -> (32, 32, 3); '40' -> (40,) (distbatch.shapes.parse_shape)."""
-    try:
-        return parse_shape(text)
-    except ParameterError as e:
-        raise e.for_flags() from None
-
-
-def parse_replica_list(text: str) -> list[int]:
-    """'1,2,4' -> [1, 2, 4] (sorted, unique, each >= 1)."""
-    try:
-        counts = [int(p) for p in str(text).split(",") if p.strip()]
-    except ValueError:
-        counts = None
-    problem = ("must be comma-separated integers" if counts is None else
-               "must name at least one count" if not counts else
-               "counts must be >= 1" if not all(c >= 1 for c in counts) else None)
-    if problem:  # the flag's own text, parsed here for the CLI only (as parse_input_shape)
-        raise ParameterError(f"{{cpu_replicas_list}} {problem}, got {text!r}",
-                             "cpu_replicas_list").for_flags()
-    return sorted(set(counts))
+from distbatch.training.plan import BatchPlan
+from distbatch.training.step import make_train_step
 
 
 def summarize(iteration_seconds: Sequence[float], samples_per_iter: int) -> dict:
     """Per-iteration rates r_i = samples_per_iter / t_i; mean, std (ddof=0), 1.96 std, median."""
-    import numpy as np
     t = np.asarray(iteration_seconds, dtype=np.float64)
     require(t.size >= 1 and bool(np.all(t > 0)),
             f"iteration times must be a non-empty list of positive seconds, got {list(t)}")
@@ -87,92 +69,6 @@ def summarize(iteration_seconds: Sequence[float], samples_per_iter: int) -> dict
             "min": float(rates.min()), "max": float(rates.max()), "n": int(rates.size)}
 
 
-def scaling_efficiency(throughput: float, replicas: int, base_throughput: float,
-                       base_replicas: int = 1) -> float:
-    """throughput(N) / ((N / n0) * throughput(n0)); 1.0 = perfect linear scaling."""
-    require(replicas >= 1 and base_replicas >= 1,
-            f"replica counts must be >= 1, got {replicas} and {base_replicas}")
-    require(base_throughput > 0, f"baseline throughput must be > 0, got {base_throughput}")
-    return float(throughput) / (replicas / base_replicas * float(base_throughput))
-
-
-def efficiency_table(results: Sequence[dict]) -> list[dict]:
-    """One row per bench result, efficiency against the smallest replica count."""
-    require(bool(results), "no bench results to tabulate")
-    ordered = sorted(results, key=lambda r: r["replicas"])
-    base = ordered[0]
-    rows = []
-    for r in ordered:
-        agg = r["samples_per_sec"]
-        rows.append({"replicas": r["replicas"], "global_batch_size": r["global_batch_size"],
-                     "per_replica_batch_size": r["per_replica_batch_size"],
-                     "samples_per_sec": agg["mean"], "ci95": agg["ci95"],
-                     "per_replica_samples_per_sec": agg["mean"] / r["replicas"],
-                     "efficiency": scaling_efficiency(agg["mean"], r["replicas"],
-                                                      base["samples_per_sec"]["mean"],
-                                                      base["replicas"])})
-    return rows
-
-
-def format_table(rows: Sequence[dict]) -> str:
-    lines = [f"{'replicas':>8} {'global batch':>12} {'samples/s (mean +- 1.96 std)':>30} "
-             f"{'per replica':>12} {'efficiency':>10}"]
-    for r in rows:
-        lines.append(f"{r['replicas']:>8} {r['global_batch_size']:>12} "
-                     f"{r['samples_per_sec']:>16,.1f} +- {r['ci95']:<10,.1f} "
-                     f"{r['per_replica_samples_per_sec']:>12,.1f} {r['efficiency']:>10.3f}")
-    return "\n".join(lines)
-
-
-def resolve_batch(per_replica: int | None, global_batch: int | None, replicas: int) -> tuple[int, int]:
-    """(per_replica_batch, global_batch) from whichever one the user gave (default per-replica 64)."""
-    if per_replica is not None and global_batch is not None:
-        raise ParameterError(f"give {{per_replica_batch_size}} ({per_replica}) or "
-                             f"{{global_batch_size}} ({global_batch}), not both",
-                             "per_replica_batch_size", "global_batch_size")
-    if global_batch is not None:
-        require_param(global_batch >= 1, f"{{global_batch_size}} must be >= 1, got {global_batch}",
-                      "global_batch_size")
-        require_param(global_batch % replicas == 0, f"{{global_batch_size}} {global_batch} is not "
-                      f"divisible by the {replicas} replicas", "global_batch_size")
-        return global_batch // replicas, global_batch
-    b = DEFAULT_PER_REPLICA_BATCH if per_replica is None else per_replica
-    require_param(b >= 1, f"{{per_replica_batch_size}} must be >= 1, got {b}", "per_replica_batch_size")
-    return b, b * replicas
-
-
-def load_baseline(path: str) -> dict:
-    """A bench JSON written by `distbatch bench` (its ``json`` file; a single run, not a scaling
-    table). Errors name the flag ``baseline`` (the CLI's only; see _baseline_error)."""
-    try:
-        with open(path, "rb") as f:  # decoded whole, so an error's offset is the file's
-            data = json.loads(f.read().decode("utf-8"))
-    except OSError as e:
-        raise _baseline_error(f"{{baseline}} {path!r}: cannot read it ({e.strerror})", "baseline") from None
-    except json.JSONDecodeError as e:
-        raise _baseline_error(f"{{baseline}} {path!r} is not JSON ({e.msg} at char {e.pos})",
-                              "baseline") from None
-    except UnicodeDecodeError as e:  # a binary file (an .npz, a checkpoint) given by mistake
-        raise _baseline_error(f"{{baseline}} {path!r} is not a text file (byte 0x{e.object[e.start]:02x} "
-                              f"at offset {e.start} is not UTF-8); expected the JSON that `distbatch "
-                              "bench {json}` writes", "baseline", "json") from None
-    except RecursionError:
-        raise _baseline_error(f"{{baseline}} {path!r} is not JSON (nested too deeply)", "baseline") from None
-    ok = (isinstance(data, dict) and data.get("schema") == SCHEMA
-          and isinstance(data.get("replicas"), int)
-          and isinstance(data.get("samples_per_sec"), dict) and "mean" in data["samples_per_sec"])
-    if not ok:
-        raise _baseline_error(f"{{baseline}} {path!r} is not a `distbatch bench {{json}}` file of "
-                              f"schema {SCHEMA}", "baseline", "json")
-    return data
-
-
-def _baseline_error(template: str, *params: str):
-    """A baseline file is a flag of `distbatch bench` only: its errors are the CLI's lines (as
-    parse_input_shape's), also where cli/bench.py's handler is called without the CLI."""
-    return ParameterError(template, *params).for_flags()
-
-
 # Bytes per input value while the random batch is made: drawn as float64, kept as float32.
 INPUT_BYTES_PER_VALUE = 8 + 4
 
@@ -180,8 +76,7 @@ INPUT_BYTES_PER_VALUE = 8 + 4
 def check_inputs_fit(shape: Sequence[int], per_replica_batch: int, memory: int | None = None) -> None:
     """ParameterError unless one replica's batch of random inputs fits in this machine's memory
     (`memory` bytes; default its RAM), checked before allocating, as train checks synthetic data."""
-    from distbatch.data.datasets import physical_memory
-    memory = physical_memory() if memory is None else memory
+    memory = datasets.physical_memory() if memory is None else memory
     values = math.prod(int(d) for d in shape)
     need = per_replica_batch * values * INPUT_BYTES_PER_VALUE
     if memory and need > memory:
@@ -190,15 +85,6 @@ def check_inputs_fit(shape: Sequence[int], per_replica_batch: int, memory: int |
             f"{values:,} input values per replica = {need / 2**30:,.1f} GiB (drawn as float64, kept as "
             f"float32), more than this machine's {memory / 2**30:,.1f} GiB of memory; use a smaller "
             f"{{input_shape}} or batch", "input_shape")
-
-
-def check_baseline_matches(result: dict, baseline: dict) -> None:
-    """Efficiency compares like with like: same model, input shape and per-replica batch."""
-    for key in ("model", "input_shape", "num_classes", "per_replica_batch_size"):
-        if result[key] != baseline[key]:
-            raise ParameterError(f"{{baseline}} was measured with {key} {baseline[key]!r}, this "
-                                 f"run uses {result[key]!r}; efficiency needs the same workload",
-                                 "baseline")
 
 
 def replica_run_command(argv: Sequence[str], count: int, json_path: str) -> list[str]:
@@ -218,8 +104,6 @@ def _slowest_worker_times(backend, times: list[float]) -> list[float]:
     """
     if backend.num_workers == 1:
         return list(times)
-    import numpy as np
-    import tensorflow as tf
     W, n = backend.num_workers, len(times)
     mine = np.zeros((W, n), np.float64)
     mine[backend.worker_index] = np.asarray(times) / backend.local_replicas
@@ -242,16 +126,6 @@ def measure(*, model: str = "mlp", input_shape: Sequence[int] | str = (40,), num
     The batch: ``per_replica_batch_size`` (weak scaling) or ``global_batch_size`` (strong
     scaling), default DEFAULT_PER_REPLICA_BATCH per replica.
     """
-    import keras
-    import numpy as np
-    import tensorflow as tf
-
-    import distbatch
-    from distbatch.backends import create_backend
-    from distbatch.models import build_model
-    from distbatch.training.plan import BatchPlan
-    from distbatch.training.step import make_train_step
-
     shape = parse_shape(input_shape)
     backend, reason = create_backend(backend, cpu_replicas=cpu_replicas)
     R = backend.num_replicas

@@ -25,44 +25,18 @@ import gc
 import math
 from typing import Callable, Sequence
 
-from distbatch.errors import ParameterError, UsageError, require_param
-from distbatch.measure.oom import OutOfMemory, is_out_of_memory, oom_message  # noqa: F401
+import tensorflow as tf
 
-DEFAULT_MAX_BATCH = 4096
-
-
-def find_max_batch(fits: Callable[[int], bool], start: int = 1,
-                   max_batch: int = DEFAULT_MAX_BATCH) -> int:
-    """Largest b in [start, max_batch] with fits(b), assuming fits is monotone (True then False).
-
-    Doubling from `start` until a batch fails or `max_batch` is reached, then
-    binary search between the last success and the first failure. Raises
-    OutOfMemory if even `start` does not fit.
-    """
-    for name, v in (("start_batch", start), ("max_batch", max_batch)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ParameterError(f"{{{name}}} must be an integer >= 1, got {v!r}", name)
-    require_param(start <= max_batch, f"{{start_batch}} {start} is larger than {{max_batch}} {max_batch}",
-                  "start_batch", "max_batch")
-    if not fits(start):
-        raise OutOfMemory(f"even per-replica batch {start} does not fit in memory; use a smaller "
-                          f"model or input, mixed precision, or a device with more memory")
-    good, bad = start, None
-    while bad is None and good < max_batch:
-        trial = min(2 * good, max_batch)
-        if fits(trial):
-            good = trial
-        else:
-            bad = trial
-    if bad is None:
-        return good  # max_batch fits: the cap, not memory, is the limit
-    while bad - good > 1:
-        mid = (good + bad) // 2
-        if fits(mid):
-            good = mid
-        else:
-            bad = mid
-    return good
+from distbatch.backends import create_backend
+from distbatch.data.datasets import load_dataset
+from distbatch.errors import UsageError
+from distbatch.measure.batch_search import DEFAULT_MAX_BATCH, find_max_batch  # noqa: F401
+from distbatch.models import build_model
+from distbatch.recipes.optimizers import build_optimizer
+from distbatch.training.assembly import set_precision
+from distbatch.training.oom import OutOfMemory, is_out_of_memory, oom_message  # noqa: F401
+from distbatch.training.plan import BatchPlan
+from distbatch.training.step import make_train_step
 
 
 # ----------------------------------------------------------------- memory estimate
@@ -112,15 +86,6 @@ def probe(*, model_name: str, input_shape: Sequence[int], num_classes: int,
           optimizer_name: str = "momentum", mixed_precision: str = "off",
           log: Callable[[str], None] | None = None) -> dict:
     """Run the search with real training steps; returns the result as a dict."""
-    import tensorflow as tf
-
-    from distbatch.backends import create_backend
-    from distbatch.models import build_model
-    from distbatch.recipes.optimizers import build_optimizer
-    from distbatch.training.plan import BatchPlan
-    from distbatch.training.job import set_precision
-    from distbatch.training.step import make_train_step
-
     backend, _ = create_backend(backend_name, cpu_replicas=cpu_replicas)
     R, K = backend.num_replicas, 1  # K=1: accumulation runs one micro-batch at a time
     set_precision(mixed_precision)
@@ -172,3 +137,9 @@ def probe(*, model_name: str, input_shape: Sequence[int], num_classes: int,
             "global_batch": best * R * accumulation_steps, "capped": best == max_batch,
             "tries": len(tries), "trace": tries, "memory_limit_mb": memory_limit_mb,
             "optimizer_slots": slots, "estimated_mb": estimated / 2**20}
+
+
+def dataset_shape(spec: str) -> tuple[tuple[int, ...], int]:
+    """(input shape, number of classes) of a dataset named or given by path, as train loads it."""
+    data = load_dataset(spec)
+    return data.input_shape, data.num_classes

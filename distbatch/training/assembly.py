@@ -18,15 +18,28 @@ policy, the loss-scale wrapper, the start line.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import keras
 import numpy as np
+import tensorflow as tf
 
+from distbatch.data import checks
+from distbatch.data.inputs import ArraySource, DatasetSource, FnSource, _leaves
 from distbatch.errors import ParameterError, require_param
+from distbatch.recipes.adascale import AdaScaleState
+from distbatch.training.batch_schedule import (check_schedule_run, plan_schedule, run_schedule,
+                                               schedule_recipe)
+from distbatch.training.goodput import candidate_batches, probe_step_seconds, run_adaptive
 from distbatch.training.plan import BatchPlan
 from distbatch.training.seeding import seed_everything
+from distbatch.training.step import check_noise_scale, noise_splits_for
+from distbatch.training.sync_batchnorm import apply_sync_batchnorm
+from distbatch.training.task import Task
+from distbatch.training.trainer import Trainer
 
 MIXED_PRECISION = ("off", "float16", "bfloat16")
 PRECISION_POLICIES = {"off": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
@@ -108,7 +121,6 @@ def resume_accumulation(global_batch_size: int, replicas: int, accumulation_step
 
 def train_examples(spec: RunSpec, backend) -> int:
     """Examples in one epoch of the training data as this backend reads them."""
-    from distbatch.data.inputs import FnSource
     src = spec.train_source
     if not isinstance(src, FnSource):
         return src.num_examples(backend.num_workers)
@@ -134,7 +146,6 @@ def plan_run(spec: RunSpec, backend) -> RunPlan:
     recipe, schedule, gb = spec.recipe, None, spec.global_batch_size
     units = backend.num_replicas * spec.accumulation_steps
     if spec.batch_size_schedule:
-        from distbatch.training.batch_schedule import check_schedule_run, plan_schedule, schedule_recipe
         check_schedule_run(spec.batch_size_schedule, global_batch_size=gb, steps=spec.steps,
                            epochs=spec.epochs, early_stopping=spec.early_stopping,
                            resume=spec.resume, recipe=recipe)
@@ -146,7 +157,6 @@ def plan_run(spec: RunSpec, backend) -> RunPlan:
             recipe = schedule_recipe(recipe, schedule)
     candidates = None
     if gb == "auto":  # the goodput-adaptive batch starts at the smallest candidate
-        from distbatch.training.goodput import candidate_batches
         require_param(recipe is not None and recipe.scaling == "adascale",
                       "{global_batch_size} auto follows AdaScale's gain: give a recipe with scaling "
                       "'adascale'", "global_batch_size")
@@ -179,7 +189,6 @@ def plan_run(spec: RunSpec, backend) -> RunPlan:
         total = recipe_plan.total_steps(epochs=spec.epochs, steps=spec.steps)
         scale = plan.global_batch_size / recipe.base_batch_size
     if spec.noise_scale or (scale or 1) > 1:
-        from distbatch.training.step import check_noise_scale, noise_splits_for
         check_noise_scale(plan, noise_splits_for(plan))
     if recipe is not None:
         # Only to validate the recipe against the run (e.g. warmup longer than training);
@@ -236,17 +245,14 @@ class Run:
 
     def train(self, options, *, callbacks=None, log: Callable[[str], None] | None = None):
         """Train with `options` (trainer.LoopOptions); returns a trainer.RunResult."""
-        from distbatch.training.trainer import Trainer
         rp, backend = self.rp, self.backend
         kwargs = dict(task=self.task, validation_data=self.spec.val_source, callbacks=callbacks)
         if rp.candidates is not None:
-            from distbatch.training.goodput import run_adaptive
             return run_adaptive(backend, self.model, self.optimizer, self.spec.train_source, options,
                                 adascale=self.adascale, candidates=rp.candidates, probe=self.probe,
                                 accumulation_steps=self.spec.accumulation_steps,
                                 log=log or (lambda m: None), **kwargs)
         if rp.batch_schedule is not None:
-            from distbatch.training.batch_schedule import run_schedule
             lr = (lambda s: float(self.schedule(s))) if self.schedule is not None else None
             return run_schedule(backend, self.model, self.optimizer, rp.batch_schedule,
                                 self.spec.train_source, options, learning_rate_fn=lr, **kwargs)
@@ -256,9 +262,7 @@ class Run:
     def probe(self, batch: int) -> float:
         """Seconds per step at `batch` (the slowest rank's) on a throwaway copy of the model,
         for the goodput-adaptive batch."""
-        import keras
 
-        from distbatch.training.goodput import probe_step_seconds
         return probe_step_seconds(self.backend, self.spec.model_fn,
                                   lambda: keras.optimizers.SGD(0.01, momentum=0.9), self.example,
                                   batch, task=self.task, accumulation_steps=self.spec.accumulation_steps)
@@ -275,7 +279,6 @@ def set_precision(policy: str | None) -> None:
     """Keras's global dtype policy for "off" | "float16" | "bfloat16"; None leaves it."""
     if policy is None:
         return
-    import keras
     keras.mixed_precision.set_dtype_policy(PRECISION_POLICIES[policy])
 
 
@@ -283,7 +286,6 @@ def build_run(spec: RunSpec, backend, rp: RunPlan) -> Run:
     """Seeds, precision, then model and optimizer inside the backend's scope (slots built
     before the first step), the data checked against the model's output, the backend
     prepared (Horovod broadcasts rank 0's state), the model compiled."""
-    import keras
 
     seed_everything(spec.seed, spec.deterministic)
     set_precision(spec.mixed_precision)
@@ -294,13 +296,11 @@ def build_run(spec: RunSpec, backend, rp: RunPlan) -> Run:
         if not isinstance(model, keras.Model):
             raise TypeError(f"model_fn must return a keras.Model, got {type(model).__name__}")
         if spec.sync_batchnorm:
-            from distbatch.training.sync_batchnorm import apply_sync_batchnorm
             apply_sync_batchnorm(model, backend)
         x_example, example = example_output(model, spec.train_source, rp.plan)  # builds it
         check_data(spec.loss, example, x_example, spec.train_source, spec.val_source)
         if spec.recipe is not None:
             if rp.adascale_scale is not None:
-                from distbatch.recipes.adascale import AdaScaleState
                 adascale = AdaScaleState(scale=rp.adascale_scale,
                                          base_batch_size=spec.recipe.base_batch_size,
                                          total_base_steps=rp.total_steps,
@@ -339,7 +339,6 @@ def example_output(model, source, plan) -> tuple:
 
 def example_batch(source, plan):
     """(x, y) of one example with a batch axis: what the model and metrics are resolved on."""
-    import tensorflow as tf
     example = getattr(source, "example_batch", None)
     if example is not None:
         return example()
@@ -354,8 +353,6 @@ def example_batch(source, plan):
 def check_data(loss, example, x_example, train_src, val_src) -> None:
     """Before any step: validation shapes match training; with the default loss, logits of
     shape (batch, classes) and class-index labels in range (distbatch/data/checks.py)."""
-    from distbatch.data import checks
-    from distbatch.data.inputs import ArraySource, DatasetSource, _leaves
     y, pred = example
     if val_src is not None and hasattr(val_src, "example_batch"):
         checks.check_same_shapes("validation_data", (x_example, y), val_src.example_batch())
@@ -372,7 +369,6 @@ def check_data(loss, example, x_example, train_src, val_src) -> None:
 
 def is_sparse_classification(loss) -> bool:
     """The default loss, or sparse categorical cross-entropy given by name or object."""
-    import keras
     return (loss is None or loss == "sparse_categorical_crossentropy"
             or isinstance(loss, keras.losses.SparseCategoricalCrossentropy))
 
@@ -383,9 +379,7 @@ def resolve_task(model, loss, metrics, example, loss_weights=None):
     Called OUTSIDE the backend's scope: metric variables made inside a strategy's scope are
     sync-on-read, and reading one under MultiWorkerMirroredStrategy is a collective (a chief
     reading alone, e.g. a Keras callback saving the model, would wait for the others)."""
-    import tensorflow as tf
 
-    from distbatch.training.task import Task
     y, pred = example
     if loss is None and metrics is None:  # the classification default
         metrics = ["accuracy"]
@@ -401,7 +395,6 @@ def compile_model(model, optimizer, loss, task, example=None, loss_weights=None)
     """Compile the model with its optimizer (and schedule), loss and metrics, so a saved
     model.keras continues with keras.models.load_model(path).fit(...). `example` (y, y_pred)
     builds the compiled metrics now (Keras builds them at the first fit step)."""
-    import keras
     if loss is None:
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     metrics = None
@@ -428,9 +421,7 @@ def source_fingerprint(source) -> dict | None:
     FINGERPRINT_SAMPLE evenly spaced examples (arrays) or the first ones (a tf.data dataset).
     Data replaced by other data of the same size (scaled, permuted) changes it. None for a
     dataset_fn, which distbatch does not read ahead."""
-    import hashlib
 
-    from distbatch.data.inputs import ArraySource, DatasetSource, _leaves
     digest = hashlib.sha256()
     if isinstance(source, ArraySource):
         n = source.num_examples(1)
@@ -454,7 +445,6 @@ def release_from_strategy(model, optimizer) -> None:
     user can compile, evaluate, predict and fit it outside any scope (Keras otherwise refuses:
     "Mixing different tf.distribute.Strategy objects"): every model and optimizer variable
     gets a plain tf.Variable with its current value, and both forget the strategy."""
-    import tensorflow as tf
     seen: set = set()
     opt = getattr(optimizer, "inner_optimizer", None)
     optimizers = [o for o in (optimizer, opt) if o is not None]

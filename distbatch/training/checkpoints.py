@@ -19,6 +19,10 @@ fallen-back resume never prunes an older checkpoint.
 
 Also here: the temporary directory a non-chief worker saves its (never read)
 checkpoint copies to, :func:`temp_checkpoint_dir`.
+
+TensorFlow is imported inside :func:`damage` only: the launcher (distbatch/launch/restarts.py)
+imports :func:`candidates` from here without it. It moves to the top once the launcher reads
+it from distbatch/outdir.py, its home.
 """
 from __future__ import annotations
 
@@ -30,25 +34,16 @@ import sys
 import tempfile
 
 from distbatch.errors import ParameterError
+from distbatch.outdir import checkpoint_candidates
+from distbatch.training.early_stopping import load_weights, weights_file
 
-_CKPT = re.compile(r"^ckpt-(\d+)\.index$")
+candidates = checkpoint_candidates  # the name the launcher and the resume imports use
 _TEMP = re.compile(r"^distbatch-ckpt-w\d+-p(\d+)-")
-
-
-def candidates(directory: str) -> list[tuple[int, str]]:
-    """(step, prefix) of every checkpoint in `directory`, newest first, from the file names."""
-    try:
-        names = os.listdir(directory)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    found = [(int(m.group(1)), os.path.join(directory, f"ckpt-{m.group(1)}"))
-             for m in map(_CKPT.match, names) if m]
-    return sorted(found, reverse=True)
 
 
 def damage(directory: str, step: int, prefix: str) -> str | None:
     """Why checkpoint `prefix` (of `step`) cannot be resumed from, or None if it is intact."""
-    import tensorflow as tf
+    import tensorflow as tf  # local: see the module docstring
     try:
         reader = tf.train.load_checkpoint(prefix)
         for name in reader.get_variable_to_dtype_map():
@@ -68,7 +63,6 @@ def damage(directory: str, step: int, prefix: str) -> str | None:
     except (OSError, ValueError, AttributeError) as e:
         return f"its state-{step}.json is unreadable ({type(e).__name__}: {str(e)[:100]})"
     if best is not None:
-        from distbatch.training.early_stopping import load_weights, weights_file
         try:
             load_weights(os.path.join(directory, weights_file(best)))
         except Exception as e:  # noqa: BLE001 - OSError, BadZipFile, ValueError, ...

@@ -18,6 +18,8 @@ from typing import Callable
 
 import numpy as np
 
+from distbatch.fileio import atomic_write
+
 
 @dataclass
 class EarlyStopping:
@@ -61,7 +63,6 @@ def weights_file(best_step: int) -> str:
 
 def save_weights(path: str, weights: list) -> None:
     """Write the weights atomically (a kill leaves the old file or none, never half of one)."""
-    from distbatch.fileio import atomic_write
     atomic_write(path, lambda f: np.savez(f, *weights))
 
 

@@ -4,6 +4,7 @@ when it is shorter than the replica count); the sums travel in one all-reduce pe
 from __future__ import annotations
 
 import numpy as np
+import tensorflow as tf
 
 from distbatch.data.inputs import without_autotune_thread
 
@@ -13,7 +14,6 @@ def eval_iterator(backend, plan, source, repeat: bool):
     n batches repeat and the one iterator serves every evaluation of a run (each consumes
     exactly one pass): a new distributed iterator costs ~65 ms under MirroredStrategy
     (2 logical CPUs; its multi-device iterator), a third of a conv-net run's 20 evaluations."""
-    import tensorflow as tf
     built = {}
 
     def make_eval(w, L):

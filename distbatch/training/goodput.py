@@ -133,8 +133,7 @@ def backend_slowest(backend, seconds: float) -> float:
     """The slowest rank's value, identical everywhere (so every rank makes the same choice)."""
     if backend.num_workers == 1:
         return seconds
-    from distbatch.measure.bench import _slowest_worker_times
-    return _slowest_worker_times(backend, [seconds])[0]
+    return max(backend.gather_from_workers(seconds))
 
 
 def probe_step_seconds(backend, make_model: Callable, optimizer_fn: Callable, example, batch: int,

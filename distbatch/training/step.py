@@ -16,6 +16,10 @@ The same all-reduce carries the metric sums (loss, correct predictions) and,
 with the gradient noise scale on, the per-micro-batch squared gradient norms
 (McCandlish et al. 2018, appendix A.1): B_small = per-micro-batch size,
 B_big = global batch.
+
+Keras, TensorFlow and distbatch/training/task.py are imported inside the functions that use
+them: distbatch/cli/train.py's parser reads GRAD_COMPRESSION from here, and the CLI's help must
+not load TensorFlow. They move to the top once that parser reads it from distbatch/choices.py.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from distbatch.backends.base import Backend
+from distbatch.backends.single import SingleBackend
+from distbatch.errors import ParameterError
 from distbatch.training.plan import BatchPlan
 from distbatch.training.replica_seeds import decorrelate_replicas
 
@@ -43,7 +49,7 @@ class StepOptions:
     grad_compression: str = "none"
 
 
-GRAD_COMPRESSION = ("none", "fp16", "bf16")
+from distbatch.choices import GRAD_COMPRESSION  # noqa: E402 (re-exported)
 
 
 def bucket_partition(nbytes: Sequence[int], bucket_bytes: float) -> list[list[int]]:
@@ -83,7 +89,6 @@ def resolve_bucket_mb(value: float | str, backend: Backend | None = None) -> flo
 
 def check_comm_options(options: "StepOptions", backend: Backend | None = None) -> None:
     """ParameterError for a bucket size or compression this backend cannot do (one line each)."""
-    from distbatch.errors import ParameterError
     b = options.bucket_mb
     if b != "auto" and (isinstance(b, (bool, str)) or not b >= 0):
         raise ParameterError(f"{{bucket_mb}} must be a number >= 0 (0 = one all-reduce) or 'auto', "
@@ -106,7 +111,6 @@ def noise_splits_for(plan: BatchPlan) -> int:
 
 def check_noise_scale(plan: BatchPlan, splits: int) -> None:
     """ParameterError unless the noise scale can see two batch sizes with equal micro-batches."""
-    from distbatch.errors import ParameterError
     gb, splits = plan.global_batch_size, max(1, splits)
     if plan.replicas * plan.accumulation_steps * splits == 1:
         raise ParameterError("{noise_scale} needs two batch sizes: more than one replica, "
@@ -126,7 +130,7 @@ def _sq_norm(tf, tensors):
 
 def default_task(loss_fn=None):
     """sparse categorical cross-entropy from logits (or `loss_fn`, per example) + accuracy."""
-    import keras
+    import keras  # local: see the module docstring
     from distbatch.training.task import Task
     return Task(loss=loss_fn, metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
 
@@ -152,7 +156,6 @@ def wire_compression(backend, requested: str) -> str:
     """The gradients' type on the wire: `requested`, except on the single backend, whose
     all-reduce returns its input: nothing travels, so a cast there would only round the
     gradients (the cast is for the all-reduce only, docs/scaling.md)."""
-    from distbatch.backends.single import SingleBackend
     return "none" if isinstance(backend, SingleBackend) else requested
 
 
@@ -240,7 +243,7 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
     noise scale on, small_sq and big_sq; with `adascale`
     (distbatch.recipes.adascale.AdaScaleState) also its gain and tau after the step.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # local: see the module docstring
 
     task = task or default_task(loss_fn)
     decorrelate_replicas(model, backend)  # each replica its own Dropout masks
@@ -353,7 +356,7 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
 def make_eval_step(backend: Backend, model, loss_fn=None, task=None):
     """Return a tf.function eval_step(iterator, n) -> dict of global masked sums over n batches
     (all of an evaluation in one call): loss_sum, count (examples), metrics (summed state)."""
-    import tensorflow as tf
+    import tensorflow as tf  # local: see the module docstring
     task = task or default_task(loss_fn)
 
     def replica_eval(x, y, w, mask):

@@ -13,9 +13,11 @@ Masked inputs keep the layer's own (local) moments.
 """
 from __future__ import annotations
 
+import keras
+import tensorflow as tf
+
 
 def batchnorm_layers(model) -> list:
-    import keras
     return [layer for layer in model._flatten_layers(include_self=False)
             if isinstance(layer, keras.layers.BatchNormalization)]
 
@@ -41,7 +43,6 @@ def _global_moments(layer, local_moments, backend, name: str):
     def moments(inputs, mask):
         if mask is not None:
             return local_moments(inputs, mask)
-        import tensorflow as tf
         axes = layer._reduction_axes
         x = tf.convert_to_tensor(inputs)
         count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), x.dtype)

@@ -19,10 +19,14 @@ zero is refused.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import keras
 import numpy as np
+import tensorflow as tf
+from keras.src.trainers.compile_utils import get_metric  # private: Keras's own metric-by-name rule
 
 
 def _flatten_outputs(tf, nest) -> list:
@@ -39,7 +43,6 @@ def _per_example(tf, values):
 
 def _loss_callable(loss) -> Callable:
     """fn(y, y_pred) -> unreduced values, from a Keras loss object, a name or a function."""
-    import keras
     if isinstance(loss, keras.losses.Loss):
         return loss.call  # unreduced, whatever the object's `reduction`
     if isinstance(loss, str):
@@ -58,15 +61,12 @@ def _loss_callable(loss) -> Callable:
 
 def sparse_ce_from_logits(y, logits):
     """The CLI's default: per-example sparse categorical cross-entropy on float32 logits."""
-    import keras
-    import tensorflow as tf
     return keras.losses.sparse_categorical_crossentropy(y, tf.cast(logits, tf.float32),
                                                         from_logits=True)
 
 
 def _loss_weights(weights, output_names: list, n_out: int) -> list:
     """One float per output from Keras's loss_weights (None: all 1)."""
-    import math
     if weights is None:
         return [1.0] * n_out
     if isinstance(weights, dict):
@@ -113,8 +113,6 @@ class Task:
 
     def __init__(self, loss=None, metrics=None, *, output_names=None, y_example=None,
                  pred_example=None, loss_weights=None) -> None:
-        import keras
-        import tensorflow as tf
         self.output_names = list(output_names or [])
         preds = _flatten_outputs(tf, pred_example) if pred_example is not None else [None]
         ys = _flatten_outputs(tf, y_example) if y_example is not None else [None] * len(preds)
@@ -160,7 +158,6 @@ class Task:
                 raise ValueError("metrics: a model with several outputs needs a dict "
                                  "{output name: [metrics]} or one list per output")
         self.slots: list[_MetricSlot] = []
-        from keras.src.trainers.compile_utils import get_metric
         for i, items in enumerate(per_output):
             for m in items:
                 if isinstance(m, keras.metrics.Metric):
@@ -192,7 +189,6 @@ class Task:
     # -- in the graph ------------------------------------------------------------------
     def per_example_loss(self, y, y_pred):
         """float32 [batch]: the sum over outputs of each output's per-example loss."""
-        import tensorflow as tf
         ys, preds = _flatten_outputs(tf, y), _flatten_outputs(tf, y_pred)
         total = None
         for fn, yt, yp, weight in zip(self._loss_fns, ys, preds, self.loss_weights):
@@ -206,7 +202,6 @@ class Task:
 
     def metric_update(self, y, y_pred, sample_weight):
         """float32 [state_size]: every metric's state after one update from zero state."""
-        import tensorflow as tf
         if not self.slots:
             return tf.zeros([0])
         ys, preds = _flatten_outputs(tf, y), _flatten_outputs(tf, y_pred)
@@ -224,7 +219,6 @@ class Task:
     # -- on the host -------------------------------------------------------------------
     def results(self, state: np.ndarray) -> dict:
         """{metric name: result} for a summed flat state (float64 on the host)."""
-        import keras
         out, offset = {}, 0
         for s in self.slots:
             if type(s.metric).result is keras.metrics.Mean.result:

@@ -16,7 +16,7 @@ from typing import Callable
 from distbatch import interrupts
 from distbatch.backends.base import Backend
 from distbatch.data.inputs import without_autotune_thread
-from distbatch.measure.noise import NoiseScaleTracker
+from distbatch.training.noise_scale import NoiseScaleTracker
 from distbatch.training.checkpoints import newest_intact
 from distbatch.training.batch_policy import FixedBatch, GoodputBatch, Segment, segment_record
 from distbatch.training.early_stopping import EarlyStopping
