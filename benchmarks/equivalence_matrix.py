@@ -67,7 +67,7 @@ ROWS = [
         model="two_outputs"),
     Row("sample-weights", "sample weights", 1e-5, "same sums in another order",
         fit={"sample_weights": True}),
-    Row("stateful-metrics", "AUC, Precision, Recall on 193 validation examples", 1e-5,
+    Row("stateful-metrics", "AUC, Precision, Recall, IoU (confusion matrix) on 193 validation examples", 1e-5,
         "metric states summed exactly across replicas; the last batch (1 example) is shorter "
         "than the replica count: padded and masked", fit={"stateful_metrics": True}),
     Row("accumulation", "gradient accumulation (2 micro-batches)", 1e-5,
@@ -142,7 +142,9 @@ def worker(backend_name: str, out: str, steps: int, rows: list[str]) -> None:
         if row.fit.get("stateful_metrics"):
             extra["metrics"] = [keras.metrics.AUC(from_logits=True, name="auc"),
                                 keras.metrics.Precision(thresholds=0.0, name="precision"),
-                                keras.metrics.Recall(thresholds=0.0, name="recall")]
+                                keras.metrics.Recall(thresholds=0.0, name="recall"),
+                                keras.metrics.BinaryIoU(target_class_ids=[0, 1], threshold=0.0,
+                                                        name="iou")]
             extra["loss"] = keras.losses.BinaryCrossentropy(from_logits=True)
             train = (train[0], train[1][:, None].astype("float32"))
             val = (val[0], val[1][:, None].astype("float32"))
