@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from distbatch.backends.cluster import SECRET_ENV, resolve_secret
+from distbatch.launch import elastic
 from distbatch.launch import launcher
 from distbatch.launch import restarts
 from distbatch.launch import supervisor
@@ -151,13 +152,28 @@ def _horovod(args: argparse.Namespace) -> int:
             fusion_threshold_mb=args.fusion_threshold_mb, cycle_time_ms=args.cycle_time_ms,
             timeline_filename=args.timeline_filename, autotune=args.autotune,
             start_timeout=args.start_timeout, output_filename=args.output_filename,
+            min_np=args.min_np, max_np=args.max_np, host_discovery_script=args.host_discovery_script,
             executable="horovodrun")
         # Resolved after validation so a bad flag is reported before a missing tool.
         argv[0] = args.horovodrun or launcher.resolve_executable("horovodrun", required=not args.dry_run)
         return argv
 
+    if elastic.is_elastic(args.min_np, args.max_np, args.host_discovery_script):
+        build(_worker_command(args))  # every check before the discovery script runs
+        _elastic_start(args)
+        return _run_or_show(build, args)  # Gloo only
     # Without --gloo horovodrun uses mpirun (with --tag-output) whenever MPI is available.
     return _run_or_show(build, args, unset=() if args.gloo else MPI_UNSET)
+
+
+def _elastic_start(args: argparse.Namespace) -> None:
+    """Horovod Elastic (docs/elastic.md): the workers learn which world sizes may come (each
+    must split the global batch), and what the discovery script lists now is checked."""
+    os.environ[elastic.NP_ENV] = f"{args.min_np or args.np}:{args.max_np or ''}"
+    if args.host_discovery_script and not args.dry_run:
+        found = elastic.discovered_hosts(args.host_discovery_script)
+        for note in elastic.first_hosts_notes(found, args.np, args.network_interface):
+            _note(f"distbatch launch: note: {note}")
 
 
 def _mpirun(args: argparse.Namespace) -> int:
@@ -364,6 +380,13 @@ def add_launch_parser(subparsers) -> None:
     h.add_argument("--autotune", action="store_true", help="tune fusion threshold and cycle time")
     h.add_argument("--start-timeout", type=int, help="seconds to wait for all ranks to start")
     h.add_argument("--output-filename", help="folder for per-rank logs")
+    el = h.add_argument_group("Horovod Elastic (docs/elastic.md)")
+    el.add_argument("--min-np", type=int, metavar="M",
+                    help="fewest processes the job continues on when workers are lost (default -np)")
+    el.add_argument("--max-np", type=int, metavar="N", help="most processes the job grows to")
+    el.add_argument("--host-discovery-script", metavar="SCRIPT",
+                    help="executable printing the available hosts, one host:slots per line; "
+                         "horovodrun runs it every second and the job grows or shrinks with it")
     h.add_argument("--horovodrun", help=argparse.SUPPRESS)  # path override, for tests
     _common(h)
     h.set_defaults(func=_horovod)

@@ -25,7 +25,8 @@ DEFAULT_BATCHES = "32,64,128,256,512"
 RECOMMENDATION_NAME = "recommendation.json"
 # Written by suggested_command itself (or meaningless for a new run), never copied from the flags.
 _NOT_COPIED = {"global_batch_size", "max_global_batch_size", "batch_size_schedule", "epochs", "steps", "warmup", "warmup_epochs",
-               "warmup_steps", "out", "resume", "overwrite", "help"}
+               "warmup_steps", "out", "resume", "overwrite", "help",
+               "elastic_commit_every"}  # an elastic job's setting, not the recommended run's
 
 
 def _fmt(value) -> str:

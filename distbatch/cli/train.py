@@ -82,6 +82,12 @@ def add_train_args(parser: argparse.ArgumentParser, *, sweep: bool = False) -> N
                    help="also checkpoint when this many seconds passed since the last one (the "
                         "chief's clock, agreed by all workers at a step boundary); default 0 (off), "
                         "300 under `distbatch launch ... --max-restarts N`")
+    if not sweep:
+        g.add_argument("--elastic-commit-every", type=int, default=None, metavar="STEPS",
+                       help="Horovod Elastic (`distbatch launch horovod --min-np/--max-np/"
+                            "--host-discovery-script`): commit (checkpoint) every STEPS steps; a lost "
+                            "worker costs at most that many steps (default: the checkpoint cadence "
+                            "when one is given, else every 60 s; docs/elastic.md)")
     g.add_argument("--steps-per-execution", type=steps_per_execution_arg, default="auto",
                    metavar="N|auto",
                    help="training steps run inside one tf.function call (default auto: enough "
@@ -107,7 +113,7 @@ def add_train_args(parser: argparse.ArgumentParser, *, sweep: bool = False) -> N
 def add_comm_args(parser: argparse.ArgumentParser) -> None:
     """Gradient communication: buckets, compression, MultiWorkerMirroredStrategy options
     (Horovod's fusion threshold and cycle time are `distbatch launch horovod` flags)."""
-    from distbatch.training.step import GRAD_COMPRESSION
+    from distbatch.choices import GRAD_COMPRESSION
     g = parser.add_argument_group("communication (see docs/scaling.md)")
     g.add_argument("--bucket-mb", type=bucket_mb_arg, default="auto", metavar="MB",
                    help="all-reduce gradients in buckets of about MB megabytes, last layers first, "

@@ -65,6 +65,7 @@ class TrainConfig:
     min_delta: float = 0.0
     checkpoint_every: int = 0
     checkpoint_every_seconds: float | None = None
+    elastic_commit_every: int | None = None  # Horovod Elastic: steps between commits (docs/elastic.md)
     steps_per_execution: int | str = "auto"
     jit_compile: str = "off"
     cluster_timeout: float | None = None
@@ -109,6 +110,13 @@ class TrainConfig:
         require_param(s is None or (math.isfinite(s) and s >= 0),
                       f"{{checkpoint_every_seconds}} must be a finite number of seconds >= 0 (0: off), "
                       f"got {s}", "checkpoint_every_seconds")
+        if self.elastic_commit_every is not None:  # a commit is a checkpoint: one step cadence
+            _integer("elastic_commit_every", self.elastic_commit_every, 1)
+            require_param(self.checkpoint_every in (0, self.elastic_commit_every),
+                          f"{{elastic_commit_every}} {self.elastic_commit_every} and {{checkpoint_every}} "
+                          f"{self.checkpoint_every} both set the steps between checkpoints (an elastic "
+                          "commit is a checkpoint); give one of them",
+                          "elastic_commit_every", "checkpoint_every")
         t = self.target_accuracy
         require_param(t is None or 0 < t <= 1, f"{{target_accuracy}} must be in (0, 1], got {t}",
                       "target_accuracy")

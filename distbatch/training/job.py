@@ -7,6 +7,7 @@ the sweep and recommend all run their jobs through :func:`train`.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -14,14 +15,30 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+import tensorflow as tf
+
 from distbatch import __version__
+from distbatch.backends import create_backend
+from distbatch.backends.strategy import warn_if_more_than_cores
+from distbatch.data.datasets import fingerprint, load_dataset, streams_from_files
+from distbatch.data.files import tfrecord_source
+from distbatch.data.inputs import SourceDataset, array_sources
 from distbatch.errors import ParameterError, param_name, require_param
 from distbatch.fileio import atomic_write_json, json_roundtrip
+from distbatch.models import build_model, check_model
 from distbatch.outdir import (check_out_dir, check_out_outside_dataset, check_run_to_resume,
                               claim_out_dir)
+from distbatch.recipes.recipe import parse_epoch_list
 from distbatch.training import assembly
 from distbatch.training.assembly import RunPlan, RunSpec, set_precision  # noqa: F401 (re-exported)
+from distbatch.training.checkpoints import newest_intact
 from distbatch.training.config import TrainConfig
+from distbatch.training.elastic import elastic_launch, train_elastic
+from distbatch.training.oom import OutOfMemory, is_out_of_memory, oom_message
+from distbatch.training.preemption import checkpoint_seconds
+from distbatch.training.step import wire_compression
+from distbatch.training.trainer import LoopOptions
 
 RUN_FILES = ("summary.json", "config.json", "model.keras")
 RUN_OUTPUTS = RUN_FILES + ("tensorboard", "checkpoints")  # all overwrite=True removes
@@ -30,7 +47,6 @@ EXIT_DIVERGED = 3
 
 
 def machine_info(backend) -> dict:
-    import tensorflow as tf
     return {"platform": platform.platform(), "python": platform.python_version(),
             "cpus": os.cpu_count(), "gpus": len(tf.config.list_physical_devices("GPU")),
             "tensorflow": tf.__version__, "distbatch": __version__,
@@ -48,10 +64,7 @@ def load_named_data(spec: str, *, seed: int = 0, train_size: int | None = None,
     """A dataset by name or path in memory (ArrayDataset), or TFRecords (a path ending in
     .tfrecord, or a glob) streamed from the files (distbatch.data.files; subsets with
     train_size or val_size are read into memory instead)."""
-    from distbatch.data.datasets import load_dataset, streams_from_files
     if streams_from_files(spec) and train_size is None and val_size is None:
-        from distbatch.data.files import tfrecord_source
-        from distbatch.data.inputs import SourceDataset
         train, val, shape, classes = tfrecord_source(spec, num_classes=num_classes, seed=seed)
         return SourceDataset(spec, train, val, shape, classes)
     extra = {} if num_classes is None else {"num_classes": num_classes}
@@ -60,8 +73,6 @@ def load_named_data(spec: str, *, seed: int = 0, train_size: int | None = None,
 
 def run_spec(config: TrainConfig, data, *, batch_param: str = "global_batch_size") -> RunSpec:
     """The run a TrainConfig describes, on `data` (a loaded dataset)."""
-    from distbatch.data.inputs import array_sources
-    from distbatch.models import build_model
     if hasattr(data, "x_train"):
         train_src, val_src = array_sources(data)
     else:  # SourceDataset (files streamed)
@@ -87,7 +98,6 @@ def plan_run(config: TrainConfig, backend, data, *, param: str = "global_batch_s
     batch in errors (the sweep's is batch_sizes); ``flag`` is its older spelling."""
     if flag is not None:
         param = flag.strip("-{}").replace("-", "_")
-    from distbatch.models import check_model
     if config.out is not None:
         check_out_outside_dataset(config.out, config.dataset)
     check_model(config.model, data.input_shape)
@@ -96,8 +106,6 @@ def plan_run(config: TrainConfig, backend, data, *, param: str = "global_batch_s
 
 def loop_options(config: TrainConfig, total_steps: int):
     """The loop's options for a TrainConfig's run writing under config.out."""
-    from distbatch.training.preemption import checkpoint_seconds
-    from distbatch.training.trainer import LoopOptions
     return LoopOptions(
         total_steps=total_steps, seed=config.seed, evals_per_epoch=config.evals_per_epoch,
         noise_scale=config.noise_scale, target_accuracy=config.target_accuracy,
@@ -115,21 +123,25 @@ def loop_options(config: TrainConfig, total_steps: int):
         verbose=config.progress)
 
 
-def train(config: TrainConfig, *, backend=None, data=None, record: dict | None = None
-          ) -> tuple[dict, int]:
+def train(config: TrainConfig, *, backend=None, data=None, record: dict | None = None,
+          elastic=None) -> tuple[dict, int]:
     """Run one training job; returns (summary, exit code).
 
     `backend` and `data` may be passed in (a sweep reuses them across points).
     `record`: extra keys for config.json (the CLI's command and verbose flags).
+    `elastic`: set by distbatch.training.elastic for each attempt of a Horovod Elastic job.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    # -- Horovod Elastic (docs/elastic.md): under horovodrun with a host discovery script or
+    # min/max processes, this job runs again from its last commit whenever the workers change.
+    if backend is None and elastic is None and elastic_launch(config):
+        return train_elastic(config, train, load_data, data=data, record=record)
+    # -- (end Horovod Elastic)
     require_param(config.out is not None, "{out} is required: the directory for the run's files", "out")
     check_out_dir(config.out, resume=config.resume, overwrite=config.overwrite, holds=RUN_FILES)
     if config.resume:
         check_run_to_resume(config.out)
-    from distbatch.backends import create_backend
-    from distbatch.training.step import wire_compression
 
     reason = "given"
     if backend is None:
@@ -162,7 +174,6 @@ def train(config: TrainConfig, *, backend=None, data=None, record: dict | None =
     run = assembly.build_run(run_spec(config, data), backend, rp)
     model, optimizer, recipe = run.model, run.optimizer, run.recipe
 
-    from distbatch.data.datasets import fingerprint
     data_fingerprint = fingerprint(data)
     written = run_config(config, **(record or {}), backend=backend.name, backend_reason=reason,
                          replicas=backend.num_replicas, plan=plan.as_dict(),
@@ -170,10 +181,8 @@ def train(config: TrainConfig, *, backend=None, data=None, record: dict | None =
                          **({"data_fingerprint": data_fingerprint} if data_fingerprint else {}))
     if config.resume:  # refused here, before anything is written
         check_resume_matches(written, config.out)
-        from distbatch.training.checkpoints import newest_intact
         newest_intact(os.path.join(config.out, "checkpoints"))
     if chief and config.cpu_replicas:  # after every check: bad input prints its error line only
-        from distbatch.backends.strategy import warn_if_more_than_cores
         warn_if_more_than_cores(config.cpu_replicas)
     if chief:
         claim_out_dir(config.out, "train", remove=RUN_OUTPUTS if config.overwrite else ())
@@ -188,7 +197,6 @@ def train(config: TrainConfig, *, backend=None, data=None, record: dict | None =
         result = run.train(options, log=lambda m: print(m, file=sys.stderr, flush=True)
                            if chief and options.verbose else None)
     except Exception as e:  # out of memory -> one line with the failing batch and what to try
-        from distbatch.measure.oom import OutOfMemory, is_out_of_memory, oom_message
         if not is_out_of_memory(e):
             raise
         raise OutOfMemory(oom_message(plan)) from e
@@ -206,6 +214,7 @@ def train(config: TrainConfig, *, backend=None, data=None, record: dict | None =
         "grad_compression": wire_compression(backend, config.grad_compression),  # as applied
         "distbatch_version": __version__, "tensorflow_version": _tf_version(),
         **recipe, **result.metrics,
+        **({"elastic": elastic.summary()} if elastic is not None else {}),  # Horovod Elastic
         "generalization_gap": _gap(result.metrics),
         "target_accuracy": config.target_accuracy, "history": result.history, "started": started,
         "machine": machine_info(backend),
@@ -241,7 +250,6 @@ def write_rank_report(backend, metrics: dict, model) -> None:
     directory = os.environ.get("DISTBATCH_RANK_REPORT")
     if not directory:
         return
-    import numpy as np
     os.makedirs(directory, exist_ok=True)
     keys = ("steps", "best_step", "stopped_early", "restored_value", "val_loss", "diverged")
     atomic_write_json(os.path.join(directory, f"rank{backend.worker_index}.json"),
@@ -257,7 +265,7 @@ RESUME_MAY_CHANGE = frozenset({"out", "resume", "overwrite", "progress", "verbos
                                "backend_reason", "machine",
                                # how the gradients are grouped into all-reduces: the same sums
                                "bucket_mb", "stall_timeout", "deterministic",
-                               "batch_sizes", "seeds"}) | assembly.WORLD_KEYS
+                               "batch_sizes", "seeds", "elastic_commit_every"}) | assembly.WORLD_KEYS
 
 
 def run_config(config: TrainConfig | dict, **derived) -> dict:
@@ -269,7 +277,6 @@ def run_config(config: TrainConfig | dict, **derived) -> dict:
 
 def read_run_config(out: str) -> dict:
     """config.json of the run in `out` ({} when there is none or it is not a JSON object)."""
-    import json
     try:
         with open(os.path.join(out, "config.json")) as f:
             old = json.load(f)
@@ -287,7 +294,6 @@ def check_resume_matches(config: dict, out: str, *, may_change=RESUME_MAY_CHANGE
     path = os.path.join(out, "config.json")
     if not os.path.exists(path):
         return
-    import json
     try:
         with open(path) as f:
             old = json.load(f)
@@ -326,7 +332,6 @@ def _data_line(fp: dict) -> str:
 def _comparable(config: dict) -> dict:
     """decay_epochs as numbers: "30,60" and "30.0, 60" are the same milestones."""
     if isinstance(config.get("decay_epochs"), str):
-        from distbatch.recipes.recipe import parse_epoch_list
         try:
             config = {**config, "decay_epochs": list(parse_epoch_list(config["decay_epochs"]) or ())}
         except ValueError:
@@ -357,7 +362,6 @@ def _gap(m: dict):
 
 
 def _tf_version() -> str:
-    import tensorflow as tf
     return tf.__version__
 
 
