@@ -118,13 +118,14 @@ def run_adaptive(backend, model, optimizer, data, options, *, adascale, candidat
     from distbatch.data.inputs import num_train_examples
     from distbatch.training.batch_policy import GoodputBatch
     from distbatch.training.trainer import Trainer
+    n_train = num_train_examples(data, backend.num_workers)
     policy = GoodputBatch(backend, adascale=adascale, candidates=candidates, probe=probe,
-                          num_train_examples=num_train_examples(data, backend.num_workers),
+                          num_train_examples=n_train,
                           total_steps=options.total_steps, accumulation_steps=accumulation_steps,
                           log=log)
     first = BatchPlan.derive(global_batch_size=candidates[0], replicas=backend.num_replicas,
                              accumulation_steps=accumulation_steps,
-                             num_train_examples=num_train_examples(data, backend.num_workers))
+                             num_train_examples=n_train)
     return Trainer(backend, model, optimizer, first, data, options, adascale=adascale,
                    policy=policy, **trainer_kwargs).run()
 

@@ -72,7 +72,7 @@ class Trainer(RunCheckpoints):
         self.callbacks = list(callbacks or [])
         self.chief = backend.is_chief
         self.policy = policy or FixedBatch(plan, options.total_steps)
-        self._seg = self.policy_segment = None
+        self._seg = None  # the segment being trained (batch_policy.Segment)
 
     # -- output helpers -------------------------------------------------------------------
     def log(self, msg: str) -> None:
