@@ -3,17 +3,17 @@
 Every model ends in float32 logits (also under a mixed-precision policy), so
 the loss is computed in float32.
 
-Keras (and the data package, which loads TensorFlow) are imported inside the functions that
-need them: the CLI's parsers read MODELS from here, and its help must not load TensorFlow.
+Keras is imported inside build_model: distbatch/cli/train.py's parser and
+distbatch/training/config.py still read MODELS from here, and the CLI's help must not load
+TensorFlow. It moves to the top once they read MODELS from distbatch/choices.py.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
+from distbatch import machine
+from distbatch.choices import APPLICATIONS, MODELS  # noqa: F401 (importable from here too)
 from distbatch.errors import ParameterError, UsageError
-
-APPLICATIONS = ("ResNet50", "ResNet101", "MobileNetV2", "EfficientNetB0", "VGG16", "DenseNet121")
-MODELS = ("mlp", "mlp-wide", "convnet", "resnet") + APPLICATIONS
 
 
 # Copies of the output layer alive while training: weights, gradients, up to 2 optimizer slots.
@@ -27,10 +27,9 @@ def check_output_layer(features: int | None, num_classes: int, memory: int | Non
     Without it an impossible class count (num_classes 50000001, or a label that large) ends
     in TensorFlow's ResourceExhaustedError traceback while the model is built. The limit is
     the RAM: a GPU holds less, so this refuses only what cannot work anywhere on the machine."""
-    from distbatch.data.datasets import physical_memory  # local: see the module docstring
     if features is None:  # an unknown width: Keras reports that itself
         return
-    memory = physical_memory() if memory is None else memory
+    memory = machine.physical_memory() if memory is None else memory
     weights = (int(features) + 1) * int(num_classes)
     need = weights * 4 * OUTPUT_LAYER_COPIES
     if memory and need > memory:

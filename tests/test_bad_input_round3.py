@@ -64,8 +64,8 @@ def _tfrecords(path: Path, labels) -> Path:
 @pytest.fixture
 def memory_16_gib(monkeypatch):
     """This machine has 16 GiB, for messages that do not depend on the test machine."""
-    from distbatch.data import datasets
-    monkeypatch.setattr(datasets, "physical_memory", lambda: 16 * GIB)
+    from distbatch import machine
+    monkeypatch.setattr(machine, "physical_memory", lambda: 16 * GIB)
 
 
 # -- row 1: a 0-d x_train --------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Backends by name, and the `auto` choice.
 
 This package is read without TensorFlow (the CLI's parsers take BACKENDS from it, the launcher
-uses backends/cluster.py). `create_backend` imports every backend and so TensorFlow: it lives
-in backends/create.py and is exported from here when first used (as distbatch/__init__.py
-exports the API).
+uses backends/cluster.py). `create_backend` (backends/create.py, every backend) and `Backend`
+(backends/base.py, the interface, which uses TensorFlow and NumPy) load TensorFlow: they are
+exported from here when first used (as distbatch/__init__.py exports the API).
 """
 from __future__ import annotations
 
@@ -11,12 +11,10 @@ import importlib
 import json
 from typing import Mapping
 
-from distbatch.backends.base import Backend
 from distbatch.backends.environment import (CollectiveOptions, launched_by_horovod_or_mpi,
                                             slurm_task_count)
+from distbatch.choices import BACKENDS
 from distbatch.errors import param_name
-
-BACKENDS = ("auto", "single", "mirrored", "multiworker", "horovod")
 
 
 def choose_backend(env: Mapping[str, str], num_gpus: int, cpu_replicas: int | None = None
@@ -46,7 +44,7 @@ def choose_backend(env: Mapping[str, str], num_gpus: int, cpu_replicas: int | No
 
 
 # name -> the module that defines it; it loads TensorFlow, so only when the name is used.
-_LAZY = {"create_backend": "distbatch.backends.create"}
+_LAZY = {"create_backend": "distbatch.backends.create", "Backend": "distbatch.backends.base"}
 
 
 def __getattr__(name):

@@ -5,17 +5,15 @@ only says how many replicas there are, how a per-worker dataset is fed to
 them, how a function runs on each replica, and how tensors are summed across
 replicas. Implementations stay small: single.py, strategy.py (mirrored and
 multiworker), horovod.py.
-
-NumPy and TensorFlow are imported inside the three methods that use them: the CLI's parsers
-import this module (through distbatch/training/step.py, whose GRAD_COMPRESSION
-distbatch/cli/train.py reads) and must not load them. They move to the top once the parsers
-read that tuple from distbatch/choices.py.
 """
 from __future__ import annotations
 
 import abc
 import contextlib
 from typing import Any, Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
 
 
 # A bucket cap below any tensor's size: every gradient tensor is a bucket of its own.
@@ -98,8 +96,6 @@ class Backend(abc.ABC):
         send their share, everyone else zeros."""
         if self.num_workers == 1:
             return list(arrays)
-        import numpy as np  # local: see the module docstring
-        import tensorflow as tf
         L = self.local_replicas
         values = [tf.constant(np.asarray(a, np.float64) / L if self.is_chief
                               else np.zeros(np.shape(a))) for a in arrays]
@@ -119,8 +115,6 @@ class Backend(abc.ABC):
         one all-reduce of a vector where each worker fills its own entry."""
         if self.num_workers == 1:
             return [float(value)]
-        import numpy as np  # local: see the module docstring
-        import tensorflow as tf
         mine = np.zeros(self.num_workers)
         mine[self.worker_index] = float(value) / self.local_replicas
         fn = self.__dict__.get("_gather_fn")
@@ -145,7 +139,6 @@ class Backend(abc.ABC):
         step: the moving mean becomes exactly one device's at the global batch."""
         if self.num_replicas == 1:
             return
-        import tensorflow as tf  # local: see the module docstring
         chosen = [v for v in variables if v.dtype in ("float16", "bfloat16", "float32", "float64")]
         if not chosen:
             return

@@ -11,6 +11,7 @@ import os
 import subprocess
 import tempfile
 
+from distbatch.choices import BACKENDS
 from distbatch.errors import UsageError, require
 from distbatch.fileio import atomic_write_json, unwritable_reason
 from distbatch.measure.scaling import (DEFAULT_PER_REPLICA_BATCH, LOGICAL_CPU_NOTE, SCALING_SCHEMA,
@@ -157,8 +158,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         description="Time the distbatch train step on fixed random inputs: aggregate samples/s "
                     "measured across all replicas, mean +- 1.96 std over timed iterations after "
                     f"warm-up (compile excluded). Note: {LOGICAL_CPU_NOTE}.")
-    p.add_argument("--backend", default="auto",
-                   choices=("auto", "single", "mirrored", "multiworker", "horovod"))
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--cpu-replicas", type=int, default=None, metavar="N",
                    help="mirrored over N logical CPU devices (testing the distributed path, not speed)")
     p.add_argument("--cpu-replicas-list", default=None, metavar="N1,N2,...",

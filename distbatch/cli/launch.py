@@ -22,6 +22,7 @@ from pathlib import Path
 
 from distbatch.backends.cluster import SECRET_ENV, resolve_secret
 from distbatch.launch import elastic
+from distbatch.launch import k8s
 from distbatch.launch import launcher
 from distbatch.launch import restarts
 from distbatch.launch import supervisor
@@ -312,7 +313,6 @@ def _slurm(args: argparse.Namespace) -> int:
 
 
 def _k8s(args: argparse.Namespace) -> int:
-    from distbatch.launch import k8s
     job = k8s.K8sJob(
         kind=args.kind, name=args.name, image=args.image, workers=args.workers,
         gpus_per_worker=args.gpus_per_worker, command=tuple(args.command), min_workers=args.min_workers,

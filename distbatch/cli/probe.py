@@ -8,10 +8,9 @@ import json
 import math
 import sys
 
-from distbatch.backends import BACKENDS
+from distbatch.choices import BACKENDS, MODELS
 from distbatch.errors import ParameterError, require
 from distbatch.measure.batch_search import DEFAULT_MAX_BATCH
-from distbatch.models import MODELS
 from distbatch.shapes import parse_shape as _parse_shape
 
 

@@ -1,14 +1,14 @@
 """`distbatch sweep`: train at each global batch size (and seed), one result row
 per point, then the report.
 
-This module is the command's flags only; the sweep itself is
-distbatch.measure.sweep.run_sweep (the same call from Python). For each point the
-learning rate follows the scaling rule from (--base-lr, --base-batch-size) and the
-warmup of the recipe flags; `--scaling linear,adascale` compares rules, one set of
-points each, in one report with one recommendation. `--resume` skips finished points
-and continues an interrupted one from its last checkpoint. A diverged or out-of-memory
-point is recorded and the sweep goes on; a full, read-only or unwritable disk stops it
-(exit 4, errors.EXIT_IO).
+This module is the command's flags only (no TensorFlow: it is imported to build the CLI's
+help); the sweep itself is distbatch.measure.sweep.run_sweep (the same call from Python),
+imported when the command runs. For each point the learning rate follows the scaling rule
+from (--base-lr, --base-batch-size) and the warmup of the recipe flags; `--scaling
+linear,adascale` compares rules, one set of points each, in one report with one
+recommendation. `--resume` skips finished points and continues an interrupted one from its
+last checkpoint. A diverged or out-of-memory point is recorded and the sweep goes on; a full,
+read-only or unwritable disk stops it (exit 4, errors.EXIT_IO).
 
 Budget: a fixed number of epochs (default), a fixed number of steps, or until
 --target-accuracy (with --steps or --epochs as the cap). Fixed epochs give
@@ -18,15 +18,17 @@ the fair comparison and is reported next to it.
 from __future__ import annotations
 
 import argparse
+import re
 
 from distbatch.cli.train import add_train_args, config_from_args, record_of
 from distbatch.errors import ParameterError, UsageError, require
 # The library's names, also re-exported from here (benchmarks and tests import point_config,
 # summary_to_row and the defaults from distbatch.cli.sweep).
-from distbatch.measure.sweep import (DEFAULT_BATCH_SIZES, DEFAULT_EPOCHS, DEFAULT_OUT,  # noqa: F401
-                                     DEFAULT_TARGET, DEFAULT_WARMUP_CAP, DEFAULT_WARMUP_EPOCHS,
-                                     SWEEP_DEFAULTS, SWEEP_MARKERS, SWEEP_MAY_CHANGE, SWEEP_OUTPUTS,
-                                     check_sweep, oom_row, point_config, run_sweep, summary_to_row)
+from distbatch.measure.sweep_points import (  # noqa: F401
+    DEFAULT_BATCH_SIZES, DEFAULT_EPOCHS, DEFAULT_OUT, DEFAULT_TARGET, DEFAULT_WARMUP_CAP,
+    DEFAULT_WARMUP_EPOCHS, SWEEP_DEFAULTS, SWEEP_MARKERS, SWEEP_MAY_CHANGE, SWEEP_OUTPUTS,
+    check_sweep, oom_row, point_config, summary_to_row)
+from distbatch.recipes.recipe import FLAG_NAMES, SCALINGS
 from distbatch.training.config import TrainConfig
 
 DEFAULT_BATCHES = ",".join(map(str, DEFAULT_BATCH_SIZES))
@@ -42,9 +44,6 @@ def parse_batch_sizes(text: str) -> list[int]:
     require(not bad, f"--batch-sizes must be positive, got {bad[0] if bad else ''}")
     require(len(set(sizes)) == len(sizes), f"--batch-sizes has duplicates: {text!r}")
     return sorted(sizes)
-
-
-SCALINGS = ("linear", "sqrt", "adaptive-sqrt", "none", "adascale")
 
 
 def parse_scalings(text: str) -> tuple[str, ...]:
@@ -93,7 +92,6 @@ def add_sweep_parser(subparsers) -> None:
 def show_defaults(parser: argparse.ArgumentParser, texts: dict) -> None:
     """Replace the '(default ...)' part of each named flag's help (written for `distbatch
     train`) with the command's own default."""
-    import re
     for action in parser._actions:
         if action.dest in texts and action.option_strings and action.help:
             if action.dest == "noise_scale" and action.option_strings != ["--noise-scale"]:
@@ -135,10 +133,10 @@ def sweep_flags(args: argparse.Namespace, base: TrainConfig) -> dict:
 def sweep_command(args: argparse.Namespace) -> int:
     """`distbatch sweep`: the flags -> distbatch.measure.sweep.run_sweep (errors name the flags)."""
     batches, base = validate_sweep_args(args)
+    from distbatch.measure.sweep import run_sweep  # the command's code (TensorFlow), when it runs
     try:
         run_sweep(base, batch_sizes=batches, scalings=args.scaling, seeds=args.seeds,
                   record=sweep_flags(args, base))
     except ParameterError as e:
-        from distbatch.recipes.recipe import FLAG_NAMES
         raise e.for_flags({**FLAG_NAMES, "scalings": "--scaling"}) from None
     return 0

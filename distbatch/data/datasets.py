@@ -66,8 +66,9 @@ from distbatch.data.arrays import (  # noqa: F401
     FLOAT32_MAX, SCALE_RATIO_LIMIT, ArrayDataset, subset, validated_dataset)
 from distbatch.data.loaders import (  # noqa: F401
     BUILTIN_NAMES, KERAS_DATASETS, LOADER_OPTIONS, MNIST1D_DEFAULT_SIZES, NPZ_EXPECTED,
-    SYNTHETIC_DEFAULT_SIZES, TFRECORD_SUFFIXES, cache_dir, loader_for, physical_memory)
+    SYNTHETIC_DEFAULT_SIZES, TFRECORD_SUFFIXES, cache_dir, loader_for)
 from distbatch.errors import UsageError
+from distbatch.machine import physical_memory  # noqa: F401 (importable from here too)
 
 
 def streams_from_files(spec: str) -> bool:

@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from distbatch import machine
 from distbatch.data.arrays import check_fraction, parse_shape, seeded_split
 from distbatch.data.tfrecord_io import count_tfrecord_frames, tf_reason, unreadable
 from distbatch.errors import ParameterError, UsageError
@@ -146,7 +147,7 @@ def _load_synthetic(spec, *, seed, train_size, val_size, options):
         raise UsageError(f"synthetic num_classes must be an integer >= 2, got {classes!r}")
     n_train = train_size or SYNTHETIC_DEFAULT_SIZES[0]
     n_val = val_size or SYNTHETIC_DEFAULT_SIZES[1]
-    need, have = (n_train + n_val) * math.prod(shape) * 4, physical_memory()
+    need, have = (n_train + n_val) * math.prod(shape) * 4, machine.physical_memory()
     if have and need > have:
         raise ParameterError(f"dataset {spec!r} needs {n_train + n_val} examples x "
                              f"{math.prod(shape):,} float32 values = {need / 2**30:,.1f} GiB, more "
@@ -370,14 +371,6 @@ def _is_file(path: Path) -> bool:
         return path.is_file()
     except OSError:  # e.g. a HOME we may not read: no cache
         return False
-
-
-def physical_memory() -> int | None:
-    """This machine's RAM in bytes (None where the OS does not say)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:

@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import IO
 
 from distbatch.errors import UsageError
+from distbatch.outdir import checkpoint_candidates
 
 RESUMABLE = ("train", "sweep")
 SWEEP_DEFAULT_OUT = "runs/sweep"
@@ -116,14 +117,13 @@ def newest_checkpoint(out: str) -> tuple[int, str] | None:
     with its `state-N.json` (written before it) in OUT/checkpoints, or in the most recently
     changed OUT/points/*/checkpoints of a sweep. No TensorFlow here; the restarted worker itself
     checks every tensor and falls back further if needed (distbatch/training/checkpoints.py)."""
-    from distbatch.outdir import checkpoint_candidates as candidates
     dirs = [os.path.join(out, "checkpoints")]
     points = os.path.join(out, "points")
     if os.path.isdir(points):
         dirs += sorted((os.path.join(points, p, "checkpoints") for p in os.listdir(points)),
                        key=lambda d: os.path.getmtime(d) if os.path.isdir(d) else 0, reverse=True)
     for d in dirs:
-        for step, _ in candidates(d):
+        for step, _ in checkpoint_candidates(d):
             if os.path.exists(os.path.join(d, f"state-{step}.json")):
                 return step, d
     return None

@@ -28,11 +28,14 @@ checkpoint and exited 75, else 143.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -370,7 +373,6 @@ from distbatch.exit_records import EXIT_DIR_ENV, RANK_ENVS, record_exit_code  # 
 
 def recorded_exits(directory: str) -> dict[int, tuple[float, int]]:
     """{rank: (time, exit status)} from record_exit_code's files (unreadable ones skipped)."""
-    import json
     rows: dict[int, tuple[float, int]] = {}
     for name in os.listdir(directory):
         try:
@@ -440,8 +442,6 @@ def run_launcher(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
     naming it; otherwise the launcher's own status. ``failures`` receives ``("rank R", how)``
     of that same rank. The launcher's own traceback is not shown (LauncherTracebackFilter).
     """
-    import shutil
-    import tempfile
     directory = tempfile.mkdtemp(prefix="distbatch-exit-")
     reported: list[tuple[int, int]] = []
 

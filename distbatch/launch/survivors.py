@@ -54,7 +54,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from distbatch.errors import UsageError
+from distbatch.fileio import atomic_write_json
 from distbatch.launch import restarts
+from distbatch.outdir import owned
 
 DEFAULT_DEAD_AFTER = 2
 RECORD = "world_sizes.json"
@@ -335,8 +337,6 @@ class Survivors:
         out = self.out
         if not out or not any(e.get("trained_at") is not None for e in self.starts):
             return
-        from distbatch.fileio import atomic_write_json
-        from distbatch.outdir import owned
         if not (os.path.isdir(out) and owned(out)):
             return
         path = os.path.join(out, RECORD)

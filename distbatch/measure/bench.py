@@ -45,8 +45,8 @@ import numpy as np
 import tensorflow as tf
 
 import distbatch
+from distbatch import machine
 from distbatch.backends import create_backend
-from distbatch.data import datasets
 from distbatch.errors import ParameterError, require
 from distbatch.measure.scaling import (  # noqa: F401 (the bench's inputs and tables, importable from here)
     DEFAULT_PER_REPLICA_BATCH, LOGICAL_CPU_NOTE, SCALING_SCHEMA, SCHEMA, check_baseline_matches,
@@ -76,7 +76,7 @@ INPUT_BYTES_PER_VALUE = 8 + 4
 def check_inputs_fit(shape: Sequence[int], per_replica_batch: int, memory: int | None = None) -> None:
     """ParameterError unless one replica's batch of random inputs fits in this machine's memory
     (`memory` bytes; default its RAM), checked before allocating, as train checks synthetic data."""
-    memory = datasets.physical_memory() if memory is None else memory
+    memory = machine.physical_memory() if memory is None else memory
     values = math.prod(int(d) for d in shape)
     need = per_replica_batch * values * INPUT_BYTES_PER_VALUE
     if memory and need > memory:

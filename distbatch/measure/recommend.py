@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Mapping
 
 from distbatch.errors import ParameterError, UsageError, require, require_param
+from distbatch.measure.results import b_simple_at_target, finite, is_ok, rule_of, summarize_rules
+from distbatch.measure.sweep_points import DEFAULT_EPOCHS, DEFAULT_WARMUP_CAP, DEFAULT_WARMUP_EPOCHS
 
 # Goyal et al. 2017: 5 warmup epochs of 90; distbatch's recipe default is the same fraction.
 WARMUP_FRACTION = 5 / 90
@@ -274,7 +276,6 @@ class CriticalBatch:
 
 def predicted_critical_batch(rows: list[dict]) -> tuple[float | None, str | None, int]:
     """(median B_simple at the target, source, number of runs) of ``rows``; see CriticalBatch."""
-    from distbatch.measure.results import b_simple_at_target, finite, is_ok
     ok = [r for r in rows if is_ok(r)]
     at_target = [(r, b_simple_at_target(r)) for r in ok]
     at_target = [(r, v) for r, v in at_target if v is not None and v > 0]
@@ -324,7 +325,6 @@ def critical_batch(rows: list[dict], by_rule: Mapping | None = None) -> Critical
     """The sweep's critical batch: predicted from B_simple (all rules' rows), the same per rule,
     and fitted to each rule's steps to the target (``by_rule``: summaries per rule, from
     distbatch.measure.results.summarize_rules)."""
-    from distbatch.measure.results import rule_of, summarize_rules
     by_rule = summarize_rules(rows) if by_rule is None else by_rule
     predicted, source, runs = predicted_critical_batch(rows)
     per_rule = {rule: predicted_critical_batch([r for r in rows if rule_of(r) == rule])
@@ -341,12 +341,11 @@ def critical_batch(rows: list[dict], by_rule: Mapping | None = None) -> Critical
 def sweep_warmup_for(batch: int, base_batch_size: int, *, epochs: float | None = None,
                      steps: int | None = None, steps_per_epoch: int | None = None,
                      scaling: str = "linear") -> dict:
-    """The default sweep's warmup for a run at ``batch`` (distbatch.measure.sweep): gradual
+    """The default sweep's warmup for a run at ``batch`` (distbatch.measure.sweep_points): gradual
     over DEFAULT_WARMUP_EPOCHS (1 epoch) but at most DEFAULT_WARMUP_CAP (1/6) of the planned
     run; none when the lr is not scaled up (batch <= base batch) or under AdaScale, whose
     gain replaces warmup. `distbatch recommend` suggests it, so its command trains what the
     sweep measured."""
-    from distbatch.measure.sweep import DEFAULT_EPOCHS, DEFAULT_WARMUP_CAP, DEFAULT_WARMUP_EPOCHS
     if batch <= base_batch_size or scaling == "adascale":
         return {"warmup": "none"}
     if steps is not None:

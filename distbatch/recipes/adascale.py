@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 
 import keras
+import tensorflow as tf
 
 SIGMA2_MIN = 1e-6
 
@@ -58,7 +59,6 @@ class AdaScaleState:
                  theta: float | None = None, always_measure: bool = False) -> None:
         """`always_measure`: keep the statistics even at S = 1 (the goodput-adaptive batch
         starts at the base batch and needs the noise scale to leave it)."""
-        import tensorflow as tf
         if not (math.isfinite(scale) and scale >= 1):
             raise ValueError(f"scale must be >= 1 (global batch / base batch), got {scale!r}")
         if total_base_steps < 1:
@@ -117,7 +117,6 @@ class AdaScaleState:
         the b_big-example (global) gradient. A step with non-finite norms (float16 overflow)
         leaves the averages as they are.
         """
-        import tensorflow as tf
         if not self.needs_statistics:
             return self.gain.read_value()
         big_sq, small_sq = tf.cast(big_sq, tf.float32), tf.cast(small_sq, tf.float32)
@@ -141,7 +140,6 @@ class AdaScaleState:
 
     def advance(self):
         """tau += r_t, after the update that used lr_0(floor(tau_t))."""
-        import tensorflow as tf
         return self.tau.assign_add(tf.cast(self.gain, tf.float64))
 
     def finished(self):
@@ -170,7 +168,6 @@ class AdaScaleSchedule(keras.optimizers.schedules.LearningRateSchedule):
         self.lr_exponent = float(lr_exponent)
 
     def __call__(self, step):
-        import tensorflow as tf
         if self.state is None:
             return self.base(step)
         tau = tf.cast(tf.floor(self.state.tau), tf.float32)

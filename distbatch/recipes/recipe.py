@@ -10,7 +10,7 @@ Every field is checked once, in ``__post_init__``, with errors that name the
 FIELD ("base_lr must be a finite number > 0, got -1"); the CLI builds the same
 object from its flags (distbatch.cli.recipe_flags.recipe_from_args) and shows the same error
 with the flag in place of the field. :meth:`Recipe.build` adds what needs the run's batch
-arithmetic: epochs become steps here, once.
+arithmetic and Keras: epochs become steps there, once (distbatch/recipes/build.py).
 
 Defaults are Goyal et al. 2017's ImageNet recipe (momentum 0.9, linear
 scaling, gradual warmup from the unscaled lr, x0.1 step decay) with its 90
@@ -189,103 +189,14 @@ class Recipe:
         exactly when ``scaling == "adascale"``): the arguments describe the BASE
         batch's run (global_batch_size = base batch, its steps per epoch and step
         budget); the optimizer then follows ``gain x schedule(tau)``
-        (distbatch.recipes.adascale).
+        (distbatch.recipes.adascale). The work is distbatch.recipes.build.build_recipe.
         """
-        from distbatch.recipes.adaptive import KERAS_DEFAULTS, adascale_lr_exponent, sde_scaling
-        from distbatch.recipes.optimizers import build_optimizer
-        from distbatch.recipes.schedules import build_lr_schedule, epochs_to_steps, scaled_learning_rate
-
-        rule = "none" if self.scaling == "adascale" else self.scaling
-        if (adascale is None) != (rule == self.scaling):
-            raise ValueError("Recipe.build: pass adascale= exactly when scaling is 'adascale'")
-        peak_lr = scaled_learning_rate(self.base_lr, self.base_batch_size, global_batch_size, rule)
-        adaptive = self.optimizer in ADAPTIVE_OPTIMIZERS
-        sde = (sde_scaling(global_batch_size / self.base_batch_size)
-               if self.scaling == "adaptive-sqrt" else None)
-        hyper = sde.optimizer_kwargs() if sde else dict(KERAS_DEFAULTS) if adaptive else {}
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise UsageError(f"total training steps must be an integer >= 1, got {total_steps!r}")
-
-        if self.warmup == "none":
-            warmup_steps = 0
-        elif self.warmup_steps is not None:
-            warmup_steps = self.warmup_steps
-        elif self.warmup_epochs is not None:
-            warmup_steps = epochs_to_steps(self.warmup_epochs, steps_per_epoch)
-        else:
-            warmup_steps = int(math.floor(total_steps * GOYAL_WARMUP_FRACTION + 0.5))
-        if self.warmup_cap is not None and self.warmup != "none":  # a warmup that must stay short
-            warmup_steps = min(warmup_steps, int(math.floor(total_steps * self.warmup_cap + 0.5)))
-        if warmup_steps > total_steps:
-            raise UsageError(f"warmup ({warmup_steps} steps) is longer than training "
-                             f"({total_steps} steps)")
-
-        start_lr = min(self.base_lr, peak_lr) if self.warmup_from == "base" else 0.0
-        if self.warmup == "constant" and self.warmup_from == "zero" and warmup_steps:
-            raise ParameterError("{warmup} constant with {warmup_from} zero would hold lr 0; use "
-                                 "{warmup_from} base", "warmup", "warmup_from")
-
-        decay_steps: list[int] = []
-        if self.decay == "step":
-            if self.decay_epochs:
-                decay_steps = [epochs_to_steps(e, steps_per_epoch) for e in self.decay_epochs]
-            else:
-                decay_steps = sorted({max(1, int(math.floor(total_steps * f + 0.5)))
-                                      for f in GOYAL_MILESTONE_FRACTIONS})
-
-        schedule = build_lr_schedule(
-            peak_lr=peak_lr,
-            start_lr=start_lr,
-            total_steps=total_steps,
-            warmup=self.warmup,
-            warmup_steps=warmup_steps,
-            decay=self.decay,
-            decay_steps=decay_steps,
-            decay_factor=self.decay_factor,
-            end_lr=self.end_lr,
-            power=self.decay_power,
-        )
-        if adascale is not None:
-            from distbatch.recipes.adascale import AdaScaleSchedule
-            schedule = AdaScaleSchedule(schedule, adascale,
-                                        lr_exponent=adascale_lr_exponent(self.optimizer))
-        optimizer = build_optimizer(
-            self.optimizer,
-            schedule,
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
-            exclude_bias_and_norm=self.exclude_bias_bn,
-            momentum_correction=self.momentum_correction,
-            lars_eta=self.lars_eta,
-            **hyper,
-        )
-        uses_momentum = self.optimizer in ("momentum", "nesterov", "lars")
-        summary = {
-            "optimizer": self.optimizer,
-            "base_lr": float(self.base_lr),
-            "base_batch_size": int(self.base_batch_size),
-            "scaling_rule": self.scaling,
-            "peak_lr": peak_lr,
-            "warmup": self.warmup if warmup_steps else "none",
-            "warmup_steps": warmup_steps,
-            "warmup_start_lr": start_lr if warmup_steps else None,
-            "decay": self.decay,
-            "decay_steps": decay_steps,
-            "decay_factor": float(self.decay_factor) if self.decay == "step" else None,
-            "end_lr": float(self.end_lr) if self.decay in ("cosine", "linear") else None,
-            "momentum": float(self.momentum) if uses_momentum else None,
-            "momentum_correction": bool(self.momentum_correction),
-            "weight_decay": float(self.weight_decay),
-            "exclude_bias_bn": bool(self.exclude_bias_bn),
-            "lars_eta": float(self.lars_eta) if self.optimizer == "lars" else None,
-            # adam/adamw/lamb: the betas and epsilon the optimizer runs with (adaptive-sqrt's
-            # rescaled ones), and the betas the rule pushed out of [0, 1) and capped at 0.
-            **{name: hyper.get(name) for name in ("beta_1", "beta_2", "epsilon")},
-            "scaling_capped": list(sde.capped) if sde else None,
-            "adascale_lr_exponent": (adascale_lr_exponent(self.optimizer)
-                                     if adascale is not None else None),
-        }
-        return optimizer, schedule, summary
+        # Keras: a Recipe is made and checked without TensorFlow (the CLI's parsers and
+        # TrainConfig use this module before TensorFlow loads); only building needs it.
+        from distbatch.recipes.build import build_recipe
+        return build_recipe(self, global_batch_size=global_batch_size,
+                            steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                            adascale=adascale)
 
 
 RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -191,14 +192,13 @@ def schedule_recipe(recipe, schedule: BatchSchedule):
     return dataclasses.replace(recipe, **changes)
 
 
-
 def run_schedule(backend, model, optimizer, schedule: BatchSchedule, data, options,
                  learning_rate_fn: Callable[[int], float] | None = None, **trainer_kwargs):
     """Run the schedule's segments on ONE Trainer (batch_policy.ScheduledBatch): the same
     model, optimizer, callbacks and history throughout; returns a trainer.RunResult whose
     metrics also hold "segments". `options.total_steps` is ignored (the schedule's)."""
-    import sys
-
+    # The loop (and TensorFlow), imported when it runs: TrainConfig checks schedules with this
+    # module without TensorFlow; this driver belongs with the run's assembly (assembly.py).
     from distbatch.training.batch_policy import ScheduledBatch
     from distbatch.training.trainer import Trainer
     say = backend.is_chief and options.verbose

@@ -19,10 +19,6 @@ fallen-back resume never prunes an older checkpoint.
 
 Also here: the temporary directory a non-chief worker saves its (never read)
 checkpoint copies to, :func:`temp_checkpoint_dir`.
-
-TensorFlow is imported inside :func:`damage` only: the launcher (distbatch/launch/restarts.py)
-imports :func:`candidates` from here without it. It moves to the top once the launcher reads
-it from distbatch/outdir.py, its home.
 """
 from __future__ import annotations
 
@@ -32,6 +28,8 @@ import re
 import shutil
 import sys
 import tempfile
+
+import tensorflow as tf
 
 from distbatch.errors import ParameterError
 from distbatch.outdir import checkpoint_candidates
@@ -43,7 +41,6 @@ _TEMP = re.compile(r"^distbatch-ckpt-w\d+-p(\d+)-")
 
 def damage(directory: str, step: int, prefix: str) -> str | None:
     """Why checkpoint `prefix` (of `step`) cannot be resumed from, or None if it is intact."""
-    import tensorflow as tf  # local: see the module docstring
     try:
         reader = tf.train.load_checkpoint(prefix)
         for name in reader.get_variable_to_dtype_map():

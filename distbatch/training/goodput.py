@@ -26,10 +26,16 @@ rank changes batch at the same step.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
+import tensorflow as tf
+
+from distbatch.data.inputs import num_train_examples
 from distbatch.training.plan import BatchPlan
+from distbatch.training.step import StepOptions, make_train_step, noise_splits_for
 
 
 MIN_GAIN = 0.05
@@ -115,7 +121,9 @@ def run_adaptive(backend, model, optimizer, data, options, *, adascale, candidat
     `options.total_steps` is an upper bound on the steps. `trainer_kwargs` (task,
     validation_data, callbacks) go to the Trainer.
     """
-    from distbatch.data.inputs import num_train_examples
+    # Imported when it runs: batch_policy (and so the Trainer) uses this module's goodput
+    # model, so importing them at the top would make a cycle; this driver belongs with the
+    # run's assembly (distbatch/training/assembly.py).
     from distbatch.training.batch_policy import GoodputBatch
     from distbatch.training.trainer import Trainer
     n_train = num_train_examples(data, backend.num_workers)
@@ -145,14 +153,6 @@ def probe_step_seconds(backend, make_model: Callable, optimizer_fn: Callable, ex
     of one example (x, y) of the data; the model being trained is not touched. Compilation
     is not timed; the fastest of `repeats` timed calls counts (other load on the machine
     only ever slows a call)."""
-    import time
-
-    import numpy as np
-    import tensorflow as tf
-
-    from distbatch.training.plan import BatchPlan
-    from distbatch.training.step import StepOptions, make_train_step, noise_splits_for
-
     plan = BatchPlan.derive(global_batch_size=batch, replicas=backend.num_replicas,
                             accumulation_steps=accumulation_steps, num_train_examples=batch)
     with backend.scope():

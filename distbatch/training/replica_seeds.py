@@ -11,11 +11,11 @@ the layer's seed plus (r * REPLICA_STRIDE, 0): the state still advances identica
 R replicas still do not draw one device's masks for the same examples (masks are drawn per
 replica batch, not per example), so a Dropout model equals one device only in distribution
 (docs/correctness.md).
-
-Keras and TensorFlow are imported where used: distbatch/training/step.py imports this module,
-and the CLI's parsers import step.py without them (see its docstring).
 """
 from __future__ import annotations
+
+import tensorflow as tf
+from keras.src.random.seed_generator import SeedGenerator  # private: Keras has no public name for it
 
 REPLICA_STRIDE = 1_000_003  # a prime: replica r's seeds never meet replica 0's next draws
 
@@ -37,13 +37,11 @@ def decorrelate_replicas(model, backend) -> int:
 
 
 def _seed_generators(layer) -> list:
-    from keras.src.random.seed_generator import SeedGenerator  # local: see the module docstring
     return [v for v in vars(layer).values() if isinstance(v, SeedGenerator)]
 
 
 def _offset_next(next_seed, backend):
     def next(ordered=True):
-        import tensorflow as tf  # local: see the module docstring
         seed = next_seed(ordered)
         r = tf.cast(backend.replica_index(), seed.dtype)
         return seed + tf.stack([r * REPLICA_STRIDE, tf.zeros_like(r)])

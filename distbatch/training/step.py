@@ -16,21 +16,21 @@ The same all-reduce carries the metric sums (loss, correct predictions) and,
 with the gradient noise scale on, the per-micro-batch squared gradient norms
 (McCandlish et al. 2018, appendix A.1): B_small = per-micro-batch size,
 B_big = global batch.
-
-Keras, TensorFlow and distbatch/training/task.py are imported inside the functions that use
-them: distbatch/cli/train.py's parser reads GRAD_COMPRESSION from here, and the CLI's help must
-not load TensorFlow. They move to the top once that parser reads it from distbatch/choices.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence
 
+import keras
+import tensorflow as tf
+
 from distbatch.backends.base import Backend
 from distbatch.backends.single import SingleBackend
 from distbatch.errors import ParameterError
 from distbatch.training.plan import BatchPlan
 from distbatch.training.replica_seeds import decorrelate_replicas
+from distbatch.training.task import Task
 
 
 @dataclass(frozen=True)
@@ -124,18 +124,16 @@ def check_noise_scale(plan: BatchPlan, splits: int) -> None:
                              "noise_scale", "global_batch_size")
 
 
-def _sq_norm(tf, tensors):
+def _sq_norm(tensors):
     return tf.add_n([tf.reduce_sum(tf.square(tf.cast(t, tf.float32))) for t in tensors])
 
 
 def default_task(loss_fn=None):
     """sparse categorical cross-entropy from logits (or `loss_fn`, per example) + accuracy."""
-    import keras  # local: see the module docstring
-    from distbatch.training.task import Task
     return Task(loss=loss_fn, metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
 
 
-def with_weights(tf, batch, mask: bool = False) -> tuple:
+def with_weights(batch, mask: bool = False) -> tuple:
     """(x, y, sample_weight[, mask]) from an element with or without weights: (x, y) gets
     weights of 1; an eval (x, y, mask) of distbatch <= 0.1 gets weights of 1."""
     batch = tuple(batch)
@@ -148,7 +146,7 @@ def with_weights(tf, batch, mask: bool = False) -> tuple:
     return (*batch, ones) if not mask else (*batch, ones, ones)
 
 
-def _nest_slice(tf, nest, lo, hi):
+def _nest_slice(nest, lo, hi):
     return tf.nest.map_structure(lambda t: t[lo:hi], nest)
 
 
@@ -159,7 +157,7 @@ def wire_compression(backend, requested: str) -> str:
     return "none" if isinstance(backend, SingleBackend) else requested
 
 
-def _all_reduce_buckets(tf, backend: Backend, grads: list, packed, options: StepOptions) -> tuple:
+def _all_reduce_buckets(backend: Backend, grads: list, packed, options: StepOptions) -> tuple:
     """All-reduce `grads` (each exactly once) and the float32 metrics tensor `packed`.
 
     Gradients are cast to the compression type just before their all-reduce and
@@ -203,13 +201,13 @@ def _all_reduce_buckets(tf, backend: Backend, grads: list, packed, options: Step
     return out, packed
 
 
-def _learning_rate(tf, optimizer):
+def _learning_rate(optimizer):
     """The learning rate the optimizer applies at its current step, read inside the graph
     (a schedule is evaluated at optimizer.iterations; LossScaleOptimizer delegates)."""
     return tf.cast(optimizer.learning_rate, tf.float32)
 
 
-def _multi_step(tf, one_step, keys: dict, finished=None):
+def _multi_step(one_step, keys: dict, finished=None):
     """A tf.function running `one_step(iterator)` up to n times in ONE call (a tf.while_loop,
     as Keras's steps_per_execution does); every output comes back stacked, shape [steps run].
     `finished()` (AdaScale: tau reached its budget) ends the call early."""
@@ -243,7 +241,6 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
     noise scale on, small_sq and big_sq; with `adascale`
     (distbatch.recipes.adascale.AdaScaleState) also its gain and tau after the step.
     """
-    import tensorflow as tf  # local: see the module docstring
 
     task = task or default_task(loss_fn)
     decorrelate_replicas(model, backend)  # each replica its own Dropout masks
@@ -287,16 +284,16 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
     def replica_step(x, y, w):
         if micro == 1:
             grads, loss_sum, metrics = grads_of(x, y, w)
-            small_sq = _sq_norm(tf, grads) if options.noise_scale else tf.constant(0.0)
+            small_sq = _sq_norm(grads) if options.noise_scale else tf.constant(0.0)
         elif micro == 2 and plan.accumulation_steps == 1:
             # The noise scale's split of one batch (the whole batch is in memory anyway):
             # unrolled, without a while_loop's per-step overhead.
             half = tf.shape(w)[0] // 2
-            g0, l0, m0 = grads_of(*_nest_slice(tf, (x, y, w), 0, half))
-            g1, l1, m1 = grads_of(*_nest_slice(tf, (x, y, w), half, None))
+            g0, l0, m0 = grads_of(*_nest_slice((x, y, w), 0, half))
+            g1, l1, m1 = grads_of(*_nest_slice((x, y, w), half, None))
             grads = [a + b for a, b in zip(g0, g1)]
             loss_sum, metrics = l0 + l1, m0 + m1
-            small_sq = (_sq_norm(tf, g0) + _sq_norm(tf, g1) if options.noise_scale
+            small_sq = (_sq_norm(g0) + _sq_norm(g1) if options.noise_scale
                         else tf.constant(0.0))
         else:
             split = lambda t: tf.reshape(t, tf.concat([[micro, -1], tf.shape(t)[1:]], 0))  # noqa: E731
@@ -309,24 +306,24 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
                 grads = [a + b for a, b in zip(grads, g)]
                 loss_sum, metrics = loss_sum + l, metrics + m
                 if options.noise_scale:
-                    small_sq += _sq_norm(tf, g)
+                    small_sq += _sq_norm(g)
         if options.noise_scale:
             # g above is d(sum loss)/dw / global_batch; the micro-batch MEAN gradient is units x it.
             small_sq = small_sq * float(units) ** 2 / loss_scale_sq()
         # The metric sums ride in the gradients' all-reduce, packed into one float32 tensor.
         # small_sq above comes from the local, UNcompressed gradients; big_sq below from
         # the reduced ones, after any compression's round trip (what the optimizer applies).
-        grads, packed = _all_reduce_buckets(tf, backend, list(grads),
+        grads, packed = _all_reduce_buckets(backend, list(grads),
                                             tf.concat([tf.stack([loss_sum, small_sq]), metrics], 0),
                                             options)
         loss_sum, small_sq, metrics = packed[0], packed[1], packed[2:]
         # float16: gradients stay loss-scaled up to here; LossScaleOptimizer unscales them,
         # and skips the update (lowering the scale) when they are not finite.
-        big_sq = _sq_norm(tf, grads) / loss_scale_sq() if options.noise_scale else tf.constant(0.0)
+        big_sq = _sq_norm(grads) / loss_scale_sq() if options.noise_scale else tf.constant(0.0)
         small_sq = small_sq / units
         if adascale is not None:  # the gain of THIS step, before its lr is read
             gain = adascale.update_gain(small_sq, big_sq, b_small, gb)
-        lr = _learning_rate(tf, optimizer)  # before apply_gradients advances the step counter
+        lr = _learning_rate(optimizer)  # before apply_gradients advances the step counter
         optimizer.apply_gradients(zip(grads, variables))
         out = {"loss_sum": loss_sum, "metrics": metrics, "lr": lr}
         if options.noise_scale:
@@ -337,7 +334,7 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
 
     def one_step(iterator):
         # (x, y) batches get unit weights inside the replica function (per-replica values)
-        out = backend.run(lambda *b: replica_step(*with_weights(tf, b)), tuple(next(iterator)))
+        out = backend.run(lambda *b: replica_step(*with_weights(b)), tuple(next(iterator)))
         return {k: backend.local_value(v) for k, v in out.items()}
 
     keys = dict.fromkeys(("loss_sum", "metrics", "lr"), tf.float32)
@@ -346,7 +343,7 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
     if adascale is not None:
         keys.update(gain=tf.float32, tau=tf.float64)
     step = tf.function(one_step)
-    step.multi = _multi_step(tf, one_step, keys, adascale.finished if adascale is not None else None)
+    step.multi = _multi_step(one_step, keys, adascale.finished if adascale is not None else None)
     step.keys = keys
     step.b_small = b_small
     step.task = task
@@ -356,7 +353,6 @@ def make_train_step(backend: Backend, model, optimizer, plan: BatchPlan, loss_fn
 def make_eval_step(backend: Backend, model, loss_fn=None, task=None):
     """Return a tf.function eval_step(iterator, n) -> dict of global masked sums over n batches
     (all of an evaluation in one call): loss_sum, count (examples), metrics (summed state)."""
-    import tensorflow as tf  # local: see the module docstring
     task = task or default_task(loss_fn)
 
     def replica_eval(x, y, w, mask):
@@ -373,7 +369,7 @@ def make_eval_step(backend: Backend, model, loss_fn=None, task=None):
         for _ in tf.range(n):
             tf.autograph.experimental.set_loop_options(parallel_iterations=1)  # see _multi_step
             total += backend.local_value(backend.run(
-                lambda *b: replica_eval(*with_weights(tf, b, mask=True)), tuple(next(iterator))))
+                lambda *b: replica_eval(*with_weights(b, mask=True)), tuple(next(iterator))))
         return {"loss_sum": total[0], "count": total[1], "metrics": total[2:]}
 
     eval_step.task = task
