@@ -138,7 +138,9 @@ def command(c: Candidate, steps: int, s: Setup) -> tuple[list[str], dict[str, st
             argv += ["--jit-compile", "on"]
         env = {}
         if c.name == "distbatch_prev":  # the other checkout's package, through this venv's python
-            argv = [s.python, "-m", "distbatch.cli", *argv[1:]]
+            # -P: the working directory (this checkout's root) must not come before PYTHONPATH
+            # on sys.path, or `-m distbatch.cli` imports THIS checkout's package.
+            argv = [s.python, "-P", "-m", "distbatch.cli", *argv[1:]]
             env = {"PYTHONPATH": s.prev}
         return (horovod_launch(s, argv) if c.backend == "horovod" else argv), env
     common = ["--data", s.data, "--model", c.model, "--steps", str(steps),

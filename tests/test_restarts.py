@@ -517,18 +517,18 @@ SLOW_SAVE = textwrap.dedent("""
     # Test-only: make the checkpoint of step $SLOW_SAVE_STEP stop for 60 s after its state file
     # and best weights are written and before TensorFlow writes the checkpoint itself.
     import os, time
-    import distbatch.training.trainer as t
-    _orig = t.Trainer._save_checkpoint
+    import distbatch.training.run_checkpoints as rc
+    _orig = rc.RunCheckpoint.save
     def _slow(self, step, *a, **k):
         if step == int(os.environ["SLOW_SAVE_STEP"]):
-            save = self._manager.save
+            save = self.manager.save
             def slow_save(*a2, **k2):
                 open(os.environ["SLOW_SAVE_FLAG"], "w").close()
                 time.sleep(60)
                 return save(*a2, **k2)
-            self._manager.save = slow_save
+            self.manager.save = slow_save
         return _orig(self, step, *a, **k)
-    t.Trainer._save_checkpoint = _slow
+    rc.RunCheckpoint.save = _slow
 """)
 
 

@@ -345,6 +345,7 @@ def test_non_chief_temp_checkpoints_leave_nothing(fails, tmp_path, monkeypatch):
 
     import distbatch
     from distbatch.backends.single import SingleBackend
+    from distbatch.training.run_checkpoints import RunCheckpoint
     from distbatch.training.trainer import Trainer
 
     class RankOne(SingleBackend):  # one device that is not the chief: saves to a temp dir
@@ -354,13 +355,12 @@ def test_non_chief_temp_checkpoints_leave_nothing(fails, tmp_path, monkeypatch):
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     made = []
-    real_checkpoint = Trainer._checkpoint
+    real_init = RunCheckpoint.__init__
 
-    def checkpoint(self):
-        result = real_checkpoint(self)
-        made.append(self._temp_checkpoint_dir)
-        return result
-    monkeypatch.setattr(Trainer, "_checkpoint", checkpoint)
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append(self.temp_dir)
+    monkeypatch.setattr(RunCheckpoint, "__init__", init)
     if fails:
         real_evaluation = Trainer._evaluation
 

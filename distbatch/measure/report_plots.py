@@ -62,14 +62,17 @@ def _mark_not_reached(ax, batches: list[int], color: str, text: str) -> None:
                label=text, zorder=5)
 
 
+def _lines(ax, data: dict, colors: dict, x: str, y: str, err: str) -> None:
+    """One line with error bars per rule: series[name][x], [y], [err]."""
+    for name, s in data["series"].items():
+        ax.errorbar(s[x], s[y], yerr=s[err], marker="o", capsize=3, color=colors[name], label=name)
+
+
 def _draw_accuracy(fig, data: dict) -> None:
     acc_ax, gap_ax = fig.subplots(1, 2)
     colors = _colors(data["series"])
-    for name, s in data["series"].items():
-        acc_ax.errorbar(s["batch"], s["val"], yerr=s["val_err"], marker="o", capsize=3,
-                        color=colors[name], label=name)
-        gap_ax.errorbar(s["gap_batch"], s["gap"], yerr=s["gap_err"], marker="o", capsize=3,
-                        color=colors[name], label=name)
+    _lines(acc_ax, data, colors, "batch", "val", "val_err")
+    _lines(gap_ax, data, colors, "gap_batch", "gap", "gap_err")
     for ax, ylabel in ((acc_ax, "validation accuracy (%)"), (gap_ax, "train - val accuracy (points)")):
         _batch_axis(ax, data["batches"])
         ax.set_ylabel(ylabel)
@@ -82,11 +85,8 @@ def _draw_accuracy(fig, data: dict) -> None:
 def _draw_throughput(fig, data: dict) -> None:
     sps_ax, time_ax = fig.subplots(1, 2)
     colors = _colors(data["series"])
-    for name, s in data["series"].items():
-        sps_ax.errorbar(s["batch"], s["sps"], yerr=s["err"], marker="o", capsize=3,
-                        color=colors[name], label=name)
-        time_ax.errorbar(s["time_batch"], s["time"], yerr=s["time_err"], marker="o", capsize=3,
-                         color=colors[name], label=name)
+    _lines(sps_ax, data, colors, "batch", "sps", "err")
+    _lines(time_ax, data, colors, "time_batch", "time", "time_err")
     _batch_axis(sps_ax, data["batches"])
     _batch_axis(time_ax, data["batches"])
     sps_ax.set_ylabel("training samples / s")

@@ -1,5 +1,7 @@
-"""The training loop around the shared step: epochs, evaluation, logging,
-checkpoints, early stopping, divergence. Every backend runs this same code.
+"""The training loop around the shared step: calls of steps, evaluations, the batch policy's
+segments, divergence. Every backend runs this same code. What happens at evaluations and log
+windows (TensorBoard, the target, the progress line, early stopping, checkpoints, the users'
+Keras callbacks) are callbacks (training/run_callbacks.py, training/hooks.py).
 
 Durations are converted to steps once (BatchPlan); the loop deals only in
 steps. Side effects happen on the chief only (`backend.is_chief`), except
@@ -13,15 +15,17 @@ import sys
 import time
 from typing import Callable
 
+import tensorflow as tf
+
 from distbatch import interrupts
 from distbatch.backends.base import Backend
-from distbatch.data.inputs import without_autotune_thread
+from distbatch.data.inputs import array_sources, without_autotune_thread
 from distbatch.training.noise_scale import NoiseScaleTracker
 from distbatch.training.checkpoints import newest_intact
 from distbatch.training.batch_policy import FixedBatch, GoodputBatch, Segment, segment_record
 from distbatch.training.early_stopping import EarlyStopping
 from distbatch.training.evaluation import eval_iterator, run_evaluation
-from distbatch.training.hooks import CallbackHooks, TensorBoardHook, check_ranks_agree
+from distbatch.training.hooks import CallbackHooks, check_ranks_agree
 # The options and result, the loop's state and its files, and the progress line live in their
 # own modules; LoopOptions, RunResult and the rest stay importable from here.
 from distbatch.training.loop_options import (  # noqa: F401  (AUTO_*: re-exported)
@@ -31,12 +35,13 @@ from distbatch.training.loop_state import (
     zero_sums)
 from distbatch.training.plan import BatchPlan
 from distbatch.training.preemption import CallBoundary, chief_ints, sync_every_calls
-from distbatch.training.progress import progress_line
-from distbatch.training.run_checkpoints import RunCheckpoints
-from distbatch.training.step import StepOptions, make_eval_step, make_train_step, noise_splits_for
+from distbatch.training.run_callbacks import ProgressLine, TargetTracker, TensorBoardScalars
+from distbatch.training.run_checkpoints import RunCheckpoint
+from distbatch.training.step import (StepOptions, default_task, make_eval_step, make_train_step,
+                                     noise_splits_for)
 
 
-class Trainer(RunCheckpoints):
+class Trainer:
     """Runs a whole run of the shared step on one backend: `total_steps` at one batch, or the
     segments of a batch policy (distbatch.training.batch_policy)."""
 
@@ -54,8 +59,6 @@ class Trainer(RunCheckpoints):
         `step_cache`: compiled steps by batch plan (a batch seen before does not compile again).
         `policy`: the batch policy (FixedBatch(plan, options.total_steps) by default): the
         segments of the run, each at its own global batch; one evaluation ends each."""
-        from distbatch.data.inputs import array_sources
-        from distbatch.training.step import default_task
         self.step_cache = {} if step_cache is None else step_cache
         self.backend, self.model, self.optimizer, self.plan = backend, model, optimizer, plan
         self.opt, self.adascale = options, adascale
@@ -84,45 +87,30 @@ class Trainer(RunCheckpoints):
         return ((step - self._seg.start_step) % self._eval_every == 0 or step == self._seg.end_step
                 or self._finished)
 
-    def _at_checkpoint(self, step: int) -> bool:
-        """checkpoint_every N: every N steps, at an evaluation or not; 0: at every evaluation."""
-        opt = self.opt
-        if self._manager is None:
-            return False
-        if step == self._seg.end_step or self._finished:
-            return True
-        return step % opt.checkpoint_every == 0 if opt.checkpoint_every else self._at_eval(step)
+    def _at_end(self, step: int) -> bool:
+        """The last step of the segment, or AdaScale's budget reached."""
+        return step == self._seg.end_step or self._finished
 
     def _at_log(self, step: int) -> bool:
         return (step - self._seg.start_step) % max(1, self.opt.log_every) == 0 or self._at_eval(step)
-
-    def _checkpoint_due(self, step: int) -> bool:
-        """At an evaluation (checkpoint_every = 0): the first one, the last step, or when the
-        chief's last checkpoint is checkpoint_min_seconds old. The chief decides and every
-        rank follows (backend.sync_flag), so all save at the same step (TF needs every
-        multiworker worker in a save)."""
-        opt = self.opt
-        if opt.checkpoint_every or step == self._seg.end_step or self._finished:
-            return True
-        last = getattr(self, "_last_checkpoint_time", None)
-        due = self.chief and (last is None or time.perf_counter() - last >= opt.checkpoint_min_seconds)
-        return self.backend.sync_flag(due)
 
     def _steps_until_boundary(self, step: int, limit: int) -> int:
         """How many steps one call may run from `step`: up to `limit`, never past the next
         evaluation or checkpoint (they act on the weights of exactly that step)."""
         opt, every, start = self.opt, self._eval_every, self._seg.start_step
         nxt = start + ((step - start) // every + 1) * every
-        if self._manager is not None and opt.checkpoint_every:
+        if self._ckpt is not None and opt.checkpoint_every:
             nxt = min(nxt, (step // opt.checkpoint_every + 1) * opt.checkpoint_every)
         return max(1, min(limit, nxt - step, self._seg.end_step - step))
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> RunResult:
+        self._ckpt = None
         try:
             return self._run()
         finally:  # after the last save (a save recreates the directory), and on an error too
-            self._remove_temp_checkpoints()
+            if self._ckpt is not None:
+                self._ckpt.remove_temp()
 
     def _enter(self, seg: Segment, loop: LoopState):
         """Start a segment: its plan, steps (compiled once per plan), noise tracker, iterator.
@@ -131,6 +119,7 @@ class Trainer(RunCheckpoints):
             self._val_iterator = None  # validation batches follow the global batch
         self._seg, self.plan = seg, seg.plan
         step_fn, eval_fn, tracker = self._build_steps()
+        self._tracker = tracker
         loop.t_last, loop.timed, loop.per_call = None, False, 1
         self._seg_start = (loop.step, loop.counters["train_time"], loop.counters["timed_samples"])
         self._left = False
@@ -146,7 +135,14 @@ class Trainer(RunCheckpoints):
             self._trajectory.extend(tracker.trajectory)
         info = dict(self._seg.info)
         return {"step": loop.step, "segment": self._seg, "samples_per_sec": sps, "info": info,
-                "steps": loop.step - step0}
+                "steps": loop.step - step0,
+                "b_simple": tracker.b_simple if tracker is not None else None}
+
+    @staticmethod
+    def _segment_entry(done: dict) -> dict:
+        """metrics["segments"]'s entry of a segment that ended (`done`: see _leave)."""
+        return {**segment_record(done["segment"], done["steps"], done["samples_per_sec"]),
+                **done["info"]}
 
     def _run(self) -> RunResult:
         self._seg = self.policy.first()
@@ -156,49 +152,47 @@ class Trainer(RunCheckpoints):
         step_fn, eval_fn, tracker, iterator = self._enter(self._seg, loop)
         if tracker is not None and self._tracker_state:
             tracker.restore(self._tracker_state)
-        self._tb = TensorBoardHook(self.opt.tensorboard_dir if self.chief else None)
-        self._hooks = CallbackHooks(self.callbacks, self.model, self.backend, self.opt, self.plan,
-                                    self.optimizer)
-        self._hooks.train_begin(len(loop.history))
+        self._hooks = self._callbacks(loop)
         # Time-based checkpoints and SIGTERM (distbatch.training.preemption): decided at call
         # boundaries, the same on every worker. SIGTERM only sets a flag while the loop runs.
-        watch = self._manager is not None and interrupts.arm_preemption()
+        ckpt = self._ckpt
+        watch = ckpt is not None and interrupts.arm_preemption()
         self._boundary = CallBoundary(self.backend, self.opt.checkpoint_every_seconds
-                                      if self._manager is not None else 0.0,
+                                      if ckpt is not None else 0.0,
                                       interrupts.preemption_requested if watch else None)
+        if ckpt is not None:
+            ckpt.boundary = self._boundary
+        self._hooks.train_begin(len(loop.history))
         wall0 = time.perf_counter()
         while not self._finished and not loop.stopped and loop.diverged_step is None:
             if loop.step >= self._seg.end_step:  # the segment ended: the policy says what next
                 done = self._leave(loop, tracker)
-                segments.append(segment_record(self._seg, done["steps"], done["samples_per_sec"]))
-                nxt = self.policy.next(done)
-                segments[-1].update(done["info"])
+                nxt = self.policy.next(done)  # (may add to done["info"])
+                segments.append(self._segment_entry(done))
                 if nxt is None:
                     break
                 step_fn, eval_fn, tracker, iterator = self._enter(nxt, loop)
                 continue
             if not self._run_call(loop, step_fn, iterator, tracker):
                 break
-            save, stop = self._boundary.decide()
+            save, stop = self._pending = self._boundary.decide()
             if not self._at_eval(loop.step):
-                if save or self._at_checkpoint(loop.step):
-                    state = checkpoint_state(loop, tracker, self._early_stopping)
-                    self._save_checkpoint(loop.step, loop.history, state, preempting=stop)
+                if ckpt is not None and (save or ckpt.at_step(loop.step, False)):
+                    ckpt.save(loop.step, preempting=stop)
                     loop.t_last = time.perf_counter()  # checkpoints are not training time
                 if stop:
-                    self._stop_preempted(loop.step)
+                    ckpt.stop_preempted(loop.step)
                 continue
-            self._evaluation(loop, eval_fn, tracker, save, stop)
+            self._evaluation(loop, eval_fn)
             if loop.stopped or self._finished:
                 break
             if stop and loop.step < self.opt.total_steps:  # else: finish
-                self._stop_preempted(loop.step)
+                ckpt.stop_preempted(loop.step)
             loop.t_last = time.perf_counter()  # evaluation and checkpoints are not training time
         interrupts.disarm_preemption()
+        self._hooks.builtins_train_end()  # early stopping's best weights are back
         if not self._left:  # stopped, finished or diverged inside the segment
-            done = self._leave(loop, tracker)
-            segments.append({**segment_record(self._seg, done["steps"], done["samples_per_sec"]),
-                             **done["info"]})
+            segments.append(self._segment_entry(self._leave(loop, tracker)))
         metrics = self._finish(loop, eval_fn, tracker, time.perf_counter() - wall0)
         if self.policy.segments_in_metrics:
             metrics["segments"] = segments
@@ -206,8 +200,25 @@ class Trainer(RunCheckpoints):
                 metrics["batch_trajectory"] = [(s["start_step"], s["global_batch_size"])
                                                for s in segments]
         self._hooks.train_end(metrics)
-        self._tb.close()
         return RunResult(metrics=metrics, history=loop.history)
+
+    def _callbacks(self, loop: LoopState) -> CallbackHooks:
+        """The run's built-in callbacks (run_callbacks.py; every rank) around the users'."""
+        opt, counters = self.opt, lambda: loop.counters
+        builtins = [TensorBoardScalars(opt.tensorboard_dir if self.chief else None)]
+        if opt.target_accuracy is not None:
+            builtins.append(TargetTracker(opt.target_accuracy, counters, opt.stop_at_target))
+        if self.chief and opt.verbose:
+            builtins.append(ProgressLine(self.log, opt.total_steps,
+                                         lambda: self.plan.global_batch_size, counters))
+        if self._early_stopping is not None:
+            builtins.append(self._early_stopping)
+        return CallbackHooks(self.callbacks, self.model, self.backend, opt, self.plan,
+                             self.optimizer, builtins=builtins,
+                             after=[self._ckpt] if self._ckpt is not None else [],
+                             builtins_may_stop=(self._early_stopping is not None
+                                                or (opt.target_accuracy is not None
+                                                    and opt.stop_at_target)))
 
     def _build_steps(self):
         """The train step (cached per batch plan and options), the eval step, the noise tracker.
@@ -238,21 +249,28 @@ class Trainer(RunCheckpoints):
         """A fresh loop, or the one of the newest intact checkpoint (resume)."""
         opt, ada = self.opt, self.adascale
         self._finished = False  # AdaScale: tau reached the base-batch budget
-        ckpt, self._manager = self._checkpoint()
         size = self.task.state_size
         loop = LoopState(step=0, history=[], sums=zero_sums(size),
-                     window=zero_sums(size), counters=fresh_counters())
+                         window=zero_sums(size), counters=fresh_counters())
         self._early_stopping = (EarlyStopping(opt.early_stopping_metric, opt.early_stopping_patience,
-                                              opt.min_delta) if opt.early_stopping_metric else None)
+                                              opt.min_delta, lambda: loop.history)
+                                if opt.early_stopping_metric else None)
+        self._pending = (False, False)  # the (save, stop) decision of the last call boundary
+        self._ckpt = (RunCheckpoint(self.backend, self.model, self.optimizer, opt,
+                                    adascale=ada, early_stopping=self._early_stopping,
+                                    state=lambda: (loop.history, checkpoint_state(
+                                        loop, self._tracker, self._early_stopping)),
+                                    at_evaluation=self._at_eval,
+                                    pending=lambda: self._pending)
+                      if opt.checkpoint_dir else None)
         self._tracker_state = None
         # Every worker restores the CHIEF's checkpoint (non-chief workers save to temp dirs), the
         # newest intact one: damaged ones are skipped with a warning (training/checkpoints.py).
         latest = (newest_intact(opt.checkpoint_dir, warn=self.chief)
-                  if ckpt is not None and opt.resume else None)
+                  if self._ckpt is not None and opt.resume else None)
         if not latest:
             return loop
-        ckpt.restore(latest)
-        loop.step = int(self._step_var.numpy())
+        loop.step = self._ckpt.restore(latest)
         loop.history, state = load_state(opt.checkpoint_dir, loop.step)
         loop.stopped = restore_early_stopping(self._early_stopping, state, opt.checkpoint_dir)
         if state:  # the loop's own counters, saved with the checkpoint (see checkpoint_state)
@@ -274,7 +292,6 @@ class Trainer(RunCheckpoints):
 
     def _run_call(self, loop: LoopState, step_fn, iterator, tracker) -> bool:
         """One call of up to steps_per_execution steps; False when the loss diverged."""
-        import tensorflow as tf
         opt, plan, ada = self.opt, self.plan, self.adascale
         n = self._steps_until_boundary(loop.step, loop.per_call)
         t0 = time.perf_counter()
@@ -320,10 +337,11 @@ class Trainer(RunCheckpoints):
             loop.stopped = True
         return True
 
-    def _evaluation(self, loop: LoopState, eval_fn, tracker, save: bool, stop: bool) -> None:
-        """At an evaluation step: validation metrics, the history record, target, early
-        stopping, callbacks, checkpoint; sets loop.stopped when the run should end."""
-        opt, step, c = self.opt, loop.step, loop.counters
+    def _evaluation(self, loop: LoopState, eval_fn) -> None:
+        """At an evaluation step: validation metrics and the history record, then the callbacks
+        (target, progress, early stopping, the users', the checkpoint); sets loop.stopped when
+        the run should end."""
+        step = loop.step
         # One copy of each replica's own state (BatchNorm's moving statistics), so the metrics
         # below are those of the model distbatch returns and saves; then every rank must agree.
         self.backend.average_replica_state(self.model.non_trainable_variables)
@@ -331,33 +349,16 @@ class Trainer(RunCheckpoints):
         val = self._evaluate(eval_fn) if self.val_source is not None else {}
         train = self._means(loop.sums)
         loop.sums = zero_sums(self.task.state_size)
-        epoch = self._epoch_at(step)
-        rec = {"step": step, "epoch": round(epoch, 4),
+        rec = {"step": step, "epoch": round(self._epoch_at(step), 4),
                **{f"train_{k}": v for k, v in train.items()},
                **{f"val_{k}": v for k, v in val.items()}, "lr": loop.last_lr}
         loop.history.append(rec)
-        self._tb.scalars("val", step, val)
-        if (opt.target_accuracy is not None and c["steps_to_target"] is None
-                and rec.get("val_accuracy", -1.0) >= opt.target_accuracy):
-            c["steps_to_target"], c["time_to_target"] = step, c["train_time"]
-            loop.stopped = loop.stopped or opt.stop_at_target
-        self.log(progress_line(rec, epoch, step, opt.total_steps, self.plan.global_batch_size, c))
-        # Early stopping on the GLOBAL metric: every rank takes the same decision.
-        es = self._early_stopping
-        if es is not None:
-            if es.update(rec[opt.early_stopping_metric], step, epoch, self.model.get_weights):
-                loop.stopped = True
-        if self._hooks.epoch_end(len(loop.history) - 1, rec):
+        epoch = len(loop.history) - 1  # a Keras epoch index counts evaluations
+        if self._hooks.epoch_end(epoch, rec):
             loop.stopped = True
-        if es is not None or self._hooks.active:
-            # The metrics are all-reduced sums, so every rank agrees already; OR-ing the flag
-            # across workers guarantees it (a rank that stopped alone would hang the others).
-            loop.stopped = self.backend.sync_flag(loop.stopped)
-        if save or (self._at_checkpoint(step) and self._checkpoint_due(step)):
-            self._save_checkpoint(step, loop.history, checkpoint_state(loop, tracker, es),
-                                  preempting=stop)
-        if not loop.stopped and step < opt.total_steps and not self._finished:
-            self._hooks.epoch_begin(len(loop.history))  # a Keras epoch index counts evaluations
+        self._hooks.after_epoch_end(epoch, {**rec, "end": self._at_end(step)})
+        if not loop.stopped and step < self.opt.total_steps and not self._finished:
+            self._hooks.epoch_begin(epoch + 1)
 
     def _means(self, sums: dict) -> dict:
         """{"loss": mean loss, <metric>: result} of running sums."""
@@ -394,17 +395,16 @@ class Trainer(RunCheckpoints):
         if tracker is not None:
             metrics["b_simple"] = tracker.b_simple
             metrics["b_simple_trajectory"] = self._trajectory[:: max(1, len(self._trajectory) // 50)]
-        if es is not None and es.best_weights is not None:
-            self.model.set_weights(es.best_weights)
+        if es is not None and es.best_weights is not None:  # (restored by its on_train_end)
             val = self._evaluate(eval_fn)
             # Train metrics of the restored point too, so the generalization gap compares
             # train and validation of the SAME weights (not last train vs best val).
             at_best = next((r for r in loop.history if r["step"] == es.best_step), {})
             metrics.update({k: v for k, v in at_best.items() if k.startswith("train_")})
-            metrics.update(best_step=es.best_step, best_epoch=round(es.best_epoch, 4),
+            metrics.update(best_step=es.best_step, best_epoch=es.best_data_epoch,
                            stopped_epoch=round(self._epoch_at(step), 4), stopped_early=loop.stopped,
                            restored_metric=self.opt.early_stopping_metric,
-                           restored_value=es.best_value, **{f"val_{k}": v for k, v in val.items()})
+                           restored_value=float(es.best), **{f"val_{k}": v for k, v in val.items()})
         head = getattr(self.train_source, "head", None)
         if loop.diverged_step is None and head is not None and self.val_source is not None:
             # The generalization gap needs train metrics of the FINAL weights, evaluated like
@@ -430,7 +430,7 @@ class Trainer(RunCheckpoints):
         first step whose loss is not finite, if any. Per-step values are added one by one, so
         the sums do not depend on how the steps were grouped into calls."""
         gb, step = self.plan.global_batch_size, loop.step
-        logging = self._tb.active or self._hooks.active
+        logging = self._hooks.wants_batches
         lrs = values["lr"].tolist()
         for i, loss_sum in enumerate(values["loss_sum"].tolist()):
             s = step + i + 1
@@ -450,7 +450,6 @@ class Trainer(RunCheckpoints):
                 if "gain" in values:
                     scalars.update(adascale_gain=float(values["gain"][i]),
                                    adascale_tau=float(values["tau"][i]))
-                self._tb.scalars("train", s, scalars)
                 self._hooks.batch_end(s, scalars)
                 loop.window = zero_sums(self.task.state_size)
         if lrs:
