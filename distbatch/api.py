@@ -109,22 +109,23 @@ def _check_length(epochs, steps) -> None:
 
 
 def _check_batch(global_batch_size, max_global_batch_size, batch_size_schedule) -> None:
-    if global_batch_size == "auto":
+    if global_batch_size in ("auto", "ramp"):
         if max_global_batch_size is None:
-            raise ValueError("global_batch_size='auto' needs max_global_batch_size (the largest "
-                             "batch it may choose)")
+            raise ValueError(f"global_batch_size={global_batch_size!r} needs max_global_batch_size "
+                             "(the largest batch it may choose)")
         _check_positive_int("max_global_batch_size", max_global_batch_size)
         return
     if max_global_batch_size is not None:
         raise ValueError(f"max_global_batch_size={max_global_batch_size} only applies to "
-                         f"global_batch_size='auto', got global_batch_size={global_batch_size!r}")
+                         f"global_batch_size='auto' or 'ramp', got global_batch_size="
+                         f"{global_batch_size!r}")
     if global_batch_size is None:
         if batch_size_schedule is None:
-            raise TypeError("global_batch_size is required: an int, 'auto', or None with "
+            raise TypeError("global_batch_size is required: an int, 'auto', 'ramp', or None with "
                             "batch_size_schedule=[(epoch, global batch), ...]")
         return
     if isinstance(global_batch_size, str):
-        raise ValueError(f"global_batch_size must be an int or 'auto', got {global_batch_size!r}")
+        raise ValueError(f"global_batch_size must be an int, 'auto' or 'ramp', got {global_batch_size!r}")
     _check_positive_int("global_batch_size", global_batch_size)
 
 
@@ -183,7 +184,10 @@ def fit(*, model_fn: Callable | str, optimizer_fn: Callable | None = None, recip
     Exactly one of optimizer_fn (() -> keras optimizer) and recipe (distbatch.Recipe; AdaScale
     with Recipe(scaling="adascale")).
     global_batch_size: an int; "auto" (chosen by goodput at each epoch, up to
-    max_global_batch_size, with an AdaScale recipe); or None with batch_size_schedule
+    max_global_batch_size, with an AdaScale recipe); "ramp" (from the recipe's base batch,
+    raised at each epoch end to the largest base x 2^k <= max_global_batch_size not above 2 x
+    the measured noise scale B_simple, never lowered; the lr follows the recipe's scaling rule;
+    docs/batch_ramp.md); or None with batch_size_schedule
     [(epoch, global batch), ...] (or "0:64,10:128"), which raises the batch at whole epochs.
     mixed_precision: "off" | "float16" (loss scaling) | "bfloat16"; None (default) keeps
     Keras's global dtype policy as it is.

@@ -67,7 +67,7 @@ CASES: dict[str, tuple[dict, dict, list[str]]] = {
     "batch_zero": ({"--global-batch-size": "0"}, {}, ["--global-batch-size must be a positive integer, got 0"]),
     "batch_negative": ({"--global-batch-size": "-8"}, {}, ["--global-batch-size", "got -8"]),
     "batch_not_a_number": ({"--global-batch-size": "abc"}, {},
-                           ["argument --global-batch-size: must be a whole number or 'auto', got 'abc'"]),
+                           ["argument --global-batch-size: must be a whole number, 'auto' or 'ramp', got 'abc'"]),
     "accumulation_zero": ({"--accumulation-steps": "0"}, {}, ["--accumulation-steps must be >= 1, got 0"]),
     # training length and learning rate
     "epochs_zero": ({"--steps": REMOVE, "--epochs": "0"}, {}, ["--epochs must be > 0, got 0.0"]),

@@ -160,9 +160,9 @@ def test_fit_loss_weights_scale_each_outputs_loss():
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(global_batch_size="auto"), ValueError, "global_batch_size='auto' needs max_global_batch_size"),
     (dict(global_batch_size=64, max_global_batch_size=128), ValueError,
-     "max_global_batch_size=128 only applies to global_batch_size='auto', got global_batch_size=64"),
+     "max_global_batch_size=128 only applies to global_batch_size='auto' or 'ramp', got global_batch_size=64"),
     (dict(global_batch_size=None), TypeError, "global_batch_size is required"),
-    (dict(global_batch_size="big"), ValueError, "global_batch_size must be an int or 'auto', got 'big'"),
+    (dict(global_batch_size="big"), ValueError, "global_batch_size must be an int, 'auto' or 'ramp', got 'big'"),
     (dict(global_batch_size=None, batch_size_schedule="0:32,x"), ValueError,
      "batch_size_schedule entries must be EPOCH:BATCH, got 'x'"),
     (dict(global_batch_size=None, batch_size_schedule=[(1, 32)]), ValueError,

@@ -119,13 +119,13 @@ def test_corrupt_tfrecord_names_the_file_without_tensorflows_blob(tmp_path):
 def test_max_global_batch_size_without_auto_is_refused(tmp_path, capfd):
     """Was: accepted and ignored."""
     proc = cli(capfd, *TRAIN, "--max-global-batch-size", "256", "--out", tmp_path / "run")
-    assert_error(proc, "--max-global-batch-size 256 only applies to --global-batch-size auto, got "
+    assert_error(proc, "--max-global-batch-size 256 only applies to --global-batch-size auto or ramp, got "
                        "--global-batch-size 32")
     assert not (tmp_path / "run").exists()
     from distbatch.errors import ParameterError
     from distbatch.training.config import TrainConfig
     with pytest.raises(ParameterError, match="^max_global_batch_size 256 only applies to "
-                                             "global_batch_size auto, got global_batch_size 32$"):
+                                             "global_batch_size auto or ramp, got global_batch_size 32$"):
         TrainConfig(out="x", global_batch_size=32, max_global_batch_size=256)
 
 

@@ -36,13 +36,16 @@ def add_train_args(parser: argparse.ArgumentParser, *, sweep: bool = False) -> N
                         "classes never occur; give K to insist)")
     g.add_argument("--model", default="mlp", choices=MODELS, help="named model (default: mlp)")
     if not sweep:
-        g.add_argument("--global-batch-size", type=global_batch_arg, default=None, metavar="N|auto",
+        g.add_argument("--global-batch-size", type=global_batch_arg, default=None, metavar="N|auto|ramp",
                        help="examples per optimizer step, summed over all replicas "
                             "(required unless --batch-size-schedule gives it); auto: chosen "
                             "while training to maximise goodput (Pollux), up to "
-                            "--max-global-batch-size, with --scaling adascale")
+                            "--max-global-batch-size, with --scaling adascale; ramp: from "
+                            "--base-batch-size, raised at epoch ends to the largest base x 2^k "
+                            "<= --max-global-batch-size not above 2 x the measured noise scale "
+                            "B_simple, the lr by --scaling at each batch (docs/batch_ramp.md)")
         g.add_argument("--max-global-batch-size", type=int, default=None, metavar="M",
-                       help="largest batch --global-batch-size auto may choose")
+                       help="largest batch --global-batch-size auto or ramp may choose")
         g.add_argument(
             "--batch-size-schedule", default=None, metavar="E0:B0,E1:B1,...",
             help="raise the global batch at whole epochs instead of decaying the lr "
@@ -174,13 +177,13 @@ def steps_per_execution_arg(text: str):
 
 
 def global_batch_arg(text: str):
-    """argparse type: a whole number or 'auto'."""
-    if text == "auto":
+    """argparse type: a whole number, 'auto' or 'ramp'."""
+    if text in ("auto", "ramp"):
         return text
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number or 'auto', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be a whole number, 'auto' or 'ramp', got {text!r}") from None
 
 
 def collective_options(args):

@@ -4,14 +4,15 @@
 each describe a run as a :class:`RunSpec` and hand it here:
 
     plan_run(spec, backend)      batch arithmetic, the batch policy (fixed, schedule,
-                                 goodput "auto"), AdaScale's base plan, the length,
+                                 goodput "auto", the noise-scale "ramp"), AdaScale's
+                                 base plan, the length,
                                  the recipe checked against the run: a RunPlan,
                                  before any model or file exists
     build_run(spec, backend, rp) seeds, precision, model and optimizer in the backend's
                                  scope, the data checked against the model, the task
                                  (loss and metrics), the backend prepared: a Run
-    Run.train(options)           the loop: one Trainer, a batch schedule's segments or
-                                 the goodput-adaptive batch
+    Run.train(options)           the loop: one Trainer, a batch schedule's segments, the
+                                 goodput-adaptive batch or the batch ramp
 
 Each rule lives here once: the AdaScale base plan, the recipe build, the precision
 policy, the loss-scale wrapper, the start line.
@@ -31,6 +32,8 @@ from distbatch.data import checks
 from distbatch.data.inputs import ArraySource, DatasetSource, FnSource, _leaves
 from distbatch.errors import ParameterError, require_param
 from distbatch.recipes.adascale import AdaScaleState
+from distbatch.training import batch_ramp
+from distbatch.training.batch_ramp import RampLR, RampSchedule, check_ramp_run, run_ramp
 from distbatch.training.batch_schedule import (check_schedule_run, plan_schedule, run_schedule,
                                                schedule_recipe)
 from distbatch.training.goodput import candidate_batches, probe_step_seconds, run_adaptive
@@ -53,7 +56,8 @@ class RunSpec:
     train_source / val_source: distbatch.data.inputs sources.
     Exactly one of recipe (distbatch.Recipe) and optimizer_fn (() -> keras optimizer).
     global_batch_size: an int, "auto" (goodput-adaptive, with max_global_batch_size and an
-    AdaScale recipe) or None with batch_size_schedule [(epoch, global batch), ...].
+    AdaScale recipe), "ramp" (grows with the noise scale up to max_global_batch_size,
+    distbatch.training.batch_ramp) or None with batch_size_schedule [(epoch, global batch), ...].
     mixed_precision: "off" | "float16" | "bfloat16", or None to keep Keras's global policy.
     loss / metrics / loss_weights: as distbatch.fit takes them (None: sparse categorical
     cross-entropy from logits with accuracy).
@@ -95,6 +99,7 @@ class RunPlan:
     recipe_plan: BatchPlan | None = None  # the batch the lr schedule is written for
     adascale_scale: float | None = None
     candidates: list | None = None    # global_batch_size "auto"
+    ramp: list | None = None          # global_batch_size "ramp": its candidate batches
 
 
 # What a run may change when it resumes on another number of workers or replicas: the
@@ -145,6 +150,10 @@ def plan_run(spec: RunSpec, backend) -> RunPlan:
     n_train = train_examples(spec, backend)
     recipe, schedule, gb = spec.recipe, None, spec.global_batch_size
     units = backend.num_replicas * spec.accumulation_steps
+    ramp = None
+    if gb == "ramp":  # the batch ramp starts at the smallest candidate (the base batch)
+        ramp = check_ramp_run(spec, recipe, units, n_train)
+        gb = ramp[0]
     if spec.batch_size_schedule:
         check_schedule_run(spec.batch_size_schedule, global_batch_size=gb, steps=spec.steps,
                            epochs=spec.epochs, early_stopping=spec.early_stopping,
@@ -175,6 +184,11 @@ def plan_run(spec: RunSpec, backend) -> RunPlan:
                             param=spec.batch_param)
     total = schedule.total_steps if schedule else plan.total_steps(epochs=spec.epochs, steps=spec.steps)
     recipe_plan, scale = plan, None
+    if ramp is not None and recipe.scaling != "adascale":
+        # The recipe's schedule is the base batch's; the ramp scales its lr (batch_ramp.RampLR).
+        recipe_plan = BatchPlan.derive(global_batch_size=recipe.base_batch_size, replicas=1,
+                                       num_train_examples=n_train, param="base_batch_size")
+        total = recipe_plan.total_steps(epochs=spec.epochs, steps=spec.steps)
     if recipe is not None and recipe.scaling == "adascale":
         require_param(schedule is None, "{scaling} adascale adapts the lr to a fixed global batch; "
                                         "it does not combine with {batch_size_schedule}",
@@ -188,7 +202,7 @@ def plan_run(spec: RunSpec, backend) -> RunPlan:
                                        num_train_examples=n_train, param="base_batch_size")
         total = recipe_plan.total_steps(epochs=spec.epochs, steps=spec.steps)
         scale = plan.global_batch_size / recipe.base_batch_size
-    if spec.noise_scale or (scale or 1) > 1:
+    if spec.noise_scale or (scale or 1) > 1 or ramp is not None:
         check_noise_scale(plan, noise_splits_for(plan))
     if recipe is not None:
         # Only to validate the recipe against the run (e.g. warmup longer than training);
@@ -197,7 +211,7 @@ def plan_run(spec: RunSpec, backend) -> RunPlan:
         check = recipe.replace(scaling="none") if scale is not None else recipe
         check.build(global_batch_size=recipe_plan.global_batch_size,
                     steps_per_epoch=recipe_plan.steps_per_epoch, total_steps=total)
-    return RunPlan(plan, total, n_train, schedule, recipe, recipe_plan, scale, candidates)
+    return RunPlan(plan, total, n_train, schedule, recipe, recipe_plan, scale, candidates, ramp)
 
 
 @dataclass
@@ -213,6 +227,7 @@ class Run:
     schedule: Any = None                         # the lr schedule (recipes)
     adascale: Any = None
     example: tuple | None = None                 # (x, y) of one example
+    ramp_lr: Any = None                          # batch_ramp.RampLR (global_batch_size "ramp")
 
     @property
     def plan(self) -> BatchPlan:
@@ -228,7 +243,13 @@ class Run:
                  f"{plan.global_batch_size} = {plan.per_replica_batch_size} per replica x "
                  f"{plan.replicas} replicas x {plan.accumulation_steps} accumulation; "
                  f"{plan.steps_per_epoch} steps/epoch, {rp.total_steps} steps; {lr}"]
-        if rp.candidates is not None:
+        if rp.ramp is not None:
+            lr = ("AdaScale lr" if self.adascale is not None else
+                  f"lr by the {rp.recipe.scaling} rule at each batch")
+            lines.append(f"distbatch: global batch ramp: from {rp.ramp[0]}, at each epoch end the "
+                         f"largest of {rp.ramp} not above {batch_ramp.RAMP_FACTOR:g} x B_simple (never lower); "
+                         f"{lr}")
+        elif rp.candidates is not None:
             lines.append(f"distbatch: global batch auto: chosen by goodput at each epoch among "
                          f"{rp.candidates}; AdaScale lr; ends when tau reaches {rp.total_steps} "
                          f"base-batch steps")
@@ -247,6 +268,14 @@ class Run:
         """Train with `options` (trainer.LoopOptions); returns a trainer.RunResult."""
         rp, backend = self.rp, self.backend
         kwargs = dict(task=self.task, validation_data=self.spec.val_source, callbacks=callbacks)
+        if rp.ramp is not None:
+            return run_ramp(backend, self.model, self.optimizer, self.spec.train_source, options,
+                            candidates=rp.ramp, recipe=rp.recipe, epochs=self.spec.epochs,
+                            lr_state=self.ramp_lr, adascale=self.adascale,
+                            accumulation_steps=self.spec.accumulation_steps,
+                            max_global_batch_size=self.spec.max_global_batch_size,
+                            num_train_examples=rp.num_train_examples,
+                            log=log or (lambda m: None), **kwargs)
         if rp.candidates is not None:
             return run_adaptive(backend, self.model, self.optimizer, self.spec.train_source, options,
                                 adascale=self.adascale, candidates=rp.candidates, probe=self.probe,
@@ -289,7 +318,7 @@ def build_run(spec: RunSpec, backend, rp: RunPlan) -> Run:
 
     seed_everything(spec.seed, spec.deterministic)
     set_precision(spec.mixed_precision)
-    adascale = schedule = None
+    adascale = schedule = ramp_lr = None
     recipe: dict = {}
     with backend.scope():
         model = spec.model_fn()
@@ -304,11 +333,16 @@ def build_run(spec: RunSpec, backend, rp: RunPlan) -> Run:
                 adascale = AdaScaleState(scale=rp.adascale_scale,
                                          base_batch_size=spec.recipe.base_batch_size,
                                          total_base_steps=rp.total_steps,
-                                         always_measure=rp.candidates is not None)
+                                         always_measure=rp.candidates is not None
+                                         or rp.ramp is not None)
             optimizer, schedule, recipe = rp.recipe.build(
                 global_batch_size=rp.recipe_plan.global_batch_size,
                 steps_per_epoch=rp.recipe_plan.steps_per_epoch, total_steps=rp.total_steps,
                 adascale=adascale)
+            if rp.ramp is not None and adascale is None:  # the lr follows the batch
+                ramp_lr = RampLR()
+                schedule = RampSchedule(schedule, ramp_lr)
+                optimizer.learning_rate = schedule
         else:
             optimizer = spec.optimizer_fn()
             if not isinstance(optimizer, keras.optimizers.Optimizer):
@@ -325,7 +359,7 @@ def build_run(spec: RunSpec, backend, rp: RunPlan) -> Run:
     # ModelCheckpoint with mode="auto"); the saved model.keras is compiled.
     compile_model(model, optimizer, spec.loss, task, example, spec.loss_weights)
     return Run(spec, backend, rp, model, optimizer, task, recipe, schedule, adascale,
-               (x_example, example[0]))
+               (x_example, example[0]), ramp_lr)
 
 
 # -- the model against the data ---------------------------------------------------------

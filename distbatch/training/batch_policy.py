@@ -7,6 +7,9 @@ one and, at the end of each, for the next (None: the run ends):
     ScheduledBatch  the segments of a batch-size schedule (batch_schedule.BatchSchedule)
     GoodputBatch    one data epoch per segment, the next batch chosen by goodput
                     (goodput.choose_batch; AdaScale's gain sets the lr)
+    RampBatch       one data epoch per segment, the batch raised to the largest candidate
+                    not above the measured noise scale B_simple, never lowered
+                    (batch_ramp.py; the lr follows the recipe's scaling rule)
 
 Steps, the history and the data order are absolute: segment i starts at global step
 ``start_step`` and absolute epoch ``start_epoch`` (the example order is a function of

@@ -35,7 +35,9 @@ class TrainConfig:
     ``epochs`` and ``steps`` exclude each other; with neither the run is
     ``DEFAULT_EPOCHS`` long (:attr:`epochs_or_default`). ``global_batch_size`` is an
     integer, "auto" (chosen by goodput, with ``max_global_batch_size`` and
-    ``recipe.scaling == "adascale"``) or None with a ``batch_size_schedule``.
+    ``recipe.scaling == "adascale"``), "ramp" (grown with the noise scale up to
+    ``max_global_batch_size``, distbatch.training.batch_ramp) or None with a
+    ``batch_size_schedule``.
     """
     out: str | None = None
     recipe: Recipe = field(default_factory=Recipe)
@@ -152,25 +154,29 @@ class TrainConfig:
     def _check_batch(self) -> None:
         g, r = self.global_batch_size, self.recipe
         m = self.max_global_batch_size
-        if m is not None and g != "auto":  # else it would be accepted and silently ignored
+        if m is not None and g not in ("auto", "ramp"):  # else accepted and silently ignored
             got = "no {global_batch_size}" if g is None else f"{{global_batch_size}} {g}"
             require_param(False, f"{{max_global_batch_size}} {m} only applies to {{global_batch_size}} "
-                                 f"auto, got {got}", "max_global_batch_size", "global_batch_size")
-        if g == "auto":
-            require_param(m is not None, "{global_batch_size} auto needs {max_global_batch_size} (the "
-                                         "largest batch it may choose)", "global_batch_size",
+                                 f"auto or ramp, got {got}", "max_global_batch_size", "global_batch_size")
+        if g in ("auto", "ramp"):
+            require_param(m is not None, f"{{global_batch_size}} {g} needs {{max_global_batch_size}} "
+                                         "(the largest batch it may choose)", "global_batch_size",
                           "max_global_batch_size")
+            _integer("max_global_batch_size", m, -math.inf)
             require_param(m >= r.base_batch_size, f"{{max_global_batch_size}} must be >= "
                           f"{{base_batch_size}} ({r.base_batch_size}), got {m}", "max_global_batch_size",
                           "base_batch_size")
-            require_param(r.scaling == "adascale", f"{{global_batch_size}} auto follows AdaScale's gain; "
-                          f"add {{scaling}} adascale (got {{scaling}} {r.scaling})", "global_batch_size",
-                          "scaling")
+            require_param(g == "ramp" or r.scaling == "adascale", f"{{global_batch_size}} auto follows "
+                          f"AdaScale's gain; add {{scaling}} adascale (got {{scaling}} {r.scaling})",
+                          "global_batch_size", "scaling")
             for name, bad in (("batch_size_schedule", self.batch_size_schedule),
                               ("early_stopping_metric", self.early_stopping_metric),
                               ("resume", self.resume)):
-                require_param(not bad, f"{{global_batch_size}} auto does not combine with {{{name}}} yet",
+                require_param(not bad, f"{{global_batch_size}} {g} does not combine with {{{name}}} yet",
                               "global_batch_size", name)
+            require_param(g == "auto" or self.steps is None, "{global_batch_size} ramp changes the "
+                          f"batch at whole epochs: give the length in {{epochs}}, got {{steps}} "
+                          f"{self.steps}", "global_batch_size", "epochs", "steps")
         elif g is not None:
             _integer("global_batch_size", g, -math.inf)
             require_param(g >= 1, f"{{global_batch_size}} must be a positive integer, got {g}",
