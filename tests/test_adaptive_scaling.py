@@ -15,7 +15,8 @@ from conftest import load_summary, run_cli
 
 from distbatch.errors import ParameterError
 from distbatch.recipes.adaptive import KERAS_DEFAULTS, adascale_lr_exponent, sde_scaling
-from distbatch.recipes.recipe import Recipe, flag_error
+from distbatch.cli.flags import flag_error
+from distbatch.recipes.recipe import Recipe
 
 E = 1e-7  # Keras's epsilon
 

@@ -114,7 +114,8 @@ def test_resolve_batch_bad(per, glob, R, match):
 
 
 def test_replica_run_command_exact():
-    cmd = bench.replica_run_command(["--model", "mlp"], 2, "/tmp/b.json")
+    from distbatch.cli.bench import replica_run_command
+    cmd = replica_run_command(["--model", "mlp"], 2, "/tmp/b.json")
     assert cmd == [sys.executable, "-m", "distbatch.cli", "bench", "--model", "mlp",
                    "--backend", "mirrored", "--cpu-replicas", "2", "--json", "/tmp/b.json"]
 

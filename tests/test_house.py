@@ -33,10 +33,6 @@ FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 PENDING = {
     # owned by the engineer of the adaptive-optimizer rules
     "distbatch/recipes/recipe.py",
-    # owned by the engineer of the sweep report and recommend
-    "distbatch/measure/results.py",
-    # replica_run_command builds the CLI child's argv: it moves to distbatch/cli/bench.py
-    "distbatch/measure/bench.py",
 }
 
 # A result named by the process that made it: "session4", "round_3", "trial-2", "Sessions".

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import tempfile
 
 from distbatch.choices import BACKENDS
@@ -18,6 +19,13 @@ from distbatch.measure.scaling import (DEFAULT_PER_REPLICA_BATCH, LOGICAL_CPU_NO
                                        check_baseline_matches, efficiency_table, format_table,
                                        load_baseline, parse_input_shape, parse_replica_list,
                                        resolve_batch, scaling_efficiency)
+
+
+def replica_run_command(argv: list[str], count: int, json_path: str) -> list[str]:
+    """The child command of a list of replica counts (--cpu-replicas 1,2,4): this bench at one
+    logical-CPU replica count, mirrored, writing its JSON to `json_path`."""
+    return [sys.executable, "-m", "distbatch.cli", "bench", *argv, "--backend", "mirrored",
+            "--cpu-replicas", str(count), "--json", json_path]
 
 
 def _measurement():
@@ -110,7 +118,7 @@ def run_replica_list(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="distbatch-bench-") as tmp:
         for c in counts:
             path = os.path.join(tmp, f"bench-{c}.json")
-            cmd = _measurement().replica_run_command(_child_argv(args) + ["--quiet"], c, path)
+            cmd = replica_run_command(_child_argv(args) + ["--quiet"], c, path)
             print(f"running {c} replica(s) ...", flush=True)
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:

@@ -12,7 +12,8 @@ import argparse
 
 from distbatch.choices import DECAYS, OPTIMIZERS, SCALING_RULES, WARMUP_MODES
 from distbatch.errors import ParameterError
-from distbatch.recipes.recipe import RECIPE_FIELDS, Recipe, flag_error
+from distbatch.cli.flags import flag_error
+from distbatch.recipes.recipe import RECIPE_FIELDS, Recipe
 
 
 def add_recipe_args(parser: argparse.ArgumentParser) -> None:

@@ -28,7 +28,8 @@ from distbatch.measure.sweep_points import (  # noqa: F401
     DEFAULT_BATCH_SIZES, DEFAULT_EPOCHS, DEFAULT_OUT, DEFAULT_TARGET, DEFAULT_WARMUP_CAP,
     DEFAULT_WARMUP_EPOCHS, SWEEP_DEFAULTS, SWEEP_MARKERS, SWEEP_MAY_CHANGE, SWEEP_OUTPUTS,
     check_sweep, oom_row, point_config, summary_to_row)
-from distbatch.recipes.recipe import FLAG_NAMES, SCALINGS
+from distbatch.cli.flags import FLAG_NAMES
+from distbatch.recipes.recipe import SCALINGS
 from distbatch.training.config import TrainConfig
 
 DEFAULT_BATCHES = ",".join(map(str, DEFAULT_BATCH_SIZES))

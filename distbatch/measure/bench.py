@@ -36,7 +36,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import sys
 import time
 from typing import Sequence
 
@@ -85,14 +84,6 @@ def check_inputs_fit(shape: Sequence[int], per_replica_batch: int, memory: int |
             f"{values:,} input values per replica = {need / 2**30:,.1f} GiB (drawn as float64, kept as "
             f"float32), more than this machine's {memory / 2**30:,.1f} GiB of memory; use a smaller "
             f"{{input_shape}} or batch", "input_shape")
-
-
-def replica_run_command(argv: Sequence[str], count: int, json_path: str) -> list[str]:
-    """The child command of a list of replica counts (cpu_replicas_list): this bench at one
-    logical-CPU replica count. It builds the CLI's own argv, so it belongs with the CLI
-    (distbatch/cli/bench.py): the flags here wait for that move (tests/test_house.py, PENDING)."""
-    return [sys.executable, "-m", "distbatch.cli", "bench", *argv, "--backend", "mirrored",
-            "--cpu-replicas", str(count), "--json", json_path]
 
 
 # -- the measurement ---------------------------------------------------------------------

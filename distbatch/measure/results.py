@@ -1,9 +1,9 @@
 """Sweep result rows: one per finished (global batch, seed) point.
 
 A sweep directory holds ``results.jsonl`` (the source of truth, read by
-``--resume`` and by the report) and ``results.csv`` (the same rows for
+a resumed sweep and by the report) and ``results.csv`` (the same rows for
 spreadsheets). Rows are appended as points finish and must survive a kill at
-any instant, so a later ``--resume`` neither loses nor duplicates a point.
+any instant, so a resumed sweep neither loses nor duplicates a point.
 
 Why rewrite-and-rename rather than ``O_APPEND``: each append writes the WHOLE
 new file to a temp file in the same directory, fsyncs it, and ``os.replace``-s
@@ -16,7 +16,7 @@ cost, O(rows) per append, is nothing next to training one point.
 The two files cannot be renamed together, so jsonl is written first and the
 CSV is regenerated from the jsonl rows: a kill between the two renames leaves
 the CSV one row short, never ahead and never torn; :func:`sync_csv` (called on
-every append, and meant for the start and end of ``sweep --resume``) repairs it.
+every append, and meant for the start and end of a resumed sweep) repairs it.
 One writer per directory (the chief) is assumed.
 """
 
@@ -68,7 +68,7 @@ _INT_FIELDS = ("global_batch_size", "per_replica_batch_size", "replicas", "seed"
 
 def make_point_id(global_batch_size: int, seed: int, scaling: str | None = None) -> str:
     """The stable key of a sweep point, e.g. ``"bs=256/seed=0"`` (``".../scaling=adascale"``
-    when a sweep compares scaling rules), used by ``--resume``."""
+    when a sweep compares scaling rules), used to resume a sweep."""
     return f"bs={int(global_batch_size)}/seed={int(seed)}" + (f"/scaling={scaling}" if scaling else "")
 
 
@@ -293,7 +293,7 @@ def _refuse_duplicate(path: Path, number: int, point_id, first_line: dict) -> No
 
 
 def done_point_ids(out_dir: str | os.PathLike) -> set[str]:
-    """point_ids already recorded, which ``sweep --resume`` skips."""
+    """point_ids already recorded, which a resumed sweep skips."""
     return {r["point_id"] for r in read_rows(out_dir) if isinstance(r.get("point_id"), str)}
 
 
