@@ -32,6 +32,10 @@ import sys
 import time
 from pathlib import Path
 
+# The model (ring all-reduce, engine pipeline form) lives in the library, where `distbatch plan`
+# uses it too; re-exported here for report and tests/test_scale_out_model.py.
+from distbatch.measure.scaling import ENGINE_HIDDEN, predicted_efficiency  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 NS, DEV, IP = ("dbs17b0", "dbs17b1"), ("dbs17v0", "dbs17v1"), ("10.217.9.1", "10.217.9.2")
@@ -141,12 +145,14 @@ def _send(ip: str, port: int, nbytes: int) -> None:
 
 
 def _rendezvous(hosts: str) -> None:
-    """Horovod's Gloo rendezvous server (what horovodrun --gloo starts), for hosts ip:1,..."""
+    """Horovod's Gloo rendezvous server (what horovodrun --gloo starts), for hosts ip:slots,...
+    (benchmarks/plan_check.py runs 2 ranks per namespace)"""
     from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
     from horovod.runner.http.http_server import RendezvousServer
     server = RendezvousServer(False)
     port = server.start()
-    server.init(get_host_assignments(parse_hosts(hosts), len(hosts.split(","))))
+    slots = sum(int(h.rpartition(":")[2]) for h in hosts.split(","))  # every slot a rank
+    server.init(get_host_assignments(parse_hosts(hosts), slots))
     print(port, flush=True)
     sys.stdin.read()  # until the benchmark closes our stdin
 
@@ -362,34 +368,6 @@ def baseline_of(variant: str) -> str:
     if variant in ("hvd-dgt-tf_keras", "hvd-dgt-nofusion"):
         return "1w-hvd-dgt-tf_keras"
     return "1w-distbatch-sgd" if variant.endswith("-sgd") else "1w-distbatch"
-
-
-# The share of the all-reduce engine's time (copies, reduction) hidden behind the wire in the
-# "engine" form of the model: 1/2, picked from the 1 Gbit/s points of results/scale_out/
-# 2026-11-26_1gbit_unlimited_after_loop_fixes (between none hidden, -6..-9% off for float32, and
-# all hidden, -19% and -26% off for MWMS and fp16) and then checked on a link it was not picked
-# on (3 Gbit/s, results/scale_out/2026-11-27_3gbit_unlimited_one_group; docs/scaling.md).
-ENGINE_HIDDEN = 0.5
-
-
-def predicted_efficiency(t_compute: float, grad_bytes: float, bandwidth: float, n: int,
-                         overlap: float = 0.0, engine: float | None = None,
-                         engine_hidden: float = ENGINE_HIDDEN) -> float:
-    """Ring all-reduce model: each worker sends (and receives) 2(N-1)/N x the gradient bytes per
-    step; t_step(N) = t_compute + (1 - overlap) x 2(N-1)/N x bytes / bandwidth; efficiency =
-    t_compute / t_step(N) (weak scaling: every worker keeps its batch). With `engine` (bytes/s
-    the all-reduce achieves when the wire is free: its copies and reduction on the worker's
-    core) the all-reduce is a two-stage pipeline, wire and engine: the slower stage sets the
-    pace and the share `engine_hidden` of the faster one hides behind it:
-    t_comm = max(wire, engine time) + (1 - engine_hidden) x min(wire, engine time). On a link
-    slower than the engine this is wire + (1 - engine_hidden) x engine time (the earlier
-    "engine" form); on a faster link the engine is the bottleneck and the wire half-hidden."""
-    share = 2 * (n - 1) / n * grad_bytes if n > 1 else 0.0
-    t_comm = (1 - overlap) * share / bandwidth
-    if engine:
-        t_engine = share / engine
-        t_comm = max(t_comm, t_engine) + (1 - engine_hidden) * min(t_comm, t_engine)
-    return t_compute / (t_compute + t_comm)
 
 
 def one_worker_rates(tp: dict) -> dict:

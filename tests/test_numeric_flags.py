@@ -48,6 +48,7 @@ BASELINES = {
                  "--per-replica-batch-size": "8", "--quiet": None},
     ("probe-batch",): {"--backend": "single", "--max-batch": "4", "--json": None},
     ("report",): {},
+    ("plan",): {"--sweep": "OUT", "--link": "1gbit"},
     ("launch", "horovod"): {"-np": "2", "--horovodrun": "/v/bin/horovodrun", "--dry-run": None},
     ("launch", "mpirun"): {"-np": "2", "--mpirun": "/usr/bin/mpirun", "--dry-run": None},
     ("launch", "multiworker"): {"--workers": "2", "--dry-run": None},
@@ -113,6 +114,7 @@ VALIDATORS = {
     ("bench",): lambda a: __import__("distbatch.cli.bench", fromlist=["x"]).validate(a),
     ("probe-batch",): lambda a: __import__("distbatch.cli.probe", fromlist=["x"]).validate_probe_args(a),
     ("report",): lambda a: __import__("distbatch.cli.report", fromlist=["x"]).validate_report_args(a),
+    ("plan",): lambda a: __import__("distbatch.cli.plan", fromlist=["x"]).validate_plan_args(a),
 }
 
 

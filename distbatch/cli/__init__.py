@@ -12,7 +12,7 @@ from distbatch import __version__, interrupts
 from distbatch.errors import (EXIT_IO, ClusterSetupError, ParameterError, RanksDriftedError, UsageError,
                               flag_names, io_failure_message, peer_failure_message)
 from distbatch.exit_records import record_exit_code
-from distbatch.recipes.recipe import FLAG_NAMES
+from distbatch.cli.flags import FLAG_NAMES
 from distbatch.training.preemption import EXIT_PREEMPTED, Preempted
 
 QUIET_ENV = {
@@ -71,9 +71,11 @@ SUBCOMMANDS = (  # (name, module, function adding its parser)
     ("recommend", "distbatch.cli.recommend", "add_recommend_parser"),
     ("probe-batch", "distbatch.cli.probe", "add_probe_parser"),
     ("launch", "distbatch.cli.launch", "add_launch_parser"),
+    ("plan", "distbatch.cli.plan", "add_plan_parser"),
 )
-# Subcommands whose process never needs TensorFlow (the launcher only starts workers).
-NO_TENSORFLOW = {"launch", "report"}
+# Subcommands whose process never needs TensorFlow (the launcher only starts workers; plan's
+# probe runs `distbatch bench` in child processes).
+NO_TENSORFLOW = {"launch", "report", "plan"}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -137,3 +137,53 @@ def check_baseline_matches(result: dict, baseline: dict) -> None:
             raise ParameterError(f"{{baseline}} was measured with {key} {baseline[key]!r}, this "
                                  f"run uses {result[key]!r}; efficiency needs the same workload",
                                  "baseline")
+
+
+# -- the scale-out model (docs/scaling.md; benchmarks/scale_out.py fits and checks it) ----------
+
+# The share of the all-reduce engine's time (copies, reduction) hidden behind the wire in the
+# "engine" (pipeline) form of the model: 1/2, picked from the 1 Gbit/s points of
+# benchmarks/results/scale_out/2026-11-26_1gbit_unlimited_after_loop_fixes and checked at
+# 3 Gbit/s (benchmarks/results/scale_out/2026-11-27_3gbit_unlimited_one_group; docs/scaling.md).
+ENGINE_HIDDEN = 0.5
+
+
+def ring_bytes(grad_bytes: float, n: int) -> float:
+    """Bytes each worker sends (and receives) in one ring all-reduce of `grad_bytes` over `n`
+    workers: 2(n-1)/n x grad_bytes (reduce-scatter, then all-gather); 0 for one worker."""
+    return 2 * (n - 1) / n * grad_bytes if n > 1 else 0.0
+
+
+def allreduce_seconds(grad_bytes: float, bandwidth: float, n: int, *, latency: float = 0.0,
+                      messages: int = 1, overlap: float = 0.0, engine: float | None = None,
+                      engine_hidden: float = ENGINE_HIDDEN) -> float:
+    """Seconds one step spends in the ring all-reduce beyond compute:
+
+        wire    = (1 - overlap) x 2(n-1)/n x bytes / bandwidth
+        t_comm  = wire                                              (no `engine`)
+                = max(wire, eng) + (1 - engine_hidden) x min(wire, eng),
+                  eng = 2(n-1)/n x bytes / engine                   (`engine` in bytes/s)
+        + 2(n-1) x latency x messages        (a ring all-reduce is 2(n-1) sequential sends)
+
+    `engine`: the rate the all-reduce reaches when the wire is free (its copies and reduction
+    on the worker's core); the slower stage sets the pace, `engine_hidden` of the faster one
+    hides behind it. 0 for one worker."""
+    if n <= 1:
+        return 0.0
+    share = ring_bytes(grad_bytes, n)
+    t_comm = (1 - overlap) * share / bandwidth
+    if engine:
+        t_engine = share / engine
+        t_comm = max(t_comm, t_engine) + (1 - engine_hidden) * min(t_comm, t_engine)
+    return t_comm + 2 * (n - 1) * latency * messages
+
+
+def predicted_efficiency(t_compute: float, grad_bytes: float, bandwidth: float, n: int,
+                         overlap: float = 0.0, engine: float | None = None,
+                         engine_hidden: float = ENGINE_HIDDEN, latency: float = 0.0,
+                         messages: int = 1) -> float:
+    """Weak-scaling efficiency of the ring model: t_compute / (t_compute + t_comm), t_comm from
+    :func:`allreduce_seconds` (every worker keeps its batch; 1.0 for one worker)."""
+    return t_compute / (t_compute + allreduce_seconds(
+        grad_bytes, bandwidth, n, latency=latency, messages=messages, overlap=overlap,
+        engine=engine, engine_hidden=engine_hidden))
