@@ -10,15 +10,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from distbatch.backends import BACKENDS
+from distbatch.backends.environment import CollectiveOptions
+from distbatch.choices import BACKENDS, GRAD_COMPRESSION, MODELS
+from distbatch.cli.flags import flag_error
+from distbatch.cli.recipe_flags import add_recipe_args
 from distbatch.errors import ParameterError
-from distbatch.models import MODELS
+from distbatch.recipes.recipe import RECIPE_FIELDS, Recipe
 from distbatch.training.config import TrainConfig
 
 
 def add_train_args(parser: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     """Flags shared by `train` and `sweep` (the sweep sets the batch size per point)."""
-    from distbatch.cli.recipe_flags import add_recipe_args
     g = parser.add_argument_group("run")
     g.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="auto (default): horovod under horovodrun/mpirun, multiworker with "
@@ -116,7 +118,6 @@ def add_train_args(parser: argparse.ArgumentParser, *, sweep: bool = False) -> N
 def add_comm_args(parser: argparse.ArgumentParser) -> None:
     """Gradient communication: buckets, compression, MultiWorkerMirroredStrategy options
     (Horovod's fusion threshold and cycle time are `distbatch launch horovod` flags)."""
-    from distbatch.choices import GRAD_COMPRESSION
     g = parser.add_argument_group("communication (see docs/scaling.md)")
     g.add_argument("--bucket-mb", type=bucket_mb_arg, default="auto", metavar="MB",
                    help="all-reduce gradients in buckets of about MB megabytes, last layers first, "
@@ -188,7 +189,6 @@ def global_batch_arg(text: str):
 
 def collective_options(args):
     """The MultiWorkerMirroredStrategy options the flags give (validated; UsageError)."""
-    from distbatch.backends.strategy import CollectiveOptions
     return CollectiveOptions(implementation=getattr(args, "mwms_implementation", "auto"),
                              bytes_per_pack=getattr(args, "bytes_per_pack", 0),
                              timeout_seconds=getattr(args, "collective_timeout", None))
@@ -197,16 +197,10 @@ def collective_options(args):
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "recipe")
 
 
-def flag_error(error: ParameterError):
-    """A library error as the CLI shows it: parameter names written as flags."""
-    from distbatch.recipes.recipe import FLAG_NAMES
-    return error.for_flags(FLAG_NAMES)
-
 
 def config_from_args(args: argparse.Namespace, **changes) -> TrainConfig:
     """The TrainConfig (and Recipe) the parsed flags describe, with ``changes`` applied
     (fields of either); every check that needs no TensorFlow, errors naming the flags."""
-    from distbatch.recipes.recipe import RECIPE_FIELDS, Recipe
     values = {name: getattr(args, name) for name in TRAIN_FIELDS if hasattr(args, name)}
     recipe = {name: getattr(args, name) for name in RECIPE_FIELDS if hasattr(args, name)}
     for name in list(changes):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 from distbatch.choices import ADAPTIVE_OPTIMIZERS, DECAYS, OPTIMIZERS, SCALING_RULES, WARMUP_MODES
-from distbatch.errors import ParameterError, UsageError
+from distbatch.errors import ParameterError
 
 if TYPE_CHECKING:  # building a Recipe (and the CLI's --help) must not import TensorFlow
     
@@ -38,9 +38,6 @@ GOYAL_WARMUP_FRACTION = 5 / 90
 GOYAL_MILESTONE_FRACTIONS = (30 / 90, 60 / 90, 80 / 90)
 SCALINGS = SCALING_RULES + ("adascale",)
 WARMUP_FROM = ("base", "zero")
-# Parameters (of Recipe and of the functions it calls) whose flag is not "--name-with-dashes".
-FLAG_NAMES = {"exclude_bias_bn": "--no-exclude-bias-bn", "rule": "--scaling",
-              "power": "--decay-power", "eta": "--lars-eta"}
 
 
 def _number(name: str, value) -> float:
@@ -200,8 +197,3 @@ class Recipe:
 
 
 RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe))
-
-
-def flag_error(error: ParameterError) -> UsageError:
-    """A Recipe error as the CLI shows it: the field names written as flags."""
-    return error.for_flags(FLAG_NAMES)

@@ -16,8 +16,12 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from distbatch.backends.cluster import resolve_cluster_timeout
+from distbatch.backends.environment import CollectiveOptions
+from distbatch.choices import BACKENDS, MODELS
 from distbatch.errors import require_param
 from distbatch.recipes.recipe import Recipe, _choice, _in_range, _integer
+from distbatch.training.batch_schedule import parse_batch_schedule
 
 DEFAULT_EPOCHS = 10.0
 MAX_EPOCHS = 1e6  # beyond this a run would not end (and inf/1e30 overflow the step count)
@@ -86,8 +90,6 @@ class TrainConfig:
     def __post_init__(self):
         if not isinstance(self.recipe, Recipe):
             raise TypeError(f"recipe must be a distbatch.Recipe, got {type(self.recipe).__name__}")
-        from distbatch.backends import BACKENDS
-        from distbatch.models import MODELS
         _choice("backend", self.backend, BACKENDS)
         _choice("model", self.model, MODELS)
         self._check_batch()
@@ -146,7 +148,6 @@ class TrainConfig:
                       f"{{bucket_mb}} must be a finite number >= 0 (0: one all-reduce) or 'auto', "
                       f"got {b!r}", "bucket_mb")
         self.collective_options()  # --bytes-per-pack, --collective-timeout
-        from distbatch.backends.cluster import resolve_cluster_timeout
         resolve_cluster_timeout(self.cluster_timeout)
         from distbatch.backends.arrivals import resolve_timeout
         resolve_timeout(self.stall_timeout, env={})
@@ -185,7 +186,6 @@ class TrainConfig:
             require_param(False, "{global_batch_size} is required (or give {batch_size_schedule})",
                           "global_batch_size", "batch_size_schedule")
         if self.batch_size_schedule:
-            from distbatch.training.batch_schedule import parse_batch_schedule
             last = parse_batch_schedule(self.batch_size_schedule)[-1][0]
             require_param(self.steps is None, f"{{batch_size_schedule}} needs the length in {{epochs}} "
                           f"(the batch changes at epochs), got {{steps}} {self.steps}",
@@ -212,7 +212,6 @@ class TrainConfig:
 
     def collective_options(self):
         """The MultiWorkerMirroredStrategy options (validated; UsageError)."""
-        from distbatch.backends.strategy import CollectiveOptions
         return CollectiveOptions(implementation=self.mwms_implementation,
                                  bytes_per_pack=self.bytes_per_pack,
                                  timeout_seconds=self.collective_timeout)
