@@ -246,3 +246,21 @@ def test_train_adascale_adam_lr_is_the_root_of_the_gain(tmp_path, dataset_cache)
         power = s["adascale_lr_exponent"]
         assert s["history"][-1]["lr"] == pytest.approx(0.01 * s["adascale_final_gain"] ** power, rel=1e-5)
         assert s["scale_invariant_steps"] == pytest.approx(s["steps"] * s["adascale_mean_gain"], rel=1e-4)
+
+
+def test_start_line_shows_the_rescaled_betas_and_the_caps(capsys):
+    import keras
+    import numpy as np
+
+    import distbatch
+    rng = np.random.default_rng(0)
+    data = (rng.normal(size=(512, 4)).astype("float32"), rng.integers(0, 2, 512))
+    model_fn = lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])  # noqa: E731
+    for batch, expected in ((128, "beta_1 0.6, beta_2 0.996, epsilon 5e-08 (capped: nothing)"),
+                            (512, "beta_1 0, beta_2 0.984, epsilon 2.5e-08 (capped: beta_1)")):
+        distbatch.fit(model_fn=model_fn, data=data, global_batch_size=batch, steps=1,
+                      backend="single", verbose=True,
+                      recipe=distbatch.Recipe(optimizer="adam", scaling="adaptive-sqrt",
+                                              base_batch_size=32, warmup="none", decay="constant"))
+        start = [line for line in capsys.readouterr().err.splitlines() if "global batch" in line][0]
+        assert start.endswith(expected), start

@@ -243,6 +243,11 @@ class Run:
                  f"{plan.global_batch_size} = {plan.per_replica_batch_size} per replica x "
                  f"{plan.replicas} replicas x {plan.accumulation_steps} accumulation; "
                  f"{plan.steps_per_epoch} steps/epoch, {rp.total_steps} steps; {lr}"]
+        if self.recipe and self.recipe.get("scaling_capped") is not None:  # adaptive-sqrt
+            r = self.recipe
+            capped = ", ".join(r["scaling_capped"]) or "nothing"
+            lines[0] += (f"; beta_1 {r['beta_1']:.4g}, beta_2 {r['beta_2']:.4g}, epsilon "
+                         f"{r['epsilon']:.3g} (capped: {capped})")
         if rp.ramp is not None:
             lr = ("AdaScale lr" if self.adascale is not None else
                   f"lr by the {rp.recipe.scaling} rule at each batch")
