@@ -16,6 +16,7 @@ from distbatch.fileio import atomic_write_text
 from distbatch.measure import cluster_plan as cp
 
 STEP_TIME_FROM = "sweep|probe|FILE"
+PROBE_TIMEOUT_S = 600  # one `distbatch bench` child: start-up, compile and 30 short steps
 
 
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:
@@ -123,8 +124,12 @@ def step_times_from_probe(directory: str, batches: list[int], iters: int = 5, st
     with tempfile.TemporaryDirectory() as tmp:
         for b in sorted(set(batches)):
             path = os.path.join(tmp, f"bench_{b}.json")
-            done = subprocess.run(probe_argv(model, shape, classes, b, path, iters, steps_per_iter),
-                                  capture_output=True, text=True)
+            try:
+                done = subprocess.run(probe_argv(model, shape, classes, b, path, iters, steps_per_iter),
+                                      capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                raise UsageError(f"--step-time-from probe: `distbatch bench` at per-worker batch {b} "
+                                 f"did not finish within {PROBE_TIMEOUT_S} s; it was stopped") from None
             if done.returncode:
                 last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
                 raise UsageError(f"--step-time-from probe: `distbatch bench` at per-worker batch {b} failed: {last}")
