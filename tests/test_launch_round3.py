@@ -372,6 +372,53 @@ def test_other_tracebacks_are_kept(text):
     assert _filtered(text) == text
 
 
+SAFE_SHELL_EXEC = "/v/lib/python3.11/site-packages/horovod/runner/common/util/safe_shell_exec.py"
+TEARDOWN_RACE = f"""\
+Exception in thread Thread-1 (fn):
+Traceback (most recent call last):
+  File "/usr/lib/python3.11/threading.py", line 1045, in _bootstrap_inner
+    self.run()
+[1]<stderr>:Terminated
+  File "{SAFE_SHELL_EXEC}", line 48, in terminate_executor_shell_and_children
+    gone, alive = psutil.wait_procs(p.children(), timeout=GRACEFUL_TERMINATION_TIME_S)
+  File "/v/lib/python3.11/site-packages/psutil/_pslinux.py", line 1, in wrapper
+ProcessLookupError: [Errno 3] assumed
+
+During handling of the above exception, another exception occurred:
+
+Traceback (most recent call last):
+  File "{SAFE_SHELL_EXEC}", line 48, in terminate_executor_shell_and_children
+psutil.NoSuchProcess: process no longer exists (pid=7)
+"""
+
+
+def test_horovodrun_teardown_race_in_a_thread_is_dropped_with_the_controller_traceback():
+    """The traceback horovodrun's rank helper prints when it loses a race with the rank's exit
+    while stopping it goes, chained part included; a rank line arriving meanwhile is shown."""
+    assert _filtered(TEARDOWN_RACE + HOROVODRUN_FAILED) == textwrap.dedent("""\
+        [1]<stderr>:Terminated
+        [1]<stdout>:hi 1
+        Process 0 exit with status code 3.
+        Terminating remaining workers after failure of Process 0.
+        [1]<stderr>:Terminated
+        [0]<stderr>:Traceback (most recent call last):
+        [0]<stderr>:  File "x.py", line 1, in <module>
+        [0]<stderr>:ValueError: a rank's own traceback stays
+        Process name: 0
+        Exit code: 3
+        after
+        """)
+    assert _filtered(TEARDOWN_RACE) == "[1]<stderr>:Terminated\n"  # at the end of the stream too
+
+
+def test_a_thread_traceback_elsewhere_is_kept_whole():
+    text = ("Exception in thread Thread-3 (prefix_connection):\nTraceback (most recent call last):\n"
+            f"  File \"{SAFE_SHELL_EXEC}\", line 120, in prefix_connection\n"
+            "OSError: [Errno 9] Bad file descriptor\n\nlater line\n")
+    assert _filtered(text) == text
+    assert _filtered(text.removesuffix("later line\n")) == text.removesuffix("later line\n")  # at the end
+
+
 # =========================================================================== B4: where to listen
 def _resolver(table):
     def resolve(host):

@@ -132,6 +132,13 @@ class LauncherTracebackFilter:
     ``[1,0]<stdout>:``) and never start a traceback here, so a rank's own traceback is kept.
     A traceback is held until its exception line shows which one it is: any other (an ssh
     failure, a bug in horovodrun) is passed on whole.
+
+    A second one comes from horovodrun's teardown itself: when the job is being stopped, the
+    helper process that runs each rank kills the rank's shell from a thread, and that thread can
+    lose a race with the shell's own exit and print ``Exception in thread Thread-1 (fn):`` and a
+    traceback through ``terminate_executor_shell_and_children`` (safe_shell_exec.py). That block,
+    chained exceptions included, goes too; a thread traceback anywhere else is passed on whole.
+    Rank lines that arrive while a traceback is held are shown at once.
     """
 
     REDUNDANT = (re.compile(r"RuntimeError: Horovod detected that one or more processes exited with "
@@ -148,15 +155,39 @@ class LauncherTracebackFilter:
         r"|To enable the following instructions: .* rebuild TensorFlow with the appropriate "
         r"compiler flags\.)")
 
+    RANK_LINE = re.compile(r"\[\d+(,\d+)?\]<std(out|err)>:")
+    THREAD_START = re.compile(r"Exception in thread .*:")
+    TEARDOWN_FRAME = re.compile(r"\s+File \".*safe_shell_exec\.py\", line \d+, in "
+                                r"terminate_executor_shell_and_children")
+    CHAIN = ("Traceback (most recent call last):",
+             "During handling of the above exception, another exception occurred:",
+             "The above exception was the direct cause of the following exception:")
+
     def __init__(self, quiet: bool | None = None) -> None:
         self.held: list[str] = []
         self.tail = False
+        self.thread: list[str] = []  # a thread's traceback, held until it is whole
+        self.thread_ended = False    # its exception line came; a chained one may follow
         self.quiet = os.environ.get(VERBOSE_ENV) != "1" if quiet is None else quiet
 
     def feed(self, line: str) -> list[str]:
         """The lines to show now for one input line (ending in a newline)."""
         text = line.rstrip("\n")
         if self.quiet and self.START_UP.fullmatch(text):
+            return []
+        if (self.held or self.thread) and self.RANK_LINE.match(text):
+            return [line]
+        if self.thread:
+            if self.thread_ended and text != "" and text not in self.CHAIN[1:]:
+                return self._end_thread() + self.feed(line)  # not a chained exception
+            self.thread.append(line)
+            if self.thread_ended:
+                self.thread_ended = text == ""
+            elif text[:1] not in (" ", "\t") and text not in self.CHAIN and text != "":
+                self.thread_ended = True  # the exception line
+            return []
+        if self.THREAD_START.fullmatch(text):
+            self.thread, self.thread_ended = [line], False
             return []
         if self.tail:
             self.tail = bool(self.TAIL.fullmatch(text))
@@ -178,10 +209,18 @@ class LauncherTracebackFilter:
             return []
         return [line]
 
+    def _end_thread(self) -> list[str]:
+        """A whole thread traceback: nothing if it is horovodrun's teardown race, else all of it."""
+        block, self.thread, self.thread_ended = self.thread, [], False
+        if any(self.TEARDOWN_FRAME.match(ln) for ln in block):
+            return []
+        return block
+
     def flush(self) -> list[str]:
-        """Lines still held at the end of the stream (a traceback cut short): shown as they are."""
+        """Lines still held at the end of the stream: a thread traceback as _end_thread decides,
+        a traceback cut short as it is."""
         shown, self.held = self.held, []
-        return shown
+        return (self._end_thread() if self.thread else []) + shown
 
 
 def _pump(pipe: IO[bytes], stream: IO[str], prefix: str, lock: threading.Lock,
