@@ -108,7 +108,8 @@ def _mlp(keras, seed):
 
 
 def test_schedule_run_equals_fixed_batch_segments_by_hand(dataset_cache):
-    """run_schedule vs a hand-written loop: batch 16 for epochs 0-1, batch 48 for epoch 2.
+    """One Trainer with the schedule's policy vs a hand-written loop: batch 16 for epochs 0-1,
+    batch 48 for epoch 2.
 
     The hand loop takes the examples of step t of epoch e as perm_e[t*B:(t+1)*B], with
     perm_e = pipeline.epoch_permutation(seed, e): the documented data order.
@@ -120,8 +121,8 @@ def test_schedule_run_equals_fixed_batch_segments_by_hand(dataset_cache):
     from distbatch.data.datasets import load_dataset
     from distbatch.training.pipeline import epoch_permutation
     from distbatch.recipes.schedules import build_lr_schedule
-    from distbatch.training.batch_schedule import run_schedule
-    from distbatch.training.trainer import LoopOptions
+    from distbatch.training.batch_policy import ScheduledBatch
+    from distbatch.training.trainer import LoopOptions, Trainer
 
     data = load_dataset("mnist1d", seed=0, train_size=240, val_size=60)
     sched = plan_schedule([(0, 16), (2, 48)], epochs=3, replicas=1, num_train_examples=240)
@@ -135,9 +136,9 @@ def test_schedule_run_equals_fixed_batch_segments_by_hand(dataset_cache):
     schedule = lr()
     optimizer = keras.optimizers.SGD(schedule)
     optimizer.build(model.trainable_variables)
-    res = run_schedule(SingleBackend(), model, optimizer, sched, data,
-                       LoopOptions(total_steps=0, seed=3, verbose=False),
-                       learning_rate_fn=lambda s: float(schedule(s)))
+    policy = ScheduledBatch(sched, lambda s: float(schedule(s)))
+    res = Trainer(SingleBackend(), model, optimizer, sched.first_plan, data,
+                  LoopOptions(total_steps=sched.total_steps, seed=3, verbose=False), policy=policy).run()
     m = res.metrics
     assert m["steps"] == 35 and int(optimizer.iterations.numpy()) == 35
     assert m["epochs"] == pytest.approx(3.0)

@@ -32,7 +32,7 @@ from distbatch.backends import cluster
 from distbatch.backends.cluster import SECRET_ENV, listen_hosts, rendezvous
 from distbatch.cli import launch as launch_cli
 from distbatch.errors import ClusterSetupError, UsageError
-from distbatch.launch import launcher, restarts, supervisor
+from distbatch.launch import horovodrun_output, launcher, restarts, supervisor
 from conftest import free_ports
 
 PY = sys.executable
@@ -333,7 +333,7 @@ after
 
 
 def _filtered(text: str) -> str:
-    f = supervisor.LauncherTracebackFilter()
+    f = horovodrun_output.LauncherTracebackFilter()
     shown = [ln for line in text.splitlines(keepends=True) for ln in f.feed(line)]
     return "".join(shown + f.flush())
 
@@ -779,7 +779,7 @@ def test_tensorflow_start_up_lines_are_dropped_unless_verbose():
     ]
     kept = ["[0]<stdout>:epoch 1 loss 0.5\n", "[0]<stderr>:W0000 a runtime warning stays\n",
             "I0000 a line that only starts alike stays\n"]
-    quiet = supervisor.LauncherTracebackFilter(quiet=True)
+    quiet = horovodrun_output.LauncherTracebackFilter(quiet=True)
     assert [ln for line in noise + kept for ln in quiet.feed(line)] == kept
-    verbose = supervisor.LauncherTracebackFilter(quiet=False)
+    verbose = horovodrun_output.LauncherTracebackFilter(quiet=False)
     assert [ln for line in noise + kept for ln in verbose.feed(line)] == noise + kept

@@ -19,9 +19,8 @@ policy, the loss-scale wrapper, the start line.
 """
 from __future__ import annotations
 
-import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import keras
@@ -33,10 +32,11 @@ from distbatch.data.inputs import ArraySource, DatasetSource, FnSource, _leaves
 from distbatch.errors import ParameterError, require_param
 from distbatch.recipes.adascale import AdaScaleState
 from distbatch.training import batch_ramp
-from distbatch.training.batch_ramp import RampLR, RampSchedule, check_ramp_run, run_ramp
-from distbatch.training.batch_schedule import (check_schedule_run, plan_schedule, run_schedule,
+from distbatch.training.batch_policy import FixedBatch, GoodputBatch, ScheduledBatch
+from distbatch.training.batch_ramp import RampBatch, RampLR, RampSchedule, check_ramp_run
+from distbatch.training.batch_schedule import (check_schedule_run, plan_schedule,
                                                schedule_recipe)
-from distbatch.training.goodput import candidate_batches, probe_step_seconds, run_adaptive
+from distbatch.training.goodput import candidate_batches, probe_step_seconds
 from distbatch.training.plan import BatchPlan
 from distbatch.training.seeding import seed_everything
 from distbatch.training.step import check_noise_scale, noise_splits_for
@@ -269,29 +269,37 @@ class Run:
                 f"{s.plan.global_batch_size} from epoch {s.start_epoch}" for s in rp.batch_schedule.segments))
         return lines
 
-    def train(self, options, *, callbacks=None, log: Callable[[str], None] | None = None):
-        """Train with `options` (trainer.LoopOptions); returns a trainer.RunResult."""
-        rp, backend = self.rp, self.backend
-        kwargs = dict(task=self.task, validation_data=self.spec.val_source, callbacks=callbacks)
-        if rp.ramp is not None:
-            return run_ramp(backend, self.model, self.optimizer, self.spec.train_source, options,
-                            candidates=rp.ramp, recipe=rp.recipe, epochs=self.spec.epochs,
-                            lr_state=self.ramp_lr, adascale=self.adascale,
-                            accumulation_steps=self.spec.accumulation_steps,
-                            max_global_batch_size=self.spec.max_global_batch_size,
-                            num_train_examples=rp.num_train_examples,
-                            log=log or (lambda m: None), **kwargs)
+    def batch_policy(self, options, log: Callable[[str], None]):
+        """(the batch policy, the loop options it needs): fixed, the batch-size schedule, the
+        goodput-adaptive batch ("auto") or the batch ramp (batch_policy.py, batch_ramp.py)."""
+        rp, spec, backend = self.rp, self.spec, self.backend
+        if rp.ramp is not None:  # the ramp follows the measured noise scale
+            policy = RampBatch(candidates=rp.ramp, base_batch=rp.recipe.base_batch_size,
+                               rule=rp.recipe.scaling, replicas=backend.num_replicas,
+                               num_train_examples=rp.num_train_examples, epochs=spec.epochs,
+                               total_steps=options.total_steps,
+                               accumulation_steps=spec.accumulation_steps, lr_state=self.ramp_lr,
+                               adascale=self.adascale, max_global_batch_size=spec.max_global_batch_size,
+                               log=log)
+            return policy, replace(options, noise_scale=True)
         if rp.candidates is not None:
-            return run_adaptive(backend, self.model, self.optimizer, self.spec.train_source, options,
-                                adascale=self.adascale, candidates=rp.candidates, probe=self.probe,
-                                accumulation_steps=self.spec.accumulation_steps,
-                                log=log or (lambda m: None), **kwargs)
+            return GoodputBatch(backend, adascale=self.adascale, candidates=rp.candidates,
+                                probe=self.probe, num_train_examples=rp.num_train_examples,
+                                total_steps=options.total_steps,
+                                accumulation_steps=spec.accumulation_steps, log=log), options
         if rp.batch_schedule is not None:
             lr = (lambda s: float(self.schedule(s))) if self.schedule is not None else None
-            return run_schedule(backend, self.model, self.optimizer, rp.batch_schedule,
-                                self.spec.train_source, options, learning_rate_fn=lr, **kwargs)
-        return Trainer(backend, self.model, self.optimizer, rp.plan, self.spec.train_source, options,
-                       adascale=self.adascale, **kwargs).run()
+            return (ScheduledBatch(rp.batch_schedule, lr, log=log),
+                    replace(options, total_steps=rp.batch_schedule.total_steps))
+        return FixedBatch(rp.plan, options.total_steps), options
+
+    def train(self, options, *, callbacks=None, log: Callable[[str], None] | None = None):
+        """Train with `options` (trainer.LoopOptions) on ONE Trainer consulting the run's batch
+        policy; returns a trainer.RunResult."""
+        policy, options = self.batch_policy(options, log or (lambda m: None))
+        return Trainer(self.backend, self.model, self.optimizer, self.rp.plan, self.spec.train_source,
+                       options, adascale=self.adascale, task=self.task,
+                       validation_data=self.spec.val_source, callbacks=callbacks, policy=policy).run()
 
     def probe(self, batch: int) -> float:
         """Seconds per step at `batch` (the slowest rank's) on a throwaway copy of the model,
@@ -450,33 +458,6 @@ def compile_model(model, optimizer, loss, task, example=None, loss_weights=None)
     compiled = getattr(model, "_compile_metrics", None)  # Keras 3's CompileMetrics
     if example is not None and compiled is not None and not compiled.built:
         compiled.build(*example)
-
-
-FINGERPRINT_SAMPLE = 64
-
-
-def source_fingerprint(source) -> dict | None:
-    """What identifies training data for a resume: its example count and a SHA-256 of up to
-    FINGERPRINT_SAMPLE evenly spaced examples (arrays) or the first ones (a tf.data dataset).
-    Data replaced by other data of the same size (scaled, permuted) changes it. None for a
-    dataset_fn, which distbatch does not read ahead."""
-
-    digest = hashlib.sha256()
-    if isinstance(source, ArraySource):
-        n = source.num_examples(1)
-        pick = np.unique(np.linspace(0, max(n - 1, 0), min(n, FINGERPRINT_SAMPLE)).astype(np.int64))
-        for leaf in _leaves(source.x) + _leaves(source.y):
-            a = np.asarray(leaf)
-            digest.update(f"{a.shape[1:]} {a.dtype}".encode())
-            digest.update(np.ascontiguousarray(a[pick]).tobytes())
-    elif isinstance(source, DatasetSource):
-        n = source.num_examples(1)
-        for element in source.ds.take(FINGERPRINT_SAMPLE):
-            for t in _leaves(element):
-                digest.update(np.asarray(t).tobytes())
-    else:
-        return None
-    return {"examples": int(n), "sample_sha256": digest.hexdigest()[:16]}
 
 
 def release_from_strategy(model, optimizer) -> None:

@@ -11,6 +11,9 @@ one and, at the end of each, for the next (None: the run ends):
                     not above the measured noise scale B_simple, never lowered
                     (batch_ramp.py; the lr follows the recipe's scaling rule)
 
+Each policy also says what the run's metrics add (``metrics(segments)``): nothing for a
+fixed batch; the segments' records, and for the adaptive ones the batch trajectory.
+
 Steps, the history and the data order are absolute: segment i starts at global step
 ``start_step`` and absolute epoch ``start_epoch`` (the example order is a function of
 (seed, absolute epoch), as for fixed batches). The model, optimizer, callbacks, TensorBoard
@@ -21,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from distbatch.training.goodput import ThroughputModel, backend_slowest, choose_batch
 from distbatch.training.plan import BatchPlan
 
 
@@ -33,9 +37,13 @@ class Segment:
     info: dict = field(default_factory=dict)   # what the policy adds to metrics["segments"]
 
 
+def batch_trajectory(segments: list[dict]) -> list[tuple[int, int]]:
+    """[(start step, global batch)] of metrics["segments"]."""
+    return [(s["start_step"], s["global_batch_size"]) for s in segments]
+
+
 class FixedBatch:
     """The whole run at one batch."""
-    segments_in_metrics = False
 
     def __init__(self, plan: BatchPlan, total_steps: int) -> None:
         self.plan, self.total_steps = plan, total_steps
@@ -46,10 +54,12 @@ class FixedBatch:
     def next(self, done: dict) -> Segment | None:
         return None
 
+    def metrics(self, segments: list[dict]) -> dict:
+        return {}
+
 
 class ScheduledBatch:
     """A batch-size schedule's segments, one after another (batch_schedule.BatchSchedule)."""
-    segments_in_metrics = True
 
     def __init__(self, schedule, learning_rate_fn: Callable[[int], float] | None = None,
                  log: Callable[[str], None] = lambda m: None) -> None:
@@ -71,13 +81,15 @@ class ScheduledBatch:
         self.index += 1
         return self._segment(self.index) if self.index < len(self.schedule.segments) else None
 
+    def metrics(self, segments: list[dict]) -> dict:
+        return {"segments": segments}
+
 
 class GoodputBatch:
     """One data epoch per segment; after each, the candidate with the best predicted goodput
     (Pollux) from the measured step times and AdaScale's noise scale. The decision uses values
     identical on every rank (all-reduced statistics, the slowest rank's times), so every rank
     changes batch at the same step."""
-    segments_in_metrics = True
 
     def __init__(self, backend, *, adascale, candidates: list[int], probe: Callable[[int], float],
                  num_train_examples: int, total_steps: int, accumulation_steps: int = 1,
@@ -100,7 +112,6 @@ class GoodputBatch:
         return self._segment(self.candidates[0], 0, 0)
 
     def next(self, done: dict) -> Segment | None:
-        from distbatch.training.goodput import ThroughputModel, backend_slowest, choose_batch
         step, seg = done["step"], done["segment"]
         b_noise = self.adascale.noise_scale()
         done["info"]["b_noise"] = b_noise
@@ -116,6 +127,9 @@ class GoodputBatch:
                  f"{b_noise if b_noise is None else round(b_noise, 1)}, goodput-best batch {new} "
                  f"(was {batch})")
         return self._segment(new, step, epoch)
+
+    def metrics(self, segments: list[dict]) -> dict:
+        return {"segments": segments, "batch_trajectory": batch_trajectory(segments)}
 
 
 def segment_record(seg: Segment, steps: int, samples_per_sec) -> dict:

@@ -27,12 +27,12 @@ optimizer steps (Smith et al. 2017: raise the batch instead of decaying the lr).
     length       the run's data epochs, as the fixed base run (scaling adascale: AdaScale's
                  contract instead, the run ends when tau reaches the base budget)
 
-:class:`RampBatch` is the batch policy (distbatch.training.batch_policy); :func:`run_ramp`
-runs it on ONE Trainer and adds ``batch_trajectory`` and ``batch_ramp`` to the metrics.
+:class:`RampBatch` is the batch policy (distbatch.training.batch_policy) the run's one Trainer
+consults (assembly.Run.batch_policy); it adds ``batch_trajectory`` and ``batch_ramp`` to the
+metrics.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Callable, Sequence
 
@@ -40,10 +40,9 @@ import keras
 import tensorflow as tf
 
 from distbatch.errors import ParameterError, require_param
-from distbatch.training.batch_policy import Segment
+from distbatch.training.batch_policy import Segment, batch_trajectory
 from distbatch.training.goodput import candidate_batches
 from distbatch.training.plan import BatchPlan
-from distbatch.training.trainer import Trainer
 
 # The ramp raises the batch to the largest candidate at most RAMP_FACTOR x B_simple. The batch
 # is held for a whole epoch while B_simple keeps growing (on the default MNIST-1D workload it
@@ -148,12 +147,12 @@ class RampBatch:
     """One data epoch per segment; after each, the batch grows to the largest candidate not
     above RAMP_FACTOR x B_simple (choose_ramp_batch). The lr follows the scaling rule
     (RampLR) or AdaScale's gain (adascale)."""
-    segments_in_metrics = True
 
     def __init__(self, *, candidates: list[int], base_batch: int, rule: str, replicas: int,
                  num_train_examples: int, epochs: float | None, total_steps: int,
                  accumulation_steps: int = 1, lr_state: RampLR | None = None, adascale=None,
-                 factor: float | None = None, log: Callable[[str], None] = lambda m: None) -> None:
+                 factor: float | None = None, max_global_batch_size: int | None = None,
+                 log: Callable[[str], None] = lambda m: None) -> None:
         if (lr_state is None) == (adascale is None):
             raise ValueError("RampBatch: give exactly one of lr_state and adascale")
         self.candidates, self.base, self.rule = list(candidates), base_batch, rule
@@ -161,6 +160,7 @@ class RampBatch:
         self.epochs, self.total = epochs, total_steps
         self.factor = RAMP_FACTOR if factor is None else factor  # read when the run starts
         self.lr_state, self.adascale, self.log = lr_state, adascale, log
+        self.max_global_batch_size = max_global_batch_size
         # tau's unit: the base batch's steps per epoch (the schedule was built for it)
         self.base_steps_per_epoch = BatchPlan.derive(
             global_batch_size=base_batch, replicas=1, num_train_examples=num_train_examples
@@ -204,28 +204,11 @@ class RampBatch:
                      f"{new} ({nxt.plan.steps_per_epoch} steps/epoch, {lr})")
         return nxt
 
+    def metrics(self, segments: list[dict]) -> dict:
+        """The segments, the batch trajectory ([start step, batch] per segment) and the ramp's
+        settings (candidates, max, factor, rule)."""
+        return {"segments": segments, "batch_trajectory": batch_trajectory(segments),
+                "batch_ramp": {"candidates": list(self.candidates),
+                               "max_global_batch_size": self.max_global_batch_size,
+                               "factor": self.factor, "scaling_rule": self.rule}}
 
-def run_ramp(backend, model, optimizer, data, options, *, candidates: list[int], recipe,
-             epochs: float | None, lr_state: RampLR | None = None, adascale=None,
-             accumulation_steps: int = 1, max_global_batch_size: int,
-             num_train_examples: int, log: Callable[[str], None] = lambda m: None,
-             **trainer_kwargs):
-    """Train with the ramp on ONE Trainer (noise statistics on); returns a RunResult whose
-    metrics hold "segments", "batch_trajectory" ([start step, batch] per segment) and
-    "batch_ramp" (candidates, max, factor, rule)."""
-    policy = RampBatch(candidates=candidates, base_batch=recipe.base_batch_size, rule=recipe.scaling,
-                       replicas=backend.num_replicas, num_train_examples=num_train_examples,
-                       epochs=epochs, total_steps=options.total_steps,
-                       accumulation_steps=accumulation_steps, lr_state=lr_state, adascale=adascale,
-                       log=log)
-    options = dataclasses.replace(options, noise_scale=True)
-    first = BatchPlan.derive(global_batch_size=candidates[0], replicas=backend.num_replicas,
-                             accumulation_steps=accumulation_steps, num_train_examples=num_train_examples)
-    result = Trainer(backend, model, optimizer, first, data, options, adascale=adascale,
-                     policy=policy, **trainer_kwargs).run()
-    segments = result.metrics.get("segments", [])
-    result.metrics["batch_trajectory"] = [(s["start_step"], s["global_batch_size"]) for s in segments]
-    result.metrics["batch_ramp"] = {"candidates": list(candidates),
-                                    "max_global_batch_size": max_global_batch_size,
-                                    "factor": policy.factor, "scaling_rule": recipe.scaling}
-    return result

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -191,19 +190,3 @@ def schedule_recipe(recipe, schedule: BatchSchedule):
                        warmup_epochs=None)
     return dataclasses.replace(recipe, **changes)
 
-
-def run_schedule(backend, model, optimizer, schedule: BatchSchedule, data, options,
-                 learning_rate_fn: Callable[[int], float] | None = None, **trainer_kwargs):
-    """Run the schedule's segments on ONE Trainer (batch_policy.ScheduledBatch): the same
-    model, optimizer, callbacks and history throughout; returns a trainer.RunResult whose
-    metrics also hold "segments". `options.total_steps` is ignored (the schedule's)."""
-    # The loop (and TensorFlow), imported when it runs: TrainConfig checks schedules with this
-    # module without TensorFlow; this driver belongs with the run's assembly (assembly.py).
-    from distbatch.training.batch_policy import ScheduledBatch
-    from distbatch.training.trainer import Trainer
-    say = backend.is_chief and options.verbose
-    policy = ScheduledBatch(schedule, learning_rate_fn,
-                            log=lambda m: print(m, file=sys.stderr, flush=True) if say else None)
-    options = dataclasses.replace(options, total_steps=schedule.total_steps)
-    return Trainer(backend, model, optimizer, schedule.first_plan, data, options, policy=policy,
-                   **trainer_kwargs).run()

@@ -4,19 +4,47 @@ when the run resumes on another number of replicas."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 
+import numpy as np
+
+from distbatch.data.datasets import FINGERPRINT_SAMPLE
+from distbatch.data.inputs import ArraySource, DatasetSource, _leaves
 from distbatch.errors import ParameterError
 from distbatch.fileio import json_roundtrip
 from distbatch.training import assembly
-from distbatch.training.assembly import source_fingerprint
 from distbatch.training.job import first_difference
 
 FIT_SETTINGS = "fit_settings.json"
 # Settings a resumed fit may change: they do not change what is trained (the global batch
 # stays; on another number of replicas it is split again).
 FIT_MAY_CHANGE = frozenset({"backend", "replicas", "accumulation_steps"})
+
+
+def source_fingerprint(source) -> dict | None:
+    """What identifies training data for a resume: its example count and a SHA-256 of up to
+    FINGERPRINT_SAMPLE evenly spaced examples (arrays) or the first ones (a tf.data dataset).
+    Data replaced by other data of the same size (scaled, permuted) changes it. None for a
+    dataset_fn, which distbatch does not read ahead."""
+
+    digest = hashlib.sha256()
+    if isinstance(source, ArraySource):
+        n = source.num_examples(1)
+        pick = np.unique(np.linspace(0, max(n - 1, 0), min(n, FINGERPRINT_SAMPLE)).astype(np.int64))
+        for leaf in _leaves(source.x) + _leaves(source.y):
+            a = np.asarray(leaf)
+            digest.update(f"{a.shape[1:]} {a.dtype}".encode())
+            digest.update(np.ascontiguousarray(a[pick]).tobytes())
+    elif isinstance(source, DatasetSource):
+        n = source.num_examples(1)
+        for element in source.ds.take(FINGERPRINT_SAMPLE):
+            for t in _leaves(element):
+                digest.update(np.asarray(t).tobytes())
+    else:
+        return None
+    return {"examples": int(n), "sample_sha256": digest.hexdigest()[:16]}
 
 
 def _read_settings(checkpoint_dir: str) -> dict | None:

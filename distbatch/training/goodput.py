@@ -109,35 +109,6 @@ def candidate_batches(base_batch: int, max_batch: int, *, units: int, num_exampl
     return out
 
 
-def run_adaptive(backend, model, optimizer, data, options, *, adascale, candidates: list[int],
-                 probe: Callable[[int], float], accumulation_steps: int = 1,
-                 log: Callable[[str], None] = lambda m: None, **trainer_kwargs):
-    """Train with a batch chosen by goodput at every data-epoch boundary, on ONE Trainer
-    (batch_policy.GoodputBatch); returns a RunResult.
-
-    `adascale`: AdaScaleState (always_measure=True) whose schedule the optimizer follows;
-    the run ends when its tau reaches the base budget. `probe(batch)` -> seconds per step
-    (the slowest rank's), measured once per candidate before training.
-    `options.total_steps` is an upper bound on the steps. `trainer_kwargs` (task,
-    validation_data, callbacks) go to the Trainer.
-    """
-    # Imported when it runs: batch_policy (and so the Trainer) uses this module's goodput
-    # model, so importing them at the top would make a cycle; this driver belongs with the
-    # run's assembly (distbatch/training/assembly.py).
-    from distbatch.training.batch_policy import GoodputBatch
-    from distbatch.training.trainer import Trainer
-    n_train = num_train_examples(data, backend.num_workers)
-    policy = GoodputBatch(backend, adascale=adascale, candidates=candidates, probe=probe,
-                          num_train_examples=n_train,
-                          total_steps=options.total_steps, accumulation_steps=accumulation_steps,
-                          log=log)
-    first = BatchPlan.derive(global_batch_size=candidates[0], replicas=backend.num_replicas,
-                             accumulation_steps=accumulation_steps,
-                             num_train_examples=n_train)
-    return Trainer(backend, model, optimizer, first, data, options, adascale=adascale,
-                   policy=policy, **trainer_kwargs).run()
-
-
 def backend_slowest(backend, seconds: float) -> float:
     """The slowest rank's value, identical everywhere (so every rank makes the same choice)."""
     if backend.num_workers == 1:

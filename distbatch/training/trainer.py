@@ -22,7 +22,7 @@ from distbatch.backends.base import Backend
 from distbatch.data.inputs import array_sources, without_autotune_thread
 from distbatch.training.noise_scale import NoiseScaleTracker
 from distbatch.training.checkpoints import newest_intact
-from distbatch.training.batch_policy import FixedBatch, GoodputBatch, Segment, segment_record
+from distbatch.training.batch_policy import FixedBatch, Segment, segment_record
 from distbatch.training.early_stopping import EarlyStopping
 from distbatch.training.evaluation import eval_iterator, run_evaluation
 from distbatch.training.hooks import CallbackHooks, check_ranks_agree
@@ -194,11 +194,7 @@ class Trainer:
         if not self._left:  # stopped, finished or diverged inside the segment
             segments.append(self._segment_entry(self._leave(loop, tracker)))
         metrics = self._finish(loop, eval_fn, tracker, time.perf_counter() - wall0)
-        if self.policy.segments_in_metrics:
-            metrics["segments"] = segments
-            if isinstance(self.policy, GoodputBatch):
-                metrics["batch_trajectory"] = [(s["start_step"], s["global_batch_size"])
-                                               for s in segments]
+        metrics.update(self.policy.metrics(segments))
         self._hooks.train_end(metrics)
         return RunResult(metrics=metrics, history=loop.history)
 
