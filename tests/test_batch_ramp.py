@@ -94,6 +94,77 @@ def test_ramp_policy_records_b_simple_and_keeps_the_batch_without_one():
     assert nxt.plan.per_replica_batch_size == 8
 
 
+def test_ramp_adaptive_sqrt_sets_the_rules_betas_at_each_batch():
+    """adaptive-sqrt: at each batch the optimizer's beta_1, beta_2 and epsilon become
+    sde_scaling(B / B0)'s (the inner optimizer of a loss-scale wrapper), recorded per segment
+    and said in the change's line."""
+    from types import SimpleNamespace
+
+    from distbatch.recipes.adaptive import sde_scaling
+    inner = SimpleNamespace(beta_1=0.9, beta_2=0.999, epsilon=1e-7)
+    logs = []
+    p = RampBatch(candidates=CANDS, base_batch=16, rule="adaptive-sqrt", replicas=1,
+                  num_train_examples=2048, epochs=3, total_steps=384, lr_state=FakeLR(), factor=1.0,
+                  optimizer=SimpleNamespace(inner_optimizer=inner), log=logs.append)
+    seg = p.first()
+    assert (inner.beta_1, inner.beta_2, inner.epsilon) == (0.9, 0.999, 1e-7)  # k = 1: Keras's own
+    seg = p.next(_done(seg, 70.0))  # -> 64, k = 4
+    want = sde_scaling(4)
+    assert seg.plan.global_batch_size == 64
+    assert (inner.beta_1, inner.beta_2, inner.epsilon) == (want.beta_1, want.beta_2, want.epsilon)
+    assert want.beta_1 == pytest.approx(0.6) and want.beta_2 == pytest.approx(0.996)
+    assert {k: seg.info[k] for k in ("beta_1", "beta_2", "epsilon")} == want.optimizer_kwargs()
+    assert seg.info["scaling_capped"] == []
+    assert logs[-1].endswith(f"lr x 2 (adaptive-sqrt), beta_1 0.6, beta_2 0.996, epsilon {want.epsilon:.3g} "
+                             f"(capped: nothing))")
+    seg = p.next(_done(seg, 900.0))  # -> 256, k = 16: the rule's beta_1 (-0.6) is capped at 0
+    assert (inner.beta_1, seg.info["scaling_capped"]) == (0.0, ["beta_1"])
+    assert logs[-1].endswith("(capped: beta_1))")
+    # other rules leave the optimizer alone
+    other = SimpleNamespace(beta_1=0.9, beta_2=0.999, epsilon=1e-7)
+    q = RampBatch(candidates=CANDS, base_batch=16, rule="sqrt", replicas=1, num_train_examples=2048,
+                  epochs=3, total_steps=384, lr_state=FakeLR(), factor=1.0, optimizer=other)
+    assert "beta_1" not in q.next(_done(q.first(), 70.0)).info and other.beta_1 == 0.9
+
+
+def test_a_new_step_uses_the_betas_set_before_it_is_traced():
+    """What the ramp relies on: Keras's Adam reads beta_1 when distbatch's step is traced. One
+    step at beta_1 0.9, then beta_1 set to 0.5 and a new step made: the first moment follows
+    m2 = m1 + (1 - 0.5) (g2 - m1), computed by hand from the gradient at the weights then."""
+    import keras
+    import tensorflow as tf
+
+    from distbatch.backends.single import SingleBackend
+    from distbatch.training.plan import BatchPlan
+    from distbatch.training.step import make_train_step
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
+    opt = keras.optimizers.Adam(0.01)
+    opt.build(model.trainable_variables)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 5)).astype("float32"), rng.integers(0, 3, size=8).astype("int32")
+    backend = SingleBackend()
+    plan = BatchPlan.derive(global_batch_size=8, replicas=1, num_train_examples=8)
+
+    def grad():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, model(x), from_logits=True))
+        return tape.gradient(loss, model.trainable_variables)[0].numpy()
+
+    def one_step():
+        it = backend.iterator(lambda w, L: tf.data.Dataset.from_tensors((x, y)).repeat())
+        make_train_step(backend, model, opt, plan).multi(it, tf.constant(1, tf.int32))
+
+    g1 = grad()
+    one_step()
+    m1 = opt._momentums[0].numpy()
+    np.testing.assert_allclose(m1, 0.1 * g1, rtol=1e-5, atol=1e-7)
+    g2 = grad()
+    opt.beta_1 = 0.5
+    one_step()
+    np.testing.assert_allclose(opt._momentums[0].numpy(), m1 + 0.5 * (g2 - m1), rtol=1e-5, atol=1e-7)
+
+
 def test_ramp_schedule_follows_batch_and_epoch_axis():
     """lr = factor x base(floor(tau)), tau = start_tau + rate x (step - start_step)."""
     import keras

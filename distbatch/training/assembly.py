@@ -280,7 +280,7 @@ class Run:
                                total_steps=options.total_steps,
                                accumulation_steps=spec.accumulation_steps, lr_state=self.ramp_lr,
                                adascale=self.adascale, max_global_batch_size=spec.max_global_batch_size,
-                               log=log)
+                               optimizer=self.optimizer, log=log)
             return policy, replace(options, noise_scale=True)
         if rp.candidates is not None:
             return GoodputBatch(backend, adascale=self.adascale, candidates=rp.candidates,

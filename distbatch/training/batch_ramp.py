@@ -17,8 +17,9 @@ optimizer steps (Smith et al. 2017: raise the batch instead of decaying the lr).
     lr           the recipe's scaling rule at the CURRENT batch, k = B / B0:
                    linear          lr = k x schedule(tau)
                    sqrt            lr = sqrt(k) x schedule(tau)
-                   adaptive-sqrt   lr = sqrt(k) x schedule(tau)   (betas and epsilon stay the
-                                   base batch's: Keras fixes them when the optimizer is built)
+                   adaptive-sqrt   lr = sqrt(k) x schedule(tau), and the optimizer's betas
+                                   and epsilon become the rule's for k (sde_scaling) before
+                                   the batch's step is traced
                    none            lr = schedule(tau)
                  schedule is the recipe's schedule built for the BASE batch and tau its time
                  axis, base-batch steps per data epoch x epochs done (so warmup and decay
@@ -40,6 +41,7 @@ import keras
 import tensorflow as tf
 
 from distbatch.errors import ParameterError, require_param
+from distbatch.recipes.adaptive import sde_scaling
 from distbatch.training.batch_policy import Segment, batch_trajectory
 from distbatch.training.goodput import candidate_batches
 from distbatch.training.plan import BatchPlan
@@ -152,7 +154,10 @@ class RampBatch:
                  num_train_examples: int, epochs: float | None, total_steps: int,
                  accumulation_steps: int = 1, lr_state: RampLR | None = None, adascale=None,
                  factor: float | None = None, max_global_batch_size: int | None = None,
-                 log: Callable[[str], None] = lambda m: None) -> None:
+                 optimizer=None, log: Callable[[str], None] = lambda m: None) -> None:
+        """`optimizer`: with rule "adaptive-sqrt", the optimizer whose beta_1, beta_2 and
+        epsilon follow the batch (Keras reads them when a step is traced; every batch of the
+        ramp is a new plan, so its step is traced after they are set)."""
         if (lr_state is None) == (adascale is None):
             raise ValueError("RampBatch: give exactly one of lr_state and adascale")
         self.candidates, self.base, self.rule = list(candidates), base_batch, rule
@@ -161,6 +166,8 @@ class RampBatch:
         self.factor = RAMP_FACTOR if factor is None else factor  # read when the run starts
         self.lr_state, self.adascale, self.log = lr_state, adascale, log
         self.max_global_batch_size = max_global_batch_size
+        # a LossScaleOptimizer (mixed precision) keeps the hyperparameters on its inner optimizer
+        self.optimizer = getattr(optimizer, "inner_optimizer", optimizer)
         # tau's unit: the base batch's steps per epoch (the schedule was built for it)
         self.base_steps_per_epoch = BatchPlan.derive(
             global_batch_size=base_batch, replicas=1, num_train_examples=num_train_examples
@@ -184,6 +191,11 @@ class RampBatch:
                                       start_tau=epoch * self.base_steps_per_epoch,
                                       rate=self.base_steps_per_epoch / plan.steps_per_epoch)
             info["lr_factor"] = f
+            if self.rule == "adaptive-sqrt" and self.optimizer is not None:
+                sde = sde_scaling(batch / self.base)
+                for name, value in sde.optimizer_kwargs().items():
+                    setattr(self.optimizer, name, value)
+                info.update(sde.optimizer_kwargs(), scaling_capped=list(sde.capped))
             end = step + steps
         return Segment(plan, step, end, epoch, info)
 
@@ -200,6 +212,10 @@ class RampBatch:
         if nxt is not None and new != batch:
             lr = (f"lr x {nxt.info['lr_factor']:.4g} ({self.rule})" if self.adascale is None
                   else "AdaScale lr")
+            if "beta_1" in nxt.info:
+                lr += (f", beta_1 {nxt.info['beta_1']:.4g}, beta_2 {nxt.info['beta_2']:.4g}, "
+                       f"epsilon {nxt.info['epsilon']:.3g} (capped: "
+                       f"{', '.join(nxt.info['scaling_capped']) or 'nothing'})")
             self.log(f"distbatch: epoch {epoch}: B_simple {b_simple:.1f}, global batch {batch} -> "
                      f"{new} ({nxt.plan.steps_per_epoch} steps/epoch, {lr})")
         return nxt
