@@ -31,10 +31,10 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
+
+from result_rows import append_row, done_run_ids, run_training  # benchmarks/, beside this script
 
 BIN = os.path.dirname(sys.executable)
 BASE_BATCH = 32
@@ -91,9 +91,7 @@ def train_argv(cell: dict, seed: int, out: str) -> list[str]:
 def run(args) -> None:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "rows.jsonl")
-    done = set()
-    if os.path.exists(path):
-        done = {json.loads(line)["run_id"] for line in open(path) if line.strip()}
+    done = done_run_ids(path)
     for seed in args.seeds:
         for cell in cells(args.workload, args.experiment, args.batches, args.rules, args.lr):
             run_id = f"{args.workload}/{cell['id']}/lr{cell['lr']:g}/seed{seed}"
@@ -101,15 +99,11 @@ def run(args) -> None:
                 continue
             scratch = tempfile.mkdtemp(prefix="adaptive_scaling-")
             argv = train_argv(cell, seed, os.path.join(scratch, "run"))
-            t0 = time.perf_counter()
-            proc = subprocess.run(argv, capture_output=True, text=True)
-            wall = time.perf_counter() - t0
-            if proc.returncode not in (0, 3):  # 3: diverged (a result, recorded)
+            try:
+                s, wall = run_training(argv, os.path.join(scratch, "run"), runner="adaptive_scaling",
+                                       run_id=run_id)
+            finally:
                 shutil.rmtree(scratch, ignore_errors=True)
-                sys.exit(f"adaptive_scaling: {run_id} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-            with open(os.path.join(scratch, "run", "summary.json")) as f:
-                s = json.load(f)
-            shutil.rmtree(scratch, ignore_errors=True)
             argv[argv.index("--out") + 1] = "OUT"
             row = {"run_id": run_id, "workload": args.workload, "experiment": args.experiment,
                    "cell": cell["id"], "label": cell["label"], "rule": cell["rule"],
@@ -117,8 +111,7 @@ def run(args) -> None:
                    "base_lr": cell["lr"], "seed": seed, "wall_s": round(wall, 2),
                    "command": " ".join(["distbatch", *argv[1:]]),
                    **{k: s.get(k) for k in ROW_KEYS}}
-            with open(path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_row(path, row)
             print(f"{run_id}: val_acc {row['val_accuracy']}, steps {row['steps']}, {wall:.1f} s",
                   file=sys.stderr, flush=True)
 

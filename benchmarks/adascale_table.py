@@ -29,9 +29,9 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import time
+
+from result_rows import append_row, done_run_ids, run_training  # benchmarks/, beside this script
 
 BIN = os.path.dirname(sys.executable)
 
@@ -136,25 +136,18 @@ def _rows(args) -> list[dict]:
 def run(args) -> None:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.jsonl")
-    done = set()
-    if os.path.exists(path):
-        done = {json.loads(line)["run_id"] for line in open(path) if line.strip()}
+    done = done_run_ids(path)
     for seed in args.seeds:
         for row in _rows(args):
             run_id = f"{args.workload}/{args.experiment}/{row['id']}/S{args.scale}/seed{seed}"
             if run_id in done:
                 continue
             out = os.path.join(args.points or os.path.join(args.out, "points"), run_id.replace("/", "_"))
-            t0 = time.perf_counter()
-            proc = subprocess.run([*args.prefix, *train_argv(row, seed, out, args.target)],
-                                  capture_output=True, text=True)
-            if proc.returncode not in (0, 3):
-                sys.exit(f"adascale_table: {run_id} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-            with open(os.path.join(out, "summary.json")) as f:
-                s = json.load(f)
+            s, wall = run_training([*args.prefix, *train_argv(row, seed, out, args.target)], out,
+                                   runner="adascale_table", run_id=run_id)
             rec = {"run_id": run_id, "row": row["id"], "label": row["label"], "seed": seed,
                    "global_batch_size": row["batch"], "command": " ".join(train_argv(row, seed, out, args.target)[1:]),
-                   "wall_s": time.perf_counter() - t0,
+                   "wall_s": wall,
                    **{k: s.get(k) for k in ("val_accuracy", "steps", "epochs", "train_time_s",
                                             "steps_to_target", "time_to_target_s", "diverged",
                                             "adascale_mean_gain", "scale_invariant_steps", "b_simple",
@@ -163,8 +156,7 @@ def run(args) -> None:
             if args.experiment == "epochs":  # the validation curve, for the replay and the plot table
                 rec["history"] = [{k: r.get(k) for k in ("step", "epoch", "val_accuracy", "val_loss",
                                                          "train_loss", "lr")} for r in s["history"]]
-            with open(path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_row(path, rec)
             print(f"{run_id}: val_acc {rec['val_accuracy']}, steps {rec['steps']}", file=sys.stderr)
 
 

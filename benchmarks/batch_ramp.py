@@ -16,9 +16,9 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import time
+
+from result_rows import append_row, done_run_ids, run_training  # benchmarks/, beside this script
 
 BIN = os.path.dirname(sys.executable)
 
@@ -70,9 +70,7 @@ KEYS = ("val_accuracy", "steps", "epochs", "train_time_s", "wall_time_s", "steps
 def run(args) -> None:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.jsonl")
-    done = set()
-    if os.path.exists(path):
-        done = {json.loads(line)["run_id"] for line in open(path) if line.strip()}
+    done = done_run_ids(path)
     for seed in args.seeds:
         for row in rows(args.scale):
             if args.rows and row["id"] not in args.rows:
@@ -82,20 +80,14 @@ def run(args) -> None:
                 continue
             out = os.path.join(args.points or os.path.join(args.out, "points"), run_id.replace("/", "_"))
             argv = train_argv(row, seed, out, args.target)
-            t0 = time.perf_counter()
-            proc = subprocess.run([*args.prefix, *argv], capture_output=True, text=True)
-            if proc.returncode not in (0, 3):
-                sys.exit(f"batch_ramp: {run_id} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-            with open(os.path.join(out, "summary.json")) as f:
-                s = json.load(f)
+            s, wall = run_training([*args.prefix, *argv], out, runner="batch_ramp", run_id=run_id)
             rec = {"run_id": run_id, "row": row["id"], "label": row["label"], "seed": seed,
-                   "command": " ".join(argv[1:]), "command_wall_s": time.perf_counter() - t0,
+                   "command": " ".join(argv[1:]), "command_wall_s": wall,
                    **{k: s.get(k) for k in KEYS},
                    "segments": [{k: g.get(k) for k in ("start_epoch", "global_batch_size", "steps",
                                                        "b_simple", "b_noise", "lr_factor")}
                                 for g in s.get("segments", [])]}
-            with open(path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_row(path, rec)
             print(f"{run_id}: val {rec['val_accuracy']:.4f}, {rec['steps']} steps, "
                   f"{rec['epochs']} epochs", flush=True)
     write_table(args.out, args.scale)
