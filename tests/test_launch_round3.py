@@ -310,7 +310,7 @@ def test_cli_bad_backoff_is_one_line_exit_2(capsys, flag, value):
 
 
 # =========================================================================== A3: horovodrun's traceback
-HOROVODRUN_FAILED = """\
+RANK_LINES = """\
 [1]<stdout>:hi 1
 Process 0 exit with status code 3.
 Terminating remaining workers after failure of Process 0.
@@ -318,6 +318,8 @@ Terminating remaining workers after failure of Process 0.
 [0]<stderr>:Traceback (most recent call last):
 [0]<stderr>:  File "x.py", line 1, in <module>
 [0]<stderr>:ValueError: a rank's own traceback stays
+"""
+HOROVODRUN_FAILED = RANK_LINES + """\
 Traceback (most recent call last):
   File "/v/bin/horovodrun", line 6, in <module>
     sys.exit(run_commandline())
@@ -330,6 +332,9 @@ Exit code: 3
 
 after
 """
+# what the filter shows of it: the controller's traceback, its RuntimeError line and the blank
+# after its message go; everything else stays
+HOROVODRUN_FAILED_SHOWN = RANK_LINES + "Process name: 0\nExit code: 3\nafter\n"
 
 
 def _filtered(text: str) -> str:
@@ -341,18 +346,7 @@ def _filtered(text: str) -> str:
 def test_horovodrun_traceback_is_dropped_and_every_other_line_kept():
     """15 lines (the traceback, the RuntimeError line, a blank) go; horovodrun's naming of the
     first failed process stays."""
-    assert _filtered(HOROVODRUN_FAILED) == textwrap.dedent("""\
-        [1]<stdout>:hi 1
-        Process 0 exit with status code 3.
-        Terminating remaining workers after failure of Process 0.
-        [1]<stderr>:Terminated
-        [0]<stderr>:Traceback (most recent call last):
-        [0]<stderr>:  File "x.py", line 1, in <module>
-        [0]<stderr>:ValueError: a rank's own traceback stays
-        Process name: 0
-        Exit code: 3
-        after
-        """)
+    assert _filtered(HOROVODRUN_FAILED) == HOROVODRUN_FAILED_SHOWN
 
 
 def test_mpirun_controller_traceback_is_dropped():
@@ -395,19 +389,7 @@ psutil.NoSuchProcess: process no longer exists (pid=7)
 def test_horovodrun_teardown_race_in_a_thread_is_dropped_with_the_controller_traceback():
     """The traceback horovodrun's rank helper prints when it loses a race with the rank's exit
     while stopping it goes, chained part included; a rank line arriving meanwhile is shown."""
-    assert _filtered(TEARDOWN_RACE + HOROVODRUN_FAILED) == textwrap.dedent("""\
-        [1]<stderr>:Terminated
-        [1]<stdout>:hi 1
-        Process 0 exit with status code 3.
-        Terminating remaining workers after failure of Process 0.
-        [1]<stderr>:Terminated
-        [0]<stderr>:Traceback (most recent call last):
-        [0]<stderr>:  File "x.py", line 1, in <module>
-        [0]<stderr>:ValueError: a rank's own traceback stays
-        Process name: 0
-        Exit code: 3
-        after
-        """)
+    assert _filtered(TEARDOWN_RACE + HOROVODRUN_FAILED) == "[1]<stderr>:Terminated\n" + HOROVODRUN_FAILED_SHOWN
     assert _filtered(TEARDOWN_RACE) == "[1]<stderr>:Terminated\n"  # at the end of the stream too
 
 
