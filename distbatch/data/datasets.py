@@ -114,6 +114,12 @@ def load_dataset(
 FINGERPRINT_SAMPLE = 64  # examples of each split hashed by fingerprint()
 
 
+def fingerprint_indices(n: int) -> np.ndarray:
+    """The FINGERPRINT_SAMPLE evenly spaced indices (fewer if n is smaller) of n examples that
+    a fingerprint hashes."""
+    return np.unique(np.linspace(0, max(n - 1, 0), min(n, FINGERPRINT_SAMPLE)).astype(np.int64))
+
+
 def fingerprint(data) -> dict | None:
     """What identifies the data of a run read from files, for a resumed run: the example counts
     plus a SHA-256 of a fixed sample (FINGERPRINT_SAMPLE evenly spaced examples of each split
@@ -129,7 +135,7 @@ def fingerprint(data) -> dict | None:
     if hasattr(data, "x_train"):
         digest = hashlib.sha256()
         for x, y in ((data.x_train, data.y_train), (data.x_val, data.y_val)):
-            pick = np.unique(np.linspace(0, len(x) - 1, min(len(x), FINGERPRINT_SAMPLE)).astype(np.int64))
+            pick = fingerprint_indices(len(x))
             digest.update(f"{x.shape[1:]} {x.dtype} {y.dtype}".encode())
             digest.update(np.ascontiguousarray(x[pick]).tobytes())
             digest.update(np.ascontiguousarray(y[pick]).tobytes())

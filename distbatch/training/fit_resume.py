@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from distbatch.data.datasets import FINGERPRINT_SAMPLE
+from distbatch.data.datasets import FINGERPRINT_SAMPLE, fingerprint_indices
 from distbatch.data.inputs import ArraySource, DatasetSource, _leaves
 from distbatch.errors import ParameterError
 from distbatch.fileio import json_roundtrip
@@ -32,7 +32,7 @@ def source_fingerprint(source) -> dict | None:
     digest = hashlib.sha256()
     if isinstance(source, ArraySource):
         n = source.num_examples(1)
-        pick = np.unique(np.linspace(0, max(n - 1, 0), min(n, FINGERPRINT_SAMPLE)).astype(np.int64))
+        pick = fingerprint_indices(n)
         for leaf in _leaves(source.x) + _leaves(source.y):
             a = np.asarray(leaf)
             digest.update(f"{a.shape[1:]} {a.dtype}".encode())
