@@ -27,6 +27,9 @@ import tempfile
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 
+from benchmarks.loop_overhead import write_data  # noqa: E402
+from benchmarks.result_rows import append_row  # noqa: E402
+
 
 def train_argv(root: str, backend: str, data: str, steps: int, out: str) -> list[str]:
     """`distbatch train` of the checkout at `root` (python -P: the working directory must not
@@ -58,7 +61,6 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--out", help="append one JSON row per pair here")
     args = p.parse_args(argv)
-    from benchmarks.loop_overhead import write_data
     work = tempfile.mkdtemp(prefix="checkout_speed_")
     data = os.path.join(work, "mnist1d-16384-4096.npz")
     write_data(data, 16384, 4096)
@@ -74,8 +76,7 @@ def main(argv=None) -> int:
                "train_time_s": t, "prev_over_this": ratios[-1]}
         print(json.dumps(row), flush=True)
         if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_row(args.out, row)
     print(f"{args.backend}: this checkout {statistics.median(ratios):.3f}x the speed of "
           f"{args.prev} (median of {len(ratios)} pairs, range {min(ratios):.3f}-{max(ratios):.3f})")
     shutil.rmtree(work, ignore_errors=True)

@@ -289,8 +289,8 @@ class Run:
                                 accumulation_steps=spec.accumulation_steps, log=log), options
         if rp.batch_schedule is not None:
             lr = (lambda s: float(self.schedule(s))) if self.schedule is not None else None
-            return (ScheduledBatch(rp.batch_schedule, lr, log=log),
-                    replace(options, total_steps=rp.batch_schedule.total_steps))
+            # options.total_steps is rp.total_steps (job.py, api.py): the schedule's own length
+            return ScheduledBatch(rp.batch_schedule, lr, log=log), options
         return FixedBatch(rp.plan, options.total_steps), options
 
     def train(self, options, *, callbacks=None, log: Callable[[str], None] | None = None):
