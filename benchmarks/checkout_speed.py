@@ -45,10 +45,17 @@ def train_argv(root: str, backend: str, data: str, steps: int, out: str) -> list
     return train
 
 
+RUN_TIMEOUT_S = 1800  # one `distbatch train` of --steps steps, start-up included
+
+
 def train_time(root: str, argv: list[str], out: str) -> float:
     shutil.rmtree(out, ignore_errors=True)
-    subprocess.run(argv, cwd=root, env={**os.environ, "PYTHONPATH": root}, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800)
+    try:
+        subprocess.run(argv, cwd=root, env={**os.environ, "PYTHONPATH": root}, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        sys.exit(f"checkout_speed: `distbatch train` of {root} did not finish within "
+                 f"{RUN_TIMEOUT_S} s; it was stopped")
     with open(os.path.join(out, "summary.json")) as f:
         return float(json.load(f)["train_time_s"])
 
